@@ -1,0 +1,60 @@
+"""``python -m fast_unet.info``: versions, each backend, and why one is not available."""
+import argparse
+import json
+import os
+import platform
+import sys
+
+
+def collect():
+    import torch
+
+    from . import __version__, dispatch
+
+    info = {
+        "fast_unet": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine(),
+        "triton": None,
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""),
+        dispatch.ENV_VAR: os.environ.get(dispatch.ENV_VAR, "auto"),
+        "backends": {},
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    for backend, err in dispatch.backend_status().items():
+        info["backends"][backend] = {"loaded": err is None, "reason": err, "ops": {}}
+        for op in dispatch.OPS:
+            impl = dispatch._IMPLS[op].get(backend)
+            info["backends"][backend]["ops"][op] = "available" if impl and not err else (err or f"no {backend} implementation yet")
+    return info
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fast_unet.info", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if key != "backends":
+            print(f"{key:>18}: {value}")
+    print("\nbackends (auto tries them in this order):")
+    for backend, b in info["backends"].items():
+        print(f"  {backend}: {'loaded' if b['loaded'] else 'not available: ' + str(b['reason'])}")
+        for op, state in b["ops"].items():
+            print(f"      {op:<16} {state}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The drop-in UNet: the reference's constructor, submodule names and ``state_dict`` keys, fast forward.
+
+Every module keeps the reference's parameters where the reference has them (``conv1 = Sequential(Conv2d,
+GroupNorm, ReLU)``, ``mha = MultiheadAttention``, ...) so checkpoints load both ways with ``strict=True``;
+only the forward passes differ. They run on fast_unet's ops (``fast_unet.ops``), which dispatch to Triton,
+the C++/CUDA extension or eager PyTorch.
+
+Differences from the reference that a user can see, all of them lifted limits:
+- any batch size, any H and W divisible by 8 (square or not): ``SelfAttention.size`` is kept but unused;
+- float32, bfloat16 and float16 models; integer or float timesteps, one per sample or one for the batch;
+- activations run channels_last inside the model; the output has the input's memory format.
+"""
+import numbers
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+
+
+def _gn_relu(conv_block, x, emb=None):
+    """Run one ``Sequential(Conv2d, GroupNorm(1, C), ReLU)`` with the norm, ReLU and embedding fused."""
+    conv, gn = conv_block[0], conv_block[1]
+    return ops.group_norm_relu(conv(x), gn.weight, gn.bias, gn.eps, emb)
+
+
+class DoubleConv(nn.Module):
+    def __init__(self, in_c, out_c):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(in_c, out_c, kernel_size=3, padding=1), nn.GroupNorm(1, out_c), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(out_c, out_c, kernel_size=3, padding=1), nn.GroupNorm(1, out_c), nn.ReLU())
+
+    def forward(self, x, emb=None):
+        """x: (B, in_c, H, W). ``emb`` (B, out_c), if given, is added after the last ReLU."""
+        return _gn_relu(self.conv2, _gn_relu(self.conv1, x), emb)
+
+
+class Down(nn.Module):
+    def __init__(self, in_c, out_c, emb_dim=128):
+        super().__init__()
+        self.down = nn.Sequential(nn.MaxPool2d(2), DoubleConv(in_c, out_c))
+        self.emb_layer = nn.Sequential(nn.ReLU(), nn.Linear(emb_dim, out_c))
+
+    def forward(self, x, t, emb=None):
+        """x: (B, in_c, H, W); t: (B, emb_dim) time encoding, or None when ``emb`` (B, out_c), this
+        block's already projected embedding, is given."""
+        if emb is None:
+            emb = self.emb_layer(t)
+        return self.down[1](self.down[0](x), emb)
+
+
+class Up(nn.Module):
+    def __init__(self, in_c, out_c, emb_dim=128):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+        self.conv = DoubleConv(in_c, out_c)
+        self.emb_layer = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_c))
+
+    def forward(self, x, skip_x, t, emb=None):
+        """x: (B, C_x, H/2, W/2); skip_x: (B, C_skip, H, W); t and emb as in ``Down.forward``."""
+        if emb is None:
+            emb = self.emb_layer(t)
+        x = torch.cat([skip_x, self.up(x)], dim=1)
+        return self.conv(x, emb)
+
+
+class SelfAttention(nn.Module):
+    """The reference's attention block over the H*W spatial tokens, at any H and W.
+
+    ``size`` is accepted and stored for compatibility; the forward reads H and W from its input.
+    """
+
+    def __init__(self, channels, size=None):
+        super().__init__()
+        self.channels = channels
+        self.size = size
+        self.mha = nn.MultiheadAttention(channels, 4, batch_first=True)
+        self.ln = nn.LayerNorm([channels])
+        self.ff_self = nn.Sequential(
+            nn.LayerNorm([channels]), nn.Linear(channels, channels), nn.GELU(), nn.Linear(channels, channels)
+        )
+
+    @staticmethod
+    def _linear_residual(x, residual, linear):
+        """``linear(x) + residual`` with the residual accumulated by the GEMM itself (addmm's beta=1)."""
+        out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), linear.weight.t())
+        return out.add_(linear.bias).view(residual.shape)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        n, heads = h * w, self.mha.num_heads
+        # (B, C, H, W) channels_last is (B, H, W, C) in memory: the token view costs nothing.
+        tokens = x.permute(0, 2, 3, 1).reshape(b, n, c)
+        x_ln = F.layer_norm(tokens, (c,), self.ln.weight, self.ln.bias, self.ln.eps)
+        qkv = F.linear(x_ln, self.mha.in_proj_weight, self.mha.in_proj_bias).view(b, n, 3, heads, c // heads)
+        a = self._linear_residual(ops.attention(qkv), tokens, self.mha.out_proj)
+        ln2, fc1, _, fc2 = self.ff_self
+        f = F.gelu(F.linear(F.layer_norm(a, (c,), ln2.weight, ln2.bias, ln2.eps), fc1.weight, fc1.bias))
+        out = self._linear_residual(f, a, fc2)
+        return out.view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last (B, C, H, W), no copy
+
+
+class UNet(nn.Module):
+    """Drop-in for the reference DDPM UNet: ``forward(x, t)`` -> predicted noise, shaped like x.
+
+    x: (B, c_in, H, W) floating, H and W divisible by 8, NCHW or channels_last, on the parameters'
+    device and in their dtype. t: (B,) integer or float timesteps, or one timestep (a number, a 0-d or a
+    1-element tensor) for the whole batch. ``device`` is stored, as in the reference, and otherwise
+    unused: the model lives where its parameters are.
+    """
+
+    def __init__(self, c_in=3, c_out=3, time_dim=128, device="cuda"):
+        super().__init__()
+        self.device = device
+        self.time_dim = time_dim
+        self.c_in = c_in
+        self.inc = DoubleConv(c_in, 64)
+        self.down1 = Down(64, 128)
+        self.sa1 = SelfAttention(128, 32)
+        self.down2 = Down(128, 256)
+        self.sa2 = SelfAttention(256, 16)
+        self.down3 = Down(256, 256)
+        self.sa3 = SelfAttention(256, 8)
+        self.bot1 = DoubleConv(256, 512)
+        self.bot2 = DoubleConv(512, 512)
+        self.bot3 = DoubleConv(512, 256)
+        self.up1 = Up(512, 128)
+        self.sa4 = SelfAttention(128, 16)
+        self.up2 = Up(256, 64)
+        self.sa5 = SelfAttention(64, 32)
+        self.up3 = Up(128, 64)
+        self.sa6 = SelfAttention(64, 64)
+        self.outc = nn.Conv2d(64, c_out, kernel_size=1)
+        # Activations run channels_last; keeping the 3x3 weights in that format too saves a weight
+        # copy per convolution per call. Shapes and state_dict keys are unchanged (only strides differ).
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+
+    def pos_encoding(self, t, channels):
+        """The reference's sinusoidal encoding: t (B, 1) or (B,) -> (B, channels) float32."""
+        from .eager import sinusoidal_encoding
+
+        return sinusoidal_encoding(t.reshape(-1), channels)
+
+    def _check_inputs(self, x, t):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape (B, {self.c_in}, H, W), got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"x must be 4-D (B, C, H, W) with C={self.c_in}, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor (float32, bfloat16 or float16), got {x.dtype}")
+        b, c, h, w = x.shape
+        if c != self.c_in:
+            raise ValueError(f"x has {c} channels (shape {tuple(x.shape)}) but the model was built with c_in={self.c_in}")
+        if h % 8 or w % 8 or h == 0 or w == 0:
+            raise ValueError(f"x's height and width must be positive multiples of 8 (three 2x poolings), got {h}x{w}")
+        p = self.outc.weight
+        if x.device != p.device:
+            raise ValueError(f"x is on {x.device} but the model's parameters are on {p.device}; move one of them")
+        if x.dtype != p.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {p.dtype}; cast x or the model")
+        if isinstance(t, numbers.Number) and not isinstance(t, bool):
+            t = torch.tensor(t, device=x.device)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"t must be a tensor of {b} timesteps or one number, got {type(t).__name__}")
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"t must hold integer or float timesteps, got dtype {t.dtype}")
+        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, b)):
+            raise ValueError(f"t must have shape ({b},) to match x's batch, or hold one timestep; got shape {tuple(t.shape)}")
+        return t.reshape(-1).to(x.device).expand(b)
+
+    def forward(self, x, t):
+        t = self._check_inputs(x, t)
+        out_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
+        x = x.contiguous(memory_format=torch.channels_last)
+        downs, ups = (self.down1, self.down2, self.down3), (self.up1, self.up2, self.up3)
+        e_down, e_up = ops.time_embedding(
+            t, self.time_dim,
+            torch.cat([m.emb_layer[1].weight for m in downs]), torch.cat([m.emb_layer[1].bias for m in downs]),
+            torch.cat([m.emb_layer[1].weight for m in ups]), torch.cat([m.emb_layer[1].bias for m in ups]),
+        )
+        d1, d2, d3 = e_down.split([m.emb_layer[1].out_features for m in downs], dim=1)
+        u1, u2, u3 = e_up.split([m.emb_layer[1].out_features for m in ups], dim=1)
+
+        x1 = self.inc(x)
+        x2 = self.sa1(self.down1(x1, None, d1))
+        x3 = self.sa2(self.down2(x2, None, d2))
+        x4 = self.sa3(self.down3(x3, None, d3))
+        x4 = self.bot3(self.bot2(self.bot1(x4)))
+        x = self.sa4(self.up1(x4, x3, None, u1))
+        x = self.sa5(self.up2(x, x2, None, u2))
+        x = self.sa6(self.up3(x, x1, None, u3))
+        return self.outc(x).contiguous(memory_format=out_format)
