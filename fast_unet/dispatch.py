@@ -30,6 +30,7 @@ for _op in OPS:
 _GLUE = {"triton": "fast_unet.triton_ops", "ext": "fast_unet.ext_ops"}
 _load_errors = {}
 _loaded = set()
+last_choice = {}  # op -> the backend that ran it last (what the benchmark and info report)
 
 
 def register(op, backend, fn, reasons=_NO_REASONS):
@@ -92,9 +93,11 @@ def select(op, *args):
         why = reasons(op, m, *args)
         if why:
             raise RuntimeError(f"{ENV_VAR}={m} cannot run {op}: " + "; ".join(why))
+        last_choice[op] = m
         return m, _IMPLS[op][m][0]
     for b in PRIORITY:
         if not reasons(op, b, *args):
+            last_choice[op] = b
             return b, _IMPLS[op][b][0]
     raise RuntimeError(f"no backend can run {op}: {explain(op, *args)}")  # unreachable: eager takes all
 

@@ -194,3 +194,18 @@ def make_reference(height=64, width=None, need_weights=True, **kwargs):
             block.__class__ = AdaptedSelfAttention
             block.need_weights = need_weights
     return model
+
+
+def cast_reference(model, dtype):
+    """Cast a reference UNet to ``dtype`` so it can run there (float64 for the oracle, bf16/fp16 for
+    PyTorch's own low-precision error).
+
+    The reference builds its time encoding in float32 whatever the parameters' dtype, so its
+    ``emb_layer`` Linears would reject it; a forward pre-hook casts their input to the parameters'
+    dtype, which is what fast_unet does. Nothing else changes.
+    """
+    model = model.to(dtype)
+    for name in ("down1", "down2", "down3", "up1", "up2", "up3"):
+        getattr(model, name).emb_layer.register_forward_pre_hook(
+            lambda module, args: tuple(a.to(dtype) for a in args))
+    return model

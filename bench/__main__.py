@@ -1,0 +1,168 @@
+"""``python -m bench``: fast_unet against the reference, the fair eager baseline and (``--compile``)
+torch.compile of that baseline, side by side in one run.
+
+For each model: the forward time (no grad; training mode, see run()) and the training-step time (forward, MSE loss,
+backward; train mode), medians of interleaved runs after warm-up; the peak memory of each step; the
+ratios against the reference and the baseline; achieved GFLOP/s against the device's measured matmul
+rate. Prints a table, and writes everything as JSON (``--json``, default bench_results/latest.json).
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+from . import core
+
+
+def _progress(quiet):
+    def say(msg):
+        if not quiet:
+            print(f"[bench] {msg}", file=sys.stderr, flush=True)
+    return say
+
+
+def run(args):
+    say = _progress(args.quiet)
+    height, width = core.parse_size(args.size)
+    dtype = core.DTYPES[args.dtype]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    names = [m for m in args.models.split(",") if m]
+    if args.compile and "compiled" not in names:
+        names.insert(names.index("fast_unet") if "fast_unet" in names else len(names), "compiled")
+    if not args.compile and "compiled" in names:
+        names.remove("compiled")
+    modes = [m for m in args.modes.split(",") if m]
+    for n in names:
+        if n not in core.MODELS:
+            raise SystemExit(f"--models: unknown model {n!r}; expected some of {','.join(core.MODELS)}")
+    for m in modes:
+        if m not in ("forward", "train"):
+            raise SystemExit(f"--modes: unknown mode {m!r}; expected forward,train")
+
+    torch.manual_seed(0)
+    from fast_unet import UNet
+
+    state = UNet().state_dict()
+    say(f"building {', '.join(names)} at B={args.batch}, {height}x{width}, {args.dtype}, {device}")
+    models = {n: core.build_model(n, height, width, dtype, device, state) for n in names}
+    x, t, noise = core.make_inputs(args.batch, height, width, dtype, device)
+
+    say("counting FLOPs (meta device)")
+    flops = dict(zip(("forward", "train"), core.count_flops(height, width, args.batch)))
+    say("measuring the device's matmul rate")
+    mm_rate = core.matmul_rate(dtype, device)
+
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": core.device_name(device),
+        "torch": torch.__version__,
+        "batch": args.batch, "height": height, "width": width, "dtype": args.dtype,
+        "warmup": args.warmup, "repeats": args.repeats,
+        "matmul_gflops": mm_rate / 1e9,
+        "model_gflop": {m: f / 1e9 for m, f in flops.items()},
+        "models": {n: {"description": core.DESCRIPTIONS[n]} for n in names},
+    }
+
+    for mode in modes:
+        fns = {}
+        for n, model in models.items():
+            # Training mode for both modes (the model has no dropout or batch norm, so the math is the
+            # same): in eval mode nn.MultiheadAttention takes its native fast path, which on CPU does not
+            # use SDPA and would make the "SDPA baseline" slower than it is.
+            model.train(True)
+            fns[n] = core.forward_fn(model, x, t) if mode == "forward" else core.train_fn(model, x, t, noise)
+        say(f"timing {mode}")
+        times = core.time_interleaved(fns, device, args.warmup, args.repeats, progress=say)
+        for n, ts in times.items():
+            med = statistics.median(ts)
+            result["models"][n][mode] = {
+                "median_ms": med * 1e3, "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3,
+                "gflops": flops[mode] / med / 1e9, "of_matmul_rate": flops[mode] / med / mm_rate,
+            }
+        if args.memory:
+            for n in names:
+                if n == "compiled":
+                    continue  # compiling again in a child would dominate the run; memory as baseline's graph
+                say(f"peak memory: {n} {mode} (fresh process)")
+                peak, err = core.measure_memory(n, mode, args.batch, height, width, args.dtype, device)
+                result["models"][n][mode]["peak_mib"] = None if peak is None else peak / 2**20
+                if err:
+                    result["models"][n][mode]["peak_error"] = err
+    if "fast_unet" in names:
+        from fast_unet import dispatch
+
+        result["fast_unet_backends"] = dict(dispatch.last_choice)
+    for mode in modes:
+        for n in names:
+            r = result["models"][n][mode]
+            for other in ("reference", "baseline"):
+                if other in names:
+                    r[f"speedup_vs_{other}"] = result["models"][other][mode]["median_ms"] / r["median_ms"]
+                    p, q = r.get("peak_mib"), result["models"][other][mode].get("peak_mib")
+                    if p and q:
+                        r[f"memory_vs_{other}"] = p / q
+    return result
+
+
+def table(result):
+    lines = [
+        f"fast_unet benchmark: {result['device']}, torch {result['torch']}",
+        f"B={result['batch']}, {result['height']}x{result['width']}, {result['dtype']}; medians of {result['repeats']} "
+        f"interleaved runs after {result['warmup']} warm-up; model {result['model_gflop']['forward']:.1f} GFLOP forward, "
+        f"{result['model_gflop']['train']:.1f} GFLOP training step; measured matmul rate "
+        f"{result['matmul_gflops']:.0f} GFLOP/s",
+        f"fast_unet ran its ops on: {result.get('fast_unet_backends', '-')}",
+        "",
+        "| model | mode | median ms | vs reference | vs baseline | GFLOP/s | of matmul rate | peak MiB | memory vs reference |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode in ("forward", "train"):
+        for n, r in result["models"].items():
+            if mode not in r:
+                continue
+            s = r[mode]
+            fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+            lines.append(
+                f"| {n} | {mode} | {s['median_ms']:.1f} | {fmt(s.get('speedup_vs_reference'), '.2f')}x | "
+                f"{fmt(s.get('speedup_vs_baseline'), '.2f')}x | {s['gflops']:.1f} | {s['of_matmul_rate'] * 100:.1f}% | "
+                f"{fmt(s.get('peak_mib'), '.0f')} | {fmt(s.get('memory_vs_reference'), '.3f')} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--size", default="64", help="resolution: 64 or HxW (multiples of 8)")
+    p.add_argument("--dtype", default="float32", choices=sorted(core.DTYPES))
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--models", default="reference,baseline,fast_unet",
+                   help=f"comma-separated, from {','.join(core.MODELS)}")
+    p.add_argument("--modes", default="forward,train", help="comma-separated: forward,train")
+    p.add_argument("--compile", action="store_true", help="add torch.compile of the baseline (slow to compile)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
+    p.add_argument("--json", default=os.path.join("bench_results", "latest.json"), help="where to write the JSON")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.batch < 1:
+        p.error("--batch must be >= 1")
+    result = run(args)
+    text = table(result)
+    print(text)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({**result, "table": text}, f, indent=2)
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The pieces of the benchmark: the models compared, the timed steps, FLOP counts, peak memory.
+
+Every speed figure is a median of interleaved runs (one round times every model once, in turn), so
+that the noise of a shared machine falls on all of them alike; ratios are taken within one run.
+"""
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+MODELS = ("reference", "baseline", "compiled", "fast_unet")
+DESCRIPTIONS = {
+    "reference": "the seed's UNet (MultiheadAttention with need_weights=True)",
+    "baseline": "fair eager baseline: the reference with need_weights=False (SDPA)",
+    "compiled": "torch.compile of the fair baseline",
+    "fast_unet": "fast_unet.UNet (dispatch: auto)",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_size(text):
+    """'64' -> (64, 64); '48x80' -> (48, 80)."""
+    parts = str(text).lower().split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    h, w = (int(p) for p in parts)
+    return h, w
+
+
+def build_model(name, height, width, dtype, device, state_dict=None):
+    """One of MODELS at this resolution, dtype and device, loaded with ``state_dict`` when given."""
+    from fast_unet import UNet
+    from fast_unet.reference import cast_reference, make_reference
+
+    if name == "fast_unet":
+        model = UNet()
+    elif name in ("reference", "baseline", "compiled"):
+        model = make_reference(height, width, need_weights=(name == "reference"))
+    else:
+        raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    model = model.to(device)
+    model = cast_reference(model, dtype) if name != "fast_unet" else model.to(dtype)
+    if name == "compiled":
+        model = torch.compile(model)
+    return model
+
+
+def make_inputs(batch, height, width, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, height, width, generator=g).to(device, dtype)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    noise = torch.randn(batch, 3, height, width, generator=g).to(device, dtype)
+    return x, t, noise
+
+
+def forward_fn(model, x, t):
+    def run():
+        with torch.no_grad():
+            return model(x, t)
+    return run
+
+
+def train_fn(model, x, t, noise):
+    """One training step without the optimiser: forward, MSE loss, backward."""
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = F.mse_loss(model(x, t), noise)
+        loss.backward()
+        return loss
+    return run
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_once(fn, device):
+    """Seconds for one call: CUDA events on a GPU, perf_counter elsewhere."""
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_interleaved(fns, device, warmup, repeats, progress=None):
+    """{name: [seconds]} for each fn in ``fns`` ({name: fn}), round-robin after ``warmup`` calls each."""
+    for name, fn in fns.items():
+        for i in range(warmup):
+            if progress:
+                progress(f"warm-up {name} {i + 1}/{warmup}")
+            fn()
+        _sync(device)
+    times = {name: [] for name in fns}
+    for r in range(repeats):
+        if progress:
+            progress(f"round {r + 1}/{repeats}")
+        for name, fn in fns.items():
+            times[name].append(time_once(fn, device))
+    return times
+
+
+def count_flops(height, width, batch):
+    """FLOPs of one forward and one training step, counted on the reference on the meta device.
+
+    The reference spells attention as bmm + softmax, which the counter sees (the CPU SDPA kernel is
+    invisible to it); the math is the same in every model compared, so one count serves all.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fast_unet.reference import make_reference
+
+    with torch.device("meta"):
+        model = make_reference(height, width)
+        x = torch.randn(batch, 3, height, width)
+        t = torch.zeros(batch, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            model(x, t)
+    forward = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        F.mse_loss(model(x, t), x).backward()
+    return forward, counter.get_total_flops()
+
+
+def matmul_rate(dtype, device, n=2048, repeats=5):
+    """The device's measured dense matmul rate in FLOP/s for ``dtype`` (median of ``repeats``)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    run = lambda: torch.mm(a, b)  # noqa: E731
+    for _ in range(2):
+        run()
+    _sync(device)
+    return 2 * n**3 / statistics.median(time_once(run, device) for _ in range(repeats))
+
+
+def device_name(device):
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+# ---- peak memory -------------------------------------------------------------------------------
+
+def _rss_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def measure_memory_here(name, mode, batch, height, width, dtype, device):
+    """Peak bytes one ``mode`` step adds over the model, weights and inputs, in this (fresh) process.
+
+    CUDA: ``max_memory_allocated`` above what was allocated before the step. CPU: the process's
+    resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) above its resident set
+    before the step; so run it in a fresh process (``measure_memory``) for an allocator with no
+    cached memory of an earlier step.
+    """
+    torch.manual_seed(0)
+    model = build_model(name, height, width, dtype, device)
+    model.train(True)
+    x, t, noise = make_inputs(batch, height, width, dtype, device)
+    fn = train_fn(model, x, t, noise) if mode == "train" else forward_fn(model, x, t)
+    if torch.device(device).type == "cuda":
+        fn()  # let the allocator and cuDNN settle; its cache is not counted below
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    torch.mm(torch.ones(64, 64), torch.ones(64, 64))  # start the thread pool before the baseline
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss_bytes("VmRSS")
+    fn()
+    return _rss_bytes("VmHWM") - before
+
+
+def measure_memory(name, mode, batch, height, width, dtype_name, device):
+    """``measure_memory_here`` in a fresh Python process; returns bytes or None with the error."""
+    cmd = [sys.executable, "-m", "bench._memory", name, mode, str(batch), f"{height}x{width}", dtype_name, device]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    if proc.returncode != 0:
+        return None, proc.stderr.strip().splitlines()[-1:] or ["failed"]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"], None

@@ -1,0 +1,204 @@
+"""The drop-in UNet against the reference: keys, outputs, gradients, dtypes, layouts, bad input."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fast_unet import UNet
+from fast_unet.reference import UNet as RefUNet, cast_reference, make_reference
+
+from conftest import assert_close, inputs, max_err, model_pair
+
+
+def test_state_dict_keys_and_shapes_match_reference():
+    fast, ref = UNet().state_dict(), RefUNet(device="cpu").state_dict()
+    assert list(fast) == list(ref)
+    for k in ref:
+        assert fast[k].shape == ref[k].shape, k
+    n = sum(v.numel() for v in fast.values())
+    assert 14.4e6 < n < 14.7e6, f"{n} parameters; SPEC.md says about 14.55 M"
+
+
+def test_constructor_matches_reference():
+    m = UNet(c_in=1, c_out=2, time_dim=64, device="cuda")  # constructs without CUDA
+    r = RefUNet(c_in=1, c_out=2, time_dim=64, device="cuda")
+    assert m.device == "cuda" and m.time_dim == 64
+    assert list(m.state_dict()) == list(r.state_dict())
+    m.load_state_dict(r.state_dict(), strict=True)
+
+
+def test_checkpoints_load_both_ways_strict():
+    fast, ref = UNet(), RefUNet(device="cpu")
+    buf = io.BytesIO()
+    torch.save(ref.state_dict(), buf)
+    buf.seek(0)
+    fast.load_state_dict(torch.load(buf), strict=True)
+    buf = io.BytesIO()
+    torch.save(fast.state_dict(), buf)
+    buf.seek(0)
+    back = RefUNet(device="cpu")
+    back.load_state_dict(torch.load(buf), strict=True)
+    for (k, a), (_, b) in zip(ref.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("size", [(64, 64), (32, 32), (48, 80)], ids=["64x64", "32x32", "48x80"])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_forward_matches_reference(batch, size):
+    h, w = size
+    fast, ref = model_pair(h, w)
+    x, t = inputs(batch, h, w)
+    with torch.no_grad():
+        expected = ref(x, t)
+        out = fast(x, t)
+    assert out.is_contiguous()
+    assert_close(out, expected, atol=2e-5, rtol=1e-4, what=f"forward B={batch} {h}x{w}")
+
+
+def _grads(model, x, t, noise):
+    x = x.clone().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    F.mse_loss(model(x, t).double(), noise.double()).backward()
+    return {"x": x.grad, **{k: p.grad for k, p in model.named_parameters()}}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize("size,batch", [((32, 32), 3), ((48, 80), 2)], ids=["32x32-B3", "48x80-B2"])
+def test_gradients_match_reference_float64(size, batch):
+    """The implementation's math, without rounding: fast_unet in float64 against the reference in float64."""
+    h, w = size
+    fast, ref = model_pair(h, w)
+    x, t = inputs(batch, h, w)
+    noise = torch.randn_like(x)
+    gold = _grads(cast_reference(ref, torch.float64), x.double(), t, noise)
+    got = _grads(fast.double(), x.double(), t, noise)
+    assert list(got) == list(gold)
+    for name, g in gold.items():
+        assert _rel(got[name], g) < 1e-9, f"grad {name}: relative error {_rel(got[name], g):.2e}"
+
+
+@pytest.mark.parametrize("size,batch", [((32, 32), 3), ((64, 64), 1)], ids=["32x32-B3", "64x64-B1"])
+def test_gradients_match_reference_float32(size, batch):
+    """float32 fast_unet against the float32 reference, same weights and loss.
+
+    Max-abs checks do not work here: ReLU and max-pool are discontinuous, and where float32 rounding
+    flips one pre-activation's sign or one pooling window's argmax (in either model) that element's
+    gradient moves wholesale. So: every gradient within 1% of the reference's in norm (a wrong formula
+    is off by O(1)), and the median parameter within 1e-4 (most see no flip at all).
+    """
+    h, w = size
+    fast, ref = model_pair(h, w)
+    x, t = inputs(batch, h, w)
+    noise = torch.randn_like(x)
+    got, want = _grads(fast, x, t, noise), _grads(ref, x, t, noise)
+    errs = {name: _rel(got[name], g) for name, g in want.items()}
+    worst = max(errs, key=errs.get)
+    assert errs[worst] < 1e-2, f"grad {worst}: relative error {errs[worst]:.2e}"
+    median = sorted(errs.values())[len(errs) // 2]
+    assert median < 1e-4, f"median relative gradient error {median:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_flash_attention_rule(dtype):
+    """Error against a float64 reference at most twice the reference's own error in ``dtype``, plus a floor."""
+    h = 32
+    fast, ref = model_pair(h)
+    x, t = inputs(2, h)
+    ref64 = cast_reference(make_reference(h), torch.float64)
+    ref64.load_state_dict(ref.state_dict())
+    ref_lp = cast_reference(make_reference(h), dtype)
+    ref_lp.load_state_dict(ref.state_dict())
+    fast = fast.to(dtype)
+    with torch.no_grad():
+        gold = ref64(x.double(), t)
+        pt_err = max_err(ref_lp(x.to(dtype), t), gold)
+        out = fast(x.to(dtype), t)
+    assert out.dtype == dtype
+    err = max_err(out, gold)
+    floor = {torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    assert err <= 2 * pt_err + floor, f"{dtype}: error {err:.3e} > 2 x PyTorch's {pt_err:.3e} + {floor}"
+
+
+def test_low_precision_gradients_flash_attention_rule():
+    dtype, h = torch.bfloat16, 16
+    fast, ref = model_pair(h)
+    x, t = inputs(2, h)
+    grads = {}
+    for name, model, dt in (("gold", cast_reference(ref, torch.float64), torch.float64),
+                            ("pt", cast_reference(make_reference(h), dtype), dtype),
+                            ("fast", fast.to(dtype), dtype)):
+        if name == "pt":
+            model.load_state_dict(ref.state_dict())
+        model.zero_grad()
+        F.mse_loss(model(x.to(dt), t).double(), torch.zeros_like(x, dtype=torch.float64)).backward()
+        grads[name] = {k: p.grad for k, p in model.named_parameters()}
+    for k, g in grads["gold"].items():
+        pt_err, err = max_err(grads["pt"][k], g), max_err(grads["fast"][k], g)
+        floor = 1e-2 * g.abs().max().item() + 1e-6
+        assert err <= 2 * pt_err + floor, f"grad {k}: {err:.3e} > 2 x {pt_err:.3e} + {floor:.1e}"
+
+
+def test_channels_last_input_gives_same_result_and_layout():
+    fast, _ = model_pair(32)
+    x, t = inputs(2, 32)
+    with torch.no_grad():
+        a = fast(x, t)
+        b = fast(x.contiguous(memory_format=torch.channels_last), t)
+    assert b.is_contiguous(memory_format=torch.channels_last)
+    assert_close(b, a, atol=1e-6, rtol=1e-6, what="channels_last vs NCHW")
+
+
+@pytest.mark.parametrize("form", ["int", "float", "0-d", "1-elem", "float-tensor"])
+def test_one_timestep_for_the_batch(form):
+    fast, ref = model_pair(16)
+    x, _ = inputs(3, 16)
+    t = {"int": 7, "float": 7.0, "0-d": torch.tensor(7), "1-elem": torch.tensor([7]),
+         "float-tensor": torch.full((3,), 7.0)}[form]
+    with torch.no_grad():
+        assert_close(fast(x, t), ref(x, torch.full((3,), 7)), atol=2e-5, rtol=1e-4, what=form)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_model_cast_takes_integer_t(dtype):
+    m = UNet().to(dtype)
+    x, t = inputs(2, 16, dtype=dtype)
+    out = m(x, t)
+    assert out.dtype == dtype and out.shape == x.shape and torch.isfinite(out.float()).all()
+
+
+def test_parameters_keep_working_after_load_and_to():
+    """channels_last conv weights must survive load_state_dict and .to() without breaking parity."""
+    fast, ref = model_pair(16)
+    fresh = UNet()
+    fresh.load_state_dict(fast.state_dict())
+    fresh = fresh.to(torch.float64).to(torch.float32)
+    x, t = inputs(2, 16)
+    with torch.no_grad():
+        assert_close(fresh(x, t), ref(x, t), atol=2e-5, rtol=1e-4, what="after load + to")
+
+
+BAD = {
+    "3-D x": (lambda: torch.randn(3, 16, 16), lambda: torch.tensor([1]), ValueError, "x must be 4-D"),
+    "channels": (lambda: torch.randn(1, 4, 16, 16), lambda: torch.tensor([1]), ValueError, "c_in=3"),
+    "H not /8": (lambda: torch.randn(1, 3, 20, 16), lambda: torch.tensor([1]), ValueError, "multiples of 8"),
+    "W not /8": (lambda: torch.randn(1, 3, 16, 12), lambda: torch.tensor([1]), ValueError, "multiples of 8"),
+    "integer x": (lambda: torch.ones(1, 3, 16, 16, dtype=torch.long), lambda: torch.tensor([1]), TypeError, "x must be a floating-point"),
+    "t batch": (lambda: torch.randn(2, 3, 16, 16), lambda: torch.tensor([1, 2, 3]), ValueError, "t must have shape (2,)"),
+    "2-D t": (lambda: torch.randn(2, 3, 16, 16), lambda: torch.ones(2, 1), ValueError, "t must have shape"),
+    "bool t": (lambda: torch.randn(2, 3, 16, 16), lambda: torch.ones(2, dtype=torch.bool), TypeError, "t must hold"),
+    "str t": (lambda: torch.randn(2, 3, 16, 16), lambda: "7", TypeError, "t must be"),
+    "list x": (lambda: [[1.0]], lambda: torch.tensor([1]), TypeError, "x must be a torch.Tensor"),
+    "x dtype": (lambda: torch.randn(1, 3, 16, 16, dtype=torch.float64), lambda: torch.tensor([1]), TypeError, "dtype"),
+    "x device": (lambda: torch.randn(1, 3, 16, 16, device="meta"), lambda: torch.tensor([1]), ValueError, "x is on meta"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_names_the_argument(case):
+    make_x, make_t, exc, msg = BAD[case]
+    with pytest.raises(exc, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        UNet()(make_x(), make_t())
