@@ -6,7 +6,8 @@
     up[b, o]   = sum_j silu(enc[b, j]) * silu_weight[o, j] + silu_bias[o]    (the Up blocks, stacked)
 
 t: (B,) integer or float timesteps (any stride); weights (C_*, dim) contiguous, biases (C_*,); outputs
-(B, C_*) contiguous in the weights' dtype. As in the eager op the activated encoding is rounded to the
+(B, C_*) contiguous in the weights' dtype. The frequencies f_j come from a cached float32 table
+(``freq_table``); t * f_j is rounded to float32 as in the eager op. As in the eager op the activated encoding is rounded to the
 weights' dtype before the product, which accumulates in float32.
 
 Forward: ``_temb_fwd_kernel``, grid (cdiv(B, BLOCK_B), cdiv(max(C_down, C_up), BLOCK_O), 2); axis 2
@@ -15,8 +16,6 @@ Backward (weights and biases only; t has no gradient): ``_temb_bwd_kernel``, gri
 (cdiv(max C, BLOCK_O), cdiv(dim, BLOCK_K), 2): d_weight = g^T @ act(enc), d_bias = sum_b g, looping
 over the batch; the encoding is recomputed.
 """
-import math
-
 import triton
 import triton.language as tl
 
@@ -24,13 +23,19 @@ from ._common import dot as _dot
 
 
 @triton.jit
-def _activated_encoding(t_ptr, stride_t, rows, cols, B, dim, half, neg_log2_base_over_half, SILU):
-    """act(enc) for a [rows, cols] tile, float32; zero outside (B, dim). SILU: SiLU, else ReLU."""
+def _activated_encoding(t_ptr, stride_t, freq_ptr, rows, cols, B, dim, half, SILU):
+    """act(enc) for a [rows, cols] tile, float32; zero outside (B, dim). SILU: SiLU, else ReLU.
+
+    The argument t * f_j is rounded to float32 as in the eager op, then reduced modulo 2*pi in two
+    steps (Cody-Waite) so sin/cos stay accurate for timesteps of a thousand radians whatever the
+    hardware's sin/cos approximation does with large arguments."""
     t = tl.load(t_ptr + rows * stride_t, mask=rows < B, other=0).to(tl.float32)
     j = tl.where(cols < half, cols, cols - half)
-    freq = tl.math.exp2(j.to(tl.float32) * neg_log2_base_over_half)
+    freq = tl.load(freq_ptr + j, mask=cols < dim, other=0.0)
     arg = t[:, None] * freq[None, :]
-    enc = tl.where((cols < half)[None, :], tl.sin(arg), tl.cos(arg))
+    k = tl.floor(arg * 0.15915494309189535 + 0.5)
+    r = (arg - k * 6.28125) - k * 0.0019353071795864769  # 2*pi = 6.28125 + 0.00193530717958647...
+    enc = tl.where((cols < half)[None, :], tl.sin(r), tl.cos(r))
     a = tl.where(SILU, enc / (1.0 + tl.exp(-enc)), tl.maximum(enc, 0.0))
     return tl.where((rows < B)[:, None] & (cols < dim)[None, :], a, 0.0)
 
@@ -38,9 +43,10 @@ def _activated_encoding(t_ptr, stride_t, rows, cols, B, dim, half, neg_log2_base
 @triton.jit
 def _temb_fwd_kernel(
     t_ptr,  # (B,), stride stride_t
+    freq_ptr,  # (dim // 2,) float32: f_j
     rw_ptr, rb_ptr, down_ptr,  # (C_down, dim), (C_down,), (B, C_down)
     sw_ptr, sb_ptr, up_ptr,  # (C_up, dim), (C_up,), (B, C_up)
-    B, dim, C_down, C_up, stride_t, neg_log2_base_over_half,
+    B, dim, C_down, C_up, stride_t,
     IEEE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -61,8 +67,7 @@ def _temb_fwd_kernel(
         acc = tl.zeros([BLOCK_B, BLOCK_O], dtype=tl.float32)
         for k0 in range(0, dim, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            a = _activated_encoding(t_ptr, stride_t, rows, cols, B, dim, half,
-                                    neg_log2_base_over_half, which == 1)
+            a = _activated_encoding(t_ptr, stride_t, freq_ptr, rows, cols, B, dim, half, which == 1)
             wt = tl.load(w_ptr + outs[None, :] * dim + cols[:, None],
                          mask=(outs < C)[None, :] & (cols < dim)[:, None], other=0.0)  # (BLOCK_K, BLOCK_O)
             acc += _dot(a.to(wt.dtype), wt, IEEE)
@@ -74,10 +79,10 @@ def _temb_fwd_kernel(
 
 @triton.jit
 def _temb_bwd_kernel(
-    t_ptr,
+    t_ptr, freq_ptr,
     gd_ptr, gu_ptr,  # (B, C_down), (B, C_up) contiguous: gradients of the outputs
     drw_ptr, drb_ptr, dsw_ptr, dsb_ptr,  # (C_*, dim), (C_*,) float32
-    B, dim, C_down, C_up, stride_t, neg_log2_base_over_half,
+    B, dim, C_down, C_up, stride_t,
     IEEE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     outs = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -99,7 +104,7 @@ def _temb_bwd_kernel(
         db = tl.zeros([BLOCK_O], dtype=tl.float32)
         for b0 in range(0, B, BLOCK_B):
             rows = b0 + tl.arange(0, BLOCK_B)
-            a = _activated_encoding(t_ptr, stride_t, rows, cols, B, dim, half, neg_log2_base_over_half, which == 1)
+            a = _activated_encoding(t_ptr, stride_t, freq_ptr, rows, cols, B, dim, half, which == 1)
             gt = tl.load(g_ptr + rows[None, :] * C + outs[:, None],
                          mask=(rows < B)[None, :] & (outs < C)[:, None], other=0.0)  # (BLOCK_O, BLOCK_B)
             dw += _dot(gt, a.to(gt.dtype), IEEE)
@@ -119,9 +124,16 @@ FWD_CONFIG = dict(BLOCK_B=16, BLOCK_O=64, BLOCK_K=64, num_warps=4)
 BWD_CONFIG = dict(BLOCK_B=16, BLOCK_O=64, BLOCK_K=64, num_warps=4)
 
 
-def _neg_log2_base_over_half(dim):
-    # f_j = 10000 ** (-j / (dim / 2)) = exp2(j * -log2(10000) / (dim / 2))
-    return -math.log2(10000.0) / (dim // 2)
+_FREQ = {}
+
+
+def freq_table(dim, device):
+    """f_j = 10000 ** (-2j / dim), j < dim/2, float32 correctly rounded (computed in float64, cached)."""
+    key = (dim, str(device))
+    if key not in _FREQ:
+        j = torch.arange(0, dim, 2, dtype=torch.float64)
+        _FREQ[key] = (1.0 / 10000.0 ** (j / dim)).to(torch.float32).to(device)
+    return _FREQ[key]
 
 
 def check(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
@@ -159,8 +171,8 @@ def time_embedding_fwd(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
         return down, up
     cfg = FWD_CONFIG
     grid = (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(max(cd, cu), cfg["BLOCK_O"]), 2)
-    _temb_fwd_kernel[grid](t, rw, rb, down, sw, sb, up, B, dim, cd, cu, t.stride(0),
-                           _neg_log2_base_over_half(dim), IEEE=rw.dtype == torch.float32, **cfg)
+    _temb_fwd_kernel[grid](t, freq_table(dim, t.device), rw, rb, down, sw, sb, up, B, dim, cd, cu, t.stride(0),
+                           IEEE=rw.dtype == torch.float32, **cfg)
     return down, up
 
 
@@ -179,6 +191,6 @@ def time_embedding_bwd(g_down, g_up, t, dim, relu_weight, silu_weight):
         return drw, drb, dsw, dsb
     cfg = BWD_CONFIG
     grid = (triton.cdiv(max(cd, cu), cfg["BLOCK_O"]), triton.cdiv(dim, cfg["BLOCK_K"]), 2)
-    _temb_bwd_kernel[grid](t, g_down, g_up, drw, drb, dsw, dsb, B, dim, cd, cu, t.stride(0),
-                           _neg_log2_base_over_half(dim), IEEE=relu_weight.dtype == torch.float32, **cfg)
+    _temb_bwd_kernel[grid](t, freq_table(dim, t.device), g_down, g_up, drw, drb, dsw, dsb, B, dim, cd, cu, t.stride(0),
+                           IEEE=relu_weight.dtype == torch.float32, **cfg)
     return drw, drb, dsw, dsb
