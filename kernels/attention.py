@@ -189,15 +189,21 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def config(kernel, D, dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher uses for ``kernel`` at head dim D.
 
-    Chosen so that no build spills on sm_80/sm_90 (see ``python -m fast_unet.info --compile``)."""
+    ``dtype``: a torch dtype or its name. Chosen from the compile report (``python -m fast_unet.info
+    --compile sm_80,sm_90``) so that no build spills on sm_80 or sm_90 and the half-precision builds
+    use wgmma on sm_90 (the dots' M side, the outer tile, stays 64). float32 uses exact (FMA) dots,
+    whose register tiles are larger: 32x32 tiles from head dim 32 up."""
+    fp32 = str(dtype).endswith("float32")
+    if kernel == "preprocess":
+        return 64, 0, 4, 1
+    if fp32 and D >= 32:
+        return 32, 32, 4, 2
     if kernel == "fwd":
         return 64, 64, 4, 3
     if kernel == "dkdv":
         return 64, 64, 4, 2
     if kernel == "dq":
-        return 64, 64, 4, 2
-    if kernel == "preprocess":
-        return 64, 0, 4, 1
+        return (64, 32, 4, 2) if D == 64 else (64, 64, 4, 2)
     raise KeyError(kernel)
 
 
