@@ -99,14 +99,12 @@ def group_norm_relu(x, weight, bias, eps=1e-5, emb=None):
 
 def group_norm_relu_reasons(x, weight, bias, eps=1e-5, emb=None):
     out = _device_reasons(x=x, weight=weight, bias=bias, emb=emb)
-    if x.dtype not in DTYPES:
-        out.append(f"x has dtype {x.dtype}; the Triton kernel takes float32, bfloat16 or float16")
     for name, p in (("weight", weight), ("bias", bias), ("emb", emb)):
         if p is not None and not p.is_floating_point():
             out.append(f"{name} must be floating point, got {p.dtype}")
     try:
         _gn._check(x, weight, bias, emb)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         out.append(str(e))
     return out
 

@@ -288,6 +288,8 @@ def layout_of(x):
 def _check(x, weight, bias, emb):
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     B, C = x.shape[:2]
     for name, p in (("weight", weight), ("bias", bias)):
         if p.shape != (C,):

@@ -109,7 +109,7 @@ def test_bad_inputs_name_the_argument(monkeypatch):
         ops.group_norm_relu(torch.randn(2, 64, 16), w, b)
     with pytest.raises(RuntimeError, match="x must be NCHW-contiguous or channels_last"):
         ops.group_norm_relu(x[:, :, ::2], w, b)
-    with pytest.raises(RuntimeError, match="x has dtype torch.float64"):
+    with pytest.raises(RuntimeError, match="x must be float32, bfloat16 or float16, got torch.float64"):
         ops.group_norm_relu(x.double(), w.double(), b.double())
     # the launcher itself validates too
     from kernels.group_norm import group_norm_relu_fwd
