@@ -7,8 +7,8 @@
 
 t: (B,) integer or float timesteps (any stride); weights (C_*, dim) contiguous, biases (C_*,); outputs
 (B, C_*) contiguous in the weights' dtype. The frequencies f_j come from a cached float32 table
-(``freq_table``); t * f_j is rounded to float32 as in the eager op. As in the eager op the activated encoding is rounded to the
-weights' dtype before the product, which accumulates in float32.
+(``freq_table``); t * f_j is rounded to float32 as in the eager op. As in the eager op the activated
+encoding is rounded to the weights' dtype before the product, which accumulates in float32.
 
 Forward: ``_temb_fwd_kernel``, grid (cdiv(B, BLOCK_B), cdiv(max(C_down, C_up), BLOCK_O), 2); axis 2
 picks the ReLU/Down or the SiLU/Up half, so both outputs come from one launch.
