@@ -23,13 +23,13 @@ ALIGNED_INTS = {"stride_b", "stride_n", "stride_t", "stride_h", "C"}  # multiple
 TRITON_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def _signature(fn, dtype, constexprs):
+def _signature(fn, dtype, constexprs, t_type="i64"):
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name == "t_ptr":
-            sig[name] = "*i64"
+            sig[name] = "*" + t_type
         elif name.endswith("_ptr"):
             sig[name] = "*fp32" if name in FP32_POINTERS else "*" + TRITON_DTYPE[dtype]
         elif name in FLOAT_ARGS:
@@ -76,8 +76,10 @@ def builds():
         for name, fn, tcfg in (("temb_fwd", T._temb_fwd_kernel, T.FWD_CONFIG), ("temb_bwd", T._temb_bwd_kernel, T.BWD_CONFIG)):
             ce = {k: v for k, v in tcfg.items() if k.startswith("BLOCK")}
             opts = {k: v for k, v in tcfg.items() if k.startswith("num_")}
-            label = f"{dt} {ce['BLOCK_B']}x{ce['BLOCK_O']}x{ce['BLOCK_K']} w{opts['num_warps']} s{opts['num_stages']}"
-            out.append((name, fn, label, dt, dict(ce, IEEE=dt == "float32"), opts))
+            for t_type in ("i64", "i32", "fp32"):  # the timesteps' dtype is part of the JIT's key
+                label = (f"{dt} t:{t_type} {ce['BLOCK_B']}x{ce['BLOCK_O']}x{ce['BLOCK_K']} "
+                         f"w{opts['num_warps']} s{opts['num_stages']}")
+                out.append((name, fn, label, dt, dict(ce, IEEE=dt == "float32"), dict(opts, t_type=t_type)))
     out.append(("gn_combine", G._gn_combine_kernel, "128 w4", "float32", dict(BLOCK_P=128), dict(num_warps=4)))
     return out
 
@@ -95,16 +97,17 @@ def compile_one(fn, dtype, constexprs, options, arch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig = _signature(fn, dtype, constexprs)
+    options = dict(options)
+    sig = _signature(fn, dtype, constexprs, options.pop("t_type", "i64"))
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                if sig[n].startswith("*") or n in ALIGNED_INTS}
     target = GPUTarget("cuda", arch, 32)
     try:
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned)
-        return triton.compile(src, target=target, options=dict(options))
+        return triton.compile(src, target=target, options=options)
     except Exception:  # an attrs form this Triton does not take: compile without the alignment hints
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-        return triton.compile(src, target=target, options=dict(options))
+        return triton.compile(src, target=target, options=options)
 
 
 def resources(kernel):
@@ -139,8 +142,12 @@ def report(archs, kernels=None, progress=None):
     """One dict per (build, arch): kernel, config, arch, regs, spill_bytes, shared_bytes, tensor_cores."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the compile report needs TRITON_INTERPRET unset (interpreted kernels cannot be compiled)")
+    all_builds = builds()
+    unknown = set(kernels or ()) - {b[0] for b in all_builds}
+    if unknown:
+        raise ValueError(f"unknown kernel(s) {sorted(unknown)}; known: {sorted({b[0] for b in all_builds})}")
     rows = []
-    for name, fn, label, dtype, ce, opts in builds():
+    for name, fn, label, dtype, ce, opts in all_builds:
         if kernels and name not in kernels:
             continue
         for arch in archs:
