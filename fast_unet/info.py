@@ -40,7 +40,16 @@ def collect():
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fast_unet.info", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--compile", metavar="ARCHS", help="compile every Triton kernel config ahead of time for "
+                        "these archs (e.g. sm_80,sm_90) and report registers, spills, shared memory, tensor cores")
+    parser.add_argument("--kernel", action="append", help="with --compile: only this kernel (repeatable)")
     args = parser.parse_args(argv)
+    if args.compile:
+        from . import aot
+
+        rows = aot.report(aot.parse_archs(args.compile), args.kernel)
+        print("\n".join(json.dumps(r) for r in rows) if args.json else aot.format_table(rows))
+        return 1 if any(r.get("error") for r in rows) else 0
     info = collect()
     if args.json:
         print(json.dumps(info, indent=2))

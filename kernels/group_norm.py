@@ -1,0 +1,361 @@
+"""GroupNorm(1, C) + ReLU + time-embedding broadcast-add, forward and backward (Triton).
+
+    y[b, c, h, w] = relu((x[b, c, h, w] - mean[b]) * rstd[b] * weight[c] + bias[c]) + emb[b, c]
+
+Layouts: x, y, dy, dx are (B, C, H, W) and either NCHW-contiguous or channels_last (NHWC in memory);
+every kernel sees one sample as a (C, HW) tile grid and takes ``CHANNELS_LAST`` (constexpr) to address
+it: NCHW ``c * HW + hw``, channels_last ``hw * C + c``. weight, bias: (C,); emb: (B, C) with any
+strides (the model passes column slices of one (B, sum C) tensor). Statistics are float32.
+
+Forward, three launches:
+1. ``_gn_stats_kernel``, grid (B, cdiv(C, BLOCK_C), S): each program folds its (BLOCK_C x HW/S) part
+   of one sample into a partial (count, mean, M2) (Welford/Chan, float32) and stores it in
+   ``partials`` (B, P, 3), P = cdiv(C, BLOCK_C) * S. Any producer that writes that layout (for example
+   a conv epilogue writing one partial per output tile) can replace this kernel.
+2. ``_gn_combine_kernel``, grid (B,): Chan's parallel formula over the P partials -> mean, rstd (B,).
+3. ``_gn_apply_kernel``, grid (B, cdiv(C, BLOCK_C), cdiv(HW, BLOCK_HW)): normalise, affine, ReLU, + emb.
+
+Backward, three launches (recomputing x_hat and the ReLU mask from the saved mean/rstd):
+1. ``_gn_bwd_reduce_kernel``, same grid as the stats: per (b, split, c) partial sums of dy (-> d emb),
+   dz * x_hat (-> d weight) and dz (-> d bias), where dz = dy * (z > 0), z the pre-ReLU value.
+2. ``_gn_bwd_combine_kernel``, grid (B,): sums the splits into per-(b, c) d_emb, d_weight_b, d_bias_b
+   and the two per-sample sums dx needs, s1 = sum(w * dz), s2 = sum(w * dz * x_hat).
+   (d weight and d bias are then the sum over b, done by the launcher.)
+3. ``_gn_bwd_dx_kernel``, apply's grid: dx = rstd * (w * dz - (s1 + x_hat * s2) / (C * HW)).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_offsets(c, hw, C, HW, CHANNELS_LAST: tl.constexpr):
+    """Element offsets of a [BLOCK_C, BLOCK_HW] tile inside one sample."""
+    if CHANNELS_LAST:
+        return hw[None, :] * C + c[:, None]
+    else:
+        return c[:, None] * HW + hw[None, :]
+
+
+@triton.jit
+def _gn_stats_kernel(
+    x_ptr,  # (B, C, H, W), NCHW or channels_last
+    part_ptr,  # (B, P, 3) float32: count, mean, M2 per program
+    C, HW, HW_PER_PROG,  # HW_PER_PROG: a multiple of BLOCK_HW; S = cdiv(HW, HW_PER_PROG)
+    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    b = tl.program_id(0)
+    cb = tl.program_id(1)
+    sp = tl.program_id(2)
+    n_cb = tl.num_programs(1)
+    n_sp = tl.num_programs(2)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    x_base = x_ptr + b.to(tl.int64) * C * HW
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
+    hw_start = sp * HW_PER_PROG
+    for i in range(0, HW_PER_PROG, BLOCK_HW):
+        hw = hw_start + i + tl.arange(0, BLOCK_HW)
+        mask = c_mask[:, None] & (hw < HW)[None, :]
+        xv = tl.load(x_base + _tile_offsets(c, hw, C, HW, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float32)
+        n_b = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
+        mean_b = tl.sum(tl.sum(xv, axis=1), axis=0) / tl.maximum(n_b, 1.0)
+        d = tl.where(mask, xv - mean_b, 0.0)
+        m2_b = tl.sum(tl.sum(d * d, axis=1), axis=0)
+        # Chan: fold (n_b, mean_b, m2_b) into (count, mean, m2). The first tile is never empty.
+        n_new = count + n_b
+        delta = mean_b - mean
+        frac = n_b / tl.maximum(n_new, 1.0)
+        mean = mean + delta * frac
+        m2 = m2 + m2_b + delta * delta * count * frac
+        count = n_new
+    out = part_ptr + ((b * n_cb + cb) * n_sp + sp) * 3
+    tl.store(out, count)
+    tl.store(out + 1, mean)
+    tl.store(out + 2, m2)
+
+
+@triton.jit
+def _gn_combine_kernel(
+    part_ptr,  # (B, P, 3) float32
+    mean_ptr, rstd_ptr,  # (B,) float32
+    P, eps,
+    BLOCK_P: tl.constexpr,
+):
+    b = tl.program_id(0)
+    base = part_ptr + b.to(tl.int64) * P * 3
+    total = tl.zeros([BLOCK_P], dtype=tl.float32)
+    weighted = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        m = p < P
+        n_i = tl.load(base + p * 3, mask=m, other=0.0)
+        mu_i = tl.load(base + p * 3 + 1, mask=m, other=0.0)
+        total += n_i
+        weighted += n_i * mu_i
+    n = tl.sum(total, axis=0)
+    mean = tl.sum(weighted, axis=0) / n
+    acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        m = p < P
+        n_i = tl.load(base + p * 3, mask=m, other=0.0)
+        mu_i = tl.load(base + p * 3 + 1, mask=m, other=0.0)
+        m2_i = tl.load(base + p * 3 + 2, mask=m, other=0.0)
+        d = mu_i - mean
+        acc += m2_i + n_i * d * d
+    var = tl.maximum(tl.sum(acc, axis=0) / n, 0.0)
+    tl.store(mean_ptr + b, mean)
+    tl.store(rstd_ptr + b, 1.0 / tl.sqrt(var + eps))
+
+
+@triton.jit
+def _gn_apply_kernel(
+    x_ptr, y_ptr,  # (B, C, H, W), same layout
+    w_ptr, bias_ptr,  # (C,)
+    emb_ptr,  # (B, C) with strides (stride_eb, stride_ec); unused when not HAS_EMB
+    mean_ptr, rstd_ptr,  # (B,) float32
+    C, HW, stride_eb, stride_ec,
+    HAS_EMB: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    c_mask = c < C
+    mask = c_mask[:, None] & (hw < HW)[None, :]
+    mean = tl.load(mean_ptr + b)
+    rstd = tl.load(rstd_ptr + b)
+    w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    bb = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    scale = w * rstd
+    shift = bb - mean * scale
+    offs = b.to(tl.int64) * C * HW + _tile_offsets(c, hw, C, HW, CHANNELS_LAST)
+    xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.maximum(xv * scale[:, None] + shift[:, None], 0.0)
+    if HAS_EMB:
+        e = tl.load(emb_ptr + b.to(tl.int64) * stride_eb + c * stride_ec, mask=c_mask, other=0.0).to(tl.float32)
+        y = y + e[:, None]
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_bwd_reduce_kernel(
+    x_ptr, dy_ptr,  # (B, C, H, W), same layout
+    w_ptr, bias_ptr, mean_ptr, rstd_ptr,
+    part_ptr,  # (3, B, S, C) float32: sum dy, sum dz * x_hat, sum dz over this program's HW range
+    B, C, HW, HW_PER_PROG,
+    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    sp = tl.program_id(2)
+    n_sp = tl.num_programs(2)
+    c_mask = c < C
+    mean = tl.load(mean_ptr + b)
+    rstd = tl.load(rstd_ptr + b)
+    w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    bb = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    base = b.to(tl.int64) * C * HW
+    s_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s_dzx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
+    hw_start = sp * HW_PER_PROG
+    for i in range(0, HW_PER_PROG, BLOCK_HW):
+        hw = hw_start + i + tl.arange(0, BLOCK_HW)
+        mask = c_mask[:, None] & (hw < HW)[None, :]
+        offs = base + _tile_offsets(c, hw, C, HW, CHANNELS_LAST)
+        xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x_hat = (xv - mean) * rstd
+        z = x_hat * w[:, None] + bb[:, None]
+        dz = tl.where(z > 0.0, dy, 0.0)
+        s_dy += tl.sum(dy, axis=1)
+        s_dzx += tl.sum(dz * x_hat, axis=1)
+        s_dz += tl.sum(dz, axis=1)
+    plane = B * n_sp * C
+    out = part_ptr + (b * n_sp + sp) * C + c
+    tl.store(out, s_dy, mask=c_mask)
+    tl.store(out + plane, s_dzx, mask=c_mask)
+    tl.store(out + 2 * plane, s_dz, mask=c_mask)
+
+
+@triton.jit
+def _gn_bwd_combine_kernel(
+    part_ptr,  # (3, B, S, C) float32 from _gn_bwd_reduce_kernel
+    w_ptr,  # (C,)
+    demb_ptr, dwb_ptr, dbb_ptr,  # (B, C) float32: d emb, per-sample d weight, per-sample d bias
+    sums_ptr,  # (B, 2) float32: s1 = sum_c w * dbb, s2 = sum_c w * dwb
+    B, C, S,
+    BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(0)
+    plane = B * S * C
+    acc1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        m = c < C
+        s_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
+        s_dzx = tl.zeros([BLOCK_C], dtype=tl.float32)
+        s_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for sp in range(0, S):
+            src = part_ptr + (b * S + sp) * C + c
+            s_dy += tl.load(src, mask=m, other=0.0)
+            s_dzx += tl.load(src + plane, mask=m, other=0.0)
+            s_dz += tl.load(src + 2 * plane, mask=m, other=0.0)
+        w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
+        acc1 += w * s_dz
+        acc2 += w * s_dzx
+        tl.store(demb_ptr + b * C + c, s_dy, mask=m)
+        tl.store(dwb_ptr + b * C + c, s_dzx, mask=m)
+        tl.store(dbb_ptr + b * C + c, s_dz, mask=m)
+    tl.store(sums_ptr + b * 2, tl.sum(acc1, axis=0))
+    tl.store(sums_ptr + b * 2 + 1, tl.sum(acc2, axis=0))
+
+
+@triton.jit
+def _gn_bwd_dx_kernel(
+    x_ptr, dy_ptr, dx_ptr,  # (B, C, H, W), same layout
+    w_ptr, bias_ptr, mean_ptr, rstd_ptr,
+    sums_ptr,  # (B, 2) float32 from _gn_bwd_combine_kernel
+    C, HW,
+    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    c_mask = c < C
+    mask = c_mask[:, None] & (hw < HW)[None, :]
+    mean = tl.load(mean_ptr + b)
+    rstd = tl.load(rstd_ptr + b)
+    inv_m = 1.0 / (C * HW).to(tl.float32)
+    s1 = tl.load(sums_ptr + b * 2) * inv_m
+    s2 = tl.load(sums_ptr + b * 2 + 1) * inv_m
+    w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    bb = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    offs = b.to(tl.int64) * C * HW + _tile_offsets(c, hw, C, HW, CHANNELS_LAST)
+    xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x_hat = (xv - mean) * rstd
+    z = x_hat * w[:, None] + bb[:, None]
+    dz = tl.where(z > 0.0, dy, 0.0)
+    dx = rstd * (dz * w[:, None] - (s1 + x_hat * s2))
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers. They validate, allocate and launch; they hold no autograd logic (fast_unet/triton_ops.py).
+
+import torch  # noqa: E402
+
+TILE = 2048  # elements per [BLOCK_C, BLOCK_HW] tile
+TILES_PER_PROGRAM = 8  # stats / backward-reduce programs each fold about this many tiles
+NUM_WARPS = 4
+
+
+def tile_config(C, HW, channels_last):
+    """(BLOCK_C, BLOCK_HW) for a sample of C x HW. The contiguous axis gets the wide side.
+
+    The launcher only ever picks from ``TILE_CONFIGS`` (the AOT report compiles each of them)."""
+    if channels_last:
+        block_c = 64 if C <= 64 else 128
+        return block_c, TILE // block_c
+    block_hw = 64 if HW <= 64 else 256
+    return TILE // block_hw, block_hw
+
+
+TILE_CONFIGS = {False: [(32, 64), (8, 256)], True: [(64, 32), (128, 16)]}  # channels_last -> tiles
+
+
+def _split(HW, block_hw, n_cblocks):
+    """(S, HW_PER_PROG): split each sample's HW range so a program folds ~TILES_PER_PROGRAM tiles."""
+    tiles = triton.cdiv(HW, block_hw)
+    per_prog = max(1, min(tiles, TILES_PER_PROGRAM))
+    hw_per_prog = per_prog * block_hw
+    return triton.cdiv(HW, hw_per_prog), hw_per_prog
+
+
+def layout_of(x):
+    """True for channels_last, False for NCHW-contiguous; ValueError for anything else."""
+    if x.is_contiguous():
+        return False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return True
+    raise ValueError(f"x must be NCHW-contiguous or channels_last, got strides {tuple(x.stride())}")
+
+
+def _check(x, weight, bias, emb):
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    B, C = x.shape[:2]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p.shape != (C,):
+            raise ValueError(f"{name} must have shape ({C},) to match x's channels, got {tuple(p.shape)}")
+        if p.device != x.device:
+            raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
+    if emb is not None:
+        if emb.shape != (B, C):
+            raise ValueError(f"emb must have shape ({B}, {C}) (batch, channels of x), got {tuple(emb.shape)}")
+        if emb.device != x.device:
+            raise ValueError(f"emb is on {emb.device} but x is on {x.device}")
+    return layout_of(x)
+
+
+def group_norm_relu_fwd(x, weight, bias, eps, emb=None):
+    """Returns (y, mean, rstd): y like x (dtype and memory format), mean and rstd (B,) float32."""
+    channels_last = _check(x, weight, bias, emb)
+    B, C, H, W = x.shape
+    HW = H * W
+    block_c, block_hw = tile_config(C, HW, channels_last)
+    n_cb = triton.cdiv(C, block_c)
+    S, hw_per_prog = _split(HW, block_hw, n_cb)
+    partials = torch.empty((B, n_cb * S, 3), device=x.device, dtype=torch.float32)
+    mean = torch.empty((B,), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    y = torch.empty_like(x)  # preserves the memory format of a dense x
+    if B == 0 or C == 0 or HW == 0:
+        return y, mean, rstd
+    _gn_stats_kernel[(B, n_cb, S)](x, partials, C, HW, hw_per_prog, CHANNELS_LAST=channels_last,
+                                   BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
+    _gn_combine_kernel[(B,)](partials, mean, rstd, n_cb * S, float(eps), BLOCK_P=128, num_warps=4)
+    e = emb if emb is not None else mean  # a dummy pointer when there is no embedding
+    grid = (B, n_cb, triton.cdiv(HW, block_hw))
+    _gn_apply_kernel[grid](x, y, weight, bias, e, mean, rstd, C, HW,
+                           emb.stride(0) if emb is not None else 0, emb.stride(1) if emb is not None else 0,
+                           HAS_EMB=emb is not None, CHANNELS_LAST=channels_last,
+                           BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
+    return y, mean, rstd
+
+
+def group_norm_relu_bwd(dy, x, weight, bias, mean, rstd):
+    """Returns (dx like x, d_weight (C,) f32, d_bias (C,) f32, d_emb (B, C) f32).
+
+    dy may have any strides; it is brought to x's memory format first."""
+    channels_last = _check(x, weight, bias, None)
+    B, C, H, W = x.shape
+    HW = H * W
+    dy = dy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    block_c, block_hw = tile_config(C, HW, channels_last)
+    n_cb = triton.cdiv(C, block_c)
+    S, hw_per_prog = _split(HW, block_hw, n_cb)
+    dev = x.device
+    part = torch.empty((3, B, S, C), device=dev, dtype=torch.float32)
+    demb = torch.empty((B, C), device=dev, dtype=torch.float32)
+    dwb = torch.empty_like(demb)
+    dbb = torch.empty_like(demb)
+    sums = torch.empty((B, 2), device=dev, dtype=torch.float32)
+    dx = torch.empty_like(x)
+    if B == 0 or C == 0 or HW == 0:
+        z = torch.zeros((C,), device=dev, dtype=torch.float32)
+        return dx.zero_(), z, z.clone(), demb.zero_()
+    _gn_bwd_reduce_kernel[(B, n_cb, S)](x, dy, weight, bias, mean, rstd, part, B, C, HW, hw_per_prog,
+                                        CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_HW=block_hw,
+                                        num_warps=NUM_WARPS)
+    _gn_bwd_combine_kernel[(B,)](part, weight, demb, dwb, dbb, sums, B, C, S, BLOCK_C=128, num_warps=4)
+    grid = (B, n_cb, triton.cdiv(HW, block_hw))
+    _gn_bwd_dx_kernel[grid](x, dy, dx, weight, bias, mean, rstd, sums, C, HW, CHANNELS_LAST=channels_last,
+                            BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
+    return dx, dwb.sum(0), dbb.sum(0), demb

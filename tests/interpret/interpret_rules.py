@@ -1,0 +1,19 @@
+"""The tolerance rule of tests/interpret (flash-attention's)."""
+import torch
+
+# Tolerance rule (flash-attention's): the kernel's error against a float64 reference must be at most
+# twice the error of eager PyTorch computing in the same dtype, plus a small floor relative to the
+# reference's magnitude.
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 4e-3, torch.float16: 1e-3}
+
+
+def assert_close_rule(name, out, out_eager, ref64, dtype):
+    """out, out_eager: the kernel's and eager's results in ``dtype``; ref64: the float64 reference."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values in the kernel's result"
+    err = (out.double() - ref64).abs().max().item()
+    err_eager = (out_eager.double() - ref64).abs().max().item()
+    floor = FLOOR[dtype] * max(ref64.abs().max().item(), 1e-3)
+    assert err <= 2 * err_eager + floor, (
+        f"{name} ({dtype}): kernel error {err:.3g} > 2 x eager error {err_eager:.3g} + floor {floor:.3g}")
+    return err, err_eager

@@ -1,0 +1,82 @@
+"""Time embedding (encoding + ReLU/SiLU + stacked Linear, one launch): Triton vs eager and float64."""
+import pytest
+import torch
+
+from fast_unet import eager, ops
+from interpret_rules import assert_close_rule
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+C_DOWN, C_UP = 128 + 256 + 256, 128 + 64 + 64  # the model's stacked Down and Up blocks
+
+
+def _time_embedding_f64(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
+    """The op entirely in float64, the encoding included (eager's encoding is float32 by design)."""
+    j = torch.arange(0, dim, 2, dtype=torch.float64)
+    arg = t.to(torch.float64)[:, None] / 10000.0 ** (j / dim)
+    enc = torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)
+    return (torch.nn.functional.linear(torch.relu(enc), relu_weight, relu_bias),
+            torch.nn.functional.linear(torch.nn.functional.silu(enc), silu_weight, silu_bias))
+
+
+def _params(dim, dtype):
+    g = lambda *s: (torch.randn(*s, dtype=torch.float64) * 0.2).to(dtype).double()  # noqa: E731
+    return g(C_DOWN, dim), g(C_DOWN), g(C_UP, dim), g(C_UP)
+
+
+def _run(fn, t, dim, params, dtype, gd, gu):
+    leaves = [p.to(dtype).detach().requires_grad_() for p in params]
+    down, up = fn(t, dim, *leaves)
+    ((down.double() * gd).sum() + (up.double() * gu).sum()).backward()
+    return (down, up), [p.grad for p in leaves]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b", [1, 3, 20])
+def test_vs_eager_and_float64(b, dtype):
+    dim = 128
+    t = torch.randint(0, 1000, (b,))
+    params = _params(dim, dtype)
+    gd, gu = torch.randn(b, C_DOWN, dtype=torch.float64), torch.randn(b, C_UP, dtype=torch.float64)
+    outs, grads = _run(ops.time_embedding, t, dim, params, dtype, gd, gu)
+    outs_e, grads_e = _run(eager.time_embedding, t, dim, params, dtype, gd, gu)
+    outs_r, grads_r = _run(_time_embedding_f64, t, dim, params, torch.float64, gd, gu)
+    for name, o, oe, orf in zip(("down", "up"), outs, outs_e, outs_r):
+        assert o.dtype == dtype
+        assert_close_rule(name, o, oe, orf, dtype)
+    for name, g, ge, gr in zip(("d relu_weight", "d relu_bias", "d silu_weight", "d silu_bias"), grads, grads_e, grads_r):
+        assert g.dtype == dtype
+        assert_close_rule(name, g, ge, gr, dtype)
+
+
+def test_float_timesteps_odd_dim_and_broadcast_t():
+    """Float t, an expanded (stride 0) t as the model passes for one timestep, dim = 96 (not a power of 2)."""
+    dim = 96
+    params = [p.float() for p in _params(dim, torch.float32)]
+    for t in (torch.tensor([0.5, 17.25, 999.0]), torch.tensor([42]).expand(5)):
+        down, up = ops.time_embedding(t, dim, *params)
+        rd, ru = _time_embedding_f64(t, dim, *(p.double() for p in params))
+        torch.testing.assert_close(down.double(), rd, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(up.double(), ru, atol=1e-4, rtol=1e-4)
+
+
+def test_t_gets_no_gradient():
+    params = [p.float().requires_grad_() for p in _params(128, torch.float32)]
+    t = torch.tensor([1.0, 2.0])
+    down, up = ops.time_embedding(t, 128, *params)
+    (down.sum() + up.sum()).backward()
+    assert t.grad is None and all(p.grad is not None for p in params)
+
+
+def test_bad_inputs_name_the_argument():
+    rw, rb, sw, sb = (p.float() for p in _params(128, torch.float32))
+    t = torch.arange(3)
+    with pytest.raises(RuntimeError, match="dim must be a positive even int"):
+        ops.time_embedding(t, 127, rw[:, :127], rb, sw[:, :127], sb)
+    with pytest.raises(RuntimeError, match=r"relu_weight must be \(C, dim=128\)"):
+        ops.time_embedding(t, 128, rw[:, :64], rb, sw, sb)
+    with pytest.raises(RuntimeError, match="silu_bias must have shape"):
+        ops.time_embedding(t, 128, rw, rb, sw, sb[:-1])
+    with pytest.raises(RuntimeError, match="t must be 1-D"):
+        ops.time_embedding(t[None], 128, rw, rb, sw, sb)
+    with pytest.raises(RuntimeError, match="silu_weight and silu_bias must share"):
+        ops.time_embedding(t, 128, rw, rb, sw.half(), sb.half())
