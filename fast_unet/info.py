@@ -48,8 +48,12 @@ def main(argv=None):
         from . import aot
 
         rows = aot.report(aot.parse_archs(args.compile), args.kernel)
-        print("\n".join(json.dumps(r) for r in rows) if args.json else aot.format_table(rows))
-        return 1 if any(r.get("error") for r in rows) else 0
+        print(json.dumps(rows, indent=1) if args.json else aot.format_table(rows))
+        bad = [r for r in rows if r.get("error") or r.get("spill_bytes")]
+        for r in bad:  # CI runs this: a compile error or a spill fails it
+            print(f"FAIL {r['kernel']} {r['config']} {r['arch']}: "
+                  f"{r.get('error') or str(r['spill_bytes']) + ' bytes spilled'}", file=sys.stderr)
+        return 1 if bad else 0
     info = collect()
     if args.json:
         print(json.dumps(info, indent=2))
