@@ -1,56 +1,13 @@
-"""Shared helpers: models with identical weights, seeded inputs, and comparisons that explain failures."""
+"""Fixtures shared by tests/; the helpers the tests import live in _model_helpers.py."""
 import os
 
 import pytest
 import torch
 
-from fast_unet import UNet
-from fast_unet.reference import cast_reference, make_reference
-
-# The default suite runs the eager path; the Triton interpreter suite is tests/interpret (its own process).
+# The default suite runs with dispatch on auto; the Triton interpreter suite is tests/interpret.
 os.environ.pop("FAST_UNET_BACKEND", None)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def model_pair(height=64, width=None, seed=0, dtype=torch.float64 if False else torch.float32):
-    """(fast_unet.UNet, reference UNet) with the same weights, able to run ``height`` x ``width``."""
-    width = height if width is None else width
-    torch.manual_seed(seed)
-    ref = make_reference(height, width)
-    fast = UNet()
-    fast.load_state_dict(ref.state_dict(), strict=True)
-    if dtype != torch.float32:
-        ref = cast_reference(ref, dtype)
-        fast = fast.to(dtype)
-    return fast, ref
-
-
-def inputs(batch, height, width=None, dtype=torch.float32, seed=1):
-    width = height if width is None else width
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, height, width, generator=g).to(dtype)
-    t = torch.randint(1, 1000, (batch,), generator=g)
-    return x, t
-
-
-def assert_close(actual, expected, atol, rtol, what):
-    """torch.testing-style check that also says how many elements mismatch and where NaN/Inf differ."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a, e = actual.double(), expected.double()
-    bad_nan = (torch.isnan(a) != torch.isnan(e)) | (torch.isinf(a) != torch.isinf(e))
-    err = (a - e).abs()
-    bad = (err > atol + rtol * e.abs()) | bad_nan
-    if bad.any():
-        idx = tuple(i.item() for i in bad.nonzero()[0])
-        raise AssertionError(
-            f"{what}: {int(bad.sum())}/{bad.numel()} elements mismatch (atol={atol}, rtol={rtol}); "
-            f"max abs err {err.max().item():.3e}; first at {idx}: {a[idx].item():.6g} vs {e[idx].item():.6g}; "
-            f"NaN/Inf mismatches: {int(bad_nan.sum())}")
-
-
-def max_err(actual, expected):
-    return (actual.double() - expected.double()).abs().max().item()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from fast_unet import UNet
 from fast_unet.reference import UNet as RefUNet, cast_reference, make_reference
 
-from conftest import assert_close, inputs, max_err, model_pair
+from _model_helpers import assert_close, inputs, max_err, model_pair
 
 
 def test_state_dict_keys_and_shapes_match_reference():

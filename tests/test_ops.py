@@ -10,7 +10,7 @@ import torch
 
 from fast_unet import ops
 
-from conftest import assert_close
+from _model_helpers import assert_close
 
 
 def gn_relu_formula(x, w, b, eps, emb):
