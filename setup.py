@@ -64,8 +64,8 @@ def _find_cuda_home():
 
 
 def _arch_digits(arch_list):
-    """"8.0;9.0+PTX" -> "80,90" (a macro value that survives the shell and ninja)."""
-    return ",".join(a.split("+")[0].replace(".", "") for a in re.split(r"[;\s,]+", arch_list) if a) or "none"
+    """"8.0;9.0+PTX" -> "80_90" (a macro value that survives the shell, ninja and nvcc, which splits commas)."""
+    return "_".join(a.split("+")[0].replace(".", "") for a in re.split(r"[;\s,]+", arch_list) if a) or "none"
 
 
 def extensions():

@@ -69,7 +69,15 @@ py::dict build_info() {
   py::dict d;
 #ifdef FAST_UNET_WITH_CUDA
   d["cuda"] = true;
-  d["cuda_archs"] = std::string(FAST_UNET_STR(FAST_UNET_CUDA_ARCHS));
+  std::string archs = FAST_UNET_STR(FAST_UNET_CUDA_ARCHS);  // "80_90" -> "sm_80,sm_90"
+  std::string pretty;
+  size_t start = 0;
+  while (start <= archs.size()) {
+    const size_t end = std::min(archs.find('_', start), archs.size());
+    pretty += (pretty.empty() ? "sm_" : ",sm_") + archs.substr(start, end - start);
+    start = end + 1;
+  }
+  d["cuda_archs"] = pretty;
 #else
   d["cuda"] = false;
   d["cuda_archs"] = std::string("");
