@@ -17,6 +17,11 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();
 constexpr int64_t kStatChunk = 16384;  // elements per partial sum (float lanes, then double)
+// Fewest elements worth a parallel chunk: below it at::parallel_for runs inline, with no thread barrier
+// (a barrier costs more than the work when another process holds the other core).
+constexpr int64_t kGrain = 65536;
+
+inline int64_t grain(int64_t elems_per_item) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(elems_per_item, 1)); }
 
 inline float hsum(const Vec& v) {
   alignas(64) float tmp[kVec];
@@ -56,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_relu_fwd_cpu(
   // 1. statistics: shifted sums (shift = the sample's first element) per chunk, combined in double.
   const int64_t nchunk = (M + kStatChunk - 1) / kStatChunk;
   std::vector<double> s1(B * nchunk), s2(B * nchunk);
-  at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * nchunk, grain(kStatChunk), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t bi = i / nchunk, ci = i % nchunk;
       const float* p = xp + bi * M;
@@ -106,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_relu_fwd_cpu(
   if (nhwc) {
     std::vector<float> zeros(ep ? 0 : C, 0.f);
     const int64_t rows = B * HW;
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain(C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t bi = r / HW;
         const float* sc = scale.data() + bi * C;
@@ -123,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_relu_fwd_cpu(
       }
     });
   } else {
-    at::parallel_for(0, B * C, std::max<int64_t>(1, 4096 / std::max<int64_t>(HW, 1)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * C, grain(HW), [&](int64_t begin, int64_t end) {
       for (int64_t pc = begin; pc < end; ++pc) {
         const float a = scale[pc], s = shift[pc], e = ep ? ep[pc] : 0.f;
         const Vec av(a), sv(s), ev(e);
@@ -177,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
     const int64_t rows_per_chunk = std::max<int64_t>(1, 8192 / std::max<int64_t>(C, 1));
     const int64_t nchunk = (HW + rows_per_chunk - 1) / rows_per_chunk;
     std::vector<float> part(B * nchunk * 3 * C);
-    at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * nchunk, grain(rows_per_chunk * C), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t bi = i / nchunk, ci = i % nchunk;
         const int64_t r0 = ci * rows_per_chunk, r1 = std::min(HW, r0 + rows_per_chunk);
@@ -221,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
         }
       }
   } else {
-    at::parallel_for(0, B * C, std::max<int64_t>(1, 4096 / std::max<int64_t>(HW, 1)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * C, grain(HW), [&](int64_t begin, int64_t end) {
       for (int64_t pc = begin; pc < end; ++pc) {
         const int64_t bi = pc / C;
         const float* xr = xp + pc * HW;
@@ -275,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
   // 3. dx.
   if (nhwc) {
     const int64_t rows = B * HW;
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain(C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t bi = r / HW;
         const float* scb = sc.data() + bi * C;
@@ -300,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
       }
     });
   } else {
-    at::parallel_for(0, B * C, std::max<int64_t>(1, 4096 / std::max<int64_t>(HW, 1)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * C, grain(HW), [&](int64_t begin, int64_t end) {
       for (int64_t pc = begin; pc < end; ++pc) {
         const int64_t bi = pc / C, c = pc % C;
         const float m = mp[bi], rs = rp[bi], c1 = k1[bi], c2 = k2[bi], wc = wp[c];
