@@ -19,12 +19,14 @@ from . import dispatch, eager
 LOAD_ERROR = None
 try:
     from . import _C  # noqa: N812
+
+    BUILD_INFO = dict(_C.build_info())  # a stale _C without it counts as broken
 except Exception as e:  # ImportError, OSError (undefined symbol), ...: fall back, warn once
     _C = None
+    BUILD_INFO = {}
     LOAD_ERROR = f"fast_unet._C is not available ({type(e).__name__}: {e}); build it with `pip install --no-build-isolation -e .`"
     warnings.warn(f"fast_unet: ext backend disabled, eager fallback: {LOAD_ERROR}", RuntimeWarning, stacklevel=4)
 
-BUILD_INFO = dict(_C.build_info()) if _C is not None else {}
 CUDA_BUILT = bool(BUILD_INFO.get("cuda"))
 ATTENTION_HEAD_DIMS = (16, 32, 64)
 _GN_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
