@@ -146,6 +146,84 @@ inline void s_rows(const float* A, int64_t lda, const float* Bt, int64_t ldb, fl
   }
 }
 
+// Backward tiles with the softmax fused into the epilogue (lse2 is known, so no row max is needed):
+//   p_tile:  P[r, c]  = 2^(sum_k A[r, k] Bt[k, c] - lse2[c])            (A = K rows, Bt = (Q*scale)^T)
+//   ds_tile: dS[r, c] = P[r, c] * (sum_k A[r, k] Bt[k, c] - delta[c])  (A = V rows, Bt = dO^T)
+template <int D, int NV>
+inline void p_tile(const float* A, int64_t lda, const float* Bt, int64_t ldb, const float* lse2, float* P, int64_t lds) {
+  VF acc[G][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < G; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[r][v] = vset(0.f);
+#pragma GCC unroll 16
+  for (int k = 0; k < D; ++k) {
+    VF b[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) b[v] = vload(Bt + k * ldb + v * VS);
+#pragma GCC unroll 16
+    for (int r = 0; r < G; ++r) {
+      const VF a = vset(A[r * lda + k]);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[r][v] = vfma(a, b[v], acc[r][v]);
+    }
+  }
+  VF l[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) l[v] = vload(lse2 + v * VS);
+#pragma GCC unroll 16
+  for (int r = 0; r < G; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) vstore(P + r * lds + v * VS, vexp2(vsub(acc[r][v], l[v])));
+}
+
+template <int D, int NV>
+inline void ds_tile(const float* A, int64_t lda, const float* Bt, int64_t ldb, const float* delta, const float* P,
+                    float* dS, int64_t lds) {
+  VF acc[G][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < G; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[r][v] = vset(0.f);
+#pragma GCC unroll 16
+  for (int k = 0; k < D; ++k) {
+    VF b[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) b[v] = vload(Bt + k * ldb + v * VS);
+#pragma GCC unroll 16
+    for (int r = 0; r < G; ++r) {
+      const VF a = vset(A[r * lda + k]);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[r][v] = vfma(a, b[v], acc[r][v]);
+    }
+  }
+  VF dl[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) dl[v] = vload(delta + v * VS);
+#pragma GCC unroll 16
+  for (int r = 0; r < G; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v)
+      vstore(dS + r * lds + v * VS, vmul(vload(P + r * lds + v * VS), vsub(acc[r][v], dl[v])));
+}
+
+// G rows of P and dS over ncol columns (a multiple of VS).
+template <int D>
+inline void p_ds_rows(const float* K, const float* QsT, const float* V, const float* dOT, int64_t ldb, const float* lse2,
+                      const float* delta, float* P, float* dS, int64_t lds, int64_t ncol) {
+  int64_t j = 0;
+  for (; j + 2 * VS <= ncol; j += 2 * VS) {
+    asm volatile("" : "+r"(K), "+r"(V));
+    p_tile<D, 2>(K, D, QsT + j, ldb, lse2 + j, P + j, lds);
+    ds_tile<D, 2>(V, D, dOT + j, ldb, delta + j, P + j, dS + j, lds);
+  }
+  for (; j < ncol; j += VS) {
+    asm volatile("" : "+r"(K), "+r"(V));
+    p_tile<D, 1>(K, D, QsT + j, ldb, lse2 + j, P + j, lds);
+    ds_tile<D, 1>(V, D, dOT + j, ldb, delta + j, P + j, dS + j, lds);
+  }
+}
+
 // O[r, :] += sum_j P(r, j) * V[j, :] for R rows; P(r, j) = P[r * prs + j * pcs]; V rows are D floats apart.
 template <int D, int R>
 inline void pv_tile(const float* P, int64_t prs, int64_t pcs, const float* V, int64_t nj, float* O) {
@@ -246,20 +324,12 @@ void bwd_item(const float* Qs, const float* QsT, const float* K, const float* V,
   for (int64_t qb = 0; qb < Np; qb += kBQ) {
     const int64_t nq = std::min(kBQ, Np - qb);
     for (int64_t g = 0; g < nk; g += G) {
-      s_rows<D, false>(K + (k0 + g) * D, D, QsT + qb, Np, PT + g * kBQ, kBQ, nq, nullptr);
-      s_rows<D, false>(V + (k0 + g) * D, D, dOT + qb, Np, dST + g * kBQ, kBQ, nq, nullptr);
+      p_ds_rows<D>(K + (k0 + g) * D, QsT + qb, V + (k0 + g) * D, dOT + qb, Np, lse2 + qb, delta + qb, PT + g * kBQ,
+                   dST + g * kBQ, kBQ, nq);
       for (int r = 0; r < G; ++r) {
-        float* p = PT + (g + r) * kBQ;
-        float* ds = dST + (g + r) * kBQ;
-        if (k0 + g + r >= N) {  // padded key
-          std::fill(p, p + nq, 0.f);
-          std::fill(ds, ds + nq, 0.f);
-          continue;
-        }
-        for (int64_t j = 0; j < nq; j += VS) {
-          const VF pv = vexp2(vsub(vload(p + j), vload(lse2 + qb + j)));
-          vstore(p + j, pv);
-          vstore(ds + j, vmul(pv, vsub(vload(ds + j), vload(delta + qb + j))));
+        if (k0 + g + r >= N) {  // padded key: no probability, no gradient
+          std::fill(PT + (g + r) * kBQ, PT + (g + r) * kBQ + nq, 0.f);
+          std::fill(dST + (g + r) * kBQ, dST + (g + r) * kBQ + nq, 0.f);
         }
       }
     }
@@ -286,26 +356,29 @@ void check_qkv(const at::Tensor& qkv, const char* what) {
   TORCH_CHECK(qkv.size(1) > 0, what, ": qkv must hold at least one token, got shape ", qkv.sizes());
 }
 
-// (B, N, heads, d) strided view -> (B*heads, Np, d) contiguous, rows past N zero, times `scale`.
-at::Tensor pack_rows(const at::Tensor& t, int64_t Np, double scale = 1.0) {
-  const int64_t B = t.size(0), N = t.size(1), H = t.size(2), D = t.size(3);
-  auto out = at::empty({B, H, Np, D}, t.options().memory_format(at::MemoryFormat::Contiguous));
-  auto body = out.narrow(2, 0, N);
-  body.copy_(t.permute({0, 2, 1, 3}));
-  if (scale != 1.0) body.mul_(scale);
-  if (Np > N) out.narrow(2, N, Np - N).zero_();
-  return out;
+// Packing of one (batch, head): src(n, d) = src[n * ns + d * ds] for n < N (any strides).
+// rows: dst (Np, D) row-major; cols: dst (D, Np) (transposed). Rows/columns past N are zero.
+void pack_rows(float* dst, const float* src, int64_t ns, int64_t ds, int64_t N, int64_t Np, int64_t D, float scale) {
+  for (int64_t n = 0; n < N; ++n) {
+    const float* s = src + n * ns;
+    float* d = dst + n * D;
+    if (ds == 1) {
+      for (int64_t j = 0; j < D; j += VS) vstore(d + j, vmul(vload(s + j), vset(scale)));
+    } else {
+      for (int64_t j = 0; j < D; ++j) d[j] = s[j * ds] * scale;
+    }
+  }
+  std::fill(dst + N * D, dst + Np * D, 0.f);
 }
 
-// (B, N, heads, d) strided view -> (B*heads, d, Np) contiguous (transposed), columns past N zero.
-at::Tensor pack_cols(const at::Tensor& t, int64_t Np, double scale = 1.0) {
-  const int64_t B = t.size(0), N = t.size(1), H = t.size(2), D = t.size(3);
-  auto out = at::empty({B, H, D, Np}, t.options().memory_format(at::MemoryFormat::Contiguous));
-  auto body = out.narrow(3, 0, N);
-  body.copy_(t.permute({0, 2, 3, 1}));
-  if (scale != 1.0) body.mul_(scale);
-  if (Np > N) out.narrow(3, N, Np - N).zero_();
-  return out;
+void pack_cols(float* dst, const float* src, int64_t ns, int64_t ds, int64_t N, int64_t Np, int64_t D, float scale) {
+  constexpr int64_t kT = 16;  // 16 x D tiles: reads rows, writes 16-wide column runs
+  for (int64_t n0 = 0; n0 < N; n0 += kT) {
+    const int64_t n1 = std::min(N, n0 + kT);
+    for (int64_t j = 0; j < D; ++j)
+      for (int64_t n = n0; n < n1; ++n) dst[j * Np + n] = src[n * ns + j * ds] * scale;
+  }
+  for (int64_t j = 0; j < D; ++j) std::fill(dst + j * Np + N, dst + (j + 1) * Np, 0.f);
 }
 
 // Run f(i) for i in [0, n) on ATen's threads, handing items out one at a time: a thread that another
@@ -368,12 +441,25 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& qkv) {
   check_qkv(qkv, "attention");
   const int64_t B = qkv.size(0), N = qkv.size(1), H = qkv.size(3), D = qkv.size(4);
   const int64_t Np = (N + kPad - 1) / kPad * kPad;
-  const double qscale = double(kLog2e) / std::sqrt(double(D));
-  auto Qs = pack_rows(qkv.select(2, 0), Np, qscale);
-  auto Kt = pack_cols(qkv.select(2, 1), Np);
-  auto V = pack_rows(qkv.select(2, 2), Np);
-  auto out = at::empty({B, N, H * D}, qkv.options().memory_format(at::MemoryFormat::Contiguous));
-  auto lse2 = at::empty({B, H, N}, qkv.options().memory_format(at::MemoryFormat::Contiguous));
+  const float qscale = float(double(kLog2e) / std::sqrt(double(D)));
+  auto opts = qkv.options().memory_format(at::MemoryFormat::Contiguous);
+  auto Qs = at::empty({B, H, Np, D}, opts), Kt = at::empty({B, H, D, Np}, opts), V = at::empty({B, H, Np, D}, opts);
+  auto out = at::empty({B, N, H * D}, opts);
+  auto lse2 = at::empty({B, H, N}, opts);
+  {  // pack Q (scaled), K^T and V of every (batch, head): one parallel region
+    const float* src = qkv.const_data_ptr<float>();
+    const int64_t s0 = qkv.stride(0), s1 = qkv.stride(1), s2 = qkv.stride(2), s3 = qkv.stride(3), s4 = qkv.stride(4);
+    float* qp = Qs.mutable_data_ptr<float>();
+    float* kp = Kt.mutable_data_ptr<float>();
+    float* vp = V.mutable_data_ptr<float>();
+    parallel_dynamic(B * H * 3, [&](int64_t it) {
+      const int64_t bh = it / 3, what = it % 3, b = bh / H, h = bh % H;
+      const float* base = src + b * s0 + what * s2 + h * s3;
+      if (what == 0) pack_rows(qp + bh * Np * D, base, s1, s4, N, Np, D, qscale);
+      else if (what == 1) pack_cols(kp + bh * Np * D, base, s1, s4, N, Np, D, 1.f);
+      else pack_rows(vp + bh * Np * D, base, s1, s4, N, Np, D, 1.f);
+    });
+  }
   switch (D) {
     case 16: fwd_launch<16>(Qs, Kt, V, out, lse2, B, H, N, Np); break;
     case 32: fwd_launch<32>(Qs, Kt, V, out, lse2, B, H, N, Np); break;
@@ -393,29 +479,78 @@ at::Tensor attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& qkv, cons
   TORCH_CHECK(lse2.sizes() == at::IntArrayRef({B, H, N}) && lse2.scalar_type() == at::kFloat,
               "attention backward: lse2 must be float32 of shape (", B, ", ", H, ", ", N, "), got ", lse2.sizes());
   const int64_t Np = (N + kPad - 1) / kPad * kPad;
-  const double qscale = double(kLog2e) / std::sqrt(double(D));
-  const auto q = qkv.select(2, 0), k = qkv.select(2, 1), v = qkv.select(2, 2);
+  const float qscale = float(double(kLog2e) / std::sqrt(double(D)));
   const auto dout_c = dout.contiguous();
-  const auto dO4 = dout_c.view({B, N, H, D});
-  auto Qs = pack_rows(q, Np, qscale);
-  auto QsT = pack_cols(q, Np, qscale);
-  auto K = pack_rows(k, Np);
-  auto V = pack_rows(v, Np);
-  auto dO = pack_rows(dO4, Np);
-  auto dOT = pack_cols(dO4, Np);
-  auto lse2p = at::full({B, H, Np}, std::numeric_limits<float>::infinity(), lse2.options());
-  lse2p.narrow(2, 0, N).copy_(lse2);
-  auto delta = at::zeros({B, H, Np}, lse2.options());
-  delta.narrow(2, 0, N).copy_((dout_c * out).view({B, N, H, D}).sum(-1).permute({0, 2, 1}));
-  auto dqkv = at::empty({B, N, 3, H, D}, qkv.options().memory_format(at::MemoryFormat::Contiguous));
-  auto dq_tls = at::zeros({at::get_num_threads(), B, H, Np, D}, qkv.options());
+  const auto out_c = out.contiguous();
+  const auto lse2_c = lse2.contiguous();
+  auto opts = qkv.options().memory_format(at::MemoryFormat::Contiguous);
+  auto Qs = at::empty({B, H, Np, D}, opts), QsT = at::empty({B, H, D, Np}, opts);
+  auto K = at::empty({B, H, Np, D}, opts), V = at::empty({B, H, Np, D}, opts);
+  auto dO = at::empty({B, H, Np, D}, opts), dOT = at::empty({B, H, D, Np}, opts);
+  auto lse2p = at::empty({B, H, Np}, opts), delta = at::empty({B, H, Np}, opts);
+  const int64_t nthreads = at::get_num_threads();
+  auto dq_tls = at::empty({nthreads, B, H, Np, D}, opts);
+  auto dqkv = at::empty({B, N, 3, H, D}, opts);
+  const int64_t HD = H * D, rs = Np * D;
+  {  // one parallel region packs everything per (batch, head)
+    const float* src = qkv.const_data_ptr<float>();
+    const int64_t s0 = qkv.stride(0), s1 = qkv.stride(1), s2 = qkv.stride(2), s3 = qkv.stride(3), s4 = qkv.stride(4);
+    const float* gp = dout_c.const_data_ptr<float>();
+    const float* op = out_c.const_data_ptr<float>();
+    const float* lp = lse2_c.const_data_ptr<float>();
+    float* dqt = dq_tls.mutable_data_ptr<float>();
+    parallel_dynamic(B * H * 7, [&](int64_t it) {
+      const int64_t bh = it / 7, what = it % 7, b = bh / H, h = bh % H;
+      const float* qkv_bh = src + b * s0 + h * s3;
+      const float* g_bh = gp + b * N * HD + h * D;
+      switch (what) {
+        case 0: pack_rows(Qs.mutable_data_ptr<float>() + bh * rs, qkv_bh, s1, s4, N, Np, D, qscale); break;
+        case 1: pack_cols(QsT.mutable_data_ptr<float>() + bh * rs, qkv_bh, s1, s4, N, Np, D, qscale); break;
+        case 2: pack_rows(K.mutable_data_ptr<float>() + bh * rs, qkv_bh + s2, s1, s4, N, Np, D, 1.f); break;
+        case 3: pack_rows(V.mutable_data_ptr<float>() + bh * rs, qkv_bh + 2 * s2, s1, s4, N, Np, D, 1.f); break;
+        case 4: {  // dO rows and delta = rowsum(dO * O)
+          pack_rows(dO.mutable_data_ptr<float>() + bh * rs, g_bh, HD, 1, N, Np, D, 1.f);
+          float* dl = delta.mutable_data_ptr<float>() + bh * Np;
+          const float* o_bh = op + b * N * HD + h * D;
+          for (int64_t n = 0; n < N; ++n) {
+            VF acc = vset(0.f);
+            for (int64_t j = 0; j < D; j += VS) acc = vfma(vload(g_bh + n * HD + j), vload(o_bh + n * HD + j), acc);
+            dl[n] = hsum(acc);
+          }
+          std::fill(dl + N, dl + Np, 0.f);
+          break;
+        }
+        case 5: pack_cols(dOT.mutable_data_ptr<float>() + bh * rs, g_bh, HD, 1, N, Np, D, 1.f); break;
+        default: {  // lse2 with +inf on padded queries (their P is 0); zero this head's dQ accumulators
+          float* l = lse2p.mutable_data_ptr<float>() + bh * Np;
+          std::copy(lp + bh * N, lp + bh * N + N, l);
+          std::fill(l + N, l + Np, std::numeric_limits<float>::infinity());
+          for (int64_t t = 0; t < nthreads; ++t) std::fill(dqt + (t * B * H + bh) * rs, dqt + (t * B * H + bh + 1) * rs, 0.f);
+        }
+      }
+    });
+  }
   switch (D) {
     case 16: bwd_launch<16>(Qs, QsT, K, V, dO, dOT, lse2p, delta, dqkv, dq_tls, B, H, N, Np); break;
     case 32: bwd_launch<32>(Qs, QsT, K, V, dO, dOT, lse2p, delta, dqkv, dq_tls, B, H, N, Np); break;
     default: bwd_launch<64>(Qs, QsT, K, V, dO, dOT, lse2p, delta, dqkv, dq_tls, B, H, N, Np); break;
   }
-  auto dq = dq_tls.size(0) == 1 ? dq_tls[0] : dq_tls.sum(0);
-  dqkv.select(2, 0).copy_(dq.narrow(2, 0, N).permute({0, 2, 1, 3}).mul(1.0 / std::sqrt(double(D))));
+  {  // dQ = scale * (sum of the per-thread accumulators), into dqkv[:, :, 0]
+    const float dscale = float(1.0 / std::sqrt(double(D)));
+    const float* dqt = dq_tls.const_data_ptr<float>();
+    float* dp = dqkv.mutable_data_ptr<float>();
+    parallel_dynamic(B * H, [&](int64_t bh) {
+      const int64_t b = bh / H, h = bh % H;
+      for (int64_t n = 0; n < N; ++n) {
+        float* row = dp + ((b * N + n) * 3) * HD + h * D;
+        for (int64_t j = 0; j < D; j += VS) {
+          VF acc = vload(dqt + bh * rs + n * D + j);
+          for (int64_t t = 1; t < nthreads; ++t) acc = vadd(acc, vload(dqt + (t * B * H + bh) * rs + n * D + j));
+          vstore(row + j, vmul(acc, vset(dscale)));
+        }
+      }
+    });
+  }
   return dqkv;
 }
 
