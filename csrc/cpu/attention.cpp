@@ -36,7 +36,7 @@ constexpr int64_t kBQ = 64;    // backward: queries per inner block
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-template <int D> constexpr int64_t block_n() { return D == 16 ? 256 : (D == 32 ? 128 : 64); }
+template <int D> constexpr int64_t block_n() { return D == 16 ? 1024 : (D == 32 ? 512 : 256); }
 template <int D> constexpr int pv_rows() { return D == 16 ? 8 : 4; }
 
 // The micro-kernels use raw AVX-512 registers where the build has them: GCC keeps arrays of __m512 in
