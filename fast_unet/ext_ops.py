@@ -69,6 +69,7 @@ def _(dy, x, weight, bias, mean, rstd):
 def _gn_setup(ctx, inputs, output):
     x, weight, bias, emb, _eps = inputs
     _y, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)  # statistics for the backward, not outputs to train through
     ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.has_emb = emb is not None
 
@@ -143,6 +144,7 @@ def _(dout, qkv, out, lse2):
 def _attn_setup(ctx, inputs, output):
     (qkv,) = inputs
     out, lse2 = output
+    ctx.mark_non_differentiable(lse2)
     ctx.save_for_backward(qkv, out, lse2)
 
 
