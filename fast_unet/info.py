@@ -29,6 +29,16 @@ def collect():
         info["triton"] = triton.__version__
     except ImportError:
         pass
+    ext = {"built": False}
+    try:
+        from . import ext_ops
+
+        ext = {"built": ext_ops._C is not None, **ext_ops.build_info()}
+        if ext_ops.LOAD_ERROR:
+            ext["reason"] = ext_ops.LOAD_ERROR
+    except Exception as e:  # noqa: BLE001 - info must always print
+        ext["reason"] = f"{type(e).__name__}: {e}"
+    info["ext"] = ext
     for backend, err in dispatch.backend_status().items():
         info["backends"][backend] = {"loaded": err is None, "reason": err, "ops": {}}
         for op in dispatch.OPS:
@@ -59,8 +69,14 @@ def main(argv=None):
         print(json.dumps(info, indent=2))
         return 0
     for key, value in info.items():
-        if key != "backends":
+        if key not in ("backends", "ext"):
             print(f"{key:>18}: {value}")
+    ext = info["ext"]
+    if ext.get("built"):
+        print(f"{'ext (_C)':>18}: built; CUDA archs: {ext.get('cuda_archs') or 'none (CPU-only build)'}; "
+              f"CPU ISA: {ext.get('cpu_isa')} (-march={ext.get('cpu_march')}); torch {ext.get('torch')}")
+    else:
+        print(f"{'ext (_C)':>18}: not built: {ext.get('reason')}")
     print("\nbackends (auto tries them in this order):")
     for backend, b in info["backends"].items():
         print(f"  {backend}: {'loaded' if b['loaded'] else 'not available: ' + str(b['reason'])}")

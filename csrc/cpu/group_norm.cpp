@@ -1,0 +1,332 @@
+// CPU kernels of the fused GroupNorm(1, C) + ReLU + time-embedding add, forward and backward, float32,
+// NCHW and channels_last (NHWC). One sample's C*H*W elements are contiguous in both layouts, so the
+// statistics are layout-blind; the per-channel parts have one loop per layout.
+#include "vec_config.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "ops.h"
+
+namespace fast_unet {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+constexpr int64_t kStatChunk = 16384;  // elements per partial sum (float lanes, then double)
+// Fewest elements worth a parallel chunk: below it at::parallel_for runs inline, with no thread barrier
+// (a barrier costs more than the work when another process holds the other core).
+constexpr int64_t kGrain = 65536;
+
+inline int64_t grain(int64_t elems_per_item) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(elems_per_item, 1)); }
+
+inline float hsum(const Vec& v) {
+  alignas(64) float tmp[kVec];
+  v.store(tmp);
+  float s = 0.f;
+  for (int64_t i = 0; i < kVec; ++i) s += tmp[i];
+  return s;
+}
+
+bool is_nhwc(const at::Tensor& x) {
+  // A tensor with C == 1 or H*W == 1 is both; the NCHW loops handle it.
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_relu_fwd_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& emb_opt,
+    double eps) {
+  check_gn_args(x_in, weight, bias, emb_opt);
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "group_norm_relu (CPU): x must be float32, got ", x_in.scalar_type());
+  const bool nhwc = is_nhwc(x_in);
+  const at::Tensor x = nhwc ? x_in : x_in.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), M = C * HW;
+  auto y = at::empty_like(x, nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  auto mean = at::empty({B}, x.options());
+  auto rstd = at::empty({B}, x.options());
+  const at::Tensor w = weight.contiguous(), b = bias.contiguous();
+  at::Tensor emb;
+  if (emb_opt.has_value() && emb_opt->defined()) emb = emb_opt->contiguous();
+  const float* xp = x.const_data_ptr<float>();
+  const float* wp = w.const_data_ptr<float>();
+  const float* bp = b.const_data_ptr<float>();
+  const float* ep = emb.defined() ? emb.const_data_ptr<float>() : nullptr;
+  float* yp = y.mutable_data_ptr<float>();
+
+  // 1. statistics: shifted sums (shift = the sample's first element) per chunk, combined in double.
+  const int64_t nchunk = (M + kStatChunk - 1) / kStatChunk;
+  std::vector<double> s1(B * nchunk), s2(B * nchunk);
+  at::parallel_for(0, B * nchunk, grain(kStatChunk), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bi = i / nchunk, ci = i % nchunk;
+      const float* p = xp + bi * M;
+      const Vec shift(p[0]);
+      const int64_t lo = ci * kStatChunk, hi = std::min(M, lo + kStatChunk);
+      Vec a1(0.f), a2(0.f);
+      int64_t j = lo;
+      for (; j + kVec <= hi; j += kVec) {
+        Vec d = Vec::loadu(p + j) - shift;
+        a1 = a1 + d;
+        a2 = at::vec::fmadd(d, d, a2);
+      }
+      double t1 = hsum(a1), t2 = hsum(a2);
+      for (; j < hi; ++j) {
+        double d = double(p[j]) - double(p[0]);
+        t1 += d;
+        t2 += d * d;
+      }
+      s1[i] = t1;
+      s2[i] = t2;
+    }
+  });
+  std::vector<float> scale(B * C), shift(B * C);  // y = relu(x * scale + shift) + emb
+  float* mp = mean.mutable_data_ptr<float>();
+  float* rp = rstd.mutable_data_ptr<float>();
+  for (int64_t bi = 0; bi < B; ++bi) {
+    double t1 = 0, t2 = 0;
+    for (int64_t ci = 0; ci < nchunk; ++ci) {
+      t1 += s1[bi * nchunk + ci];
+      t2 += s2[bi * nchunk + ci];
+    }
+    const double dm = t1 / double(M);
+    const double var = std::max(t2 / double(M) - dm * dm, 0.0);
+    const double mu = double(xp[bi * M]) + dm;
+    const double r = 1.0 / std::sqrt(var + eps);
+    mp[bi] = float(mu);
+    rp[bi] = float(r);
+    for (int64_t c = 0; c < C; ++c) {
+      const float a = float(r * wp[c]);
+      scale[bi * C + c] = a;
+      shift[bi * C + c] = bp[c] - float(mu) * a;
+    }
+  }
+
+  // 2. normalise, affine, ReLU, embedding.
+  const Vec zero(0.f);
+  if (nhwc) {
+    std::vector<float> zeros(ep ? 0 : C, 0.f);
+    const int64_t rows = B * HW;
+    at::parallel_for(0, rows, grain(C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t bi = r / HW;
+        const float* sc = scale.data() + bi * C;
+        const float* sh = shift.data() + bi * C;
+        const float* e = ep ? ep + bi * C : zeros.data();
+        const float* xr = xp + r * C;
+        float* yr = yp + r * C;
+        int64_t c = 0;
+        for (; c + kVec <= C; c += kVec) {
+          Vec v = at::vec::fmadd(Vec::loadu(xr + c), Vec::loadu(sc + c), Vec::loadu(sh + c));
+          (at::vec::maximum(v, zero) + Vec::loadu(e + c)).store(yr + c);
+        }
+        for (; c < C; ++c) yr[c] = std::max(xr[c] * sc[c] + sh[c], 0.f) + e[c];
+      }
+    });
+  } else {
+    at::parallel_for(0, B * C, grain(HW), [&](int64_t begin, int64_t end) {
+      for (int64_t pc = begin; pc < end; ++pc) {
+        const float a = scale[pc], s = shift[pc], e = ep ? ep[pc] : 0.f;
+        const Vec av(a), sv(s), ev(e);
+        const float* xr = xp + pc * HW;
+        float* yr = yp + pc * HW;
+        int64_t j = 0;
+        for (; j + kVec <= HW; j += kVec)
+          (at::vec::maximum(at::vec::fmadd(Vec::loadu(xr + j), av, sv), zero) + ev).store(yr + j);
+        for (; j < HW; ++j) yr[j] = std::max(xr[j] * a + s, 0.f) + e;
+      }
+    });
+  }
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
+    const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& mean, const at::Tensor& rstd, bool has_emb) {
+  check_gn_args(x_in, weight, bias, std::nullopt);
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "group_norm_relu backward (CPU): x must be float32, got ", x_in.scalar_type());
+  TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "group_norm_relu backward: dy must have x's shape ", x_in.sizes(), ", got ", dy_in.sizes());
+  TORCH_CHECK(dy_in.scalar_type() == x_in.scalar_type(), "group_norm_relu backward: dy must have x's dtype");
+  const int64_t B = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3), M = C * HW;
+  TORCH_CHECK(mean.numel() == B && rstd.numel() == B && mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat,
+              "group_norm_relu backward: mean and rstd must be float32 of ", B, " elements");
+  const bool nhwc = is_nhwc(x_in);
+  const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor x = x_in.contiguous(fmt), dy = dy_in.contiguous(fmt);
+  const at::Tensor w = weight.contiguous(), b = bias.contiguous();
+  const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+  const float* xp = x.const_data_ptr<float>();
+  const float* gp = dy.const_data_ptr<float>();
+  const float* wp = w.const_data_ptr<float>();
+  const float* bp = b.const_data_ptr<float>();
+  const float* mp = mean_c.const_data_ptr<float>();
+  const float* rp = rstd_c.const_data_ptr<float>();
+  auto dx = at::empty_like(x, fmt);
+  float* dxp = dx.mutable_data_ptr<float>();
+
+  // Per-sample affine of the forward: z = x * sc[c] + sh[c]; xhat = (x - mean) * rstd.
+  std::vector<float> sc(B * C), sh(B * C);
+  for (int64_t bi = 0; bi < B; ++bi)
+    for (int64_t c = 0; c < C; ++c) {
+      sc[bi * C + c] = rp[bi] * wp[c];
+      sh[bi * C + c] = bp[c] - mp[bi] * sc[bi * C + c];
+    }
+  // 1. per (sample, channel): sum dy, sum dz, sum dz * xhat, with dz = dy * (z > 0).
+  std::vector<double> sdy(B * C, 0.0), sdz(B * C, 0.0), sdzx(B * C, 0.0);
+  const Vec zero(0.f);
+  if (nhwc) {
+    const int64_t rows_per_chunk = std::max<int64_t>(1, 8192 / std::max<int64_t>(C, 1));
+    const int64_t nchunk = (HW + rows_per_chunk - 1) / rows_per_chunk;
+    std::vector<float> part(B * nchunk * 3 * C);
+    at::parallel_for(0, B * nchunk, grain(rows_per_chunk * C), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t bi = i / nchunk, ci = i % nchunk;
+        const int64_t r0 = ci * rows_per_chunk, r1 = std::min(HW, r0 + rows_per_chunk);
+        float* a_dy = part.data() + i * 3 * C;
+        float* a_dz = a_dy + C;
+        float* a_dzx = a_dz + C;
+        std::fill(a_dy, a_dy + 3 * C, 0.f);
+        const float* scb = sc.data() + bi * C;
+        const float* shb = sh.data() + bi * C;
+        const Vec mv(mp[bi]), rv(rp[bi]);
+        for (int64_t r = r0; r < r1; ++r) {
+          const float* xr = xp + (bi * HW + r) * C;
+          const float* gr = gp + (bi * HW + r) * C;
+          int64_t c = 0;
+          for (; c + kVec <= C; c += kVec) {
+            Vec xv = Vec::loadu(xr + c), g = Vec::loadu(gr + c);
+            Vec z = at::vec::fmadd(xv, Vec::loadu(scb + c), Vec::loadu(shb + c));
+            Vec dz = Vec::blendv(zero, g, z > zero);
+            Vec xh = (xv - mv) * rv;
+            (Vec::loadu(a_dy + c) + g).store(a_dy + c);
+            (Vec::loadu(a_dz + c) + dz).store(a_dz + c);
+            at::vec::fmadd(dz, xh, Vec::loadu(a_dzx + c)).store(a_dzx + c);
+          }
+          for (; c < C; ++c) {
+            const float z = xr[c] * scb[c] + shb[c];
+            const float dz = z > 0.f ? gr[c] : 0.f;
+            a_dy[c] += gr[c];
+            a_dz[c] += dz;
+            a_dzx[c] += dz * (xr[c] - mp[bi]) * rp[bi];
+          }
+        }
+      }
+    });
+    for (int64_t bi = 0; bi < B; ++bi)
+      for (int64_t ci = 0; ci < nchunk; ++ci) {
+        const float* a = part.data() + (bi * nchunk + ci) * 3 * C;
+        for (int64_t c = 0; c < C; ++c) {
+          sdy[bi * C + c] += a[c];
+          sdz[bi * C + c] += a[C + c];
+          sdzx[bi * C + c] += a[2 * C + c];
+        }
+      }
+  } else {
+    at::parallel_for(0, B * C, grain(HW), [&](int64_t begin, int64_t end) {
+      for (int64_t pc = begin; pc < end; ++pc) {
+        const int64_t bi = pc / C;
+        const float* xr = xp + pc * HW;
+        const float* gr = gp + pc * HW;
+        const Vec scv(sc[pc]), shv(sh[pc]), mv(mp[bi]), rv(rp[bi]);
+        Vec a_dy(0.f), a_dz(0.f), a_dzx(0.f);
+        int64_t j = 0;
+        for (; j + kVec <= HW; j += kVec) {
+          Vec xv = Vec::loadu(xr + j), g = Vec::loadu(gr + j);
+          Vec dz = Vec::blendv(zero, g, at::vec::fmadd(xv, scv, shv) > zero);
+          a_dy = a_dy + g;
+          a_dz = a_dz + dz;
+          a_dzx = at::vec::fmadd(dz, (xv - mv) * rv, a_dzx);
+        }
+        double t_dy = hsum(a_dy), t_dz = hsum(a_dz), t_dzx = hsum(a_dzx);
+        for (; j < HW; ++j) {
+          const float dz = xr[j] * sc[pc] + sh[pc] > 0.f ? gr[j] : 0.f;
+          t_dy += gr[j];
+          t_dz += dz;
+          t_dzx += dz * (xr[j] - mp[bi]) * rp[bi];
+        }
+        sdy[pc] = t_dy;
+        sdz[pc] = t_dz;
+        sdzx[pc] = t_dzx;
+      }
+    });
+  }
+
+  // 2. parameter and embedding gradients; per-sample terms of dx.
+  auto dw = at::zeros({C}, w.options().dtype(at::kFloat));
+  auto db = at::zeros({C}, w.options().dtype(at::kFloat));
+  at::Tensor demb;
+  if (has_emb) demb = at::empty({B, C}, x.options());
+  float* dwp = dw.mutable_data_ptr<float>();
+  float* dbp = db.mutable_data_ptr<float>();
+  std::vector<float> k1(B), k2(B);  // dx = rstd * (dz * w - k1 - xhat * k2)
+  for (int64_t bi = 0; bi < B; ++bi) {
+    double t1 = 0, t2 = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = bi * C + c;
+      t1 += double(wp[c]) * sdz[i];
+      t2 += double(wp[c]) * sdzx[i];
+      dwp[c] += float(sdzx[i]);
+      dbp[c] += float(sdz[i]);
+      if (has_emb) demb.mutable_data_ptr<float>()[i] = float(sdy[i]);
+    }
+    k1[bi] = float(t1 / double(M));
+    k2[bi] = float(t2 / double(M));
+  }
+
+  // 3. dx.
+  if (nhwc) {
+    const int64_t rows = B * HW;
+    at::parallel_for(0, rows, grain(C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t bi = r / HW;
+        const float* scb = sc.data() + bi * C;
+        const float* shb = sh.data() + bi * C;
+        const float* xr = xp + r * C;
+        const float* gr = gp + r * C;
+        float* dr = dxp + r * C;
+        const float m = mp[bi], rs = rp[bi], c1 = k1[bi], c2 = k2[bi];
+        const Vec mv(m), rv(rs), c1v(c1), c2v(c2);
+        int64_t c = 0;
+        for (; c + kVec <= C; c += kVec) {
+          Vec xv = Vec::loadu(xr + c);
+          Vec z = at::vec::fmadd(xv, Vec::loadu(scb + c), Vec::loadu(shb + c));
+          Vec dz = Vec::blendv(zero, Vec::loadu(gr + c), z > zero);
+          Vec xh = (xv - mv) * rv;
+          (rv * (dz * Vec::loadu(wp + c) - c1v - xh * c2v)).store(dr + c);
+        }
+        for (; c < C; ++c) {
+          const float dz = xr[c] * scb[c] + shb[c] > 0.f ? gr[c] : 0.f;
+          dr[c] = rs * (dz * wp[c] - c1 - (xr[c] - m) * rs * c2);
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, B * C, grain(HW), [&](int64_t begin, int64_t end) {
+      for (int64_t pc = begin; pc < end; ++pc) {
+        const int64_t bi = pc / C, c = pc % C;
+        const float m = mp[bi], rs = rp[bi], c1 = k1[bi], c2 = k2[bi], wc = wp[c];
+        const Vec mv(m), rv(rs), c1v(c1), c2v(c2), wv(wc), scv(sc[pc]), shv(sh[pc]);
+        const float* xr = xp + pc * HW;
+        const float* gr = gp + pc * HW;
+        float* dr = dxp + pc * HW;
+        int64_t j = 0;
+        for (; j + kVec <= HW; j += kVec) {
+          Vec xv = Vec::loadu(xr + j);
+          Vec dz = Vec::blendv(zero, Vec::loadu(gr + j), at::vec::fmadd(xv, scv, shv) > zero);
+          (rv * (dz * wv - c1v - (xv - mv) * rv * c2v)).store(dr + j);
+        }
+        for (; j < HW; ++j) {
+          const float dz = xr[j] * sc[pc] + sh[pc] > 0.f ? gr[j] : 0.f;
+          dr[j] = rs * (dz * wc - c1 - (xr[j] - m) * rs * c2);
+        }
+      }
+    });
+  }
+  return {dx, dw, db, demb};
+}
+
+}  // namespace fast_unet
