@@ -5,7 +5,6 @@ that the noise of a shared machine falls on all of them alike; ratios are taken 
 """
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -149,19 +148,9 @@ def matmul_rate(dtype, device, n=2048, repeats=5):
 
 
 def device_name(device):
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name}, {torch.get_num_threads()} threads"
+    from fast_unet.info import device_name as name
+
+    return name(device)
 
 
 # ---- peak memory -------------------------------------------------------------------------------

@@ -6,6 +6,25 @@ import platform
 import sys
 
 
+def device_name(device):
+    """The GPU's name, or the CPU's model name and torch's thread count."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
 def collect():
     import torch
 
@@ -17,7 +36,7 @@ def collect():
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine(),
+        "device": device_name("cuda" if torch.cuda.is_available() else "cpu"),
         "triton": None,
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""),
         dispatch.ENV_VAR: os.environ.get(dispatch.ENV_VAR, "auto"),

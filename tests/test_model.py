@@ -83,23 +83,37 @@ def test_gradients_match_reference_float64(size, batch):
 
 @pytest.mark.parametrize("size,batch", [((32, 32), 3), ((64, 64), 1)], ids=["32x32-B3", "64x64-B1"])
 def test_gradients_match_reference_float32(size, batch):
-    """float32 fast_unet against the float32 reference, same weights and loss.
+    """float32 fast_unet against the float64 reference, judged by the float32 reference's own error.
 
     Max-abs checks do not work here: ReLU and max-pool are discontinuous, and where float32 rounding
-    flips one pre-activation's sign or one pooling window's argmax (in either model) that element's
-    gradient moves wholesale. So: every gradient within 1% of the reference's in norm (a wrong formula
-    is off by O(1)), and the median parameter within 1e-4 (most see no flip at all).
+    flips one pre-activation's sign or one pooling window's argmax (in either model), that gradient
+    moves wholesale, and so does every gradient upstream of it (at 32x32 the float32 reference itself
+    is 4e-4 off float64 in the median parameter; at 64x64 fast_unet's eager path flips one window).
+    So, per gradient, the relative error in norm: each below 1% (a wrong formula is off by O(1)), and
+    the median parameter at most twice the float32 reference's median, plus 1e-5.
     """
     h, w = size
     fast, ref = model_pair(h, w)
     x, t = inputs(batch, h, w)
     noise = torch.randn_like(x)
-    got, want = _grads(fast, x, t, noise), _grads(ref, x, t, noise)
-    errs = {name: _rel(got[name], g) for name, g in want.items()}
+    ref64 = cast_reference(make_reference(h, w), torch.float64)
+    ref64.load_state_dict(ref.state_dict())
+    gold = _grads(ref64, x.double(), t, noise)
+    got, pt = _grads(fast, x, t, noise), _grads(ref, x, t, noise)
+    errs = {name: _rel(got[name], g) for name, g in gold.items()}
     worst = max(errs, key=errs.get)
     assert errs[worst] < 1e-2, f"grad {worst}: relative error {errs[worst]:.2e}"
     median = sorted(errs.values())[len(errs) // 2]
-    assert median < 1e-4, f"median relative gradient error {median:.2e}"
+    pt_median = sorted(_rel(pt[name], g) for name, g in gold.items())[len(errs) // 2]
+    assert median <= 2 * pt_median + 1e-5, f"median relative gradient error {median:.2e} > 2 x {pt_median:.2e} + 1e-5"
+
+
+def test_eager_path_matches_reference(monkeypatch):
+    """The eager fallback on its own (auto picks the extension on a CPU where it is built)."""
+    monkeypatch.setenv("FAST_UNET_BACKEND", "eager")
+    test_forward_matches_reference(2, (48, 80))
+    test_gradients_match_reference_float64((48, 80), 2)
+    test_gradients_match_reference_float32((32, 32), 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
