@@ -75,7 +75,8 @@ def builds():
         for bm, bn, bk, warps, stages in sorted({c for (kind, _), c in CV.CONFIGS.items()
                                                  if (kind == "float32") == (dt == "float32")}):
             out.append(("conv3x3_gn", CV._conv3x3_kernel, f"{dt} {bm}x{bn}x{bk} w{warps} s{stages}", dt,
-                        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=dt == "float32"),
+                        # stride_wc == 1: the model's channels_last weight, specialised as the JIT does
+                        dict(stride_wc=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=dt == "float32"),
                         dict(num_warps=warps, num_stages=stages)))
         out.append(("gn_bwd_combine", G._gn_bwd_combine_kernel, f"{dt} 128 w4", dt, dict(BLOCK_C=128),
                     dict(num_warps=4)))

@@ -1,7 +1,7 @@
 """3x3 convolution (stride 1, padding 1) as an implicit GEMM over NHWC, with the GroupNorm(1, C)
 partial statistics of its output in the epilogue (Triton).
 
-    y[b, h, w, n] = bias[n] + sum_{kh, kw, c} x[b, h + kh - 1, w + kw - 1, c] * wk[(kh * 3 + kw) * C_in + c, n]
+    y[b, h, w, n] = bias[n] + sum_{kh, kw, c} x[b, h + kh - 1, w + kw - 1, c] * weight[n, c, kh, kw]
 
 GEMM view: M = B * H * W output pixels, N = C_out, K = 9 * C_in. The M tiles are per sample (grid
 (cdiv(H*W, BLOCK_M), cdiv(C_out, BLOCK_N), B)), so a tile never straddles two samples and its epilogue
@@ -10,9 +10,10 @@ can reduce its valid outputs to one float32 (count, mean, M2) partial, stored in
 consumes. ``combine`` + ``apply`` then finish GroupNorm + ReLU + emb without re-reading y for its
 statistics.
 
-x: (B, C_in, H, W) channels_last (NHWC in memory); wk: (9 * C_in, C_out) contiguous, the conv weight
-re-arranged by the launcher; y: (B, C_out, H, W) channels_last, x's dtype. Padding: masked loads
-(zeros). bf16/fp16 use the tensor cores with float32 accumulation; float32 uses exact
+x: (B, C_in, H, W) channels_last (NHWC in memory); weight: (C_out, C_in, 3, 3) read in place through its
+strides (no copy): the model keeps it channels_last, which is (C_out, 3, 3, C_in) in memory, so each
+output channel's K = 9 * C_in weights are contiguous in the GEMM's K order; y: (B, C_out, H, W)
+channels_last, x's dtype. Padding: masked loads (zeros). bf16/fp16 use the tensor cores with float32 accumulation; float32 uses exact
 (``input_precision="ieee"``) dots, to match eager float32. The statistics are those of y as stored
 (rounded to its dtype), which is what an unfused GroupNorm reading y sees.
 """
@@ -25,11 +26,12 @@ from ._common import dot as _dot
 @triton.jit
 def _conv3x3_kernel(
     x_ptr,  # (B, H, W, C_in) in memory
-    w_ptr,  # (9 * C_in, C_out) contiguous
+    w_ptr,  # (C_out, C_in, 3, 3), strides below
     bias_ptr,  # (C_out,)
     y_ptr,  # (B, H, W, C_out) in memory
     part_ptr,  # (B, P, 3) float32: count, mean, M2 per (M tile, N tile)
     H, W, C_in, C_out,
+    stride_wn, stride_wc, stride_wh, stride_ww,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -52,11 +54,12 @@ def _conv3x3_kernel(
         iw = ow + (tap % 3 - 1)
         pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         pix = (ih * W + iw) * C_in
+        w_tap = w_ptr + (tap // 3) * stride_wh + (tap % 3) * stride_ww
         for k0 in range(0, C_in, BLOCK_K):
             c = k0 + kk
             c_ok = c < C_in
             a = tl.load(x_base + pix[:, None] + c[None, :], mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-            wt = tl.load(w_ptr + (tap * C_in + c)[:, None] * C_out + n[None, :],
+            wt = tl.load(w_tap + c[:, None] * stride_wc + n[None, :] * stride_wn,
                          mask=c_ok[:, None] & n_mask[None, :], other=0.0)
             acc += _dot(a, wt, IEEE)
     bias = tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
@@ -77,7 +80,7 @@ def _conv3x3_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launcher. Validates, arranges the weight, allocates and launches; no autograd here
+# Launcher. Validates, allocates and launches; no autograd here
 # (fast_unet/triton_ops.py).
 
 import torch  # noqa: E402
@@ -85,25 +88,20 @@ import torch  # noqa: E402
 from . import group_norm as _gn  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by (dtype kind, C_in >= 32). Every entry is in the
-# AOT compile report (fast_unet/aot.py). Picked from that report (4 warps at 128x64 spilled in bf16, and
-# BLOCK_K 32 spilled in float32 on sm_80); their speed is a guess until a GPU has measured them.
+# AOT compile report (fast_unet/aot.py). Picked from that report (4 warps at 128x64 spilled in bf16;
+# float32 spilled on sm_80 at BLOCK_K 32, and at 2 stages); their speed is a guess until a GPU has
+# measured them.
 CONFIGS = {
     ("half", False): (128, 64, 16, 8, 3),
     ("half", True): (128, 64, 32, 8, 3),
-    ("float32", False): (64, 64, 16, 4, 2),
-    ("float32", True): (64, 64, 16, 4, 2),
+    ("float32", False): (64, 64, 16, 4, 1),
+    ("float32", True): (64, 64, 16, 4, 1),
 }
 
 
 def config(dtype, c_in):
     kind = "float32" if dtype in (torch.float32, "float32") else "half"
     return CONFIGS[(kind, c_in >= 32)]
-
-
-def arrange_weight(weight):
-    """(C_out, C_in, 3, 3) -> (9 * C_in, C_out) contiguous, row (kh * 3 + kw) * C_in + c."""
-    c_out, c_in = weight.shape[:2]
-    return weight.permute(2, 3, 1, 0).reshape(9 * c_in, c_out).contiguous()
 
 
 def check(x, weight, bias):
@@ -131,14 +129,13 @@ def conv3x3_stats(x, weight, bias):
     B, C_in, H, W = x.shape
     C_out = weight.shape[0]
     x = x.contiguous(memory_format=torch.channels_last)
-    wk = arrange_weight(weight)
     bm, bn, bk, warps, stages = config(x.dtype, C_in)
     grid = (triton.cdiv(H * W, bm), triton.cdiv(C_out, bn), B)
     y = torch.empty((B, C_out, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     partials = torch.empty((B, grid[0] * grid[1], 3), device=x.device, dtype=torch.float32)
     if B * H * W * C_out == 0:
         return y, partials
-    _conv3x3_kernel[grid](x, wk, bias, y, partials, H, W, C_in, C_out, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    _conv3x3_kernel[grid](x, weight, bias, y, partials, H, W, C_in, C_out, *weight.stride(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                           IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages)
     return y, partials
 

@@ -188,3 +188,20 @@ def test_unet_with_fused_conv_matches_reference(monkeypatch):
         scale = r.abs().max().item() + 1e-6
         err = (p.grad - r).abs().max().item()
         assert err <= 1e-4 * scale + 1e-6, f"{name}: grad error {err:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_read_through_its_strides(dtype):
+    """The kernel reads the weight in place: channels_last (the model's, K-contiguous), NCHW and a
+    non-contiguous view all give the same conv."""
+    from kernels import conv as K
+
+    x, wt, bias = (t.to(dtype) for t in _inputs((1, 64, 96, 5, 7), dtype)[:3])
+    x = x.contiguous(memory_format=torch.channels_last)
+    base = K.conv3x3_stats(x, wt.contiguous(), bias)[0]
+    cl = K.conv3x3_stats(x, wt.contiguous(memory_format=torch.channels_last), bias)[0]
+    view = torch.stack([wt, wt], 1)[:, 0]  # wt again, with stride 2 * 9 * C_in on dim 0
+    assert not view.is_contiguous() and torch.equal(view, wt)
+    strided = K.conv3x3_stats(x, view, bias)[0]
+    torch.testing.assert_close(cl, base, atol=0, rtol=0)
+    torch.testing.assert_close(strided, base, atol=0, rtol=0)
