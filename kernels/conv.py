@@ -87,21 +87,26 @@ import torch  # noqa: E402
 
 from . import group_norm as _gn  # noqa: E402
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by (dtype kind, C_in >= 32). Every entry is in the
-# AOT compile report (fast_unet/aot.py). Picked from that report (4 warps at 128x64 spilled in bf16;
-# float32 spilled on sm_80 at BLOCK_K 32, and at 2 stages); their speed is a guess until a GPU has
-# measured them.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by (dtype kind, variant): "small_hw" where a sample
+# has at most 64 output pixels (the 8x8 layers at 64x64: a 128-row tile would be half masked), else
+# "wide_k" for C_in >= 32 and "narrow_k" below. Every entry is in the AOT compile report
+# (fast_unet/aot.py) and was picked from it (4 warps at 128x64 spilled in bf16; float32 spilled on sm_80
+# at BLOCK_K 32, and at 2 stages; 64x64x32 with 4 warps sat at 255 registers in bf16); their speed is a
+# guess until a GPU has measured them.
 CONFIGS = {
-    ("half", False): (128, 64, 16, 8, 3),
-    ("half", True): (128, 64, 32, 8, 3),
-    ("float32", False): (64, 64, 16, 4, 1),
-    ("float32", True): (64, 64, 16, 4, 1),
+    ("half", "narrow_k"): (128, 64, 16, 8, 3),
+    ("half", "wide_k"): (128, 64, 32, 8, 3),
+    ("half", "small_hw"): (64, 64, 16, 4, 3),
+    ("float32", "narrow_k"): (64, 64, 16, 4, 1),
+    ("float32", "wide_k"): (64, 64, 16, 4, 1),
+    ("float32", "small_hw"): (64, 64, 16, 4, 1),
 }
 
 
-def config(dtype, c_in):
+def config(dtype, c_in, hw):
     kind = "float32" if dtype in (torch.float32, "float32") else "half"
-    return CONFIGS[(kind, c_in >= 32)]
+    variant = "small_hw" if hw <= 64 else ("wide_k" if c_in >= 32 else "narrow_k")
+    return CONFIGS[(kind, variant)]
 
 
 def check(x, weight, bias):
@@ -129,7 +134,7 @@ def conv3x3_stats(x, weight, bias):
     B, C_in, H, W = x.shape
     C_out = weight.shape[0]
     x = x.contiguous(memory_format=torch.channels_last)
-    bm, bn, bk, warps, stages = config(x.dtype, C_in)
+    bm, bn, bk, warps, stages = config(x.dtype, C_in, H * W)
     grid = (triton.cdiv(H * W, bm), triton.cdiv(C_out, bn), B)
     y = torch.empty((B, C_out, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     partials = torch.empty((B, grid[0] * grid[1], 3), device=x.device, dtype=torch.float32)

@@ -54,7 +54,7 @@ def test_parse_archs():
 
 def test_conv_compiles_without_spills_and_uses_tensor_cores():
     rows = json.loads(_report("sm_80,sm_90", "--kernel", "conv3x3_gn", "--json"))
-    assert len(rows) == 2 * 5, rows  # 2 archs x (1 float32 + 2 bfloat16 + 2 float16 configs)
+    assert len(rows) == 2 * 7, rows  # 2 archs x (1 float32 + 3 bfloat16 + 3 float16 configs)
     for r in rows:
         assert r["spill_bytes"] == 0, f"spills: {r}"
         assert 0 < r["regs"] <= 255, r

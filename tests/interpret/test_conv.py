@@ -11,7 +11,9 @@ from interpret_rules import assert_close_rule
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, C_in, C_out, H, W): odd channel counts and sizes, batch 1 and 3, tiles with masked rows and columns.
-SHAPES = [(3, 3, 64, 8, 8), (1, 5, 96, 5, 7), (3, 64, 64, 16, 8), (1, 64, 96, 5, 7)]
+# In half precision H*W <= 64 takes the 64-row "small_hw" config, larger ones the 128-row configs with
+# BLOCK_K 16 (C_in < 32) or 32: each of them is here.
+SHAPES = [(3, 3, 64, 8, 8), (1, 5, 96, 5, 7), (3, 64, 64, 16, 8), (1, 64, 96, 5, 7), (1, 5, 64, 9, 11)]
 _id = lambda s: "x".join(map(str, s))  # noqa: E731
 
 
