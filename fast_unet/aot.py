@@ -42,6 +42,7 @@ def _signature(fn, dtype, constexprs, t_type="i64"):
 def builds():
     """[(kernel name, jit fn, config label, dtype name, constexprs, options)] for every launchable config."""
     from kernels import attention as A
+    from kernels import conv as CV
     from kernels import group_norm as G
     from kernels import time_embedding as T
 
@@ -71,6 +72,12 @@ def builds():
                                 dict(common, HAS_EMB=has_emb), opts))
                 out.append(("gn_bwd_reduce", G._gn_bwd_reduce_kernel, tile, dt, dict(common), opts))
                 out.append(("gn_bwd_dx", G._gn_bwd_dx_kernel, tile, dt, dict(common), opts))
+        for bm, bn, bk, warps, stages in sorted({c for (kind, _), c in CV.CONFIGS.items()
+                                                 if (kind == "float32") == (dt == "float32")}):
+            out.append(("conv3x3_gn", CV._conv3x3_kernel, f"{dt} {bm}x{bn}x{bk} w{warps} s{stages}", dt,
+                        # stride_wc == 1: the model's channels_last weight, specialised as the JIT does
+                        dict(stride_wc=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=dt == "float32"),
+                        dict(num_warps=warps, num_stages=stages)))
         out.append(("gn_bwd_combine", G._gn_bwd_combine_kernel, f"{dt} 128 w4", dt, dict(BLOCK_C=128),
                     dict(num_warps=4)))
         for name, fn, tcfg in (("temb_fwd", T._temb_fwd_kernel, T.FWD_CONFIG), ("temb_bwd", T._temb_bwd_kernel, T.BWD_CONFIG)):

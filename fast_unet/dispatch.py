@@ -7,6 +7,10 @@ Each backend provides, per op, an implementation and a ``reasons(*args) -> list[
 it can take these inputs). ``FAST_UNET_BACKEND=auto|triton|ext|eager`` overrides the choice; a forced
 backend that cannot take an input raises with its reasons rather than falling back quietly.
 ``explain(op, *args)`` and ``python -m fast_unet.info`` say why a backend was not picked.
+
+Optional fused paths (``FUSED``), off by default: ``FAST_UNET_FUSED_CONV=1`` lets the model run each
+DoubleConv's conv3x3 + GroupNorm + ReLU (+ emb) as the Triton conv with the statistics in its epilogue
+(``fused("conv3x3_gn_relu", ...)``), when the Triton backend would be selected for the input.
 """
 import importlib
 import os
@@ -41,6 +45,42 @@ def register(op, backend, fn, reasons=_NO_REASONS):
     if backend not in PRIORITY:
         raise ValueError(f"unknown backend {backend!r}; expected one of {PRIORITY}")
     _IMPLS[op][backend] = (fn, reasons)
+
+
+FUSED_CONV_ENV = "FAST_UNET_FUSED_CONV"
+FUSED = ("conv3x3_gn_relu",)
+_FUSED_IMPLS = {}  # fused op -> (fn, reasons_fn); Triton only
+
+
+def register_fused(op, fn, reasons=_NO_REASONS):
+    """Register the Triton implementation of an optional fused path (see ``fused``)."""
+    if op not in FUSED:
+        raise ValueError(f"unknown fused op {op!r}; expected one of {FUSED}")
+    _FUSED_IMPLS[op] = (fn, reasons)
+
+
+def fused_conv_enabled():
+    """``FAST_UNET_FUSED_CONV``: "1" turns the fused conv path on; unset, "" or "0" leave it off (default)."""
+    value = os.environ.get(FUSED_CONV_ENV, "0").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{FUSED_CONV_ENV}={value!r} is not valid; expected 0 or 1")
+    return value == "1"
+
+
+def fused(op, *args):
+    """The fused implementation of ``op`` for these arguments, or None (run the unfused ops instead).
+
+    Not None only when the path is switched on, the mode is ``auto`` or ``triton``, the Triton backend
+    loads and its reasons function takes the arguments (so Triton is what would be selected)."""
+    if op not in FUSED:
+        raise ValueError(f"unknown fused op {op!r}; expected one of {FUSED}")
+    if not fused_conv_enabled() or mode() not in ("auto", "triton") or _load("triton"):
+        return None
+    impl = _FUSED_IMPLS.get(op)
+    if impl is None or impl[1](*args):
+        return None
+    last_choice[op] = "triton"
+    return impl[0]
 
 
 def _load(backend):

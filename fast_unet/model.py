@@ -16,12 +16,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from . import dispatch, ops
 
 
 def _gn_relu(conv_block, x, emb=None):
-    """Run one ``Sequential(Conv2d, GroupNorm(1, C), ReLU)`` with the norm, ReLU and embedding fused."""
+    """Run one ``Sequential(Conv2d, GroupNorm(1, C), ReLU)`` with the norm, ReLU and embedding fused.
+
+    With ``FAST_UNET_FUSED_CONV=1`` and the Triton backend selected for the input, the conv itself is
+    the Triton kernel that writes the GroupNorm statistics in its epilogue (``dispatch.fused``)."""
     conv, gn = conv_block[0], conv_block[1]
+    if dispatch.fused_conv_enabled():
+        fn = dispatch.fused("conv3x3_gn_relu", x, conv.weight, conv.bias, gn.weight, gn.bias, gn.eps, emb)
+        if fn is not None:
+            return fn(x, conv.weight, conv.bias, gn.weight, gn.bias, gn.eps, emb)
     return ops.group_norm_relu(conv(x), gn.weight, gn.bias, gn.eps, emb)
 
 

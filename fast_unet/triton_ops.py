@@ -19,6 +19,7 @@ import triton  # noqa: F401  (ImportError here disables the backend, with the re
 
 from kernels import _common
 from kernels import attention as _attn
+from kernels import conv as _conv
 from kernels import group_norm as _gn
 from kernels import time_embedding as _temb
 
@@ -226,6 +227,112 @@ def time_embedding_reasons(t, dim, relu_weight, relu_bias, silu_weight, silu_bia
     except (ValueError, TypeError) as e:
         out.append(str(e))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# conv3x3 + GroupNorm(1, C) + ReLU + emb (the optional fused path, FAST_UNET_FUSED_CONV=1)
+
+@torch.library.custom_op("fast_unet::conv3x3_gn_stats", mutates_args=())
+def _conv_stats_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _conv.conv3x3_gn_stats(x, weight, bias, eps)
+
+
+def _conv_out_fake(x, weight):
+    b, _, h, w = x.shape
+    return x.new_empty((b, weight.shape[0], h, w)).contiguous(memory_format=torch.channels_last)
+
+
+@_conv_stats_op.register_fake
+def _(x, weight, bias, eps):
+    stats = x.new_empty((x.shape[0],), dtype=torch.float32)
+    return _conv_out_fake(x, weight), stats, torch.empty_like(stats)
+
+
+def _conv_backward(dy, x, weight):
+    """(dx, dweight, dbias) of the 3x3, stride 1, padding 1 convolution (cuDNN on a GPU)."""
+    dx, dw, db = torch.ops.aten.convolution_backward(
+        dy.to(x.dtype), x, weight, [weight.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, True])
+    return dx, dw, db
+
+
+def _conv_stats_setup(ctx, inputs, output):
+    x, weight, _bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _conv_stats_backward(ctx, dy, _dmean, _drstd):
+    # mean and rstd are non-differentiable outputs: only y carries a gradient.
+    x, weight = ctx.saved_tensors
+    dx, dw, db = _conv_backward(dy, x, weight)
+    return dx, dw, db, None
+
+
+torch.library.register_autograd("fast_unet::conv3x3_gn_stats", _conv_stats_backward, setup_context=_conv_stats_setup)
+
+
+@torch.library.custom_op("fast_unet::conv3x3_gn_relu", mutates_args=())
+def _conv_gn_relu_op(x: Tensor, weight: Tensor, bias: Tensor, gn_weight: Tensor, gn_bias: Tensor, eps: float,
+                     emb: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, mean, rstd = _conv.conv3x3_gn_stats(x, weight, bias, eps)
+    return _conv.gn_relu_apply(y, mean, rstd, gn_weight, gn_bias, emb), y, mean, rstd
+
+
+@_conv_gn_relu_op.register_fake
+def _(x, weight, bias, gn_weight, gn_bias, eps, emb):
+    stats = x.new_empty((x.shape[0],), dtype=torch.float32)
+    y = _conv_out_fake(x, weight)
+    return torch.empty_like(y), torch.empty_like(y), stats, torch.empty_like(stats)
+
+
+def _conv_gn_relu_setup(ctx, inputs, output):
+    x, weight, _bias, gn_weight, gn_bias, _eps, emb = inputs
+    _out, y, mean, rstd = output
+    ctx.save_for_backward(x, weight, y, gn_weight, gn_bias, mean, rstd)
+    ctx.emb_dtype = emb.dtype if emb is not None else None
+    ctx.mark_non_differentiable(y, mean, rstd)
+
+
+def _conv_gn_relu_backward(ctx, dout, _dy, _dmean, _drstd):
+    x, weight, y, gn_weight, gn_bias, mean, rstd = ctx.saved_tensors
+    dy, dgw, dgb, demb = torch.ops.fast_unet.group_norm_relu_backward(dout, y, gn_weight, gn_bias, mean, rstd)
+    dx, dw, db = _conv_backward(dy, x, weight)
+    demb = demb.to(ctx.emb_dtype) if ctx.emb_dtype is not None else None
+    return dx, dw, db, dgw.to(gn_weight.dtype), dgb.to(gn_bias.dtype), None, demb
+
+
+torch.library.register_autograd("fast_unet::conv3x3_gn_relu", _conv_gn_relu_backward,
+                                setup_context=_conv_gn_relu_setup)
+
+
+def conv3x3_gn_stats(x, weight, bias, eps=1e-5):
+    """(y, mean, rstd): the 3x3 conv (padding 1) and its GroupNorm(1, C) statistics from the epilogue."""
+    return torch.ops.fast_unet.conv3x3_gn_stats(x, weight, bias, float(eps))
+
+
+def conv3x3_gn_relu(x, weight, bias, gn_weight, gn_bias, eps=1e-5, emb=None):
+    """``relu(GroupNorm(1, C)(conv3x3(x))) + emb``: conv with statistics in its epilogue, combine, apply."""
+    return torch.ops.fast_unet.conv3x3_gn_relu(x, weight, bias, gn_weight, gn_bias, float(eps), emb)[0]
+
+
+def conv3x3_gn_relu_reasons(x, weight, bias, gn_weight, gn_bias, eps=1e-5, emb=None):
+    out = _device_reasons(x=x, weight=weight, bias=bias, gn_weight=gn_weight, gn_bias=gn_bias, emb=emb)
+    try:
+        _conv.check(x, weight, bias)
+    except (ValueError, TypeError) as e:
+        out.append(str(e))
+    if isinstance(x, Tensor) and x.dim() == 4:
+        b, _, h, w = x.shape
+        try:
+            _gn._check(x.new_empty((b, weight.shape[0], h, w), device="meta"), gn_weight.to("meta"),
+                       gn_bias.to("meta"), emb.to("meta") if emb is not None else None)
+        except (ValueError, TypeError, AttributeError, IndexError) as e:
+            out.append(str(e))
+    return out
+
+
+dispatch.register_fused("conv3x3_gn_relu", conv3x3_gn_relu, conv3x3_gn_relu_reasons)
 
 
 dispatch.register("group_norm_relu", "triton", group_norm_relu, group_norm_relu_reasons)

@@ -50,3 +50,13 @@ def test_parse_archs():
     assert parse_archs("90a") == [90]
     with pytest.raises(ValueError, match="--compile"):
         parse_archs("hopper")
+
+
+def test_conv_compiles_without_spills_and_uses_tensor_cores():
+    rows = json.loads(_report("sm_80,sm_90", "--kernel", "conv3x3_gn", "--json"))
+    assert len(rows) == 2 * 7, rows  # 2 archs x (1 float32 + 3 bfloat16 + 3 float16 configs)
+    for r in rows:
+        assert r["spill_bytes"] == 0, f"spills: {r}"
+        assert 0 < r["regs"] <= 255, r
+        if not r["config"].startswith("float32"):
+            assert r["tensor_cores"] == ("wgmma" if r["arch"] == "sm_90" else "mma"), r
