@@ -8,7 +8,9 @@ Where each op's three implementations live:
 | attention         | fast_unet/eager.py           | kernels/ via triton_ops.py | csrc/ via ext_ops.py |
 | time_embedding    | fast_unet/eager.py           | kernels/ via triton_ops.py | csrc/ via ext_ops.py |
 
-The parity tests that hold them together are tests/test_ops.py.
+The tests that hold them together: tests/test_ops.py (every op on each CPU backend against float64
+formulas), tests/interpret/ (the Triton kernels under TRITON_INTERPRET=1), tests/test_ext_*.py (the
+extension), tests/gpu/ (the Triton kernels on a CUDA device).
 """
 from . import dispatch
 
