@@ -19,6 +19,12 @@ def _spatial_view(t):
     return t.reshape(b, c, h * w), 2
 
 
+def _from_spatial_view(t3, sdim, shape):
+    """The (B, C, H, W) tensor behind a ``_spatial_view`` result (channels_last when ``sdim`` is 1)."""
+    b, c, h, w = shape
+    return t3.view(b, h, w, c).permute(0, 3, 1, 2) if sdim == 1 else t3.view(b, c, h, w)
+
+
 class _GroupNormReLU(torch.autograd.Function):
     """GroupNorm(1, C) + affine + ReLU (+ embedding), accurate in float32 both ways.
 
@@ -44,8 +50,7 @@ class _GroupNormReLU(torch.autograd.Function):
         a = (rstd[:, None] * weight.to(acc)).unsqueeze(sdim)    # (B, C) -> broadcast per channel
         y3 = torch.relu_(torch.addcmul(bias.to(acc)[None, :].unsqueeze(sdim), centred.view(x3.shape), a))
         y3 = y3.to(x.dtype)
-        b, c, h, w = x.shape
-        y = y3.view(b, h, w, c).permute(0, 3, 1, 2) if sdim == 1 else y3.view(b, c, h, w)
+        y = _from_spatial_view(y3, sdim, x.shape)
         ctx.save_for_backward(x, weight, y, mean, rstd)
         ctx.has_emb = emb is not None
         return y + emb[:, :, None, None] if emb is not None else y
@@ -68,10 +73,8 @@ class _GroupNormReLU(torch.autograd.Function):
         cw = (rstd.view(-1, 1) * w).unsqueeze(sdim)  # rstd * w, broadcast per channel
         dx = torch.addcmul((-rstd.view(-1) * s1).view(-1, 1, 1), dz3, cw)
         dx = dx.addcmul_(xhat, (-rstd.view(-1) * s2).view(-1, 1, 1)).to(x.dtype)
-        b, c, h, wd = x.shape
-        dx = dx.view(b, h, wd, c).permute(0, 3, 1, 2) if sdim == 1 else dx.view(b, c, h, wd)
         demb = dout.sum(dim=(2, 3)) if ctx.has_emb else None
-        return dx, q.sum(0).to(weight.dtype), p.sum(0).to(weight.dtype), None, demb
+        return _from_spatial_view(dx, sdim, x.shape), q.sum(0).to(weight.dtype), p.sum(0).to(weight.dtype), None, demb
 
 
 def group_norm_relu(x, weight, bias, eps, emb=None):

@@ -18,6 +18,13 @@ def model_pair(height=64, width=None, seed=0, dtype=torch.float32):
     return fast, ref
 
 
+def reference_copy(ref, dtype, height, width=None):
+    """A fresh reference for ``height`` x ``width`` with ``ref``'s weights, cast to ``dtype``."""
+    copy = make_reference(height, height if width is None else width)
+    copy.load_state_dict(ref.state_dict(), strict=True)
+    return cast_reference(copy, dtype)
+
+
 def inputs(batch, height, width=None, dtype=torch.float32, seed=1):
     width = height if width is None else width
     g = torch.Generator().manual_seed(seed)

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from fast_unet import UNet
-from fast_unet.reference import UNet as RefUNet, cast_reference, make_reference
+from fast_unet.reference import UNet as RefUNet, cast_reference
 
-from _model_helpers import assert_close, inputs, max_err, model_pair
+from _model_helpers import assert_close, inputs, max_err, model_pair, reference_copy
 
 
 def test_state_dict_keys_and_shapes_match_reference():
@@ -96,8 +96,7 @@ def test_gradients_match_reference_float32(size, batch):
     fast, ref = model_pair(h, w)
     x, t = inputs(batch, h, w)
     noise = torch.randn_like(x)
-    ref64 = cast_reference(make_reference(h, w), torch.float64)
-    ref64.load_state_dict(ref.state_dict())
+    ref64 = reference_copy(ref, torch.float64, h, w)
     gold = _grads(ref64, x.double(), t, noise)
     got, pt = _grads(fast, x, t, noise), _grads(ref, x, t, noise)
     errs = {name: _rel(got[name], g) for name, g in gold.items()}
@@ -122,10 +121,7 @@ def test_low_precision_flash_attention_rule(dtype):
     h = 32
     fast, ref = model_pair(h)
     x, t = inputs(2, h)
-    ref64 = cast_reference(make_reference(h), torch.float64)
-    ref64.load_state_dict(ref.state_dict())
-    ref_lp = cast_reference(make_reference(h), dtype)
-    ref_lp.load_state_dict(ref.state_dict())
+    ref64, ref_lp = reference_copy(ref, torch.float64, h), reference_copy(ref, dtype, h)
     fast = fast.to(dtype)
     with torch.no_grad():
         gold = ref64(x.double(), t)
@@ -141,15 +137,10 @@ def test_low_precision_gradients_flash_attention_rule():
     dtype, h = torch.bfloat16, 16
     fast, ref = model_pair(h)
     x, t = inputs(2, h)
-    grads = {}
-    for name, model, dt in (("gold", cast_reference(ref, torch.float64), torch.float64),
-                            ("pt", cast_reference(make_reference(h), dtype), dtype),
-                            ("fast", fast.to(dtype), dtype)):
-        if name == "pt":
-            model.load_state_dict(ref.state_dict())
-        model.zero_grad()
-        F.mse_loss(model(x.to(dt), t).double(), torch.zeros_like(x, dtype=torch.float64)).backward()
-        grads[name] = {k: p.grad for k, p in model.named_parameters()}
+    zeros = torch.zeros_like(x)
+    grads = {"gold": _grads(reference_copy(ref, torch.float64, h), x.double(), t, zeros),
+             "pt": _grads(reference_copy(ref, dtype, h), x.to(dtype), t, zeros),
+             "fast": _grads(fast.to(dtype), x.to(dtype), t, zeros)}
     for k, g in grads["gold"].items():
         pt_err, err = max_err(grads["pt"][k], g), max_err(grads["fast"][k], g)
         floor = 1e-2 * g.abs().max().item() + 1e-6

@@ -17,3 +17,14 @@ def assert_close_rule(name, out, out_eager, ref64, dtype):
     assert err <= 2 * err_eager + floor, (
         f"{name} ({dtype}): kernel error {err:.3g} > 2 x eager error {err_eager:.3g} + floor {floor:.3g}")
     return err, err_eager
+
+
+def assert_param_grads_close(model, ref, rel=1e-4):
+    """Every parameter gradient of ``model`` within ``rel`` of the largest element of ``ref``'s (+1e-6)."""
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        r = ref_params[name].grad
+        assert p.grad is not None, name
+        scale = r.abs().max().item() + 1e-6
+        err = (p.grad - r).abs().max().item()
+        assert err <= rel * scale + 1e-6, f"{name}: grad error {err:.3g} (scale {scale:.3g})"

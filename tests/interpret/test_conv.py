@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import fast_unet
 from fast_unet import eager
 from fast_unet.reference import make_reference
-from interpret_rules import assert_close_rule
+from interpret_rules import assert_close_rule, assert_param_grads_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, C_in, C_out, H, W): odd channel counts and sizes, batch 1 and 3, tiles with masked rows and columns.
@@ -183,13 +183,7 @@ def test_unet_with_fused_conv_matches_reference(monkeypatch):
     g = torch.randn_like(y)
     (y * g).sum().backward()
     (y_ref * g).sum().backward()
-    ref_params = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        r = ref_params[name].grad
-        assert p.grad is not None, name
-        scale = r.abs().max().item() + 1e-6
-        err = (p.grad - r).abs().max().item()
-        assert err <= 1e-4 * scale + 1e-6, f"{name}: grad error {err:.3g} (scale {scale:.3g})"
+    assert_param_grads_close(model, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -4,6 +4,7 @@ import torch
 
 import fast_unet
 from fast_unet.reference import make_reference
+from interpret_rules import assert_param_grads_close
 
 
 def test_unet_forward_and_parameter_gradients_match_reference():
@@ -34,13 +35,7 @@ def test_unet_forward_and_parameter_gradients_match_reference():
     g = torch.randn_like(y)
     (y * g).sum().backward()
     (y_ref * g).sum().backward()
-    ref_params = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        r = ref_params[name].grad
-        assert p.grad is not None, name
-        scale = r.abs().max().item() + 1e-6
-        err = (p.grad - r).abs().max().item()
-        assert err <= 1e-4 * scale + 1e-6, f"{name}: grad error {err:.3g} (scale {scale:.3g})"
+    assert_param_grads_close(model, ref)
 
 
 @pytest.mark.parametrize("op", ["group_norm_relu", "attention", "time_embedding"])
