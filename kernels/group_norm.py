@@ -77,13 +77,12 @@ def _gn_stats_kernel(
 
 
 @triton.jit
-def _gn_combine_kernel(
-    part_ptr,  # (B, P, 3) float32
-    mean_ptr, rstd_ptr,  # (B,) float32
-    P, eps,
-    BLOCK_P: tl.constexpr,
-):
-    b = tl.program_id(0)
+def partials_stats(part_ptr, b, P, eps, BLOCK_P: tl.constexpr):
+    """(mean, rstd) of sample ``b`` from its P (count, mean, M2) float32 partials at part_ptr (B, P, 3).
+
+    Chan's parallel combination in two passes over the partials (the mean first, then the M2 terms
+    around it), so nothing cancels. Any kernel that consumes a lazily normalised tensor calls this in
+    its prologue instead of a separate combine launch: P is small (tiles per sample), so it is cheap."""
     base = part_ptr + b.to(tl.int64) * P * 3
     total = tl.zeros([BLOCK_P], dtype=tl.float32)
     weighted = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -106,8 +105,20 @@ def _gn_combine_kernel(
         d = mu_i - mean
         acc += m2_i + n_i * d * d
     var = tl.maximum(tl.sum(acc, axis=0) / n, 0.0)
+    return mean, 1.0 / tl.sqrt(var + eps)
+
+
+@triton.jit
+def _gn_combine_kernel(
+    part_ptr,  # (B, P, 3) float32
+    mean_ptr, rstd_ptr,  # (B,) float32
+    P, eps,
+    BLOCK_P: tl.constexpr,
+):
+    b = tl.program_id(0)
+    mean, rstd = partials_stats(part_ptr, b, P, eps, BLOCK_P)
     tl.store(mean_ptr + b, mean)
-    tl.store(rstd_ptr + b, 1.0 / tl.sqrt(var + eps))
+    tl.store(rstd_ptr + b, rstd)
 
 
 @triton.jit
