@@ -8,9 +8,10 @@ it can take these inputs). ``FAST_UNET_BACKEND=auto|triton|ext|eager`` overrides
 backend that cannot take an input raises with its reasons rather than falling back quietly.
 ``explain(op, *args)`` and ``python -m fast_unet.info`` say why a backend was not picked.
 
-Optional fused paths (``FUSED``), off by default: ``FAST_UNET_FUSED_CONV=1`` lets the model run each
-DoubleConv's conv3x3 + GroupNorm + ReLU (+ emb) as the Triton conv with the statistics in its epilogue
-(``fused("conv3x3_gn_relu", ...)``), when the Triton backend would be selected for the input.
+Fused paths (``FUSED_PATHS``, switched by ``FAST_UNET_FUSED``, all on by default): where the Triton
+backend would run, the model runs whole blocks as fused kernels (fast_unet/fused.py): ``conv`` (convs that
+normalise their input on load and write GroupNorm statistics in their epilogues) and ``attention`` (the
+attention block around its GEMMs). ``fused_paths(x)`` says which run for an input, and why not.
 """
 import importlib
 import os
@@ -47,40 +48,67 @@ def register(op, backend, fn, reasons=_NO_REASONS):
     _IMPLS[op][backend] = (fn, reasons)
 
 
-FUSED_CONV_ENV = "FAST_UNET_FUSED_CONV"
-FUSED = ("conv3x3_gn_relu",)
-_FUSED_IMPLS = {}  # fused op -> (fn, reasons_fn); Triton only
+FUSED_ENV = "FAST_UNET_FUSED"
+FUSED_PATHS = ("conv", "attention")
+# The default is a guess until a GPU has measured the fused paths against the unfused ops (README).
+FUSED_DEFAULT = "all"
+_FUSED_CHECKS = {}  # fused path -> reasons(x) -> list[str], registered by the Triton glue
 
 
-def register_fused(op, fn, reasons=_NO_REASONS):
-    """Register the Triton implementation of an optional fused path (see ``fused``)."""
-    if op not in FUSED:
-        raise ValueError(f"unknown fused op {op!r}; expected one of {FUSED}")
-    _FUSED_IMPLS[op] = (fn, reasons)
+def register_fused(path, reasons=_NO_REASONS):
+    """Register the Triton glue's check for a fused path: ``reasons(x)`` lists why it cannot take the
+    model input ``x`` (empty: it can)."""
+    if path not in FUSED_PATHS:
+        raise ValueError(f"unknown fused path {path!r}; expected one of {FUSED_PATHS}")
+    _FUSED_CHECKS[path] = reasons
 
 
-def fused_conv_enabled():
-    """``FAST_UNET_FUSED_CONV``: "1" turns the fused conv path on; unset, "" or "0" leave it off (default)."""
-    value = os.environ.get(FUSED_CONV_ENV, "0").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{FUSED_CONV_ENV}={value!r} is not valid; expected 0 or 1")
-    return value == "1"
+def fused_setting():
+    """The fused paths ``FAST_UNET_FUSED`` switches on: ``all`` (default) or ``1``; ``none`` or ``0``; or a
+    comma list of ``conv`` (the DoubleConvs as Triton convs that normalise on load, with the GroupNorm
+    statistics in their epilogues; the pool and upsample passes) and ``attention`` (the attention block
+    as five launches around its GEMMs)."""
+    value = os.environ.get(FUSED_ENV, FUSED_DEFAULT).strip().lower()
+    if value in ("all", "1"):
+        return set(FUSED_PATHS)
+    if value in ("", "none", "0"):
+        return set()
+    parts = {p.strip() for p in value.split(",") if p.strip()}
+    if parts - set(FUSED_PATHS):
+        raise ValueError(f"{FUSED_ENV}={value!r} is not valid; expected all, none, or a comma list of "
+                         f"{', '.join(FUSED_PATHS)}")
+    return parts
 
 
-def fused(op, *args):
-    """The fused implementation of ``op`` for these arguments, or None (run the unfused ops instead).
+def fused_paths(x):
+    """{path: reasons it does not run for the model input ``x``}; an empty list means the path runs.
 
-    Not None only when the path is switched on, the mode is ``auto`` or ``triton``, the Triton backend
-    loads and its reasons function takes the arguments (so Triton is what would be selected)."""
-    if op not in FUSED:
-        raise ValueError(f"unknown fused op {op!r}; expected one of {FUSED}")
-    if not fused_conv_enabled() or mode() not in ("auto", "triton") or _load("triton"):
-        return None
-    impl = _FUSED_IMPLS.get(op)
-    if impl is None or impl[1](*args):
-        return None
-    last_choice[op] = "triton"
-    return impl[0]
+    A path runs when ``FAST_UNET_FUSED`` includes it, the mode is ``auto`` or ``triton``, the Triton
+    backend loads and its check takes ``x`` (device, dtype): then the model uses it for the whole
+    forward (and its backward)."""
+    want = fused_setting()
+    m = mode()
+    out = {}
+    for path in FUSED_PATHS:
+        if path not in want:
+            out[path] = [f"{FUSED_ENV} does not include {path!r}"]
+        elif m not in ("auto", "triton"):
+            out[path] = [f"{ENV_VAR}={m}: the fused paths are Triton kernels"]
+        elif _load("triton"):
+            out[path] = [_load("triton")]
+        elif path not in _FUSED_CHECKS:
+            out[path] = [f"no Triton implementation of the fused {path} path in this build"]
+        else:
+            out[path] = list(_FUSED_CHECKS[path](x))
+    return out
+
+
+def fused_on(path, x):
+    """True when the fused ``path`` runs for the model input ``x`` (see ``fused_paths``)."""
+    on = not fused_paths(x)[path]
+    if on:
+        last_choice["fused " + path] = "triton"
+    return on
 
 
 def _load(backend):

@@ -20,15 +20,8 @@ from . import dispatch, ops
 
 
 def _gn_relu(conv_block, x, emb=None):
-    """Run one ``Sequential(Conv2d, GroupNorm(1, C), ReLU)`` with the norm, ReLU and embedding fused.
-
-    With ``FAST_UNET_FUSED_CONV=1`` and the Triton backend selected for the input, the conv itself is
-    the Triton kernel that writes the GroupNorm statistics in its epilogue (``dispatch.fused``)."""
+    """Run one ``Sequential(Conv2d, GroupNorm(1, C), ReLU)`` with the norm, ReLU and embedding fused."""
     conv, gn = conv_block[0], conv_block[1]
-    if dispatch.fused_conv_enabled():
-        fn = dispatch.fused("conv3x3_gn_relu", x, conv.weight, conv.bias, gn.weight, gn.bias, gn.eps, emb)
-        if fn is not None:
-            return fn(x, conv.weight, conv.bias, gn.weight, gn.bias, gn.eps, emb)
     return ops.group_norm_relu(conv(x), gn.weight, gn.bias, gn.eps, emb)
 
 
@@ -178,18 +171,27 @@ class UNet(nn.Module):
             raise ValueError(f"t must have shape ({b},) to match x's batch, or hold one timestep; got shape {tuple(t.shape)}")
         return t.reshape(-1).to(x.device).expand(b)
 
-    def forward(self, x, t):
-        t = self._check_inputs(x, t)
-        out_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
-        x = x.contiguous(memory_format=torch.channels_last)
+    def _time_embeddings(self, t):
+        """((d1, d2, d3), (u1, u2, u3)): every Down and Up block's projected embedding, in one op."""
         downs, ups = (self.down1, self.down2, self.down3), (self.up1, self.up2, self.up3)
         e_down, e_up = ops.time_embedding(
             t, self.time_dim,
             torch.cat([m.emb_layer[1].weight for m in downs]), torch.cat([m.emb_layer[1].bias for m in downs]),
             torch.cat([m.emb_layer[1].weight for m in ups]), torch.cat([m.emb_layer[1].bias for m in ups]),
         )
-        d1, d2, d3 = e_down.split([m.emb_layer[1].out_features for m in downs], dim=1)
-        u1, u2, u3 = e_up.split([m.emb_layer[1].out_features for m in ups], dim=1)
+        return (e_down.split([m.emb_layer[1].out_features for m in downs], dim=1),
+                e_up.split([m.emb_layer[1].out_features for m in ups], dim=1))
+
+    def forward(self, x, t):
+        t = self._check_inputs(x, t)
+        out_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
+        if dispatch.fused_on("conv", x):
+            # the fused model path (fast_unet/fused.py); its first conv reads x through its strides
+            from . import fused
+
+            return fused.unet_forward(self, x, t).contiguous(memory_format=out_format)
+        x = x.contiguous(memory_format=torch.channels_last)
+        (d1, d2, d3), (u1, u2, u3) = self._time_embeddings(t)
 
         x1 = self.inc(x)
         x2 = self.sa1(self.down1(x1, None, d1))

@@ -21,6 +21,7 @@ from kernels import _common
 from kernels import attention as _attn
 from kernels import conv as _conv
 from kernels import group_norm as _gn
+from kernels import resample as _resample
 from kernels import time_embedding as _temb
 
 from . import dispatch
@@ -230,22 +231,69 @@ def time_embedding_reasons(t, dim, relu_weight, relu_bias, silu_weight, silu_bia
 
 
 # ---------------------------------------------------------------------------------------------------
-# conv3x3 + GroupNorm(1, C) + ReLU + emb (the optional fused path, FAST_UNET_FUSED_CONV=1)
-
-@torch.library.custom_op("fast_unet::conv3x3_gn_stats", mutates_args=())
-def _conv_stats_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _conv.conv3x3_gn_stats(x, weight, bias, eps)
-
+# The fused model path (fast_unet/fused.py): the conv3x3 with GroupNorm statistics in its epilogue, which
+# normalises its input on load (or concatenates two inputs on load); the normalise + max-pool pass; the
+# (normalise +) bilinear upsample. A "lazily normalised" tensor is a conv output y with its partials: its
+# consumer applies relu(GroupNorm(1, C)(y)). Backward: cuDNN/ATen for the conv, pool and upsample
+# gradients; the Triton GroupNorm kernels recompute the normalised input and take the norm's backward.
 
 def _conv_out_fake(x, weight):
     b, _, h, w = x.shape
     return x.new_empty((b, weight.shape[0], h, w)).contiguous(memory_format=torch.channels_last)
 
 
-@_conv_stats_op.register_fake
-def _(x, weight, bias, eps):
-    stats = x.new_empty((x.shape[0],), dtype=torch.float32)
-    return _conv_out_fake(x, weight), stats, torch.empty_like(stats)
+@torch.library.custom_op("fast_unet::conv3x3", mutates_args=())
+def _conv3x3_op(x: Tensor, x2: Optional[Tensor], partials_in: Optional[Tensor], gn_weight: Optional[Tensor],
+                gn_bias: Optional[Tensor], eps: float, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    norm = (partials_in, gn_weight, gn_bias, eps) if partials_in is not None else None
+    return _conv.conv3x3_stats(x, weight, bias, x2=x2, norm=norm)
+
+
+@_conv3x3_op.register_fake
+def _(x, x2, partials_in, gn_weight, gn_bias, eps, weight, bias):
+    b, _, h, w = x.shape
+    bm, bn = _conv.config(x.dtype, weight.shape[1], h * w)[:2]
+    p = -(-h * w // bm) * -(-weight.shape[0] // bn)
+    return _conv_out_fake(x, weight), x.new_empty((b, p, 3), dtype=torch.float32)
+
+
+@torch.library.custom_op("fast_unet::gn_relu_partials", mutates_args=())
+def _gn_partials_op(y: Tensor, partials: Tensor, gn_weight: Tensor, gn_bias: Tensor, eps: float,
+                    emb: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(relu(GroupNorm(1, C)(y)) + emb, mean, rstd) from y's partials (combine + apply): a lazily
+    normalised tensor materialised, or recomputed in a backward."""
+    mean, rstd = _gn.combine(partials, eps)
+    return _gn.apply(y, mean, rstd, gn_weight, gn_bias, emb), mean, rstd
+
+
+@_gn_partials_op.register_fake
+def _(y, partials, gn_weight, gn_bias, eps, emb):
+    stats = y.new_empty((y.shape[0],), dtype=torch.float32)
+    return torch.empty_like(y), stats, torch.empty_like(stats)
+
+
+def _gn_partials_setup(ctx, inputs, output):
+    y, _partials, gn_weight, gn_bias, _eps, emb = inputs
+    _out, mean, rstd = output
+    ctx.save_for_backward(y, gn_weight, gn_bias, mean, rstd)
+    ctx.emb_dtype = emb.dtype if emb is not None else None
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _gn_partials_backward(ctx, dout, _dmean, _drstd):
+    y, gw, gb, mean, rstd = ctx.saved_tensors
+    dy, dgw, dgb, demb = torch.ops.fast_unet.group_norm_relu_backward(dout, y, gw, gb, mean, rstd)
+    demb = demb.to(ctx.emb_dtype) if ctx.emb_dtype is not None else None
+    return dy, None, dgw.to(gw.dtype), dgb.to(gb.dtype), None, demb
+
+
+torch.library.register_autograd("fast_unet::gn_relu_partials", _gn_partials_backward,
+                                setup_context=_gn_partials_setup)
+
+
+def _recompute(y, partials, gn_weight, gn_bias, eps):
+    """(relu(GroupNorm(y)), mean, rstd) in a backward (no graph)."""
+    return torch.ops.fast_unet.gn_relu_partials(y, partials, gn_weight, gn_bias, eps, None)
 
 
 def _conv_backward(dy, x, weight):
@@ -255,86 +303,157 @@ def _conv_backward(dy, x, weight):
     return dx, dw, db
 
 
-def _conv_stats_setup(ctx, inputs, output):
-    x, weight, _bias, _eps = inputs
-    _y, mean, rstd = output
-    ctx.save_for_backward(x, weight)
-    ctx.mark_non_differentiable(mean, rstd)
+def _norm_backward(dxn, y, gn_weight, gn_bias, mean, rstd):
+    """(dy, dgn_weight, dgn_bias) of xn = relu(GroupNorm(1, C)(y)) (the Triton GroupNorm backward)."""
+    dy, dgw, dgb, _ = torch.ops.fast_unet.group_norm_relu_backward(dxn, y, gn_weight, gn_bias, mean, rstd)
+    return dy, dgw.to(gn_weight.dtype), dgb.to(gn_bias.dtype)
 
 
-def _conv_stats_backward(ctx, dy, _dmean, _drstd):
-    # mean and rstd are non-differentiable outputs: only y carries a gradient.
-    x, weight = ctx.saved_tensors
+def _conv3x3_setup(ctx, inputs, output):
+    x, x2, partials_in, gn_weight, gn_bias, eps, weight, _bias = inputs
+    ctx.save_for_backward(x, x2, partials_in, gn_weight, gn_bias, weight)
+    ctx.eps = eps
+    ctx.mark_non_differentiable(output[1])
+
+
+def _conv3x3_backward(ctx, dy, _dpartials):
+    x, x2, pin, gw, gb, weight = ctx.saved_tensors
+    if pin is not None:
+        xn, mean, rstd = _recompute(x, pin, gw, gb, ctx.eps)
+        dxn, dw, db = _conv_backward(dy, xn, weight)
+        dx, dgw, dgb = _norm_backward(dxn, x, gw, gb, mean, rstd)
+        return dx, None, None, dgw, dgb, None, dw, db
+    if x2 is not None:
+        dcat, dw, db = _conv_backward(dy, torch.cat([x, x2], dim=1), weight)
+        dx, dx2 = dcat.split([x.shape[1], x2.shape[1]], dim=1)
+        return dx, dx2, None, None, None, None, dw, db
     dx, dw, db = _conv_backward(dy, x, weight)
-    return dx, dw, db, None
+    return dx, None, None, None, None, None, dw, db
 
 
-torch.library.register_autograd("fast_unet::conv3x3_gn_stats", _conv_stats_backward, setup_context=_conv_stats_setup)
+torch.library.register_autograd("fast_unet::conv3x3", _conv3x3_backward, setup_context=_conv3x3_setup)
 
 
-@torch.library.custom_op("fast_unet::conv3x3_gn_relu", mutates_args=())
-def _conv_gn_relu_op(x: Tensor, weight: Tensor, bias: Tensor, gn_weight: Tensor, gn_bias: Tensor, eps: float,
-                     emb: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, mean, rstd = _conv.conv3x3_gn_stats(x, weight, bias, eps)
-    return _conv.gn_relu_apply(y, mean, rstd, gn_weight, gn_bias, emb), y, mean, rstd
+@torch.library.custom_op("fast_unet::gn_relu_maxpool", mutates_args=())
+def _gn_pool_op(y: Tensor, partials: Tensor, gn_weight: Tensor, gn_bias: Tensor,
+                eps: float) -> tuple[Tensor, Tensor]:
+    return _resample.gn_relu_maxpool(y, partials, gn_weight, gn_bias, eps)
 
 
-@_conv_gn_relu_op.register_fake
-def _(x, weight, bias, gn_weight, gn_bias, eps, emb):
-    stats = x.new_empty((x.shape[0],), dtype=torch.float32)
-    y = _conv_out_fake(x, weight)
-    return torch.empty_like(y), torch.empty_like(y), stats, torch.empty_like(stats)
+@_gn_pool_op.register_fake
+def _(y, partials, gn_weight, gn_bias, eps):
+    b, c, h, w = y.shape
+    return (torch.empty_like(y, memory_format=torch.channels_last),
+            y.new_empty((b, c, h // 2, w // 2)).contiguous(memory_format=torch.channels_last))
 
 
-def _conv_gn_relu_setup(ctx, inputs, output):
-    x, weight, _bias, gn_weight, gn_bias, _eps, emb = inputs
-    _out, y, mean, rstd = output
-    ctx.save_for_backward(x, weight, y, gn_weight, gn_bias, mean, rstd)
-    ctx.emb_dtype = emb.dtype if emb is not None else None
-    ctx.mark_non_differentiable(y, mean, rstd)
+def _gn_pool_setup(ctx, inputs, output):
+    y, partials, gn_weight, gn_bias, eps = inputs
+    ctx.save_for_backward(y, partials, gn_weight, gn_bias)
+    ctx.eps = eps
 
 
-def _conv_gn_relu_backward(ctx, dout, _dy, _dmean, _drstd):
-    x, weight, y, gn_weight, gn_bias, mean, rstd = ctx.saved_tensors
-    dy, dgw, dgb, demb = torch.ops.fast_unet.group_norm_relu_backward(dout, y, gn_weight, gn_bias, mean, rstd)
-    dx, dw, db = _conv_backward(dy, x, weight)
-    demb = demb.to(ctx.emb_dtype) if ctx.emb_dtype is not None else None
-    return dx, dw, db, dgw.to(gn_weight.dtype), dgb.to(gn_bias.dtype), None, demb
+def _gn_pool_backward(ctx, dx, dpooled):
+    y, pin, gw, gb = ctx.saved_tensors
+    xn, mean, rstd = _recompute(y, pin, gw, gb, ctx.eps)
+    dxn = torch.zeros_like(xn) if dx is None else dx.to(xn.dtype)
+    if dpooled is not None:
+        # the pool's gradient goes to the first maximum of each window, as in max_pool2d's backward
+        _, idx = torch.ops.aten.max_pool2d_with_indices(xn, [2, 2], [2, 2], [0, 0], [1, 1], False)
+        dxn = dxn + torch.ops.aten.max_pool2d_with_indices_backward(
+            dpooled.to(xn.dtype), xn, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+    dy, dgw, dgb = _norm_backward(dxn, y, gw, gb, mean, rstd)
+    return dy, None, dgw, dgb, None
 
 
-torch.library.register_autograd("fast_unet::conv3x3_gn_relu", _conv_gn_relu_backward,
-                                setup_context=_conv_gn_relu_setup)
+torch.library.register_autograd("fast_unet::gn_relu_maxpool", _gn_pool_backward, setup_context=_gn_pool_setup)
 
 
-def conv3x3_gn_stats(x, weight, bias, eps=1e-5):
-    """(y, mean, rstd): the 3x3 conv (padding 1) and its GroupNorm(1, C) statistics from the epilogue."""
-    return torch.ops.fast_unet.conv3x3_gn_stats(x, weight, bias, float(eps))
+@torch.library.custom_op("fast_unet::upsample2x", mutates_args=())
+def _upsample_op(x: Tensor, partials: Optional[Tensor], gn_weight: Optional[Tensor], gn_bias: Optional[Tensor],
+                 eps: float) -> Tensor:
+    return _resample.upsample2x(x, (partials, gn_weight, gn_bias, eps) if partials is not None else None)
 
 
-def conv3x3_gn_relu(x, weight, bias, gn_weight, gn_bias, eps=1e-5, emb=None):
-    """``relu(GroupNorm(1, C)(conv3x3(x))) + emb``: conv with statistics in its epilogue, combine, apply."""
-    return torch.ops.fast_unet.conv3x3_gn_relu(x, weight, bias, gn_weight, gn_bias, float(eps), emb)[0]
+@_upsample_op.register_fake
+def _(x, partials, gn_weight, gn_bias, eps):
+    b, c, h, w = x.shape
+    return x.new_empty((b, c, 2 * h, 2 * w)).contiguous(memory_format=torch.channels_last)
 
 
-def conv3x3_gn_relu_reasons(x, weight, bias, gn_weight, gn_bias, eps=1e-5, emb=None):
-    out = _device_reasons(x=x, weight=weight, bias=bias, gn_weight=gn_weight, gn_bias=gn_bias, emb=emb)
+def _upsample_grad(dout, x):
+    """The gradient of F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True) for ``dout``
+    (ATen's upsample backward; through torch.func.vjp because calling upsample_bilinear2d_backward on
+    symbolic sizes trips an internal assert in torch 2.14's fake tensors). The map is linear, so its vjp
+    does not depend on the point: zeros of x's shape stand in for the normalised input."""
+    up = lambda v: torch.nn.functional.interpolate(v, scale_factor=2, mode="bilinear", align_corners=True)  # noqa: E731
+    _, vjp = torch.func.vjp(up, dout.new_zeros(x.shape).contiguous(memory_format=torch.channels_last))
+    return vjp(dout)[0]
+
+
+def _upsample_setup(ctx, inputs, output):
+    x, partials, gn_weight, gn_bias, eps = inputs
+    ctx.save_for_backward(x, partials, gn_weight, gn_bias)
+    ctx.eps = eps
+
+
+def _upsample_backward(ctx, dout):
+    x, pin, gw, gb = ctx.saved_tensors
+    b, c, h, w = x.shape
+    dxn = _upsample_grad(dout, x)
+    if pin is None:
+        return dxn, None, None, None, None
+    _xn, mean, rstd = _recompute(x, pin, gw, gb, ctx.eps)
+    dx, dgw, dgb = _norm_backward(dxn, x, gw, gb, mean, rstd)
+    return dx, None, dgw, dgb, None
+
+
+torch.library.register_autograd("fast_unet::upsample2x", _upsample_backward, setup_context=_upsample_setup)
+
+
+def gn_relu_partials(y, partials, gn_weight, gn_bias, eps, emb=None):
+    """relu(GroupNorm(1, C)(y)) + emb[:, :, None, None] with y's statistics from its partials."""
+    return torch.ops.fast_unet.gn_relu_partials(y, partials, gn_weight, gn_bias, float(eps), emb)[0]
+
+
+def conv3x3(x, weight, bias, x2=None, norm=None):
+    """(y, partials): the Triton 3x3 conv (padding 1) of x, of cat([x, x2], 1) (``x2``), or of
+    relu(GroupNorm(1, C)(x)) normalised on load (``norm`` = (partials, gn_weight, gn_bias, eps) of x);
+    ``partials`` (B, P, 3) float32 are y's GroupNorm statistics, for y's consumer."""
+    pin, gw, gb, eps = norm if norm is not None else (None, None, None, 0.0)
+    return torch.ops.fast_unet.conv3x3(x, x2, pin, gw, gb, float(eps), weight, bias)
+
+
+def gn_relu_maxpool(y, partials, gn_weight, gn_bias, eps):
+    """(x, max_pool2d(x, 2)) with x = relu(GroupNorm(1, C)(y)) from y's partials, in one pass."""
+    return torch.ops.fast_unet.gn_relu_maxpool(y, partials, gn_weight, gn_bias, float(eps))
+
+
+def upsample2x(x, norm=None):
+    """Bilinear 2x upsampling (align_corners=True) of x, or of relu(GroupNorm(1, C)(x)) given ``norm``."""
+    pin, gw, gb, eps = norm if norm is not None else (None, None, None, 0.0)
+    return torch.ops.fast_unet.upsample2x(x, pin, gw, gb, float(eps))
+
+
+def conv3x3_reasons(x, weight, bias, x2=None, norm=None):
+    out = _device_reasons(x=x, weight=weight, bias=bias, x2=x2,
+                          **(dict(zip(("partials", "gn_weight", "gn_bias"), norm[:3])) if norm else {}))
     try:
-        _conv.check(x, weight, bias)
+        _conv.check(x, weight, bias, x2, norm)
     except (ValueError, TypeError) as e:
         out.append(str(e))
-    if isinstance(x, Tensor) and x.dim() == 4:
-        b, _, h, w = x.shape
-        try:
-            _gn._check(x.new_empty((b, weight.shape[0], h, w), device="meta"), gn_weight.to("meta"),
-                       gn_bias.to("meta"), emb.to("meta") if emb is not None else None)
-        except (ValueError, TypeError, AttributeError, IndexError) as e:
-            out.append(str(e))
     return out
 
 
-dispatch.register_fused("conv3x3_gn_relu", conv3x3_gn_relu, conv3x3_gn_relu_reasons)
+def fused_conv_reasons(x):
+    """Why the fused conv path cannot run the model on input ``x`` (empty: it can)."""
+    out = _device_reasons(x=x)
+    if isinstance(x, Tensor) and x.dtype not in DTYPES:
+        out.append(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    return out
 
 
+dispatch.register_fused("conv", fused_conv_reasons)
 dispatch.register("group_norm_relu", "triton", group_norm_relu, group_norm_relu_reasons)
 dispatch.register("attention", "triton", attention, attention_reasons)
 dispatch.register("time_embedding", "triton", time_embedding, time_embedding_reasons)

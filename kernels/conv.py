@@ -20,19 +20,51 @@ channels_last, x's dtype. Padding: masked loads (zeros). bf16/fp16 use the tenso
 import triton
 import triton.language as tl
 
+from . import group_norm as _gn
 from ._common import dot as _dot
 
 
 @triton.jit
+def _conv_k_loop(acc, x_base, stride_xc, w_tap, stride_wc, pix, pix_ok, w_noff, n_mask, c_lo, C_part,
+                 gw_ptr, gb_ptr, mean, rstd,
+                 BLOCK_K: tl.constexpr, IEEE: tl.constexpr, NORM_IN: tl.constexpr):
+    """acc += A @ Wt over the input channels [0, C_part) of one input tensor for one tap; those are the
+    GEMM's channels [c_lo, c_lo + C_part) (the weight's channel index). NORM_IN: A is normalised on load,
+    relu((a - mean) * rstd * gw[c] + gb[c]) rounded to the input dtype, zero at padded pixels."""
+    kk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, C_part, BLOCK_K):
+        c = k0 + kk
+        c_ok = c < C_part
+        a_mask = pix_ok[:, None] & c_ok[None, :]
+        a = tl.load(x_base + pix[:, None] + c[None, :] * stride_xc, mask=a_mask, other=0.0)
+        if NORM_IN:
+            scale = tl.load(gw_ptr + c, mask=c_ok, other=0.0).to(tl.float32) * rstd
+            shift = tl.load(gb_ptr + c, mask=c_ok, other=0.0).to(tl.float32) - mean * scale
+            v = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+            # padding is applied after normalisation: padded pixels are zeros of the normalised input
+            a = tl.where(a_mask, v, 0.0).to(a.dtype)
+        wt = tl.load(w_tap + (c_lo + c)[:, None] * stride_wc + w_noff[None, :],
+                     mask=c_ok[:, None] & n_mask[None, :], other=0.0)
+        acc += _dot(a, wt, IEEE)
+    return acc
+
+
+@triton.jit
 def _conv3x3_kernel(
-    x_ptr,  # (B, H, W, C_in) in memory
+    x_ptr,  # (B, C1, H, W), any strides (channels_last: NHWC in memory)
+    x2_ptr,  # HAS_X2: (B, C_in - C1, H, W), channel stride 1: channels [C1, C_in) of the concatenated input
     w_ptr,  # (C_out, C_in, 3, 3), strides below
     bias_ptr,  # (C_out,)
     y_ptr,  # (B, H, W, C_out) in memory
     part_ptr,  # (B, P, 3) float32: count, mean, M2 per (M tile, N tile)
-    H, W, C_in, C_out,
+    pin_ptr,  # NORM_IN: (B, P_in, 3) float32 partials of x's GroupNorm(1, C_in) statistics
+    gw_ptr, gb_ptr,  # NORM_IN: GroupNorm weight and bias (C_in,)
+    H, W, C1, C_in, C_out, P_in, eps,
+    stride_xb, stride_xh, stride_xw, stride_xc,
+    stride_x2b, stride_x2h, stride_x2w,
     stride_wn, stride_wc, stride_wh, stride_ww,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    NORM_IN: tl.constexpr, HAS_X2: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -46,22 +78,24 @@ def _conv3x3_kernel(
     n_mask = n < C_out
     oh = m // W
     ow = m % W
-    x_base = x_ptr + b.to(tl.int64) * HW * C_in
-    kk = tl.arange(0, BLOCK_K)
+    mean = 0.0
+    rstd = 1.0
+    if NORM_IN:
+        mean, rstd = _gn.partials_stats(pin_ptr, b, P_in, eps, BLOCK_P)
+    x_base = x_ptr + b.to(tl.int64) * stride_xb
+    x2_base = x2_ptr + b.to(tl.int64) * stride_x2b
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for tap in range(9):
         ih = oh + (tap // 3 - 1)
         iw = ow + (tap % 3 - 1)
         pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        pix = (ih * W + iw) * C_in
         w_tap = w_ptr + (tap // 3) * stride_wh + (tap % 3) * stride_ww
-        for k0 in range(0, C_in, BLOCK_K):
-            c = k0 + kk
-            c_ok = c < C_in
-            a = tl.load(x_base + pix[:, None] + c[None, :], mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-            wt = tl.load(w_tap + c[:, None] * stride_wc + n[None, :] * stride_wn,
-                         mask=c_ok[:, None] & n_mask[None, :], other=0.0)
-            acc += _dot(a, wt, IEEE)
+        acc = _conv_k_loop(acc, x_base, stride_xc, w_tap, stride_wc, ih * stride_xh + iw * stride_xw, pix_ok,
+                           n * stride_wn, n_mask, 0, C1, gw_ptr, gb_ptr, mean, rstd, BLOCK_K, IEEE, NORM_IN)
+        if HAS_X2:
+            acc = _conv_k_loop(acc, x2_base, 1, w_tap, stride_wc, ih * stride_x2h + iw * stride_x2w, pix_ok,
+                               n * stride_wn, n_mask, C1, C_in - C1, gw_ptr, gb_ptr, mean, rstd, BLOCK_K, IEEE,
+                               False)
     bias = tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
     out = (acc + bias[None, :]).to(y_ptr.dtype.element_ty)
     mask = m_mask[:, None] & n_mask[None, :]
@@ -70,12 +104,12 @@ def _conv3x3_kernel(
     # GroupNorm(1, C) partial statistics of this tile's valid outputs, as stored (rounded).
     v = out.to(tl.float32)
     cnt = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
-    mean = tl.sum(tl.sum(tl.where(mask, v, 0.0), axis=1), axis=0) / cnt
-    d = tl.where(mask, v - mean, 0.0)
+    tile_mean = tl.sum(tl.sum(tl.where(mask, v, 0.0), axis=1), axis=0) / cnt
+    d = tl.where(mask, v - tile_mean, 0.0)
     m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
     p = part_ptr + ((b * n_m + pid_m) * n_n + pid_n) * 3
     tl.store(p, cnt)
-    tl.store(p + 1, mean)
+    tl.store(p + 1, tile_mean)
     tl.store(p + 2, m2)
 
 
@@ -85,7 +119,6 @@ def _conv3x3_kernel(
 
 import torch  # noqa: E402
 
-from . import group_norm as _gn  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by (dtype kind, variant): "small_hw" where a sample
 # has at most 64 output pixels (the 8x8 layers at 64x64: a 128-row tile would be half masked), else
@@ -103,73 +136,85 @@ CONFIGS = {
 }
 
 
+NORM_BLOCK_P = 32  # partials folded per step by a normalise-on-load prologue
+
+
 def config(dtype, c_in, hw):
     kind = "float32" if dtype in (torch.float32, "float32") else "half"
     variant = "small_hw" if hw <= 64 else ("wide_k" if c_in >= 32 else "narrow_k")
     return CONFIGS[(kind, variant)]
 
 
-def check(x, weight, bias):
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D (B, C_in, H, W), got shape {tuple(x.shape)}")
+def check(x, weight, bias, x2=None, norm=None):
+    """Validate the launcher's arguments; errors name the argument."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor (B, C_in, H, W), got {getattr(x, 'shape', type(x).__name__)}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     c_in = x.shape[1]
+    if x2 is not None:
+        if x2.dim() != 4 or x2.shape[0] != x.shape[0] or x2.shape[2:] != x.shape[2:]:
+            raise ValueError(f"x2 must be (B, C2, H, W) = ({x.shape[0]}, C2, {x.shape[2]}, {x.shape[3]}) to be "
+                             f"concatenated after x's channels, got {tuple(x2.shape)}")
+        if x2.dtype != x.dtype or x2.device != x.device:
+            raise TypeError(f"x2 ({x2.dtype}, {x2.device}) must match x ({x.dtype}, {x.device})")
+        if norm is not None:
+            raise ValueError("norm (normalise on load) applies to a single input; got x2 as well")
+        c_in += x2.shape[1]
     if weight.dim() != 4 or weight.shape[1:] != (c_in, 3, 3):
-        raise ValueError(f"weight must have shape (C_out, {c_in}, 3, 3) for x with {c_in} channels, "
+        raise ValueError(f"weight must have shape (C_out, {c_in}, 3, 3) for an input with {c_in} channels, "
                          f"got {tuple(weight.shape)}")
     if bias is None or bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got "
                          f"{None if bias is None else tuple(bias.shape)}")
-    for name, p in (("weight", weight), ("bias", bias)):
+    params = [("weight", weight), ("bias", bias)]
+    if norm is not None:
+        partials, gn_weight, gn_bias, _eps = norm
+        if partials.dim() != 3 or partials.shape[0] != x.shape[0] or partials.shape[2] != 3 \
+                or partials.dtype != torch.float32:
+            raise ValueError(f"norm partials must be float32 (B, P, 3) with B={x.shape[0]}, got "
+                             f"{partials.dtype} {tuple(partials.shape)}")
+        for name, p in (("norm gn_weight", gn_weight), ("norm gn_bias", gn_bias)):
+            if p.shape != (x.shape[1],):
+                raise ValueError(f"{name} must have shape ({x.shape[1]},), got {tuple(p.shape)}")
+        params += [("norm gn_weight", gn_weight), ("norm gn_bias", gn_bias)]
+        if partials.device != x.device:
+            raise ValueError(f"norm partials are on {partials.device} but x is on {x.device}")
+    for name, p in params:
         if p.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {p.dtype} but x is {x.dtype}")
         if p.device != x.device:
             raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
 
 
-def conv3x3_stats(x, weight, bias):
-    """Returns (y (B, C_out, H, W) channels_last in x's dtype, partials (B, P, 3) float32)."""
-    check(x, weight, bias)
-    B, C_in, H, W = x.shape
+def conv3x3_stats(x, weight, bias, x2=None, norm=None):
+    """The 3x3 conv (stride 1, padding 1) of x, or of cat([x, x2], dim=1) read in place (``x2``), or of
+    relu(GroupNorm(1, C_in)(x)) normalised on load (``norm`` = (partials (B, P_in, 3) of x's statistics,
+    gn_weight, gn_bias, eps)). x is read through its strides (NCHW or channels_last, no copy).
+
+    Returns (y (B, C_out, H, W) channels_last in x's dtype, partials (B, P, 3) float32 of y)."""
+    check(x, weight, bias, x2, norm)
+    B, C1, H, W = x.shape
+    C_in = weight.shape[1]
     C_out = weight.shape[0]
-    x = x.contiguous(memory_format=torch.channels_last)
+    if x2 is not None:
+        x2 = x2.contiguous(memory_format=torch.channels_last)
     bm, bn, bk, warps, stages = config(x.dtype, C_in, H * W)
     grid = (triton.cdiv(H * W, bm), triton.cdiv(C_out, bn), B)
     y = torch.empty((B, C_out, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     partials = torch.empty((B, grid[0] * grid[1], 3), device=x.device, dtype=torch.float32)
     if B * H * W * C_out == 0:
         return y, partials
-    _conv3x3_kernel[grid](x, weight, bias, y, partials, H, W, C_in, C_out, *weight.stride(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                          IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages)
+    if norm is not None:
+        pin, gw, gb, eps = norm
+    else:
+        pin, gw, gb, eps = partials, bias, bias, 0.0  # unused placeholders
+    xs = x.stride()
+    x2s = x2.stride() if x2 is not None else (0, 0, 0, 0)
+    _conv3x3_kernel[grid](x, x2 if x2 is not None else x, weight, bias, y, partials, pin, gw, gb,
+                          H, W, C1, C_in, C_out, pin.shape[1], float(eps),
+                          xs[0], xs[2], xs[3], xs[1], x2s[0], x2s[2], x2s[3], *weight.stride(),
+                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=x.dtype == torch.float32,
+                          NORM_IN=norm is not None, HAS_X2=x2 is not None, BLOCK_P=NORM_BLOCK_P,
+                          num_warps=warps, num_stages=stages)
     return y, partials
-
-
-def conv3x3_gn_stats(x, weight, bias, eps):
-    """Returns (y, mean (B,), rstd (B,)): the conv output and its GroupNorm(1, C_out) statistics."""
-    y, partials = conv3x3_stats(x, weight, bias)
-    B = y.shape[0]
-    mean = torch.empty((B,), device=y.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
-    if y.numel() == 0:
-        return y, mean, rstd
-    _gn._gn_combine_kernel[(B,)](partials, mean, rstd, partials.shape[1], float(eps), BLOCK_P=128, num_warps=4)
-    return y, mean, rstd
-
-
-def gn_relu_apply(y, mean, rstd, gn_weight, gn_bias, emb=None):
-    """relu((y - mean) * rstd * gn_weight + gn_bias) + emb with the given statistics (group_norm's apply)."""
-    _gn._check(y, gn_weight, gn_bias, emb)
-    B, C, H, W = y.shape
-    HW = H * W
-    channels_last = _gn.layout_of(y)
-    block_c, block_hw = _gn.tile_config(C, HW, channels_last)
-    out = torch.empty_like(y)
-    if y.numel() == 0:
-        return out
-    grid = (B, triton.cdiv(C, block_c), triton.cdiv(HW, block_hw))
-    _gn._gn_apply_kernel[grid](y, out, gn_weight, gn_bias, emb if emb is not None else mean, mean, rstd, C, HW,
-                               emb.stride(0) if emb is not None else 0, emb.stride(1) if emb is not None else 0,
-                               HAS_EMB=emb is not None, CHANNELS_LAST=channels_last,
-                               BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=_gn.NUM_WARPS)
-    return out

@@ -315,6 +315,34 @@ def _check(x, weight, bias, emb):
     return layout_of(x)
 
 
+def combine(partials, eps, mean=None, rstd=None):
+    """(mean, rstd) (B,) float32 from (B, P, 3) partials: one ``_gn_combine_kernel`` launch."""
+    B = partials.shape[0]
+    mean = torch.empty((B,), device=partials.device, dtype=torch.float32) if mean is None else mean
+    rstd = torch.empty_like(mean) if rstd is None else rstd
+    if B and partials.shape[1]:
+        _gn_combine_kernel[(B,)](partials, mean, rstd, partials.shape[1], float(eps), BLOCK_P=128, num_warps=4)
+    return mean, rstd
+
+
+def apply(x, mean, rstd, weight, bias, emb=None, out=None):
+    """relu((x - mean) * rstd * weight + bias) + emb with given (B,) statistics: one ``_gn_apply_kernel``."""
+    channels_last = _check(x, weight, bias, emb)
+    B, C, H, W = x.shape
+    HW = H * W
+    block_c, block_hw = tile_config(C, HW, channels_last)
+    y = torch.empty_like(x) if out is None else out
+    if x.numel() == 0:
+        return y
+    e = emb if emb is not None else mean  # a dummy pointer when there is no embedding
+    grid = (B, triton.cdiv(C, block_c), triton.cdiv(HW, block_hw))
+    _gn_apply_kernel[grid](x, y, weight, bias, e, mean, rstd, C, HW,
+                           emb.stride(0) if emb is not None else 0, emb.stride(1) if emb is not None else 0,
+                           HAS_EMB=emb is not None, CHANNELS_LAST=channels_last,
+                           BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
+    return y
+
+
 def group_norm_relu_fwd(x, weight, bias, eps, emb=None):
     """Returns (y, mean, rstd): y like x (dtype and memory format), mean and rstd (B,) float32."""
     channels_last = _check(x, weight, bias, emb)
@@ -331,13 +359,8 @@ def group_norm_relu_fwd(x, weight, bias, eps, emb=None):
         return y, mean, rstd
     _gn_stats_kernel[(B, n_cb, S)](x, partials, C, HW, hw_per_prog, CHANNELS_LAST=channels_last,
                                    BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
-    _gn_combine_kernel[(B,)](partials, mean, rstd, n_cb * S, float(eps), BLOCK_P=128, num_warps=4)
-    e = emb if emb is not None else mean  # a dummy pointer when there is no embedding
-    grid = (B, n_cb, triton.cdiv(HW, block_hw))
-    _gn_apply_kernel[grid](x, y, weight, bias, e, mean, rstd, C, HW,
-                           emb.stride(0) if emb is not None else 0, emb.stride(1) if emb is not None else 0,
-                           HAS_EMB=emb is not None, CHANNELS_LAST=channels_last,
-                           BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
+    combine(partials, eps, mean, rstd)
+    apply(x, mean, rstd, weight, bias, emb, out=y)
     return y, mean, rstd
 
 

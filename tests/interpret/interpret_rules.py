@@ -28,3 +28,24 @@ def assert_param_grads_close(model, ref, rel=1e-4):
         scale = r.abs().max().item() + 1e-6
         err = (p.grad - r).abs().max().item()
         assert err <= rel * scale + 1e-6, f"{name}: grad error {err:.3g} (scale {scale:.3g})"
+
+
+def partials_of(y, pieces):
+    """(B, P, 3) float32 (count, mean, M2) partials of each sample of y, in ``pieces`` uneven chunks of its
+    flattened values: the layout a conv epilogue writes, built independently of the kernels."""
+    flat = y.detach().double().reshape(y.shape[0], -1)
+    rows = []
+    for chunk in flat.tensor_split(pieces, dim=1):
+        mean = chunk.mean(1)
+        rows.append(torch.stack([torch.full_like(mean, chunk.shape[1]), mean,
+                                 ((chunk - mean[:, None]) ** 2).sum(1)], dim=-1))
+    return torch.stack(rows, dim=1).float()
+
+
+def combine_partials(partials):
+    """(mean, var) float64 per sample from (B, P, 3) partials (Chan's formula, in float64)."""
+    p = partials.double()
+    n = p[..., 0].sum(1)
+    mean = (p[..., 0] * p[..., 1]).sum(1) / n
+    m2 = (p[..., 2] + p[..., 0] * (p[..., 1] - mean[:, None]) ** 2).sum(1)
+    return mean, m2 / n

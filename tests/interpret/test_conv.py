@@ -1,13 +1,11 @@
-"""The Triton 3x3 conv (implicit GEMM, NHWC) with GroupNorm statistics in its epilogue, and the optional
-fused conv + GroupNorm + ReLU + emb path (FAST_UNET_FUSED_CONV=1): vs eager and float64."""
+"""The Triton 3x3 conv (implicit GEMM, NHWC) with GroupNorm statistics in its epilogue, normalising its
+input on load or concatenating two inputs on load (the fused model path): vs eager and float64."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import fast_unet
 from fast_unet import eager
-from fast_unet.reference import make_reference
-from interpret_rules import assert_close_rule, assert_param_grads_close
+from interpret_rules import assert_close_rule, combine_partials, partials_of
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, C_in, C_out, H, W): odd channel counts and sizes, batch 1 and 3, tiles with masked rows and columns.
@@ -64,83 +62,127 @@ def test_conv_output_and_partial_statistics(shape, dtype):
     torch.testing.assert_close(rstd.double(), 1 / torch.sqrt(var_r + 1e-5), atol=0, rtol=1e-5)
 
 
-def _eager_fused(x, wt, bias, gw, gb, eps, emb):
-    return eager.group_norm_relu(F.conv2d(x, wt, bias, padding=1), gw, gb, eps, emb)
-
-
-def _run(fn, tensors, dtype, dy):
-    leaves = _leaves(tensors, dtype)
-    x, wt, bias, gw, gb, emb = leaves
-    out = fn(x, wt, bias, gw, gb, 1e-5, emb)
+def _grads_of(fn, leaves, dtype, dy):
+    """fn's output and the gradients of its leaves, computing in ``dtype`` from float64 leaves."""
+    cast = [t.to(dtype).detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
+            and t.dtype == torch.float64 else t for t in leaves]
+    out = fn(*cast)
     (out.double() * dy).sum().backward()
-    return out, [t.grad for t in leaves if t is not None]
+    return out, [t.grad for t in cast if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _conv_of_norm(y_in, gw, gb, wt, bias, partials=None):
+    """The unfused composition: conv3x3(relu(GroupNorm(1, C)(y_in))) (partials unused: eager finds them)."""
+    return F.conv2d(eager.group_norm_relu(y_in, gw, gb, 1e-5), wt, bias, padding=1)
+
+
+# (B, C_in, C_out, H, W, P): the lazily normalised input's partials come in P uneven chunks.
+NOL_SHAPES = [(1, 5, 64, 5, 7, 3), (3, 64, 96, 5, 7, 4), (2, 40, 64, 9, 11, 1)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], (3, 64, 96, 5, 7)], ids=_id)
-def test_fused_conv_gn_relu_forward_and_gradients(shape, dtype):
+@pytest.mark.parametrize("shape", NOL_SHAPES, ids=_id)
+def test_normalise_on_load_forward_and_gradients(shape, dtype):
+    """conv3x3(relu(GroupNorm(y_in))) with the norm applied as the conv loads y_in (never written), from
+    y_in's partials: output, its own partials, and the gradients of y_in, the conv and the norm's affine."""
     from fast_unet import triton_ops
 
-    tensors = _inputs(shape, dtype)
-    b, _, co, h, w = shape
+    b, ci, co, h, w, p = shape
+    y_in = (torch.randn(b, ci, h, w, dtype=torch.float64) * 2 + 0.7).to(dtype).double()
+    _, wt, bias = _inputs((b, ci, co, h, w), dtype)[:3]
+    gw = (torch.randn(ci, dtype=torch.float64) * 0.5 + 1.0).to(dtype).double()
+    gb = (torch.randn(ci, dtype=torch.float64) * 0.5).to(dtype).double()
+    partials = partials_of(y_in.to(dtype), p)
     dy = torch.randn(b, co, h, w, dtype=torch.float64)
-    if dtype != torch.float32:
-        # A pre-ReLU value within a rounding of 0 flips the ReLU mask under any half-precision rounding of
-        # the conv output (eager's too, by luck elsewhere): one flip costs |dy * x_hat| in d gn_weight.
-        # No gradient flows from those elements, so the comparison measures the kernels, not the coin.
-        x, wt, bias, gw, gb, _ = tensors
-        y64 = F.conv2d(x, wt, bias, padding=1)
-        var, mean = torch.var_mean(y64.reshape(b, -1), dim=1, correction=0)
-        z = (y64 - mean.view(-1, 1, 1, 1)) * torch.rsqrt(var + 1e-5).view(-1, 1, 1, 1) * gw.view(1, -1, 1, 1) \
-            + gb.view(1, -1, 1, 1)
-        dy = torch.where(z.abs() < 0.05, 0.0, dy)
-    out, grads = _run(triton_ops.conv3x3_gn_relu, tensors, dtype, dy)
-    out_e, grads_e = _run(_eager_fused, tensors, dtype, dy)
-    ref, grads_r = _run(_eager_fused, tensors, torch.float64, dy)
+
+    def fused(y_in, gw, gb, wt, bias):
+        y_in = y_in.contiguous(memory_format=torch.channels_last)
+        y, part = triton_ops.conv3x3(y_in, wt, bias, norm=(partials, gw, gb, 1e-5))
+        fused.partials = part
+        return y
+
+    out, grads = _grads_of(fused, [y_in, gw, gb, wt, bias], dtype, dy)
+    out_e, grads_e = _grads_of(_conv_of_norm, [y_in, gw, gb, wt, bias], dtype, dy)
+    ref, grads_r = _grads_of(_conv_of_norm, [y_in, gw, gb, wt, bias], torch.float64, dy)
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     assert_close_rule("y", out, out_e, ref, dtype)
-    for name, g, ge, gr in zip(("dx", "dweight", "dbias", "dgn_weight", "dgn_bias", "demb"), grads, grads_e, grads_r):
+    for sl in ((Ellipsis, 0), (Ellipsis, -1), (slice(None), slice(None), 0), (slice(None), slice(None), -1)):
+        assert_close_rule("y padding edge", out[sl], out_e[sl], ref[sl], dtype)
+    combined = combine_partials(fused.partials)
+    var, mean = torch.var_mean(out.double().reshape(b, -1), dim=1, correction=0)
+    torch.testing.assert_close(combined[0], mean, atol=1e-6 * out.double().abs().max().item(), rtol=1e-5)
+    torch.testing.assert_close(combined[1], var, atol=0, rtol=1e-4)
+    for name, g, ge, gr in zip(("dy_in", "dgn_weight", "dgn_bias", "dweight", "dbias"), grads, grads_e, grads_r):
         assert g.dtype == dtype, name
         assert_close_rule(name, g, ge, gr, dtype)
 
 
-def test_conv_gn_stats_op_and_its_gradient():
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_concat_on_load_forward_and_gradients(dtype):
+    """conv3x3(cat([x, x2], 1)) reading both in place (x NCHW through its strides, x2 channels_last)."""
     from fast_unet import triton_ops
 
-    x, wt, bias = (t.float() for t in _inputs((1, 5, 64, 5, 7), torch.float32)[:3])
-    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
-    wt.requires_grad_()
-    bias.requires_grad_()
-    y, mean, rstd = triton_ops.conv3x3_gn_stats(x, wt, bias, 1e-5)
-    assert not mean.requires_grad and not rstd.requires_grad
-    ref = F.conv2d(x, wt, bias, padding=1)
-    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
-    v, m = torch.var_mean(ref.detach().reshape(1, -1), dim=1, correction=0)
-    torch.testing.assert_close(mean, m, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(rstd, 1 / torch.sqrt(v + 1e-5), atol=0, rtol=1e-5)
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, wt, bias), g)
-    exp = torch.autograd.grad(ref, (x, wt, bias), g)
-    for a, e in zip(got, exp):
-        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+    b, c1, c2, co, h, w = 2, 24, 40, 48, 6, 5
+    x = torch.randn(b, c1, h, w, dtype=torch.float64).to(dtype).double()
+    x2 = torch.randn(b, c2, h, w, dtype=torch.float64).to(dtype).double()
+    wt = (torch.randn(co, c1 + c2, 3, 3, dtype=torch.float64) / 24).to(dtype).double()
+    bias = torch.randn(co, dtype=torch.float64).to(dtype).double()
+    dy = torch.randn(b, co, h, w, dtype=torch.float64)
+
+    def fused(x, x2, wt, bias):
+        return triton_ops.conv3x3(x, wt, bias, x2=x2.contiguous(memory_format=torch.channels_last))[0]
+
+    def unfused(x, x2, wt, bias):
+        return F.conv2d(torch.cat([x, x2], 1), wt, bias, padding=1)
+
+    out, grads = _grads_of(fused, [x, x2, wt, bias], dtype, dy)
+    out_e, grads_e = _grads_of(unfused, [x, x2, wt, bias], dtype, dy)
+    ref, grads_r = _grads_of(unfused, [x, x2, wt, bias], torch.float64, dy)
+    assert_close_rule("y", out, out_e, ref, dtype)
+    for name, g, ge, gr in zip(("dx", "dx2", "dweight", "dbias"), grads, grads_e, grads_r):
+        assert_close_rule(name, g, ge, gr, dtype)
 
 
-@pytest.mark.parametrize("op", ["conv3x3_gn_stats", "conv3x3_gn_relu"])
-def test_custom_op_registration(op):
+def test_gn_relu_partials_op_materialises_with_emb_and_its_gradient():
+    from fast_unet import triton_ops
+
+    y = (torch.randn(2, 48, 5, 7, dtype=torch.float64) + 0.5).float().contiguous(memory_format=torch.channels_last)
+    y.requires_grad_()
+    gw, gb = torch.randn(48, requires_grad=True), torch.randn(48, requires_grad=True)
+    emb = torch.randn(2, 96)[:, ::2].requires_grad_()
+    partials = partials_of(y.detach(), 5)
+    out = triton_ops.gn_relu_partials(y, partials, gw, gb, 1e-5, emb)
+    exp = eager.group_norm_relu(y, gw, gb, 1e-5, emb)
+    torch.testing.assert_close(out, exp, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (y, gw, gb, emb), g)
+    want = torch.autograd.grad(exp, (y, gw, gb, emb), g)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["plain", "concat", "norm", "gn_relu_partials"])
+def test_custom_op_registration(variant):
+    """torch.library.opcheck: schema, fake (meta) kernel, autograd registration, AOT-dispatch tracing."""
     import fast_unet.triton_ops  # noqa: F401
 
     x = torch.randn(2, 5, 5, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
     w = torch.randn(64, 5, 3, 3, requires_grad=True)
     b = torch.randn(64, requires_grad=True)
-    if op == "conv3x3_gn_stats":
-        args = (x, w, b, 1e-5)
+    gw, gb = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
+    if variant == "plain":
+        op, args = "conv3x3", (x, None, None, None, None, 0.0, w, b)
+    elif variant == "concat":
+        x2 = torch.randn(2, 3, 5, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+        op, args = "conv3x3", (x, x2, None, None, None, 0.0, torch.randn(64, 8, 3, 3, requires_grad=True), b)
+    elif variant == "norm":
+        op, args = "conv3x3", (x, None, partials_of(x.detach(), 2), gw, gb, 1e-5, w, b)
     else:
-        args = (x, w, b, torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True), 1e-5,
-                torch.randn(2, 64, requires_grad=True))
+        op, args = "gn_relu_partials", (x, partials_of(x.detach(), 2), gw, gb, 1e-5, torch.randn(2, 5, requires_grad=True))
     torch.library.opcheck(getattr(torch.ops.fast_unet, op).default, args)
 
 
-def test_bad_inputs_and_switch(monkeypatch):
+def test_bad_inputs_name_the_argument():
     from kernels import conv as K
 
     x = torch.randn(2, 5, 4, 4)
@@ -150,40 +192,16 @@ def test_bad_inputs_and_switch(monkeypatch):
         K.conv3x3_stats(x, torch.randn(8, 5, 3, 3), torch.randn(7))
     with pytest.raises(TypeError, match="weight has dtype"):
         K.conv3x3_stats(x, torch.randn(8, 5, 3, 3).double(), torch.randn(8))
-    args = (x, torch.randn(8, 5, 3, 3), torch.randn(8), torch.ones(8), torch.zeros(8), 1e-5, None)
-    monkeypatch.delenv("FAST_UNET_FUSED_CONV", raising=False)
-    assert fast_unet.dispatch.fused("conv3x3_gn_relu", *args) is None  # off by default
-    monkeypatch.setenv("FAST_UNET_FUSED_CONV", "1")
-    assert fast_unet.dispatch.fused("conv3x3_gn_relu", *args) is not None
-    assert fast_unet.dispatch.fused("conv3x3_gn_relu", x, torch.randn(8, 5, 1, 1), *args[2:]) is None
-    monkeypatch.setenv("FAST_UNET_BACKEND", "eager")
-    assert fast_unet.dispatch.fused("conv3x3_gn_relu", *args) is None
-    monkeypatch.setenv("FAST_UNET_FUSED_CONV", "yes")
-    with pytest.raises(ValueError, match="FAST_UNET_FUSED_CONV"):
-        fast_unet.dispatch.fused_conv_enabled()
-
-
-def test_unet_with_fused_conv_matches_reference(monkeypatch):
-    monkeypatch.setenv("FAST_UNET_FUSED_CONV", "1")
-    torch.manual_seed(0)
-    ref = make_reference(16)
-    model = fast_unet.UNet()
-    model.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 3, 16, 16)
-    t = torch.tensor([3, 517])
-    fast_unet.dispatch.last_choice.clear()
-    calls = []
-    orig = fast_unet.ops.group_norm_relu
-    monkeypatch.setattr(fast_unet.ops, "group_norm_relu", lambda *a: calls.append(1) or orig(*a))
-    y = model(x, t)
-    assert not calls, "with FAST_UNET_FUSED_CONV=1 every DoubleConv must take the fused path"
-    assert fast_unet.dispatch.last_choice["conv3x3_gn_relu"] == "triton"
-    y_ref = ref(x, t)
-    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-4)
-    g = torch.randn_like(y)
-    (y * g).sum().backward()
-    (y_ref * g).sum().backward()
-    assert_param_grads_close(model, ref)
+    with pytest.raises(ValueError, match="x2 must be"):
+        K.conv3x3_stats(x, torch.randn(8, 8, 3, 3), torch.randn(8), x2=torch.randn(2, 3, 4, 5))
+    with pytest.raises(ValueError, match=r"weight must have shape \(C_out, 8, 3, 3\)"):
+        K.conv3x3_stats(x, torch.randn(8, 5, 3, 3), torch.randn(8), x2=torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="norm partials must be float32"):
+        K.conv3x3_stats(x, torch.randn(8, 5, 3, 3), torch.randn(8), norm=(torch.randn(2, 3), torch.ones(5),
+                                                                          torch.zeros(5), 1e-5))
+    with pytest.raises(ValueError, match="norm gn_weight must have shape"):
+        K.conv3x3_stats(x, torch.randn(8, 5, 3, 3), torch.randn(8), norm=(torch.randn(2, 3, 3), torch.ones(4),
+                                                                          torch.zeros(5), 1e-5))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

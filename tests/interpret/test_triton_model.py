@@ -1,4 +1,5 @@
-"""The whole drop-in UNet on the Triton backend vs the reference (fast_unet.reference), 16x16, float32."""
+"""The whole drop-in UNet on the unfused Triton ops vs the reference (fast_unet.reference), 16x16, float32.
+(The fused model path: test_fused_model.py.)"""
 import pytest
 import torch
 
@@ -7,7 +8,9 @@ from fast_unet.reference import make_reference
 from interpret_rules import assert_param_grads_close
 
 
-def test_unet_forward_and_parameter_gradients_match_reference():
+def test_unet_forward_and_parameter_gradients_match_reference(monkeypatch):
+    """The unfused Triton ops (FAST_UNET_FUSED=none): every dispatched op runs on Triton."""
+    monkeypatch.setenv("FAST_UNET_FUSED", "none")
     torch.manual_seed(0)
     ref = make_reference(16)
     model = fast_unet.UNet()

@@ -1,0 +1,72 @@
+"""The whole UNet on the fused model path (fast_unet/fused.py, ``FAST_UNET_FUSED``) vs the reference,
+forward and every parameter gradient, and the switch that turns the paths on and off.
+
+Under the interpreter a conv launch costs ~1 s per thousand K-steps, so the model tests run at 8x16 and
+replace the conv's tile table with one large tile per small sample (``_fast_conv_config``): the wiring is
+what these tests check; every real config of the conv is checked in test_conv.py."""
+import pytest
+import torch
+import triton
+
+import fast_unet
+from fast_unet import dispatch
+from fast_unet.reference import make_reference
+from interpret_rules import assert_param_grads_close
+
+
+@pytest.fixture
+def fast_conv_config(monkeypatch):
+    from kernels import conv as K
+
+    monkeypatch.setattr(K, "config", lambda dtype, c_in, hw: (max(16, min(128, triton.next_power_of_2(hw))), 128, 64, 4, 1))
+
+
+def _pair(h, w):
+    torch.manual_seed(0)
+    ref = make_reference(h, w)
+    model = fast_unet.UNet()
+    model.load_state_dict(ref.state_dict())
+    return model, ref
+
+
+@pytest.mark.parametrize("fused", ["conv", "all"])
+def test_fused_unet_matches_reference(monkeypatch, fast_conv_config, fused):
+    """Float32, non-square 8x16 (a 1x2 bottleneck), batch 2, NCHW input read in place by the first conv."""
+    monkeypatch.setenv("FAST_UNET_FUSED", fused)
+    model, ref = _pair(8, 16)
+    x = torch.randn(2, 3, 8, 16)
+    t = torch.tensor([3, 517])
+    calls = []
+    monkeypatch.setattr(fast_unet.ops, "group_norm_relu", lambda *a: calls.append(a) or None)
+    dispatch.last_choice.clear()
+    y = model(x, t)
+    assert not calls, "on the fused path no DoubleConv may run the unfused GroupNorm op"
+    assert dispatch.last_choice["fused conv"] == "triton"
+    assert y.is_contiguous()
+    y_ref = ref(x, t)
+    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-4)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    assert_param_grads_close(model, ref)
+
+
+def test_fused_setting_parses_and_switches(monkeypatch):
+    x = torch.randn(1, 3, 8, 8)
+    monkeypatch.delenv("FAST_UNET_FUSED", raising=False)
+    assert dispatch.fused_setting() == set(dispatch.FUSED_PATHS)  # all on by default
+    assert dispatch.fused_paths(x)["conv"] == []
+    for value, want in (("none", set()), ("0", set()), ("conv", {"conv"}), ("attention, conv", {"conv", "attention"})):
+        monkeypatch.setenv("FAST_UNET_FUSED", value)
+        assert dispatch.fused_setting() == want, value
+    monkeypatch.setenv("FAST_UNET_FUSED", "none")
+    assert dispatch.fused_paths(x)["conv"] == ["FAST_UNET_FUSED does not include 'conv'"]
+    monkeypatch.setenv("FAST_UNET_FUSED", "conv,pool")
+    with pytest.raises(ValueError, match="FAST_UNET_FUSED='conv,pool' is not valid"):
+        dispatch.fused_setting()
+    monkeypatch.setenv("FAST_UNET_FUSED", "all")
+    monkeypatch.setenv("FAST_UNET_BACKEND", "eager")
+    assert "the fused paths are Triton kernels" in dispatch.fused_paths(x)["conv"][0]
+    monkeypatch.setenv("FAST_UNET_BACKEND", "auto")
+    assert dispatch.fused_paths(x)["conv"] == []
+    assert "must be float32, bfloat16 or float16" in dispatch.fused_paths(x.double())["conv"][0]
