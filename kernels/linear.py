@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot as _dot
+from ._common import to_dtype as _to
 from .group_norm import partials_stats as _partials_stats
 
 
@@ -62,8 +63,8 @@ def _a_tile(
         if HAS_EMB:
             e = tl.load(emb_row + k * stride_ec, mask=k_ok, other=0.0).to(tl.float32)
             v = v + e[None, :]
-        v = v.to(x_rows.dtype.element_ty).to(tl.float32)
-        v = tl.where(mask, v, 0.0)
+        # zero where k >= K (w, b and emb load 0 there); rows past the tile's end are never stored
+        v = _to(v, x_rows.dtype.element_ty).to(tl.float32)
     return v
 
 
@@ -123,7 +124,7 @@ def _linear_kernel(
                         GN, HAS_EMB)
             if GN:
                 if pid_n == 0:
-                    tl.store(tok_ptr + rows[:, None] * K + k[None, :], v.to(tok_ptr.dtype.element_ty),
+                    tl.store(tok_ptr + rows[:, None] * K + k[None, :], _to(v, tok_ptr.dtype.element_ty),
                              mask=row_ok[:, None] & (k < K)[None, :])
             acc_s += tl.sum(v, axis=1)
         ln_mean = acc_s / K
@@ -147,7 +148,7 @@ def _linear_kernel(
             lw = tl.load(ln_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
             lb = tl.load(ln_b_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
             h = (v - ln_mean[:, None]) * ln_rstd[:, None] * lw[None, :] + lb[None, :]
-            a = h.to(x_ptr.dtype.element_ty)  # the LayerNorm output as the unfused path stores it
+            a = _to(h, x_ptr.dtype.element_ty)  # the LayerNorm output as the unfused path stores it
         else:
             a = tl.load(x_rows[:, None] + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w_ptr + k[:, None] * stride_wk + n[None, :] * stride_wn,
@@ -161,7 +162,7 @@ def _linear_kernel(
     offs = rows[:, None] * N_out + n[None, :]
     if RESIDUAL:
         out += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, _to(out, out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -175,11 +176,12 @@ BLOCK_P = 64  # GroupNorm partials per chunk in partials_stats
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by (dtype kind, variant): "narrow_n" for N_out <= 64
 # (one N tile: a 128-wide one would be half masked), else "wide_n". Every entry is in the AOT compile
-# report (fast_unet/aot.py, _linear_builds) and was picked from it; their speed is a guess until a GPU
-# has measured them.
+# report (fast_unet/aot.py, _linear_builds) and was picked from it: at BLOCK_K 64 the GroupNorm prologue
+# sat at 128-168 registers with 4 warps and spilled once on sm_80 (fp16); 64x128 with 4 warps needs
+# 150-168; float32 stays at BLOCK_K 16, like the conv. Their speed is a guess until a GPU has measured them.
 CONFIGS = {
-    ("half", "narrow_n"): (64, 64, 64, 4, 3),
-    ("half", "wide_n"): (64, 128, 64, 8, 3),
+    ("half", "narrow_n"): (64, 64, 32, 4, 3),
+    ("half", "wide_n"): (64, 128, 32, 8, 3),
     ("float32", "narrow_n"): (64, 64, 16, 4, 1),
     ("float32", "wide_n"): (64, 64, 16, 4, 1),
 }
@@ -234,8 +236,6 @@ def check_gn(y, partials, gn_weight, gn_bias, emb):
     _check_x("y", y)
     if y.dim() != 4:
         raise ValueError(f"y must be 4-D (B, C, H, W), got shape {tuple(y.shape)}")
-    if not y.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError(f"y must be channels_last (NHWC in memory), got strides {tuple(y.stride())}")
     B, C = y.shape[:2]
     if not isinstance(partials, torch.Tensor) or partials.dim() != 3 or partials.shape[0] != B \
             or partials.shape[2] != 3 or partials.shape[1] < 1:
@@ -301,9 +301,11 @@ def ln_linear(x, ln_weight, ln_bias, ln_eps, weight, bias, gelu=False):
 
 
 def gn_ln_linear(y, partials, gn_weight, gn_bias, gn_eps, emb, ln_weight, ln_bias, ln_eps, weight, bias):
-    """Returns (out (B, HW, N_out), t (B, C, H, W) channels_last, mean (B,) f32, rstd (B,) f32):
+    """y (B, C, H, W), channels_last (else copied to it). Returns (out (B, HW, N_out), t (B, C, H, W)
+    channels_last, mean (B,) f32, rstd (B,) f32):
     t = relu(GroupNorm(1, C)(y)) + emb (statistics from ``partials``), out = LayerNorm(t) @ weight^T + bias."""
     check_gn(y, partials, gn_weight, gn_bias, emb)
+    y = y.contiguous(memory_format=torch.channels_last)  # the model's layout already: no copy
     B, C, H, W = y.shape
     tokens = y.permute(0, 2, 3, 1)  # (B, H, W, C) contiguous: the rows
     check_linear(tokens, weight, bias)
