@@ -95,13 +95,13 @@ def builds():
 # The token-GEMM kernel's float arguments, and its integers that are multiples of 16 at the model's shapes
 # (K = C in 64, 128, 256; N_out in C, 3C; weight row stride K).
 FLOAT_ARGS.update({"ln_eps", "gn_eps"})
-ALIGNED_INTS.update({"K", "N_out", "stride_wn"})
+ALIGNED_INTS.update({"K", "N_out", "stride_wo"})
 
 
 def _linear_builds():
     """kernels/linear.py: each config ``linear.config`` can pick, for each op's flags (linear_residual,
     ln_linear with and without GELU, gn_ln_linear with and without emb). The weight is read with
-    stride_wk == 1 and emb with stride_ec == 1 (nn.Linear's weight; a column slice of the stacked time
+    stride_wi == 1 and emb with stride_ec == 1 (nn.Linear's weight; a column slice of the stacked time
     embedding), specialised as the JIT does."""
     from kernels import linear as L
 
@@ -115,7 +115,7 @@ def _linear_builds():
         kind = "float32" if dt == "float32" else "half"
         for bm, bn, bk, warps, stages in sorted({c for (k, _), c in L.CONFIGS.items() if k == kind}):
             for name, flags, tag in ops:
-                ce = dict(flags, stride_wk=1, stride_ec=1, IEEE=dt == "float32", BLOCK_M=bm, BLOCK_N=bn,
+                ce = dict(flags, stride_wi=1, stride_ec=1, IEEE=dt == "float32", BLOCK_M=bm, BLOCK_N=bn,
                           BLOCK_K=bk, BLOCK_P=L.BLOCK_P)
                 out.append((name, L._linear_kernel, f"{dt} {bm}x{bn}x{bk} w{warps} s{stages}{tag}", dt,
                             ce, dict(num_warps=warps, num_stages=stages)))

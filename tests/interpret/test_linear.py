@@ -347,3 +347,24 @@ def test_bad_inputs_name_the_argument():
     assert any("residual" in s for s in TB.linear_residual_reasons(x, w, b, r[..., :5]))
     assert any("ln_weight" in s for s in TB.ln_linear_reasons(x, lw[:5], lb, eps, w, b))
     assert any("meta" in s for s in TB.linear_residual_reasons(x.to("meta"), w, b, r))
+
+
+def test_gn_ln_linear_compiles_for_sm90_without_spills():
+    """The heaviest prologue, every config the launcher can pick, compiled for Hopper in a subprocess
+    without TRITON_INTERPRET (see tests/test_aot.py): no spills, wgmma for bf16/fp16."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "fast_unet.info", "--compile", "sm_90", "--kernel", "gn_ln_linear",
+                           "--json"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(proc.stdout)
+    assert len(rows) == 2 * 5, rows  # (emb, no emb) x (1 float32 + 2 bfloat16 + 2 float16 configs)
+    for r in rows:
+        assert r["spill_bytes"] == 0, r
+        assert r["tensor_cores"] == ("no" if r["config"].startswith("float32") else "wgmma"), r
