@@ -220,8 +220,8 @@ def gn_ln_linear(y, partials, gn_weight, gn_bias, gn_eps, emb, ln_weight, ln_bia
 def _check_gn_ln_linear(y, partials, gn_weight, gn_bias, emb, ln_weight, ln_bias, weight, bias):
     _lin.check_gn(y, partials, gn_weight, gn_bias, emb)
     tokens = y.permute(0, 2, 3, 1)
-    _lin.check_linear(tokens, weight, bias)
-    _lin.check_ln(tokens, ln_weight, ln_bias)
+    _lin.check_linear(tokens, weight, bias, name="y (channels)")
+    _lin.check_ln(tokens, ln_weight, ln_bias, name="y (channels)")
 
 
 def gn_ln_linear_reasons(y, partials, gn_weight, gn_bias, gn_eps, emb, ln_weight, ln_bias, ln_eps, weight, bias):

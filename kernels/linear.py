@@ -110,7 +110,7 @@ def _linear_kernel(
     emb_row = emb_ptr
     if GN:
         gn_mean, gn_rstd = _partials_stats(part_ptr, g, P, gn_eps, BLOCK_P)
-        if (pid == 0):
+        if pid == 0:
             tl.store(mean_ptr + g, gn_mean)
             tl.store(rstd_ptr + g, gn_rstd)
         emb_row = emb_ptr + g.to(tl.int64) * stride_eb
@@ -212,13 +212,13 @@ def _check_x(name, x):
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
 
 
-def check_linear(x, weight, bias, residual=None):
-    """x (..., K), weight (N_out, K), bias (N_out,), residual (..., N_out) or None."""
-    _check_x("x", x)
+def check_linear(x, weight, bias, residual=None, name="x"):
+    """x (..., K), weight (N_out, K), bias (N_out,), residual (..., N_out) or None; ``name``: x's in errors."""
+    _check_x(name, x)
     if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., K)")
+        raise ValueError(f"{name} must have at least one dimension (..., K)")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"weight must have shape (N_out, {x.shape[-1]}) for x with {x.shape[-1]} features, got "
+        raise ValueError(f"weight must have shape (N_out, {x.shape[-1]}) for {name} with {x.shape[-1]} features, got "
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
     _same("weight", weight, x, weight.shape)
     _same("bias", bias, x, (weight.shape[0],))
@@ -226,10 +226,10 @@ def check_linear(x, weight, bias, residual=None):
         _same("residual", residual, x, (*x.shape[:-1], weight.shape[0]))
 
 
-def check_ln(x, ln_weight, ln_bias):
+def check_ln(x, ln_weight, ln_bias, name="x"):
     k = x.shape[-1]
     if k > MAX_LN_K:
-        raise ValueError(f"x has {k} features; the LayerNorm prologue takes at most {MAX_LN_K}")
+        raise ValueError(f"{name} has {k} features; the LayerNorm prologue takes at most {MAX_LN_K}")
     _same("ln_weight", ln_weight, x, (k,))
     _same("ln_bias", ln_bias, x, (k,))
 
@@ -310,8 +310,8 @@ def gn_ln_linear(y, partials, gn_weight, gn_bias, gn_eps, emb, ln_weight, ln_bia
     y = y.contiguous(memory_format=torch.channels_last)  # the model's layout already: no copy
     B, C, H, W = y.shape
     tokens = y.permute(0, 2, 3, 1)  # (B, H, W, C) contiguous: the rows
-    check_linear(tokens, weight, bias)
-    check_ln(tokens, ln_weight, ln_bias)
+    check_linear(tokens, weight, bias, name="y (channels)")
+    check_ln(tokens, ln_weight, ln_bias, name="y (channels)")
     n_out = weight.shape[0]
     HW = H * W
     out = torch.empty((B, HW, n_out), device=y.device, dtype=y.dtype)

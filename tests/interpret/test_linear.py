@@ -119,7 +119,7 @@ def _partials(y, P):
     return torch.stack(out, 1).float()
 
 
-def _eager_gn_ln_linear(partials, eps=1e-5):
+def _eager_gn_ln_linear(eps=1e-5):
     def fn(y, gw, gb, emb, lw, lb, w, b):
         B, C, H, W = y.shape
         t = F.relu(F.group_norm(y, 1, gw, gb, eps))
@@ -169,8 +169,8 @@ def test_gn_ln_linear(shape, dtype):
     partials = _partials(tensors[0].to(dtype), P)
     g = [torch.randn(B, H * W, n, dtype=torch.float64), torch.randn(B, C, H, W, dtype=torch.float64)]
     outs, grads = _run(_ours_gn_ln_linear(partials), tensors, dtype, g)
-    outs_e, grads_e = _run(_eager_gn_ln_linear(partials), tensors, dtype, g)
-    refs, grads_r = _run(_eager_gn_ln_linear(partials), tensors, torch.float64, g)
+    outs_e, grads_e = _run(_eager_gn_ln_linear(), tensors, dtype, g)
+    refs, grads_r = _run(_eager_gn_ln_linear(), tensors, torch.float64, g)
     out, t = outs
     assert out.shape == (B, H * W, n) and t.shape == (B, C, H, W)
     assert t.is_contiguous(memory_format=torch.channels_last)
@@ -193,7 +193,7 @@ def test_layer_norm_sees_t_as_stored(dtype):
     lw, lb = torch.ones(C, dtype=dtype), torch.zeros(C, dtype=dtype)
     w, b = (torch.randn(n, C) / C ** 0.5).to(dtype), torch.zeros(n, dtype=dtype)
     out, t = TB.gn_ln_linear(y, _partials(y, 2), gw, gb, 1e-5, emb, lw, lb, 1e-5, w, b)
-    out_e, t_e = _eager_gn_ln_linear(None)(y, gw, gb, emb, lw, lb, w, b)
+    out_e, t_e = _eager_gn_ln_linear()(y, gw, gb, emb, lw, lb, w, b)
     assert torch.equal(t, t_e)
     t_exact = 1 + emb.double()[:, :, None, None].expand(B, C, H, W)
     tok = t_exact.permute(0, 2, 3, 1).reshape(B, H * W, C)
@@ -214,8 +214,8 @@ def test_gn_ln_linear_gradient_of_each_output(which):
     g = [torch.randn(B, H * W, n, dtype=torch.float64), torch.randn(B, C, H, W, dtype=torch.float64)]
     pick = lambda fn: (lambda *a: (fn(*a)[k],))  # noqa: E731
     _, grads = _run(pick(_ours_gn_ln_linear(partials)), tensors, torch.float32, [g[k]])
-    _, grads_e = _run(pick(_eager_gn_ln_linear(partials)), tensors, torch.float32, [g[k]])
-    _, grads_r = _run(pick(_eager_gn_ln_linear(partials)), tensors, torch.float64, [g[k]])
+    _, grads_e = _run(pick(_eager_gn_ln_linear()), tensors, torch.float32, [g[k]])
+    _, grads_r = _run(pick(_eager_gn_ln_linear()), tensors, torch.float64, [g[k]])
     for i, (a, e, r) in enumerate(zip(grads, grads_e, grads_r)):
         if which == "t" and i >= 4:  # LayerNorm and GEMM parameters: no gradient reaches them
             assert a is None or not a.any(), i
@@ -236,7 +236,7 @@ def test_gn_ln_linear_from_the_conv_epilogue():
     emb = torch.randn(2, 64)
     w, b = torch.randn(192, 64) / 8, torch.randn(192)
     out, t, mean, rstd = L.gn_ln_linear(y, partials, gw, gb, 1e-5, emb, lw, lb, 1e-5, w, b)
-    out_e, t_e = _eager_gn_ln_linear(partials)(y, gw, gb, emb, lw, lb, w, b)
+    out_e, t_e = _eager_gn_ln_linear()(y, gw, gb, emb, lw, lb, w, b)
     torch.testing.assert_close(t, t_e, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(out, out_e, atol=5e-5, rtol=1e-5)
     var, m = torch.var_mean(y.double().reshape(2, -1), dim=1, correction=0)
@@ -337,6 +337,10 @@ def test_bad_inputs_name_the_argument():
             L.gn_ln_linear(*a)
         reasons = TB.gn_ln_linear_reasons(*a)
         assert any(msg.split(" ")[0].split("\\")[0] in s for s in reasons), reasons
+    y600 = torch.randn(1, 520, 2, 2)
+    with pytest.raises(ValueError, match=r"y \(channels\) has 520 features; the LayerNorm prologue takes at most 512"):
+        L.gn_ln_linear(y600, _partials(y600, 1), torch.ones(520), torch.zeros(520), 1e-5, None, torch.ones(520),
+                       torch.zeros(520), 1e-5, torch.randn(8, 520), torch.randn(8))
     with pytest.raises(ValueError, match=r"partials must have shape \(2, P, 3\)"):
         L.gn_ln_linear(args[0], torch.randn(3, 2, 3), *args[2:])
     # the reasons functions: empty for good inputs, naming the argument otherwise
@@ -368,3 +372,21 @@ def test_gn_ln_linear_compiles_for_sm90_without_spills():
     for r in rows:
         assert r["spill_bytes"] == 0, r
         assert r["tensor_cores"] == ("no" if r["config"].startswith("float32") else "wgmma"), r
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_read_through_its_strides(dtype):
+    """A transposed or sliced weight view gives the same result as the contiguous weight (no copy made)."""
+    from kernels import linear as L
+
+    x = torch.randn(37, 48).to(dtype)
+    r = torch.randn(37, 80).to(dtype)
+    w = torch.randn(80, 48).to(dtype)
+    b = torch.randn(80).to(dtype)
+    base = L.linear_residual(x, w, b, r)
+    for view in (w.t().contiguous().t(), torch.stack([w, w], 1)[:, 1]):
+        assert not view.is_contiguous() and torch.equal(view, w)
+        torch.testing.assert_close(L.linear_residual(x, view, b, r), base, atol=0, rtol=0)
+        lw, lb = torch.ones(48, dtype=dtype), torch.zeros(48, dtype=dtype)
+        torch.testing.assert_close(L.ln_linear(x, lw, lb, 1e-5, view, b, True),
+                                   L.ln_linear(x, lw, lb, 1e-5, w, b, True), atol=0, rtol=0)
