@@ -88,6 +88,37 @@ def builds():
                          f"w{opts['num_warps']} s{opts['num_stages']}")
                 out.append((name, fn, label, dt, dict(ce, IEEE=dt == "float32"), dict(opts, t_type=t_type)))
     out.append(("gn_combine", G._gn_combine_kernel, "128 w4", "float32", dict(BLOCK_P=128), dict(num_warps=4)))
+    out += _linear_builds()
+    return out
+
+
+# The token-GEMM kernel's float arguments, and its integers that are multiples of 16 at the model's shapes
+# (K = C in 64, 128, 256; N_out in C, 3C; weight row stride K).
+FLOAT_ARGS.update({"ln_eps", "gn_eps"})
+ALIGNED_INTS.update({"K", "N_out", "stride_wo"})
+
+
+def _linear_builds():
+    """kernels/linear.py: each config ``linear.config`` can pick, for each op's flags (linear_residual,
+    ln_linear with and without GELU, gn_ln_linear with and without emb). The weight is read with
+    stride_wi == 1 and emb with stride_ec == 1 (nn.Linear's weight; a column slice of the stacked time
+    embedding), specialised as the JIT does."""
+    from kernels import linear as L
+
+    ops = (("linear_residual", dict(PROLOGUE=0, HAS_EMB=False, GELU=False, RESIDUAL=True), ""),
+           ("ln_linear", dict(PROLOGUE=1, HAS_EMB=False, GELU=False, RESIDUAL=False), ""),
+           ("ln_linear", dict(PROLOGUE=1, HAS_EMB=False, GELU=True, RESIDUAL=False), " gelu"),
+           ("gn_ln_linear", dict(PROLOGUE=2, HAS_EMB=True, GELU=False, RESIDUAL=False), " emb"),
+           ("gn_ln_linear", dict(PROLOGUE=2, HAS_EMB=False, GELU=False, RESIDUAL=False), ""))
+    out = []
+    for dt in ("float32", "bfloat16", "float16"):
+        kind = "float32" if dt == "float32" else "half"
+        for bm, bn, bk, warps, stages in sorted({c for (k, _), c in L.CONFIGS.items() if k == kind}):
+            for name, flags, tag in ops:
+                ce = dict(flags, stride_wi=1, stride_ec=1, IEEE=dt == "float32", BLOCK_M=bm, BLOCK_N=bn,
+                          BLOCK_K=bk, BLOCK_P=L.BLOCK_P)
+                out.append((name, L._linear_kernel, f"{dt} {bm}x{bn}x{bk} w{warps} s{stages}{tag}", dt,
+                            ce, dict(num_warps=warps, num_stages=stages)))
     return out
 
 

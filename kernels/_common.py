@@ -22,3 +22,19 @@ def dot(a, b, IEEE: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def to_dtype(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` for float32 ``x``, rounded to nearest even as on the GPU.
+
+    Triton 3.8's interpreter converts float32 to bfloat16 by truncation (round toward zero), where the GPU
+    rounds to nearest even; a kernel that rounds an intermediate to bf16 on purpose (to match what an
+    unfused path stores) would see different values under the interpreter. There the rounding is done
+    on the bits first (add 0x7FFF plus the lowest kept bit, clear the low 16 bits: exact RTNE for finite
+    values), so the truncating cast that follows is exact. GPU builds are unaffected (constexpr)."""
+    if _UPCAST_DOT and dtype == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        x = ((u >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)

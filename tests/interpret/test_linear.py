@@ -1,0 +1,392 @@
+"""The attention block's token GEMMs (kernels/linear.py, fast_unet/triton_block.py): linear_residual,
+ln_linear (LayerNorm prologue, GELU epilogue) and gn_ln_linear (GroupNorm + ReLU + emb from partial
+statistics, then LayerNorm, then the QKV GEMM): forward and every input gradient vs eager and float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from interpret_rules import assert_close_rule
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+_id = lambda s: "x".join(map(str, s))  # noqa: E731
+
+
+def _rep(t, dtype):
+    """float64 holding values representable in ``dtype`` (the same inputs for every path)."""
+    return t.to(dtype).double() if t is not None else None
+
+
+def _leaves(tensors, dtype):
+    return [t.to(dtype).detach().requires_grad_() if t is not None else None for t in tensors]
+
+
+def _check_all(names, outs, outs_e, refs, dtype):
+    for name, o, oe, r in zip(names, outs, outs_e, refs):
+        if o is None:
+            continue
+        assert o.dtype == dtype, name
+        assert_close_rule(name, o, oe, r, dtype)
+
+
+def _run(fn, tensors, dtype, grads_out):
+    """fn(*leaves) -> tuple of outputs; backward of sum(out * g); returns (outputs, input grads)."""
+    leaves = _leaves(tensors, dtype)
+    outs = fn(*leaves)
+    loss = sum((o.double() * g).sum() for o, g in zip(outs, grads_out))
+    loss.backward()
+    return outs, [t.grad if t is not None else None for t in leaves]
+
+
+# ---------------------------------------------------------------------------------------------------
+# linear_residual
+
+def _eager_linear_residual(x, w, b, r):
+    return (torch.addmm(r.reshape(-1, r.shape[-1]), x.reshape(-1, x.shape[-1]), w.t()).add(b).view(r.shape),)
+
+
+# (lead dims, K, N_out): rows not a multiple of BLOCK_M, K and N_out not multiples of the blocks
+LR_SHAPES = [((1, 35), 48, 48), ((3, 5, 7), 80, 80), ((2, 70), 64, 144)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LR_SHAPES, ids=lambda s: f"{_id(s[0])}-{s[1]}-{s[2]}")
+def test_linear_residual(shape, dtype):
+    from fast_unet import triton_block as TB
+
+    lead, k, n = shape
+    x = _rep(torch.randn(*lead, k, dtype=torch.float64), dtype)
+    w = _rep(torch.randn(n, k, dtype=torch.float64) / k ** 0.5, dtype)
+    b = _rep(torch.randn(n, dtype=torch.float64) * 0.5, dtype)
+    r = _rep(torch.randn(*lead, n, dtype=torch.float64) + 1.0, dtype)
+    g = [torch.randn(*lead, n, dtype=torch.float64)]
+    tensors = (x, w, b, r)
+    outs, grads = _run(lambda *a: (TB.linear_residual(*a),), tensors, dtype, g)
+    outs_e, grads_e = _run(_eager_linear_residual, tensors, dtype, g)
+    refs, grads_r = _run(_eager_linear_residual, tensors, torch.float64, g)
+    assert outs[0].shape == (*lead, n)
+    _check_all(["out"], outs, outs_e, refs, dtype)
+    _check_all(["dx", "dweight", "dbias", "dresidual"], grads, grads_e, grads_r, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ln_linear
+
+def _eager_ln_linear(gelu, eps=1e-5):
+    def fn(x, lw, lb, w, b):
+        z = F.linear(F.layer_norm(x, (x.shape[-1],), lw, lb, eps), w, b)
+        return (F.gelu(z) if gelu else z,)
+    return fn
+
+
+# (lead dims, K, N_out, gelu)
+LN_SHAPES = [((1, 35), 48, 48, True), ((3, 5, 7), 80, 240, False), ((2, 70), 64, 64, True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LN_SHAPES, ids=lambda s: f"{_id(s[0])}-{s[1]}-{s[2]}-{'gelu' if s[3] else 'id'}")
+def test_ln_linear(shape, dtype):
+    from fast_unet import triton_block as TB
+
+    lead, k, n, gelu = shape
+    x = _rep(torch.randn(*lead, k, dtype=torch.float64) * 2 + 0.7, dtype)  # a mean and a scale to remove
+    lw = _rep(torch.randn(k, dtype=torch.float64) * 0.5 + 1.0, dtype)
+    lb = _rep(torch.randn(k, dtype=torch.float64) * 0.5, dtype)
+    w = _rep(torch.randn(n, k, dtype=torch.float64) / k ** 0.5, dtype)
+    b = _rep(torch.randn(n, dtype=torch.float64) * 0.5, dtype)
+    g = [torch.randn(*lead, n, dtype=torch.float64)]
+    tensors = (x, lw, lb, w, b)
+    ours = lambda x, lw, lb, w, b: (TB.ln_linear(x, lw, lb, 1e-5, w, b, gelu),)  # noqa: E731
+    outs, grads = _run(ours, tensors, dtype, g)
+    outs_e, grads_e = _run(_eager_ln_linear(gelu), tensors, dtype, g)
+    refs, grads_r = _run(_eager_ln_linear(gelu), tensors, torch.float64, g)
+    assert outs[0].shape == (*lead, n)
+    _check_all(["out"], outs, outs_e, refs, dtype)
+    _check_all(["dx", "dln_weight", "dln_bias", "dweight", "dbias"], grads, grads_e, grads_r, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# gn_ln_linear
+
+def _partials(y, P):
+    """(B, P, 3) float32 (count, mean, M2) of y as stored, over P contiguous chunks of each sample's NHWC
+    memory (the layout a conv epilogue writes one partial per tile in)."""
+    B = y.shape[0]
+    flat = y.double().permute(0, 2, 3, 1).reshape(B, -1)
+    out = []
+    for chunk in flat.tensor_split(P, dim=1):
+        var, mean = torch.var_mean(chunk, dim=1, correction=0)
+        out.append(torch.stack([torch.full_like(mean, chunk.shape[1]), mean, var * chunk.shape[1]], -1))
+    return torch.stack(out, 1).float()
+
+
+def _eager_gn_ln_linear(eps=1e-5):
+    def fn(y, gw, gb, emb, lw, lb, w, b):
+        B, C, H, W = y.shape
+        t = F.relu(F.group_norm(y, 1, gw, gb, eps))
+        if emb is not None:
+            t = t + emb[:, :, None, None]
+        tokens = t.permute(0, 2, 3, 1).reshape(B, H * W, C)
+        return F.linear(F.layer_norm(tokens, (C,), lw, lb, eps), w, b), t
+    return fn
+
+
+def _ours_gn_ln_linear(partials, eps=1e-5):
+    from fast_unet import triton_block as TB
+
+    def fn(y, gw, gb, emb, lw, lb, w, b):
+        return TB.gn_ln_linear(y.contiguous(memory_format=torch.channels_last), partials, gw, gb, eps, emb, lw, lb,
+                               eps, w, b)
+    return fn
+
+
+def _gn_inputs(shape, dtype):
+    B, C, H, W, n, P, emb_kind = shape
+    y = _rep(torch.randn(B, C, H, W, dtype=torch.float64) * 3 + 1.5, dtype)  # y is un-normalised
+    gw = _rep(torch.randn(C, dtype=torch.float64) * 0.5 + 1.0, dtype)
+    gb = _rep(torch.randn(C, dtype=torch.float64) * 0.5, dtype)
+    emb = None
+    if emb_kind == "strided":
+        emb = _rep(torch.randn(B, 3 * C, dtype=torch.float64), dtype)[:, C // 2: C // 2 + C]  # a column slice
+    lw = _rep(torch.randn(C, dtype=torch.float64) * 0.5 + 1.0, dtype)
+    lb = _rep(torch.randn(C, dtype=torch.float64) * 0.5, dtype)
+    w = _rep(torch.randn(n, C, dtype=torch.float64) / C ** 0.5, dtype)
+    b = _rep(torch.randn(n, dtype=torch.float64) * 0.5, dtype)
+    return y, gw, gb, emb, lw, lb, w, b
+
+
+# (B, C, H, W, N_out, P, emb): C 48 and 80 (not multiples of BLOCK_K), H*W 35 and 99 (masked rows, two
+# row tiles per sample), 64 (exact), batch 1, 2 and 3, N_out = C and 3C, several partials, emb None or a
+# strided column slice.
+GN_SHAPES = [(1, 48, 5, 7, 144, 3, "strided"), (3, 80, 5, 7, 80, 2, None), (2, 64, 9, 11, 192, 4, "strided"),
+             (3, 48, 8, 8, 48, 1, "strided")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GN_SHAPES, ids=lambda s: _id(s[:6]) + ("-emb" if s[6] else ""))
+def test_gn_ln_linear(shape, dtype):
+    tensors = _gn_inputs(shape, dtype)
+    B, C, H, W, n, P, _ = shape
+    partials = _partials(tensors[0].to(dtype), P)
+    g = [torch.randn(B, H * W, n, dtype=torch.float64), torch.randn(B, C, H, W, dtype=torch.float64)]
+    outs, grads = _run(_ours_gn_ln_linear(partials), tensors, dtype, g)
+    outs_e, grads_e = _run(_eager_gn_ln_linear(), tensors, dtype, g)
+    refs, grads_r = _run(_eager_gn_ln_linear(), tensors, torch.float64, g)
+    out, t = outs
+    assert out.shape == (B, H * W, n) and t.shape == (B, C, H, W)
+    assert t.is_contiguous(memory_format=torch.channels_last)
+    _check_all(["out", "t"], outs, outs_e, refs, dtype)
+    names = ["dy", "dgn_weight", "dgn_bias", "demb", "dln_weight", "dln_bias", "dweight", "dbias"]
+    _check_all(names, grads, grads_e, grads_r, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_layer_norm_sees_t_as_stored(dtype):
+    """t = 1 + small per-channel noise: in half precision most of it rounds to 1, so the LayerNorm of t as
+    stored (the unfused path's) and of t before rounding differ completely."""
+    from fast_unet import triton_block as TB
+
+    B, C, H, W, n = 2, 48, 5, 7, 48
+    noise = 1e-3 if dtype == torch.bfloat16 else 2e-4
+    y = torch.randn(B, C, H, W, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    gw, gb = torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype)  # GroupNorm part: relu(1) = 1
+    emb = (torch.randn(B, C) * noise).to(dtype)
+    lw, lb = torch.ones(C, dtype=dtype), torch.zeros(C, dtype=dtype)
+    w, b = (torch.randn(n, C) / C ** 0.5).to(dtype), torch.zeros(n, dtype=dtype)
+    out, t = TB.gn_ln_linear(y, _partials(y, 2), gw, gb, 1e-5, emb, lw, lb, 1e-5, w, b)
+    out_e, t_e = _eager_gn_ln_linear()(y, gw, gb, emb, lw, lb, w, b)
+    assert torch.equal(t, t_e)
+    t_exact = 1 + emb.double()[:, :, None, None].expand(B, C, H, W)
+    tok = t_exact.permute(0, 2, 3, 1).reshape(B, H * W, C)
+    unrounded = F.linear(F.layer_norm(tok, (C,), lw.double(), lb.double(), 1e-5), w.double(), b.double())
+    scale = out_e.double().abs().max().item()
+    assert (unrounded - out_e.double()).abs().max().item() > 0.3 * scale  # the test can tell them apart
+    torch.testing.assert_close(out.double(), out_e.double(), atol=0.03 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["out", "t"])
+def test_gn_ln_linear_gradient_of_each_output(which):
+    """Only one output used: the other's gradient arrives as zeros/None and the sum must still be right."""
+    shape = (2, 48, 5, 7, 48, 2, "strided")
+    tensors = _gn_inputs(shape, torch.float32)
+    B, C, H, W, n, P, _ = shape
+    partials = _partials(tensors[0].float(), P)
+    k = 0 if which == "out" else 1
+    g = [torch.randn(B, H * W, n, dtype=torch.float64), torch.randn(B, C, H, W, dtype=torch.float64)]
+    pick = lambda fn: (lambda *a: (fn(*a)[k],))  # noqa: E731
+    _, grads = _run(pick(_ours_gn_ln_linear(partials)), tensors, torch.float32, [g[k]])
+    _, grads_e = _run(pick(_eager_gn_ln_linear()), tensors, torch.float32, [g[k]])
+    _, grads_r = _run(pick(_eager_gn_ln_linear()), tensors, torch.float64, [g[k]])
+    for i, (a, e, r) in enumerate(zip(grads, grads_e, grads_r)):
+        if which == "t" and i >= 4:  # LayerNorm and GEMM parameters: no gradient reaches them
+            assert a is None or not a.any(), i
+            continue
+        assert_close_rule(f"grad {i}", a, e, r, torch.float32)
+
+
+def test_gn_ln_linear_from_the_conv_epilogue():
+    """The real producer: the Triton conv's (B, P, 3) partials (one per output tile)."""
+    from kernels import conv as K
+    from kernels import linear as L
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 9, 11).contiguous(memory_format=torch.channels_last)
+    y, partials = K.conv3x3_stats(x, torch.randn(64, 5, 3, 3) / 6, torch.randn(64) + 0.5)
+    assert partials.shape[1] > 1
+    gw, gb, lw, lb = torch.randn(64) + 1, torch.randn(64), torch.randn(64) + 1, torch.randn(64)
+    emb = torch.randn(2, 64)
+    w, b = torch.randn(192, 64) / 8, torch.randn(192)
+    out, t, mean, rstd = L.gn_ln_linear(y, partials, gw, gb, 1e-5, emb, lw, lb, 1e-5, w, b)
+    out_e, t_e = _eager_gn_ln_linear()(y, gw, gb, emb, lw, lb, w, b)
+    torch.testing.assert_close(t, t_e, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out, out_e, atol=5e-5, rtol=1e-5)
+    var, m = torch.var_mean(y.double().reshape(2, -1), dim=1, correction=0)
+    torch.testing.assert_close(mean.double(), m, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(rstd.double(), 1 / torch.sqrt(var + 1e-5), atol=0, rtol=1e-5)
+
+
+def test_attention_block_in_five_launches():
+    """gn_ln_linear -> attention -> linear_residual -> ln_linear(gelu) -> linear_residual equals the
+    model's SelfAttention on t = relu(GroupNorm(y)) + emb (float32, forward and parameter gradients)."""
+    from fast_unet import triton_block as TB
+    from fast_unet import triton_ops
+    from fast_unet.model import SelfAttention
+
+    torch.manual_seed(2)
+    B, C, H, W = 2, 64, 5, 7
+    sa = SelfAttention(C)
+    gn = torch.nn.GroupNorm(1, C)
+    y = (torch.randn(B, C, H, W) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    emb = torch.randn(B, C)
+    partials = _partials(y, 3)
+    ln2, fc1, _, fc2 = sa.ff_self
+    qkv, t = TB.gn_ln_linear(y, partials, gn.weight, gn.bias, gn.eps, emb, sa.ln.weight, sa.ln.bias, sa.ln.eps,
+                             sa.mha.in_proj_weight, sa.mha.in_proj_bias)
+    heads = sa.mha.num_heads
+    o = triton_ops.attention(qkv.view(B, H * W, 3, heads, C // heads))
+    tokens = t.permute(0, 2, 3, 1).reshape(B, H * W, C)
+    a = TB.linear_residual(o, sa.mha.out_proj.weight, sa.mha.out_proj.bias, tokens)
+    f = TB.ln_linear(a, ln2.weight, ln2.bias, ln2.eps, fc1.weight, fc1.bias, True)
+    out = TB.linear_residual(f, fc2.weight, fc2.bias, a).view(B, H, W, C).permute(0, 3, 1, 2)
+    t_ref = F.relu(gn(y)) + emb[:, :, None, None]
+    ref = sa(t_ref)
+    torch.testing.assert_close(out, ref, atol=5e-5, rtol=1e-4)
+    g = torch.randn_like(ref)
+    params = [gn.weight, gn.bias] + list(sa.parameters())
+    got = torch.autograd.grad((out * g).sum(), params)
+    exp = torch.autograd.grad((ref * g).sum(), params)
+    for p, a_, e in zip(params, got, exp):
+        torch.testing.assert_close(a_, e, atol=1e-4 * e.abs().max().item() + 1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# registration, errors
+
+def _small_args(op):
+    x = torch.randn(2, 5, 48)
+    w, b = torch.randn(96, 48) / 7, torch.randn(96)
+    lw, lb = torch.randn(48) + 1, torch.randn(48)
+    if op == "linear_residual":
+        return (x, w, b, torch.randn(2, 5, 96))
+    if op == "ln_linear":
+        return (x, lw, lb, 1e-5, w, b, True)
+    y = torch.randn(2, 48, 3, 5).contiguous(memory_format=torch.channels_last)
+    return (y, _partials(y, 2), torch.randn(48) + 1, torch.randn(48), 1e-5, torch.randn(2, 48), lw, lb, 1e-5, w, b)
+
+
+@pytest.mark.parametrize("op", ["linear_residual", "ln_linear", "gn_ln_linear"])
+def test_custom_op_registration(op):
+    import fast_unet.triton_block  # noqa: F401
+
+    args = list(_small_args(op))
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and not (op == "gn_ln_linear" and i == 1):  # partials: no gradient
+            a.requires_grad_()
+    torch.library.opcheck(getattr(torch.ops.fast_unet, op).default, tuple(args))
+
+
+def test_bad_inputs_name_the_argument():
+    from fast_unet import triton_block as TB
+    from kernels import linear as L
+
+    x, w, b, r = _small_args("linear_residual")
+    with pytest.raises(ValueError, match=r"weight must have shape \(N_out, 48\)"):
+        L.linear_residual(x, torch.randn(96, 40), b, r)
+    with pytest.raises(ValueError, match=r"bias must have shape \(96,\)"):
+        L.linear_residual(x, w, torch.randn(95), r)
+    with pytest.raises(ValueError, match=r"residual must have shape \(2, 5, 96\)"):
+        L.linear_residual(x, w, b, torch.randn(2, 5, 48))
+    with pytest.raises(TypeError, match="bias has dtype torch.float16"):
+        L.linear_residual(x, w, b.half(), r)
+    with pytest.raises(TypeError, match="x must be float32, bfloat16 or float16"):
+        L.linear_residual(x.double(), w, b, r)
+    x, lw, lb, eps, w, b, _ = _small_args("ln_linear")
+    with pytest.raises(ValueError, match=r"ln_weight must have shape \(48,\)"):
+        L.ln_linear(x, torch.randn(47), lb, eps, w, b)
+    big = torch.randn(2, 520)
+    with pytest.raises(ValueError, match="at most 512"):
+        L.ln_linear(big, torch.randn(520), torch.randn(520), eps, torch.randn(8, 520), torch.randn(8))
+    args = list(_small_args("gn_ln_linear"))
+    bad = {1: (torch.randn(2, 2, 3).double(), TypeError, "partials must be float32"),
+           2: (torch.randn(47), ValueError, r"gn_weight must have shape \(48,\)"),
+           5: (torch.randn(3, 48), ValueError, r"emb must have shape \(2, 48\)"),
+           7: (torch.randn(48).half(), TypeError, "ln_bias has dtype")}
+    for i, (val, err, msg) in bad.items():
+        a = list(args)
+        a[i] = val
+        with pytest.raises(err, match=msg):
+            L.gn_ln_linear(*a)
+        reasons = TB.gn_ln_linear_reasons(*a)
+        assert any(msg.split(" ")[0].split("\\")[0] in s for s in reasons), reasons
+    y600 = torch.randn(1, 520, 2, 2)
+    with pytest.raises(ValueError, match=r"y \(channels\) has 520 features; the LayerNorm prologue takes at most 512"):
+        L.gn_ln_linear(y600, _partials(y600, 1), torch.ones(520), torch.zeros(520), 1e-5, None, torch.ones(520),
+                       torch.zeros(520), 1e-5, torch.randn(8, 520), torch.randn(8))
+    with pytest.raises(ValueError, match=r"partials must have shape \(2, P, 3\)"):
+        L.gn_ln_linear(args[0], torch.randn(3, 2, 3), *args[2:])
+    # the reasons functions: empty for good inputs, naming the argument otherwise
+    assert TB.linear_residual_reasons(*_small_args("linear_residual")) == []
+    assert TB.ln_linear_reasons(*_small_args("ln_linear")) == []
+    assert TB.gn_ln_linear_reasons(*args) == []
+    x, w, b, r = _small_args("linear_residual")
+    assert any("residual" in s for s in TB.linear_residual_reasons(x, w, b, r[..., :5]))
+    assert any("ln_weight" in s for s in TB.ln_linear_reasons(x, lw[:5], lb, eps, w, b))
+    assert any("meta" in s for s in TB.linear_residual_reasons(x.to("meta"), w, b, r))
+
+
+def test_gn_ln_linear_compiles_for_sm90_without_spills():
+    """The heaviest prologue, every config the launcher can pick, compiled for Hopper in a subprocess
+    without TRITON_INTERPRET (see tests/test_aot.py): no spills, wgmma for bf16/fp16."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "fast_unet.info", "--compile", "sm_90", "--kernel", "gn_ln_linear",
+                           "--json"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(proc.stdout)
+    assert len(rows) == 2 * 5, rows  # (emb, no emb) x (1 float32 + 2 bfloat16 + 2 float16 configs)
+    for r in rows:
+        assert r["spill_bytes"] == 0, r
+        assert r["tensor_cores"] == ("no" if r["config"].startswith("float32") else "wgmma"), r
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_read_through_its_strides(dtype):
+    """A transposed or sliced weight view gives the same result as the contiguous weight (no copy made)."""
+    from kernels import linear as L
+
+    x = torch.randn(37, 48).to(dtype)
+    r = torch.randn(37, 80).to(dtype)
+    w = torch.randn(80, 48).to(dtype)
+    b = torch.randn(80).to(dtype)
+    base = L.linear_residual(x, w, b, r)
+    for view in (w.t().contiguous().t(), torch.stack([w, w], 1)[:, 1]):
+        assert not view.is_contiguous() and torch.equal(view, w)
+        torch.testing.assert_close(L.linear_residual(x, view, b, r), base, atol=0, rtol=0)
+        lw, lb = torch.ones(48, dtype=dtype), torch.zeros(48, dtype=dtype)
+        torch.testing.assert_close(L.ln_linear(x, lw, lb, 1e-5, view, b, True),
+                                   L.ln_linear(x, lw, lb, 1e-5, w, b, True), atol=0, rtol=0)
