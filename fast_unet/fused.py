@@ -67,11 +67,12 @@ def double_conv(dc, x, x2=None):
 
 
 def _attention(sa, x, attention_on):
+    """SelfAttention on a Lazy input: normalised by its first GEMM (``attention`` path), or materialised."""
     if attention_on:
         from . import triton_block
 
-        return triton_block.self_attention(sa, x)
-    return sa(x.materialize() if isinstance(x, Lazy) else x)
+        return triton_block.self_attention(sa, x.y, (x.partials, x.gn.weight, x.gn.bias, x.gn.eps, x.emb))
+    return sa(x.materialize())
 
 
 def unet_forward(model, x, t):

@@ -88,6 +88,10 @@ class SelfAttention(nn.Module):
         return out.add_(linear.bias).view(residual.shape)
 
     def forward(self, x):
+        if dispatch.fused_on("attention", x):
+            from . import triton_block
+
+            return triton_block.self_attention(self, x)
         b, c, h, w = x.shape
         n, heads = h * w, self.mha.num_heads
         # (B, C, H, W) channels_last is (B, H, W, C) in memory: the token view costs nothing.

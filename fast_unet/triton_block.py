@@ -232,3 +232,41 @@ def gn_ln_linear_reasons(y, partials, gn_weight, gn_bias, gn_eps, emb, ln_weight
     if isinstance(partials, Tensor) and partials.requires_grad:
         out.append("partials requires grad; gn_ln_linear gives no gradient for the GroupNorm partials")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fused attention path of the model (dispatch.FUSED_PATHS "attention"): SelfAttention in five launches.
+
+def self_attention(sa, x, gn=None):
+    """``SelfAttention`` ``sa`` on x (B, C, H, W) channels_last -> (B, C, H, W) channels_last.
+
+    ``gn`` = (partials, gn_weight, gn_bias, gn_eps, emb): x is then a conv output y still to be normalised,
+    the block's input being relu(GroupNorm(1, C)(y)) + emb (the fused conv path's lazily normalised
+    tensor): the first GEMM normalises it on load and writes it once, as the residual."""
+    b, c, h, w = x.shape
+    heads = sa.mha.num_heads
+    ln1, (ln2, fc1, _, fc2) = sa.ln, sa.ff_self
+    mha = sa.mha
+    if gn is not None:
+        qkv, t = gn_ln_linear(x, *gn[:4], gn[4], ln1.weight, ln1.bias, ln1.eps, mha.in_proj_weight, mha.in_proj_bias)
+    else:
+        t = x.contiguous(memory_format=torch.channels_last)
+        qkv = ln_linear(t.permute(0, 2, 3, 1).reshape(b, h * w, c), ln1.weight, ln1.bias, ln1.eps,
+                        mha.in_proj_weight, mha.in_proj_bias)
+    tokens = t.permute(0, 2, 3, 1).reshape(b, h * w, c)  # channels_last: a view
+    o = _tops.attention(qkv.view(b, h * w, 3, heads, c // heads))
+    a = linear_residual(o, mha.out_proj.weight, mha.out_proj.bias, tokens)
+    f = ln_linear(a, ln2.weight, ln2.bias, ln2.eps, fc1.weight, fc1.bias, gelu=True)
+    out = linear_residual(f, fc2.weight, fc2.bias, a)
+    return out.view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def fused_attention_reasons(x):
+    """Why the fused attention path cannot run the model on input ``x`` (empty: it can). The model's
+    attention blocks have C <= 256 and head dims 16-64, which the kernels take."""
+    return _tops.fused_conv_reasons(x)
+
+
+from . import dispatch  # noqa: E402
+
+dispatch.register_fused("attention", fused_attention_reasons)

@@ -457,3 +457,6 @@ dispatch.register_fused("conv", fused_conv_reasons)
 dispatch.register("group_norm_relu", "triton", group_norm_relu, group_norm_relu_reasons)
 dispatch.register("attention", "triton", attention, attention_reasons)
 dispatch.register("time_embedding", "triton", time_embedding, time_embedding_reasons)
+
+
+from . import triton_block  # noqa: E402,F401  (the attention block's ops; registers the fused attention path)

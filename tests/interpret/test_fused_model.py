@@ -29,7 +29,7 @@ def _pair(h, w):
     return model, ref
 
 
-@pytest.mark.parametrize("fused", ["conv", "all"])
+@pytest.mark.parametrize("fused", ["conv", "attention", "all"])
 def test_fused_unet_matches_reference(monkeypatch, fast_conv_config, fused):
     """Float32, non-square 8x16 (a 1x2 bottleneck), batch 2, NCHW input read in place by the first conv."""
     monkeypatch.setenv("FAST_UNET_FUSED", fused)
@@ -37,11 +37,17 @@ def test_fused_unet_matches_reference(monkeypatch, fast_conv_config, fused):
     x = torch.randn(2, 3, 8, 16)
     t = torch.tensor([3, 517])
     calls = []
-    monkeypatch.setattr(fast_unet.ops, "group_norm_relu", lambda *a: calls.append(a) or None)
+    orig = fast_unet.ops.group_norm_relu
+    monkeypatch.setattr(fast_unet.ops, "group_norm_relu", lambda *a: calls.append(a) or orig(*a))
     dispatch.last_choice.clear()
     y = model(x, t)
-    assert not calls, "on the fused path no DoubleConv may run the unfused GroupNorm op"
-    assert dispatch.last_choice["fused conv"] == "triton"
+    if "attention" in fused or fused == "all":
+        assert dispatch.last_choice["fused attention"] == "triton"
+    if fused != "attention":
+        assert not calls, "on the fused path no DoubleConv may run the unfused GroupNorm op"
+        assert dispatch.last_choice["fused conv"] == "triton"
+    else:
+        assert "fused conv" not in dispatch.last_choice
     assert y.is_contiguous()
     y_ref = ref(x, t)
     torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-4)
