@@ -69,3 +69,24 @@ def test_expanded_view_counts_its_storage_once():
     t = torch.zeros(1).expand(1000)
     (touched,) = bk.touched([("t", t)])
     assert touched.bytes == 4
+
+
+def test_bench_prints_the_kernel_counts(tmp_path):
+    """``python -m bench``'s kernel section: bench.kernels in a fresh process (TRITON_INTERPRET=1 set
+    for it on the CPU), every default model counted, or the reason it was not."""
+    import argparse
+
+    from bench.__main__ import kernel_counts, kernel_table
+
+    args = argparse.Namespace(batch=1, dtype="float32", json=str(tmp_path / "latest.json"))
+    counts, why = kernel_counts(args, 16, 16, "cpu")
+    assert why is None, why
+    assert set(counts["models"]) == set(bk.DEFAULT_VARIANTS)
+    for name, r in counts["models"].items():
+        if "unavailable" in r:  # fast_unet without Triton: the reason is reported instead
+            assert name.startswith("fast_unet")
+            continue
+        assert 0 < r["forward"]["launches"] < r["train"]["launches"]
+    text = kernel_table({"kernel_counts": counts})
+    assert "| baseline |" in text and "| fast_unet |" in text
+    assert "not counted" in kernel_table({"kernel_counts_error": "no Triton"})
