@@ -146,3 +146,18 @@ def test_declared_writes_are_what_the_kernels_write(real_train):
     for name, seen in changed.items():
         declared = set(WRITES.get(name, ())) | set(UPDATES.get(name, ()))
         assert seen == declared, f"{name}: changed {sorted(seen)}, declared {sorted(declared)}"
+
+
+def test_torch_ops_inside_custom_ops_are_counted_once(dry_traces):
+    """A dispatch mode that just calls ``func`` would not see the torch ops of a custom op's
+    implementation (the mode is popped while it handles the op); OpCounter runs the implementation with
+    itself pushed again. The custom ops themselves are not counted, their launches are."""
+    trace = dry_traces["plain", "train"]
+    assert not [x for x in trace.launches if x.name.startswith("fast_unet")]
+    inside = [(x.kind, x.name, x.inside) for x in trace.launches if x.inside]
+    gn_bwd = inside.count(("triton", "_gn_bwd_dx_kernel", "fast_unet::group_norm_relu_backward"))
+    assert gn_bwd == 20  # the UNet's 20 GroupNorms
+    # the launcher's d_weight / d_bias reductions over the batch: two torch sums per backward
+    assert inside.count(("torch", "aten.sum.dim_IntList", "fast_unet::group_norm_relu_backward")) == 2 * gn_bwd
+    assert inside.count(("torch", "aten.zeros.default", "fast_unet::time_embedding_backward")) == 4
+    assert all(x.inside for x in trace.launches if x.kind == "triton")
