@@ -159,7 +159,8 @@ def kernel_table(result):
             continue
         f, t = r["forward"], r["train"]
         ratio = f.get("bytes_vs_baseline")
-        lines.append(f"| {name} | {f['launches']} | {t['launches']} | {(f['read_bytes'] + f['written_bytes']) / 1e6:,.1f} | "
+        moved = (f["read_bytes"] + f["written_bytes"]) / 1e6
+        lines.append(f"| {name} | {f['launches']} | {t['launches']} | {moved:,.1f} | "
                      f"{'-' if ratio is None else format(ratio, '.3f')} |")
     lines += ["", f"Note: {k['caveat']}. Per kernel: {k['json']}."]
     return "\n".join(lines)

@@ -639,7 +639,8 @@ def summary_table(result):
             lines.append(f"| {v} | unavailable: {r['unavailable']} | | | | | |")
             continue
         f, t = r["forward"], r["train"]
-        split = lambda s: f"{s['launches']} ({s['triton']} + {s['torch']})" if s["triton"] else str(s["launches"])  # noqa: E731
+        def split(s):
+            return f"{s['launches']} ({s['triton']} + {s['torch']})" if s["triton"] else str(s["launches"])
         ratio = f.get("bytes_vs_baseline")
         lines.append(f"| {v} | {split(f)} | {split(t)} | {_mb(f['read_bytes'])} | {_mb(f['written_bytes'])} | "
                      f"{_mb(f['read_bytes'] + f['written_bytes'])} | "
