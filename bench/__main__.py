@@ -5,13 +5,17 @@ For each model: the forward time (no grad; training mode, see run()) and the tra
 backward; train mode), medians of interleaved runs after warm-up; the peak memory of each step; the
 ratios against the reference and the baseline; achieved GFLOP/s against the device's measured matmul
 rate. Prints a table, and writes everything as JSON (``--json``, default bench_results/latest.json).
+Then a short section of kernel-launch counts and forward memory traffic per model, from
+``python -m bench.kernels`` (``--no-kernel-count`` leaves it out).
 """
 import argparse
 import datetime
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -108,6 +112,60 @@ def run(args):
     return result
 
 
+def kernel_counts(args, height, width, device):
+    """(counts, None) from ``python -m bench.kernels`` at the benchmark's batch, size and dtype, or
+    (None, why not). A fresh process: on the CPU the Triton kernels are counted under TRITON_INTERPRET=1,
+    which has to be set before kernels/ is imported."""
+    out_dir = os.path.dirname(os.path.abspath(args.json)) if args.json else tempfile.mkdtemp(prefix="bench_")
+    path = os.path.join(out_dir, "kernels.json")
+    cmd = [sys.executable, "-m", "bench.kernels", "--batch", str(args.batch), "--size", f"{height}x{width}",
+           "--dtype", args.dtype, "--device", device, "--json", path, "--summary", "--quiet", "--no-launch-list"]
+    env = dict(os.environ)
+    if torch.device(device).type == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    except OSError as e:
+        return None, str(e)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        return None, lines[-1] if lines else f"python -m bench.kernels exited with {proc.returncode}"
+    with open(path) as f:
+        data = json.load(f)
+    counts = {}
+    for name, r in data["models"].items():
+        if "unavailable" in r:
+            counts[name] = {"unavailable": r["unavailable"]}
+            continue
+        counts[name] = {step: {k: r[step][k] for k in ("launches", "triton", "torch", "read_bytes",
+                                                       "written_bytes", "bytes_vs_baseline") if k in r[step]}
+                        for step in ("forward", "train")}
+        if "cuda_profiler" in r:
+            counts[name]["cuda_profiler"] = {k: r["cuda_profiler"][k] for k in ("forward", "train")}
+    return {"json": path, "caveat": data["caveat"], "models": counts}, None
+
+
+def kernel_table(result):
+    k = result.get("kernel_counts")
+    if k is None:
+        return f"Kernel launches: not counted ({result.get('kernel_counts_error', 'skipped')})"
+    lines = ["Kernel launches (python -m bench.kernels; training step = forward + MSE loss + backward, no "
+             "optimizer step; fast_unet = Triton launches + the aten ops outside them):", "",
+             "| model | forward launches | training-step launches | forward MB moved | bytes vs baseline |",
+             "|---|---:|---:|---:|---:|"]
+    for name, r in k["models"].items():
+        if "unavailable" in r:
+            lines.append(f"| {name} | unavailable: {r['unavailable']} | | | |")
+            continue
+        f, t = r["forward"], r["train"]
+        ratio = f.get("bytes_vs_baseline")
+        moved = (f["read_bytes"] + f["written_bytes"]) / 1e6
+        lines.append(f"| {name} | {f['launches']} | {t['launches']} | {moved:,.1f} | "
+                     f"{'-' if ratio is None else format(ratio, '.3f')} |")
+    lines += ["", f"Note: {k['caveat']}. Per kernel: {k['json']}."]
+    return "\n".join(lines)
+
+
 def table(result):
     lines = [
         f"fast_unet benchmark: {result['device']}, torch {result['torch']}",
@@ -148,13 +206,25 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
+    p.add_argument("--no-kernel-count", dest="kernel_count", action="store_false",
+                   help="skip the kernel-launch counts (python -m bench.kernels)")
     p.add_argument("--json", default=os.path.join("bench_results", "latest.json"), help="where to write the JSON")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error("--batch must be >= 1")
     result = run(args)
+    if args.kernel_count:
+        _progress(args.quiet)("counting kernel launches (python -m bench.kernels)")
+        height, width = core.parse_size(args.size)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        counts, why = kernel_counts(args, height, width, device)
+        result["kernel_counts"] = counts
+        if why:
+            result["kernel_counts_error"] = why
     text = table(result)
+    if args.kernel_count:
+        text += "\n\n" + kernel_table(result)
     print(text)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -1,0 +1,163 @@
+"""bench.kernels on fast_unet under the Triton interpreter: the launch recorder, dry mode, the write table.
+
+Small shapes (B=1, 8x8, float32): counts do not depend on them. The eager-model counter's own
+tests (meta against CPU tensors, bytes of single ops) are in tests/test_eager_kernel_count.py.
+"""
+import contextlib
+
+import pytest
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import KernelInterface
+
+import kernels
+from bench import kernels as bk
+from kernels.writes import UPDATES, WRITES
+
+F32 = torch.float32
+FUSED = {"FAST_UNET_FUSED_CONV": "1"}
+
+
+def _sig(trace):
+    return [(x.kind, x.name, x.inside, x.read_bytes, x.write_bytes) for x in trace.launches]
+
+
+@contextlib.contextmanager
+def _executions(per_launch=None):
+    """Count the kernels the interpreter really runs (below the recorder's hook): ``runs[0]``.
+    ``per_launch(kernel, named_tensors, run)``: wrap each run (to look at its arguments)."""
+    runs = [0]
+    original = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        runs[0] += 1
+        go = lambda: original(self, *args, grid=grid, warmup=warmup, **kwargs)  # noqa: E731
+        if per_launch is None:
+            return go()
+        named = list(zip(self.arg_names, args)) + list(kwargs.items())
+        return per_launch(self, [(n, a) for n, a in named if isinstance(a, torch.Tensor)], go)
+
+    InterpretedFunction.run = run
+    try:
+        yield runs
+    finally:
+        InterpretedFunction.run = original
+
+
+def _bits(t):
+    return t.detach().reshape(-1).clone().view(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def dry_traces():
+    """Dry traces of both variants, forward and training step, B=1, 8x8."""
+    return {(name, step): bk.trace_step("fast_unet", step, 1, 8, 8, F32, "cpu", env)
+            for name, env in (("plain", {}), ("fused", FUSED)) for step in bk.STEPS}
+
+
+@pytest.fixture(scope="module")
+def real_train():
+    """One real (non-dry) training step under the interpreter, B=1, 8x8: its trace, the number of kernels
+    the interpreter ran, and per kernel the arguments a launch changed (every tensor argument is
+    snapshotted around each run)."""
+    changed = {}
+
+    def per_launch(kernel, tensors, go):
+        before = [(n, t, _bits(t)) for n, t in tensors]
+        out = go()
+        seen = changed.setdefault(bk.kernel_name(kernel), set())
+        seen.update(n for n, t, b in before if not torch.equal(_bits(t), b))
+        return out
+
+    with _executions(per_launch) as runs:
+        trace = bk.trace_step("fast_unet", "train", 1, 8, 8, F32, "cpu", dry=False)
+    return trace, runs[0], changed
+
+
+def test_counts_are_positive_stable_and_independent_of_batch(dry_traces):
+    for (name, step), trace in dry_traces.items():
+        s = bk.summarise(trace)
+        assert s["triton"] > 0 and s["torch"] > 0, (name, step, s)
+        assert s["read_bytes"] > 0 and s["written_bytes"] > 0
+    for step in bk.STEPS:
+        trace = dry_traces["plain", step]
+        again = bk.trace_step("fast_unet", step, 1, 8, 8, F32, "cpu")
+        assert _sig(again) == _sig(trace), step
+        b3 = bk.trace_step("fast_unet", step, 3, 8, 8, F32, "cpu")
+        assert [x[:3] for x in _sig(b3)] == [x[:3] for x in _sig(trace)], step
+    f, t = (bk.summarise(dry_traces["plain", s]) for s in ("forward", "train"))
+    assert t["launches"] > f["launches"] and t["triton"] > f["triton"]
+    fused = bk.summarise(dry_traces["fused", "forward"])
+    assert fused["launches"] < f["launches"]  # the conv's epilogue replaces the stats kernel
+    assert any(x.name == "_conv3x3_kernel" for x in dry_traces["fused", "forward"].launches)
+
+
+def test_dry_mode_runs_no_kernel_and_computes_no_op():
+    with _executions() as runs:
+        trace = bk.trace_step("fast_unet", "train", 1, 8, 8, F32, "cpu", FUSED)
+    assert runs[0] == 0
+    assert bk.summarise(trace)["triton"] > 0
+    # A dry aten op is counted, and its output is only allocated (its values are whatever was there).
+    trace = bk.Trace()
+    a = torch.full((4096,), 3.0)
+    with bk.OpCounter(trace, "cpu", dry=True):
+        b = a * 2
+        c = a.add_(1)
+    assert [x.name for x in trace.launches] == ["aten.mul.Tensor", "aten.add_.Tensor"]
+    assert not torch.equal(b, torch.full_like(a, 6.0)) and c is a and torch.equal(a, torch.full_like(a, 3.0))
+
+
+def test_recorder_sees_every_launch_and_dry_matches_real(real_train, dry_traces):
+    """In a real run the recorder's Triton launches are every kernel the interpreter ran, and the dry
+    run's trace is the same launch for launch (names, bytes read and written: dry outputs have the
+    real shapes and strides)."""
+    trace, runs, _ = real_train
+    assert runs == bk.summarise(trace)["triton"] > 0
+    assert _sig(dry_traces["plain", "train"]) == _sig(trace)
+
+
+def _kernel_objects():
+    out = {}
+    for mod in (getattr(kernels, m) for m in ("attention", "conv", "group_norm", "time_embedding")):
+        for v in vars(mod).values():
+            if isinstance(v, KernelInterface):
+                out[bk.kernel_name(v)] = v
+    return out
+
+
+def test_write_table_covers_every_recorded_kernel(dry_traces):
+    launched = {x.name for tr in dry_traces.values() for x in tr.launches if x.kind == "triton"}
+    missing = sorted(launched - set(WRITES) - set(UPDATES))
+    assert not missing, f"kernels without an entry in kernels/writes.py: {missing}"
+    assert all(x.declared for tr in dry_traces.values() for x in tr.launches if x.kind == "triton")
+    objs = _kernel_objects()
+    for table in (WRITES, UPDATES):
+        for name, args in table.items():
+            assert name in objs, f"kernels/writes.py: {name} is not a kernel in kernels/"
+            bad = set(args) - set(objs[name].arg_names)
+            assert not bad, f"kernels/writes.py: {name} has no arguments {sorted(bad)}"
+
+
+def test_declared_writes_are_what_the_kernels_write(real_train):
+    """Over the whole real training step (forward and backward), the arguments each kernel changed
+    are exactly the ones kernels/writes.py declares."""
+    _, _, changed = real_train
+    assert changed
+    for name, seen in changed.items():
+        declared = set(WRITES.get(name, ())) | set(UPDATES.get(name, ()))
+        assert seen == declared, f"{name}: changed {sorted(seen)}, declared {sorted(declared)}"
+
+
+def test_torch_ops_inside_custom_ops_are_counted_once(dry_traces):
+    """A dispatch mode that just calls ``func`` would not see the torch ops of a custom op's
+    implementation (the mode is popped while it handles the op); OpCounter runs the implementation with
+    itself pushed again. The custom ops themselves are not counted, their launches are."""
+    trace = dry_traces["plain", "train"]
+    assert not [x for x in trace.launches if x.name.startswith("fast_unet")]
+    inside = [(x.kind, x.name, x.inside) for x in trace.launches if x.inside]
+    gn_bwd = inside.count(("triton", "_gn_bwd_dx_kernel", "fast_unet::group_norm_relu_backward"))
+    assert gn_bwd == 20  # the UNet's 20 GroupNorms
+    # the launcher's d_weight / d_bias reductions over the batch: two torch sums per backward
+    assert inside.count(("torch", "aten.sum.dim_IntList", "fast_unet::group_norm_relu_backward")) == 2 * gn_bwd
+    assert inside.count(("torch", "aten.zeros.default", "fast_unet::time_embedding_backward")) == 4
+    assert all(x.inside for x in trace.launches if x.kind == "triton")
