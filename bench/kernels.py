@@ -4,8 +4,8 @@ each kernel reads and writes, without timing anything.
 What is counted, per model:
 - one forward (``torch.no_grad``, as the benchmark times it) and one training step: forward, MSE loss,
   backward; the optimizer step is NOT included;
-- fast_unet (``FAST_UNET_BACKEND=triton``, plus each variant's switches such as
-  ``FAST_UNET_FUSED_CONV=1``): every Triton launch (``TritonRecorder``, which hooks ``kernel[grid](...)``
+- fast_unet (``FAST_UNET_BACKEND=triton``: by default the fused model path, fast_unet/fused.py; plus
+  each variant's switches, such as ``FAST_UNET_FUSED=none`` for the unfused Triton ops): every Triton launch (``TritonRecorder``, which hooks ``kernel[grid](...)``
   for any Triton kernel, so new kernels are counted with no change here) plus every kernel-launching
   aten op that still runs outside the Triton kernels (``OpCounter``, a TorchDispatchMode: eager convs,
   cats, copies, the matmuls, the torch ops inside the launchers and the autograd glue);
@@ -47,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten, tree_map
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_VARIANTS = ("baseline", "reference", "fast_unet", "fast_unet+FAST_UNET_FUSED_CONV=1")
+DEFAULT_VARIANTS = ("baseline", "reference", "fast_unet", "fast_unet+FAST_UNET_FUSED=none")
 DESCRIPTIONS = {
     "baseline": "fair eager baseline: the reference with need_weights=False (SDPA); aten ops on meta",
     "reference": "the seed's UNet (MultiheadAttention with need_weights=True); aten ops on meta",
@@ -387,7 +387,7 @@ def fused_sdpa_on_meta(dtype):
 # Models and variants
 
 def parse_variant(spec):
-    """'fast_unet+FAST_UNET_FUSED_CONV=1' -> ('fast_unet', {'FAST_UNET_FUSED_CONV': '1'})."""
+    """'fast_unet+FAST_UNET_FUSED=none' -> ('fast_unet', {'FAST_UNET_FUSED': 'none'})."""
     name, *settings = spec.split("+")
     if name not in ("baseline", "reference", "fast_unet"):
         raise ValueError(f"unknown model {name!r} in variant {spec!r}; expected baseline, reference or "
@@ -405,7 +405,7 @@ def parse_variant(spec):
 
 @contextlib.contextmanager
 def fast_unet_env(settings):
-    """FAST_UNET_BACKEND=triton, every FAST_UNET_FUSED* switch off, then ``settings``; restored after.
+    """FAST_UNET_BACKEND=triton, every FAST_UNET_FUSED* switch at its default, then ``settings``; restored after.
     (dispatch reads these at each call.)"""
     saved = {k: v for k, v in os.environ.items() if k.startswith("FAST_UNET_")}
     for k in list(saved):

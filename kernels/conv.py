@@ -208,11 +208,11 @@ def conv3x3_stats(x, weight, bias, x2=None, norm=None):
     if norm is not None:
         pin, gw, gb, eps = norm
     else:
-        pin, gw, gb, eps = partials, bias, bias, 0.0  # unused placeholders
+        pin, gw, gb, eps = bias, bias, bias, 0.0  # unused placeholders (not NORM_IN)
     xs = x.stride()
     x2s = x2.stride() if x2 is not None else (0, 0, 0, 0)
     _conv3x3_kernel[grid](x, x2 if x2 is not None else x, weight, bias, y, partials, pin, gw, gb,
-                          H, W, C1, C_in, C_out, pin.shape[1], float(eps),
+                          H, W, C1, C_in, C_out, pin.shape[1] if norm is not None else 0, float(eps),
                           xs[0], xs[2], xs[3], xs[1], x2s[0], x2s[2], x2s[3], *weight.stride(),
                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=x.dtype == torch.float32,
                           NORM_IN=norm is not None, HAS_X2=x2 is not None, BLOCK_P=NORM_BLOCK_P,

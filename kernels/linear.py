@@ -268,9 +268,11 @@ def _launch(x2, weight, bias, out, M_grp, groups, *, residual=None, ln=None, gn=
         e = emb if emb is not None else gn_w
         se = emb.stride() if emb is not None else (0, 0)
     else:
-        partials, gn_w, gn_b, gn_eps, e, tok, mean, rstd = (out, bias, bias, 0.0, bias, out, out, out)
+        # unused placeholders: read-only ones alias inputs, written ones the output, so no placeholder
+        # aliases a tensor the kernel writes unless it is declared written (kernels/writes.py)
+        partials, gn_w, gn_b, gn_eps, e, tok, mean, rstd = (x2, bias, bias, 0.0, bias, out, out, out)
         P, se = 1, (0, 0)
-    res = residual if residual is not None else out
+    res = residual if residual is not None else x2
     grid = (triton.cdiv(n_out, bn) * triton.cdiv(M_grp, bm), groups)
     _linear_kernel[grid](x2, weight, bias, res, out, ln_w, ln_b, partials, gn_w, gn_b, e, tok, mean, rstd,
                          M_grp, K, n_out, P, weight.stride(0), weight.stride(1), se[0], se[1],

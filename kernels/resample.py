@@ -182,7 +182,7 @@ def upsample2x(x, norm=None):
     out = torch.empty((B, C, 2 * h, 2 * w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     if out.numel() == 0:
         return out
-    pin, gw, gb, eps = norm if norm is not None else (out, out, out, 0.0)  # placeholders when not NORM_IN
+    pin, gw, gb, eps = norm if norm is not None else (x, x, x, 0.0)  # unused placeholders (not NORM_IN)
     bp, bc, warps = CONFIG
     grid = (B, triton.cdiv(4 * h * w, bp), triton.cdiv(C, bc))
     scale_h = (h - 1) / (2 * h - 1)

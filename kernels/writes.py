@@ -20,6 +20,11 @@ WRITES = {
     "_attn_bwd_dq": {"dqkv_ptr"},  # the Q third of dqkv
     # conv.py
     "_conv3x3_kernel": {"y_ptr", "part_ptr"},
+    # linear.py
+    "_linear_kernel": {"out_ptr", "tok_ptr", "mean_ptr", "rstd_ptr"},
+    # resample.py
+    "_gn_relu_pool_kernel": {"x_ptr", "pool_ptr"},
+    "_upsample2x_kernel": {"out_ptr"},
     # group_norm.py
     "_gn_stats_kernel": {"part_ptr"},
     "_gn_combine_kernel": {"mean_ptr", "rstd_ptr"},

@@ -11,11 +11,13 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import KernelInterface
 
 import kernels
+import kernels.linear  # noqa: F401
+import kernels.resample  # noqa: F401
 from bench import kernels as bk
 from kernels.writes import UPDATES, WRITES
 
 F32 = torch.float32
-FUSED = {"FAST_UNET_FUSED_CONV": "1"}
+UNFUSED = {"FAST_UNET_FUSED": "none"}
 
 
 def _sig(trace):
@@ -52,7 +54,7 @@ def _bits(t):
 def dry_traces():
     """Dry traces of both variants, forward and training step, B=1, 8x8."""
     return {(name, step): bk.trace_step("fast_unet", step, 1, 8, 8, F32, "cpu", env)
-            for name, env in (("plain", {}), ("fused", FUSED)) for step in bk.STEPS}
+            for name, env in (("fused", {}), ("unfused", UNFUSED)) for step in bk.STEPS}
 
 
 @pytest.fixture(scope="module")
@@ -80,21 +82,21 @@ def test_counts_are_positive_stable_and_independent_of_batch(dry_traces):
         assert s["triton"] > 0 and s["torch"] > 0, (name, step, s)
         assert s["read_bytes"] > 0 and s["written_bytes"] > 0
     for step in bk.STEPS:
-        trace = dry_traces["plain", step]
+        trace = dry_traces["fused", step]
         again = bk.trace_step("fast_unet", step, 1, 8, 8, F32, "cpu")
         assert _sig(again) == _sig(trace), step
         b3 = bk.trace_step("fast_unet", step, 3, 8, 8, F32, "cpu")
         assert [x[:3] for x in _sig(b3)] == [x[:3] for x in _sig(trace)], step
-    f, t = (bk.summarise(dry_traces["plain", s]) for s in ("forward", "train"))
+    f, t = (bk.summarise(dry_traces["unfused", s]) for s in ("forward", "train"))
     assert t["launches"] > f["launches"] and t["triton"] > f["triton"]
     fused = bk.summarise(dry_traces["fused", "forward"])
-    assert fused["launches"] < f["launches"]  # the conv's epilogue replaces the stats kernel
+    assert fused["launches"] < f["launches"]  # the fused model path launches fewer kernels
     assert any(x.name == "_conv3x3_kernel" for x in dry_traces["fused", "forward"].launches)
 
 
 def test_dry_mode_runs_no_kernel_and_computes_no_op():
     with _executions() as runs:
-        trace = bk.trace_step("fast_unet", "train", 1, 8, 8, F32, "cpu", FUSED)
+        trace = bk.trace_step("fast_unet", "train", 1, 8, 8, F32, "cpu")
     assert runs[0] == 0
     assert bk.summarise(trace)["triton"] > 0
     # A dry aten op is counted, and its output is only allocated (its values are whatever was there).
@@ -113,12 +115,12 @@ def test_recorder_sees_every_launch_and_dry_matches_real(real_train, dry_traces)
     real shapes and strides)."""
     trace, runs, _ = real_train
     assert runs == bk.summarise(trace)["triton"] > 0
-    assert _sig(dry_traces["plain", "train"]) == _sig(trace)
+    assert _sig(dry_traces["fused", "train"]) == _sig(trace)
 
 
 def _kernel_objects():
     out = {}
-    for mod in (getattr(kernels, m) for m in ("attention", "conv", "group_norm", "time_embedding")):
+    for mod in (getattr(kernels, m) for m in ("attention", "conv", "group_norm", "linear", "resample", "time_embedding")):
         for v in vars(mod).values():
             if isinstance(v, KernelInterface):
                 out[bk.kernel_name(v)] = v
@@ -152,7 +154,7 @@ def test_torch_ops_inside_custom_ops_are_counted_once(dry_traces):
     """A dispatch mode that just calls ``func`` would not see the torch ops of a custom op's
     implementation (the mode is popped while it handles the op); OpCounter runs the implementation with
     itself pushed again. The custom ops themselves are not counted, their launches are."""
-    trace = dry_traces["plain", "train"]
+    trace = dry_traces["unfused", "train"]
     assert not [x for x in trace.launches if x.name.startswith("fast_unet")]
     inside = [(x.kind, x.name, x.inside) for x in trace.launches if x.inside]
     gn_bwd = inside.count(("triton", "_gn_bwd_dx_kernel", "fast_unet::group_norm_relu_backward"))
