@@ -16,10 +16,13 @@ import re
 import subprocess
 import tempfile
 
-FP32_POINTERS = {"part_ptr", "mean_ptr", "rstd_ptr", "lse_ptr", "delta_ptr", "demb_ptr", "dwb_ptr", "dbb_ptr",
+FP32_POINTERS = {"part_ptr", "pin_ptr", "mean_ptr", "rstd_ptr", "lse_ptr", "delta_ptr", "dwb_ptr", "dbb_ptr",
                  "sums_ptr", "freq_ptr", "drw_ptr", "drb_ptr", "dsw_ptr", "dsb_ptr"}
-FLOAT_ARGS = {"qk_scale", "sm_scale", "eps"}
-ALIGNED_INTS = {"stride_b", "stride_n", "stride_t", "stride_h", "C"}  # multiples of 16 at model shapes
+FLOAT_ARGS = {"qk_scale", "sm_scale", "eps", "scale_h", "scale_w"}
+# multiples of 16 at the model's shapes (the JIT specialises such ints; the conv's x strides are those of
+# channels_last activations with C_in >= 64)
+ALIGNED_INTS = {"stride_b", "stride_n", "stride_t", "stride_h", "C", "C1", "C_in", "stride_xb", "stride_xh",
+                "stride_xw", "stride_x2b", "stride_x2h", "stride_x2w"}
 TRITON_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -44,6 +47,7 @@ def builds():
     from kernels import attention as A
     from kernels import conv as CV
     from kernels import group_norm as G
+    from kernels import resample as R
     from kernels import time_embedding as T
 
     out = []
@@ -74,10 +78,26 @@ def builds():
                 out.append(("gn_bwd_dx", G._gn_bwd_dx_kernel, tile, dt, dict(common), opts))
         for bm, bn, bk, warps, stages in sorted({c for (kind, _), c in CV.CONFIGS.items()
                                                  if (kind == "float32") == (dt == "float32")}):
-            out.append(("conv3x3_gn", CV._conv3x3_kernel, f"{dt} {bm}x{bn}x{bk} w{warps} s{stages}", dt,
-                        # stride_wc == 1: the model's channels_last weight, specialised as the JIT does
-                        dict(stride_wc=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=dt == "float32"),
-                        dict(num_warps=warps, num_stages=stages)))
+            # input variants: plain (NCHW model input, strided), normalise on load, concat on load
+            for variant, norm_in, has_x2, ce_x in (("plain", False, False, {}),
+                                                   ("norm-on-load", True, False, dict(stride_xc=1)),
+                                                   ("concat", False, True, dict(stride_xc=1))):
+                out.append(("conv3x3_gn", CV._conv3x3_kernel,
+                            f"{dt} {variant} {bm}x{bn}x{bk} w{warps} s{stages}", dt,
+                            # stride_wc == 1: the model's channels_last weight, specialised as the JIT does
+                            dict(ce_x, stride_wc=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=dt == "float32",
+                                 NORM_IN=norm_in, HAS_X2=has_x2, BLOCK_P=CV.NORM_BLOCK_P),
+                            dict(num_warps=warps, num_stages=stages)))
+        bp, bc, warps = R.CONFIG
+        out.append(("gn_relu_pool", R._gn_relu_pool_kernel, f"{dt} {bp}x{bc} w{warps}", dt,
+                    dict(BLOCK_P=bp, BLOCK_C=bc, BLOCK_P_IN=R.BLOCK_P_IN), dict(num_warps=warps)))
+        for norm_in in (False, True):
+            out.append(("upsample2x", R._upsample2x_kernel,
+                        f"{dt} {'norm-on-load ' if norm_in else ''}{bp}x{bc} w{warps}", dt,
+                        dict(stride_xc=1, NORM_IN=norm_in, BLOCK_P=bp, BLOCK_C=bc, BLOCK_P_IN=R.BLOCK_P_IN),
+                        dict(num_warps=warps)))
+        out.append(("gn_bwd_param", G._gn_bwd_param_kernel, f"{dt} 128 w4", dt, dict(BLOCK_C=128),
+                    dict(num_warps=4)))
         out.append(("gn_bwd_combine", G._gn_bwd_combine_kernel, f"{dt} 128 w4", dt, dict(BLOCK_C=128),
                     dict(num_warps=4)))
         for name, fn, tcfg in (("temb_fwd", T._temb_fwd_kernel, T.FWD_CONFIG), ("temb_bwd", T._temb_bwd_kernel, T.BWD_CONFIG)):

@@ -168,6 +168,7 @@ def _(y, partials, gn_weight, gn_bias, gn_eps, emb, ln_weight, ln_bias, ln_eps, 
 
 
 def _gn_ln_linear_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
     y, _partials, gn_weight, gn_bias, _gn_eps, emb, ln_weight, ln_bias, ln_eps, weight, bias = inputs
     _out, t, mean, rstd = output
     ctx.save_for_backward(y, t, gn_weight, gn_bias, mean, rstd, ln_weight, ln_bias, weight, bias)

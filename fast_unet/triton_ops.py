@@ -72,11 +72,12 @@ def _gn_relu_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: T
 
 @_gn_relu_bwd_op.register_fake
 def _(dy, x, weight, bias, mean, rstd):
-    c = x.new_empty((x.shape[1],), dtype=torch.float32)
-    return torch.empty_like(x), c, torch.empty_like(c), x.new_empty(x.shape[:2], dtype=torch.float32)
+    c = x.new_empty((x.shape[1],), dtype=weight.dtype)
+    return torch.empty_like(x), c, torch.empty_like(c), x.new_empty(x.shape[:2], dtype=weight.dtype)
 
 
 def _gn_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
     x, weight, bias, _eps, emb = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
@@ -136,6 +137,7 @@ def _(do, qkv, o, lse):
 
 
 def _attn_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
     (qkv,) = inputs
     o, lse = output
     ctx.save_for_backward(qkv, o, lse)
@@ -193,6 +195,7 @@ def _(g_down, g_up, t, dim, relu_weight, silu_weight):
 
 
 def _temb_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
     t, dim, relu_weight, _rb, silu_weight, _sb = inputs
     ctx.save_for_backward(t, relu_weight, silu_weight)
     ctx.dim = dim
@@ -273,6 +276,7 @@ def _(y, partials, gn_weight, gn_bias, eps, emb):
 
 
 def _gn_partials_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
     y, _partials, gn_weight, gn_bias, _eps, emb = inputs
     _out, mean, rstd = output
     ctx.save_for_backward(y, gn_weight, gn_bias, mean, rstd)
@@ -310,6 +314,7 @@ def _norm_backward(dxn, y, gn_weight, gn_bias, mean, rstd):
 
 
 def _conv3x3_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
     x, x2, partials_in, gn_weight, gn_bias, eps, weight, _bias = inputs
     ctx.save_for_backward(x, x2, partials_in, gn_weight, gn_bias, weight)
     ctx.eps = eps
@@ -348,6 +353,7 @@ def _(y, partials, gn_weight, gn_bias, eps):
 
 
 def _gn_pool_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
     y, partials, gn_weight, gn_bias, eps = inputs
     ctx.save_for_backward(y, partials, gn_weight, gn_bias)
     ctx.eps = eps

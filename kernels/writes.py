@@ -32,6 +32,7 @@ WRITES = {
     "_gn_bwd_reduce_kernel": {"part_ptr"},
     "_gn_bwd_combine_kernel": {"demb_ptr", "dwb_ptr", "dbb_ptr", "sums_ptr"},
     "_gn_bwd_dx_kernel": {"dx_ptr"},
+    "_gn_bwd_param_kernel": {"dw_ptr", "db_ptr"},
     # time_embedding.py
     "_temb_fwd_kernel": {"down_ptr", "up_ptr"},
     "_temb_bwd_kernel": {"drw_ptr", "drb_ptr", "dsw_ptr", "dsb_ptr"},
