@@ -159,7 +159,8 @@ def test_torch_ops_inside_custom_ops_are_counted_once(dry_traces):
     inside = [(x.kind, x.name, x.inside) for x in trace.launches if x.inside]
     gn_bwd = inside.count(("triton", "_gn_bwd_dx_kernel", "fast_unet::group_norm_relu_backward"))
     assert gn_bwd == 20  # the UNet's 20 GroupNorms
-    # the launcher's d_weight / d_bias reductions over the batch: two torch sums per backward
-    assert inside.count(("torch", "aten.sum.dim_IntList", "fast_unet::group_norm_relu_backward")) == 2 * gn_bwd
+    # the launcher's d_weight / d_bias reduction over the batch is one Triton kernel, no torch sums
+    assert inside.count(("triton", "_gn_bwd_param_kernel", "fast_unet::group_norm_relu_backward")) == gn_bwd
+    assert not [x for x in inside if x[0] == "torch" and x[2] == "fast_unet::group_norm_relu_backward"]
     assert inside.count(("torch", "aten.zeros.default", "fast_unet::time_embedding_backward")) == 4
     assert all(x.inside for x in trace.launches if x.kind == "triton")
