@@ -54,9 +54,21 @@ def test_parse_archs():
 
 def test_conv_compiles_without_spills_and_uses_tensor_cores():
     rows = json.loads(_report("sm_80,sm_90", "--kernel", "conv3x3_gn", "--json"))
-    assert len(rows) == 2 * 7, rows  # 2 archs x (1 float32 + 3 bfloat16 + 3 float16 configs)
+    # 2 archs x (1 float32 + 3 bfloat16 + 3 float16 configs) x 3 input variants (plain, norm-on-load, concat)
+    assert len(rows) == 2 * 7 * 3, rows
+    assert {r["config"].split()[1] for r in rows} == {"plain", "norm-on-load", "concat"}
     for r in rows:
         assert r["spill_bytes"] == 0, f"spills: {r}"
         assert 0 < r["regs"] <= 255, r
         if not r["config"].startswith("float32"):
             assert r["tensor_cores"] == ("wgmma" if r["arch"] == "sm_90" else "mma"), r
+
+
+def test_fused_path_kernels_compile_without_spills():
+    """The normalise + pool pass, the upsample (both variants) and the GroupNorm backward's batch
+    reduction: every dtype, both archs."""
+    rows = json.loads(_report("sm_80,sm_90", "--kernel", "gn_relu_pool", "--kernel", "upsample2x",
+                              "--kernel", "gn_bwd_param", "--json"))
+    assert len(rows) == 2 * 3 * 4, rows  # 2 archs x 3 dtypes x (pool, 2 upsample variants, param)
+    for r in rows:
+        assert r["spill_bytes"] == 0 and 0 < r["regs"] <= 255, r
