@@ -56,9 +56,19 @@ tail -n 25 "$OUTDIR/gpu_tests.log" | sed 's/^/    /' >> "$SUMMARY"
 step kernel_bench 60 python scripts/bench_kernels.py --out "$OUTDIR/kernel_bench.jsonl"
 sed 's/^/    /' "$OUTDIR/kernel_bench.jsonl" >> "$SUMMARY" 2>/dev/null
 
+step kernel_count 60 python -m bench.kernels --device cuda --summary
+tail -n 12 "$OUTDIR/kernel_count.log" | sed 's/^/    /' >> "$SUMMARY"
+
 if [ -d bench ] || python -c "import bench" >/dev/null 2>&1; then
-    step bench 120 python -m bench --device cuda
+    step bench 120 python -m bench --device cuda --no-kernel-count
     tail -n 30 "$OUTDIR/bench.log" | sed 's/^/    /' >> "$SUMMARY"
+    # the fused model path (default) against the unfused Triton ops, at the B=64, 64x64, bf16
+    for fused in all none; do
+        step "bench_b64_bf16_fused_$fused" 60 env FAST_UNET_FUSED=$fused python -m bench --device cuda \
+            --batch 64 --dtype bfloat16 --models baseline,fast_unet --repeats 5 --no-memory --no-kernel-count \
+            --json "$OUTDIR/bench_b64_bf16_fused_$fused.json"
+        tail -n 8 "$OUTDIR/bench_b64_bf16_fused_$fused.log" | sed 's/^/    /' >> "$SUMMARY"
+    done
 else
     note "bench: not run (no bench package in this checkout)"
 fi

@@ -120,10 +120,12 @@ def _models(h):
     return model, ref
 
 
-def test_unet_b64_64x64_bf16_forward(monkeypatch):
+@pytest.mark.parametrize("fused", ["all", "none"])
+def test_unet_b64_64x64_bf16_forward(monkeypatch, fused):
     """The whole model at B=64, 64x64, bf16 (Triton backend) vs the float32 reference; the bound is the
     error of the same bf16 model on the eager backend (the reference itself cannot run in bf16: its
     time encoding is float32)."""
+    monkeypatch.setenv("FAST_UNET_FUSED", fused)
     torch.manual_seed(0)
     model, ref32 = _models(64)
     model = model.bfloat16()
@@ -140,7 +142,9 @@ def test_unet_b64_64x64_bf16_forward(monkeypatch):
     assert err <= 2 * err_eager + 1e-2 * y32.abs().max().item(), (err, err_eager)
 
 
-def test_unet_gradients_float32():
+@pytest.mark.parametrize("fused", ["all", "none"])
+def test_unet_gradients_float32(monkeypatch, fused):
+    monkeypatch.setenv("FAST_UNET_FUSED", fused)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     model, ref = _models(32)

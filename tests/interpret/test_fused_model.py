@@ -76,3 +76,25 @@ def test_fused_setting_parses_and_switches(monkeypatch):
     monkeypatch.setenv("FAST_UNET_BACKEND", "auto")
     assert dispatch.fused_paths(x)["conv"] == []
     assert "must be float32, bfloat16 or float16" in dispatch.fused_paths(x.double())["conv"][0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fused_unet_half_precision_forward(monkeypatch, fast_conv_config, dtype):
+    """The fused model in bf16/fp16 vs the float64 reference, judged by the eager model's own error in the
+    same dtype (the flash-attention rule, on the whole forward)."""
+    from _model_helpers import reference_copy
+
+    monkeypatch.setenv("FAST_UNET_FUSED", "all")
+    model, ref = _pair(8, 8)
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([3, 517])
+    ref64 = reference_copy(ref, torch.float64, 8, 8)
+    with torch.no_grad():
+        y = model.to(dtype)(x.to(dtype), t)
+        monkeypatch.setenv("FAST_UNET_BACKEND", "eager")
+        y_eager = model(x.to(dtype), t)
+        y64 = ref64(x.to(dtype).double(), t)
+    assert y.dtype == dtype
+    err = (y.double() - y64).abs().max().item()
+    err_eager = (y_eager.double() - y64).abs().max().item()
+    assert err <= 2 * err_eager + 1e-2 * y64.abs().max().item(), (err, err_eager)
