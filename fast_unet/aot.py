@@ -76,17 +76,22 @@ def builds():
                                 dict(common, HAS_EMB=has_emb), opts))
                 out.append(("gn_bwd_reduce", G._gn_bwd_reduce_kernel, tile, dt, dict(common), opts))
                 out.append(("gn_bwd_dx", G._gn_bwd_dx_kernel, tile, dt, dict(common), opts))
-        for bm, bn, bk, warps, stages in sorted({c for (kind, _), c in CV.CONFIGS.items()
-                                                 if (kind == "float32") == (dt == "float32")}):
-            # input variants: plain (NCHW model input, strided), normalise on load, concat on load
-            for variant, norm_in, has_x2, ce_x in (("plain", False, False, {}),
-                                                   ("norm-on-load", True, False, dict(stride_xc=1)),
-                                                   ("concat", False, True, dict(stride_xc=1))):
+        kind = "float32" if dt == "float32" else "half"
+        for (bm, bn, bk, warps, stages), is_pool in sorted({(c, key[1] == "pool") for key, c in CV.CONFIGS.items()
+                                                            if key[0] == kind}):
+            # input variants: plain (NCHW model input, strided), normalise on load, concat on load,
+            # max-pool on load
+            variants = (("plain", False, False, {}), ("norm-on-load", True, False, dict(stride_xc=1)),
+                        ("concat", False, True, dict(stride_xc=1)),
+                        ("pool-on-load", False, False, dict(stride_xc=1, POOL_IN=True)))
+            if kind == "float32":  # float32 pool-on-load has its own config ("pool"), the others share one
+                variants = [v for v in variants if (v[0] == "pool-on-load") == is_pool]
+            for variant, norm_in, has_x2, ce_x in variants:
                 out.append(("conv3x3_gn", CV._conv3x3_kernel,
                             f"{dt} {variant} {bm}x{bn}x{bk} w{warps} s{stages}", dt,
                             # stride_wc == 1: the model's channels_last weight, specialised as the JIT does
-                            dict(ce_x, stride_wc=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=dt == "float32",
-                                 NORM_IN=norm_in, HAS_X2=has_x2, BLOCK_P=CV.NORM_BLOCK_P),
+                            dict(dict(POOL_IN=False), **ce_x, stride_wc=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                 IEEE=dt == "float32", NORM_IN=norm_in, HAS_X2=has_x2, BLOCK_P=CV.NORM_BLOCK_P),
                             dict(num_warps=warps, num_stages=stages)))
         bp, bc, warps = R.CONFIG
         out.append(("gn_relu_pool", R._gn_relu_pool_kernel, f"{dt} {bp}x{bc} w{warps}", dt,

@@ -8,7 +8,8 @@ it loads it, folding the partials into mean and rstd in its own prologue:
 
 - the next conv (a DoubleConv's second conv; bot2's and bot3's first) normalises on load;
 - ``inc``'s output goes through one normalise + 2x2 max-pool pass that also writes the normalised
-  tensor, the skip connection ``x1`` (kernels/resample.py);
+  tensor, the skip connection ``x1`` (kernels/resample.py); the other Down blocks' first convs read
+  the 2x2 max-pool of their input on load (the pooled tensor is never written);
 - ``bot3``'s output is normalised by the bilinear upsample as it reads it, and each Up block's first
   conv reads the concatenation [skip, upsampled] from its two tensors (no ``torch.cat``);
 - a Down/Up block's output (+ its time embedding) is normalised by the attention block's first GEMM
@@ -21,7 +22,6 @@ Triton GroupNorm backward, and autograd sums them.
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import dispatch
 
@@ -50,9 +50,10 @@ class Lazy(NamedTuple):
         return _tops().gn_relu_partials(self.y, self.partials, self.gn.weight, self.gn.bias, self.gn.eps, self.emb)
 
 
-def double_conv(dc, x, x2=None):
+def double_conv(dc, x, x2=None, pool=False):
     """``DoubleConv`` -> Lazy output. x: a tensor, or a Lazy (normalised on load); x2: a second input
-    whose channels follow x's (the Up blocks' concatenation, read in place)."""
+    whose channels follow x's (the Up blocks' concatenation, read in place); pool: the first conv reads
+    max_pool2d(x, 2) on load (the Down blocks)."""
     tops = _tops()
     conv1, gn1 = dc.conv1[0], dc.conv1[1]
     conv2, gn2 = dc.conv2[0], dc.conv2[1]
@@ -61,7 +62,7 @@ def double_conv(dc, x, x2=None):
     if isinstance(x, Lazy):
         y1, p1 = tops.conv3x3(x.y, conv1.weight, conv1.bias, norm=x.norm())
     else:
-        y1, p1 = tops.conv3x3(x, conv1.weight, conv1.bias, x2=x2)
+        y1, p1 = tops.conv3x3(x, conv1.weight, conv1.bias, x2=x2, pool=pool)
     y2, p2 = tops.conv3x3(y1, conv2.weight, conv2.bias, norm=(p1, gn1.weight, gn1.bias, gn1.eps))
     return Lazy(y2, p2, gn2)
 
@@ -84,8 +85,8 @@ def unet_forward(model, x, t):
     x1l = double_conv(model.inc, x)
     x1, h = tops.gn_relu_maxpool(x1l.y, *x1l.norm())
     x2 = _attention(model.sa1, double_conv(model.down1.down[1], h)._replace(emb=d1), attention_on)
-    x3 = _attention(model.sa2, double_conv(model.down2.down[1], F.max_pool2d(x2, 2))._replace(emb=d2), attention_on)
-    x4 = _attention(model.sa3, double_conv(model.down3.down[1], F.max_pool2d(x3, 2))._replace(emb=d3), attention_on)
+    x3 = _attention(model.sa2, double_conv(model.down2.down[1], x2, pool=True)._replace(emb=d2), attention_on)
+    x4 = _attention(model.sa3, double_conv(model.down3.down[1], x3, pool=True)._replace(emb=d3), attention_on)
     b3 = double_conv(model.bot3, double_conv(model.bot2, double_conv(model.bot1, x4)))
     h = _attention(model.sa4, double_conv(model.up1.conv, x3, tops.upsample2x(b3.y, b3.norm()))._replace(emb=u1),
                    attention_on)

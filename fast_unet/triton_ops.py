@@ -247,17 +247,21 @@ def _conv_out_fake(x, weight):
 
 @torch.library.custom_op("fast_unet::conv3x3", mutates_args=())
 def _conv3x3_op(x: Tensor, x2: Optional[Tensor], partials_in: Optional[Tensor], gn_weight: Optional[Tensor],
-                gn_bias: Optional[Tensor], eps: float, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+                gn_bias: Optional[Tensor], eps: float, weight: Tensor, bias: Tensor,
+                pool: bool) -> tuple[Tensor, Tensor]:
     norm = (partials_in, gn_weight, gn_bias, eps) if partials_in is not None else None
-    return _conv.conv3x3_stats(x, weight, bias, x2=x2, norm=norm)
+    return _conv.conv3x3_stats(x, weight, bias, x2=x2, norm=norm, pool=pool)
 
 
 @_conv3x3_op.register_fake
-def _(x, x2, partials_in, gn_weight, gn_bias, eps, weight, bias):
+def _(x, x2, partials_in, gn_weight, gn_bias, eps, weight, bias, pool):
     b, _, h, w = x.shape
-    bm, bn = _conv.config(x.dtype, weight.shape[1], h * w)[:2]
+    if pool:
+        h, w = h // 2, w // 2
+    bm, bn = _conv.config(x.dtype, weight.shape[1], h * w, pool)[:2]
     p = -(-h * w // bm) * -(-weight.shape[0] // bn)
-    return _conv_out_fake(x, weight), x.new_empty((b, p, 3), dtype=torch.float32)
+    y = x.new_empty((b, weight.shape[0], h, w)).contiguous(memory_format=torch.channels_last)
+    return y, x.new_empty((b, p, 3), dtype=torch.float32)
 
 
 @torch.library.custom_op("fast_unet::gn_relu_partials", mutates_args=())
@@ -315,9 +319,10 @@ def _norm_backward(dxn, y, gn_weight, gn_bias, mean, rstd):
 
 def _conv3x3_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
-    x, x2, partials_in, gn_weight, gn_bias, eps, weight, _bias = inputs
+    x, x2, partials_in, gn_weight, gn_bias, eps, weight, _bias, pool = inputs
     ctx.save_for_backward(x, x2, partials_in, gn_weight, gn_bias, weight)
     ctx.eps = eps
+    ctx.pool = pool
     ctx.mark_non_differentiable(output[1])
 
 
@@ -327,13 +332,19 @@ def _conv3x3_backward(ctx, dy, _dpartials):
         xn, mean, rstd = _recompute(x, pin, gw, gb, ctx.eps)
         dxn, dw, db = _conv_backward(dy, xn, weight)
         dx, dgw, dgb = _norm_backward(dxn, x, gw, gb, mean, rstd)
-        return dx, None, None, dgw, dgb, None, dw, db
+        return dx, None, None, dgw, dgb, None, dw, db, None
     if x2 is not None:
         dcat, dw, db = _conv_backward(dy, torch.cat([x, x2], dim=1), weight)
         dx, dx2 = dcat.split([x.shape[1], x2.shape[1]], dim=1)
-        return dx, dx2, None, None, None, None, dw, db
+        return dx, dx2, None, None, None, None, dw, db, None
+    if ctx.pool:
+        # the pool's gradient goes to the first maximum of each window, as in max_pool2d's backward
+        xp, idx = torch.ops.aten.max_pool2d_with_indices(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+        dxp, dw, db = _conv_backward(dy, xp, weight)
+        dx = torch.ops.aten.max_pool2d_with_indices_backward(dxp, x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+        return dx, None, None, None, None, None, dw, db, None
     dx, dw, db = _conv_backward(dy, x, weight)
-    return dx, None, None, None, None, None, dw, db
+    return dx, None, None, None, None, None, dw, db, None
 
 
 torch.library.register_autograd("fast_unet::conv3x3", _conv3x3_backward, setup_context=_conv3x3_setup)
@@ -422,12 +433,13 @@ def gn_relu_partials(y, partials, gn_weight, gn_bias, eps, emb=None):
     return torch.ops.fast_unet.gn_relu_partials(y, partials, gn_weight, gn_bias, float(eps), emb)[0]
 
 
-def conv3x3(x, weight, bias, x2=None, norm=None):
-    """(y, partials): the Triton 3x3 conv (padding 1) of x, of cat([x, x2], 1) (``x2``), or of
-    relu(GroupNorm(1, C)(x)) normalised on load (``norm`` = (partials, gn_weight, gn_bias, eps) of x);
-    ``partials`` (B, P, 3) float32 are y's GroupNorm statistics, for y's consumer."""
+def conv3x3(x, weight, bias, x2=None, norm=None, pool=False):
+    """(y, partials): the Triton 3x3 conv (padding 1) of x, of cat([x, x2], 1) (``x2``), of
+    relu(GroupNorm(1, C)(x)) normalised on load (``norm`` = (partials, gn_weight, gn_bias, eps) of x), or
+    of max_pool2d(x, 2) pooled on load (``pool``); ``partials`` (B, P, 3) float32 are y's GroupNorm
+    statistics, for y's consumer."""
     pin, gw, gb, eps = norm if norm is not None else (None, None, None, 0.0)
-    return torch.ops.fast_unet.conv3x3(x, x2, pin, gw, gb, float(eps), weight, bias)
+    return torch.ops.fast_unet.conv3x3(x, x2, pin, gw, gb, float(eps), weight, bias, bool(pool))
 
 
 def gn_relu_maxpool(y, partials, gn_weight, gn_bias, eps):
@@ -441,11 +453,11 @@ def upsample2x(x, norm=None):
     return torch.ops.fast_unet.upsample2x(x, pin, gw, gb, float(eps))
 
 
-def conv3x3_reasons(x, weight, bias, x2=None, norm=None):
+def conv3x3_reasons(x, weight, bias, x2=None, norm=None, pool=False):
     out = _device_reasons(x=x, weight=weight, bias=bias, x2=x2,
                           **(dict(zip(("partials", "gn_weight", "gn_bias"), norm[:3])) if norm else {}))
     try:
-        _conv.check(x, weight, bias, x2, norm)
+        _conv.check(x, weight, bias, x2, norm, pool)
     except (ValueError, TypeError) as e:
         out.append(str(e))
     return out

@@ -26,17 +26,25 @@ from ._common import dot as _dot
 
 @triton.jit
 def _conv_k_loop(acc, x_base, stride_xc, w_tap, stride_wc, pix, pix_ok, w_noff, n_mask, c_lo, C_part,
-                 gw_ptr, gb_ptr, mean, rstd,
-                 BLOCK_K: tl.constexpr, IEEE: tl.constexpr, NORM_IN: tl.constexpr):
+                 gw_ptr, gb_ptr, mean, rstd, off_h, off_w,
+                 BLOCK_K: tl.constexpr, IEEE: tl.constexpr, NORM_IN: tl.constexpr, POOL_IN: tl.constexpr):
     """acc += A @ Wt over the input channels [0, C_part) of one input tensor for one tap; those are the
     GEMM's channels [c_lo, c_lo + C_part) (the weight's channel index). NORM_IN: A is normalised on load,
-    relu((a - mean) * rstd * gw[c] + gb[c]) rounded to the input dtype, zero at padded pixels."""
+    relu((a - mean) * rstd * gw[c] + gb[c]) rounded to the input dtype, zero at padded pixels. POOL_IN:
+    A is the 2x2 max-pool of the input, read on load (``pix`` addresses the window's top-left element,
+    ``off_h``/``off_w`` are the input's row and column strides); padded pixels are zeros."""
     kk = tl.arange(0, BLOCK_K)
     for k0 in range(0, C_part, BLOCK_K):
         c = k0 + kk
         c_ok = c < C_part
         a_mask = pix_ok[:, None] & c_ok[None, :]
-        a = tl.load(x_base + pix[:, None] + c[None, :] * stride_xc, mask=a_mask, other=0.0)
+        a_ptr = x_base + pix[:, None] + c[None, :] * stride_xc
+        a = tl.load(a_ptr, mask=a_mask, other=0.0)
+        if POOL_IN:  # the max in float32 (exact: it picks one of the values), back to the input dtype
+            m = tl.maximum(a.to(tl.float32), tl.load(a_ptr + off_w, mask=a_mask, other=0.0).to(tl.float32))
+            m = tl.maximum(m, tl.load(a_ptr + off_h, mask=a_mask, other=0.0).to(tl.float32))
+            m = tl.maximum(m, tl.load(a_ptr + off_h + off_w, mask=a_mask, other=0.0).to(tl.float32))
+            a = m.to(a.dtype)
         if NORM_IN:
             scale = tl.load(gw_ptr + c, mask=c_ok, other=0.0).to(tl.float32) * rstd
             shift = tl.load(gb_ptr + c, mask=c_ok, other=0.0).to(tl.float32) - mean * scale
@@ -64,7 +72,7 @@ def _conv3x3_kernel(
     stride_x2b, stride_x2h, stride_x2w,
     stride_wn, stride_wc, stride_wh, stride_ww,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-    NORM_IN: tl.constexpr, HAS_X2: tl.constexpr, BLOCK_P: tl.constexpr,
+    NORM_IN: tl.constexpr, HAS_X2: tl.constexpr, BLOCK_P: tl.constexpr, POOL_IN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -90,12 +98,16 @@ def _conv3x3_kernel(
         iw = ow + (tap % 3 - 1)
         pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         w_tap = w_ptr + (tap // 3) * stride_wh + (tap % 3) * stride_ww
-        acc = _conv_k_loop(acc, x_base, stride_xc, w_tap, stride_wc, ih * stride_xh + iw * stride_xw, pix_ok,
-                           n * stride_wn, n_mask, 0, C1, gw_ptr, gb_ptr, mean, rstd, BLOCK_K, IEEE, NORM_IN)
+        if POOL_IN:  # x is (B, C_in, 2H, 2W): the tap's pixel is the window at (2 ih, 2 iw)
+            pix = ih * (2 * stride_xh) + iw * (2 * stride_xw)
+        else:
+            pix = ih * stride_xh + iw * stride_xw
+        acc = _conv_k_loop(acc, x_base, stride_xc, w_tap, stride_wc, pix, pix_ok, n * stride_wn, n_mask, 0, C1,
+                           gw_ptr, gb_ptr, mean, rstd, stride_xh, stride_xw, BLOCK_K, IEEE, NORM_IN, POOL_IN)
         if HAS_X2:
             acc = _conv_k_loop(acc, x2_base, 1, w_tap, stride_wc, ih * stride_x2h + iw * stride_x2w, pix_ok,
-                               n * stride_wn, n_mask, C1, C_in - C1, gw_ptr, gb_ptr, mean, rstd, BLOCK_K, IEEE,
-                               False)
+                               n * stride_wn, n_mask, C1, C_in - C1, gw_ptr, gb_ptr, mean, rstd, 0, 0, BLOCK_K,
+                               IEEE, False, False)
     bias = tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
     out = (acc + bias[None, :]).to(y_ptr.dtype.element_ty)
     mask = m_mask[:, None] & n_mask[None, :]
@@ -133,24 +145,34 @@ CONFIGS = {
     ("float32", "narrow_k"): (64, 64, 16, 4, 1),
     ("float32", "wide_k"): (64, 64, 16, 4, 1),
     ("float32", "small_hw"): (64, 64, 16, 4, 1),
+    # float32 with the max-pool read on load: at 1 stage sm_90 capped it at 128 (4 warps) or 80 (8 warps)
+    # registers and spilled 8-16 bytes; 2 stages compile to 168 registers, no spill, on both archs
+    ("float32", "pool"): (64, 64, 16, 4, 2),
 }
 
 
 NORM_BLOCK_P = 32  # partials folded per step by a normalise-on-load prologue
 
 
-def config(dtype, c_in, hw):
+def config(dtype, c_in, hw, pool=False):
     kind = "float32" if dtype in (torch.float32, "float32") else "half"
+    if kind == "float32" and pool:
+        return CONFIGS[(kind, "pool")]
     variant = "small_hw" if hw <= 64 else ("wide_k" if c_in >= 32 else "narrow_k")
     return CONFIGS[(kind, variant)]
 
 
-def check(x, weight, bias, x2=None, norm=None):
+def check(x, weight, bias, x2=None, norm=None, pool=False):
     """Validate the launcher's arguments; errors name the argument."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor (B, C_in, H, W), got {getattr(x, 'shape', type(x).__name__)}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if pool:
+        if x2 is not None or norm is not None:
+            raise ValueError("pool (max-pool on load) applies to a single input without norm; got x2 or norm too")
+        if x.shape[2] % 2 or x.shape[3] % 2:
+            raise ValueError(f"x's height and width must be even to be max-pooled on load, got {tuple(x.shape[2:])}")
     c_in = x.shape[1]
     if x2 is not None:
         if x2.dim() != 4 or x2.shape[0] != x.shape[0] or x2.shape[2:] != x.shape[2:]:
@@ -187,19 +209,22 @@ def check(x, weight, bias, x2=None, norm=None):
             raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
 
 
-def conv3x3_stats(x, weight, bias, x2=None, norm=None):
+def conv3x3_stats(x, weight, bias, x2=None, norm=None, pool=False):
     """The 3x3 conv (stride 1, padding 1) of x, or of cat([x, x2], dim=1) read in place (``x2``), or of
     relu(GroupNorm(1, C_in)(x)) normalised on load (``norm`` = (partials (B, P_in, 3) of x's statistics,
-    gn_weight, gn_bias, eps)). x is read through its strides (NCHW or channels_last, no copy).
+    gn_weight, gn_bias, eps)), or of max_pool2d(x, 2) pooled on load (``pool``: x is (B, C_in, 2H, 2W)).
+    x is read through its strides (NCHW or channels_last, no copy).
 
     Returns (y (B, C_out, H, W) channels_last in x's dtype, partials (B, P, 3) float32 of y)."""
-    check(x, weight, bias, x2, norm)
+    check(x, weight, bias, x2, norm, pool)
     B, C1, H, W = x.shape
+    if pool:
+        H, W = H // 2, W // 2
     C_in = weight.shape[1]
     C_out = weight.shape[0]
     if x2 is not None:
         x2 = x2.contiguous(memory_format=torch.channels_last)
-    bm, bn, bk, warps, stages = config(x.dtype, C_in, H * W)
+    bm, bn, bk, warps, stages = config(x.dtype, C_in, H * W, pool)
     grid = (triton.cdiv(H * W, bm), triton.cdiv(C_out, bn), B)
     y = torch.empty((B, C_out, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     partials = torch.empty((B, grid[0] * grid[1], 3), device=x.device, dtype=torch.float32)
@@ -215,6 +240,6 @@ def conv3x3_stats(x, weight, bias, x2=None, norm=None):
                           H, W, C1, C_in, C_out, pin.shape[1] if norm is not None else 0, float(eps),
                           xs[0], xs[2], xs[3], xs[1], x2s[0], x2s[2], x2s[3], *weight.stride(),
                           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=x.dtype == torch.float32,
-                          NORM_IN=norm is not None, HAS_X2=x2 is not None, BLOCK_P=NORM_BLOCK_P,
+                          NORM_IN=norm is not None, HAS_X2=x2 is not None, BLOCK_P=NORM_BLOCK_P, POOL_IN=bool(pool),
                           num_warps=warps, num_stages=stages)
     return y, partials

@@ -54,9 +54,9 @@ def test_parse_archs():
 
 def test_conv_compiles_without_spills_and_uses_tensor_cores():
     rows = json.loads(_report("sm_80,sm_90", "--kernel", "conv3x3_gn", "--json"))
-    # 2 archs x (1 float32 + 3 bfloat16 + 3 float16 configs) x 3 input variants (plain, norm-on-load, concat)
-    assert len(rows) == 2 * 7 * 3, rows
-    assert {r["config"].split()[1] for r in rows} == {"plain", "norm-on-load", "concat"}
+    # 2 archs x (1 float32 + 3 bfloat16 + 3 float16 configs) x 4 input variants
+    assert len(rows) == 2 * 7 * 4, rows
+    assert {r["config"].split()[1] for r in rows} == {"plain", "norm-on-load", "concat", "pool-on-load"}
     for r in rows:
         assert r["spill_bytes"] == 0, f"spills: {r}"
         assert 0 < r["regs"] <= 255, r

@@ -143,6 +143,39 @@ def test_concat_on_load_forward_and_gradients(dtype):
         assert_close_rule(name, g, ge, gr, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 24, 40, 6, 10), (1, 64, 64, 16, 16), (1, 5, 64, 2, 2)], ids=_id)
+def test_pool_on_load_forward_and_gradients(shape, dtype):
+    """conv3x3(max_pool2d(x, 2)) with the pool read on load (the pooled tensor is never written); x
+    channels_last, (B, C_in, 2H, 2W). Each 2x2 window's values are 0.3 apart, so the pool's gradient
+    routing is not a coin toss in half precision."""
+    from fast_unet import triton_ops
+
+    b, ci, co, h, w = shape
+    base = torch.randn(b, ci, h, w, dtype=torch.float64)
+    offs = torch.rand(b, ci, h, w, 4).argsort(-1).double() * 0.3
+    offs = offs.view(b, ci, h, w, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(b, ci, 2 * h, 2 * w)
+    x = (base.repeat_interleave(2, 2).repeat_interleave(2, 3) + offs).to(dtype).double()
+    _, wt, bias = _inputs((b, ci, co, h, w), dtype)[:3]
+    dy = torch.randn(b, co, h, w, dtype=torch.float64)
+
+    def fused(x, wt, bias):
+        return triton_ops.conv3x3(x.contiguous(memory_format=torch.channels_last), wt, bias, pool=True)[0]
+
+    def unfused(x, wt, bias):
+        return F.conv2d(F.max_pool2d(x, 2), wt, bias, padding=1)
+
+    out, grads = _grads_of(fused, [x, wt, bias], dtype, dy)
+    out_e, grads_e = _grads_of(unfused, [x, wt, bias], dtype, dy)
+    ref, grads_r = _grads_of(unfused, [x, wt, bias], torch.float64, dy)
+    assert out.shape == (b, co, h, w)
+    assert_close_rule("y", out, out_e, ref, dtype)
+    for sl in ((Ellipsis, 0), (Ellipsis, -1), (slice(None), slice(None), 0), (slice(None), slice(None), -1)):
+        assert_close_rule("y padding edge", out[sl], out_e[sl], ref[sl], dtype)
+    for name, g, ge, gr in zip(("dx", "dweight", "dbias"), grads, grads_e, grads_r):
+        assert_close_rule(name, g, ge, gr, dtype)
+
+
 def test_gn_relu_partials_op_materialises_with_emb_and_its_gradient():
     from fast_unet import triton_ops
 
@@ -161,7 +194,7 @@ def test_gn_relu_partials_op_materialises_with_emb_and_its_gradient():
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["plain", "concat", "norm", "gn_relu_partials"])
+@pytest.mark.parametrize("variant", ["plain", "concat", "norm", "pool", "gn_relu_partials"])
 def test_custom_op_registration(variant):
     """torch.library.opcheck: schema, fake (meta) kernel, autograd registration, AOT-dispatch tracing."""
     import fast_unet.triton_ops  # noqa: F401
@@ -171,12 +204,15 @@ def test_custom_op_registration(variant):
     b = torch.randn(64, requires_grad=True)
     gw, gb = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
     if variant == "plain":
-        op, args = "conv3x3", (x, None, None, None, None, 0.0, w, b)
+        op, args = "conv3x3", (x, None, None, None, None, 0.0, w, b, False)
     elif variant == "concat":
         x2 = torch.randn(2, 3, 5, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
-        op, args = "conv3x3", (x, x2, None, None, None, 0.0, torch.randn(64, 8, 3, 3, requires_grad=True), b)
+        op, args = "conv3x3", (x, x2, None, None, None, 0.0, torch.randn(64, 8, 3, 3, requires_grad=True), b, False)
     elif variant == "norm":
-        op, args = "conv3x3", (x, None, partials_of(x.detach(), 2), gw, gb, 1e-5, w, b)
+        op, args = "conv3x3", (x, None, partials_of(x.detach(), 2), gw, gb, 1e-5, w, b, False)
+    elif variant == "pool":
+        xp = torch.randn(2, 5, 6, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+        op, args = "conv3x3", (xp, None, None, None, None, 0.0, w, b, True)
     else:
         op, args = "gn_relu_partials", (x, partials_of(x.detach(), 2), gw, gb, 1e-5, torch.randn(2, 5, requires_grad=True))
     torch.library.opcheck(getattr(torch.ops.fast_unet, op).default, args)
@@ -196,6 +232,10 @@ def test_bad_inputs_name_the_argument():
         K.conv3x3_stats(x, torch.randn(8, 8, 3, 3), torch.randn(8), x2=torch.randn(2, 3, 4, 5))
     with pytest.raises(ValueError, match=r"weight must have shape \(C_out, 8, 3, 3\)"):
         K.conv3x3_stats(x, torch.randn(8, 5, 3, 3), torch.randn(8), x2=torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="height and width must be even to be max-pooled"):
+        K.conv3x3_stats(torch.randn(2, 5, 5, 4), torch.randn(8, 5, 3, 3), torch.randn(8), pool=True)
+    with pytest.raises(ValueError, match="pool .* applies to a single input"):
+        K.conv3x3_stats(x, torch.randn(8, 8, 3, 3), torch.randn(8), x2=torch.randn(2, 3, 4, 4), pool=True)
     with pytest.raises(ValueError, match="norm partials must be float32"):
         K.conv3x3_stats(x, torch.randn(8, 5, 3, 3), torch.randn(8), norm=(torch.randn(2, 3), torch.ones(5),
                                                                           torch.zeros(5), 1e-5))

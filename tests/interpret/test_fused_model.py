@@ -18,7 +18,7 @@ from interpret_rules import assert_param_grads_close
 def fast_conv_config(monkeypatch):
     from kernels import conv as K
 
-    monkeypatch.setattr(K, "config", lambda dtype, c_in, hw: (max(16, min(128, triton.next_power_of_2(hw))), 128, 64, 4, 1))
+    monkeypatch.setattr(K, "config", lambda dtype, c_in, hw, pool=False: (max(16, min(128, triton.next_power_of_2(hw))), 128, 64, 4, 1))
 
 
 def _pair(h, w):
