@@ -63,6 +63,14 @@ def collect():
         for op in dispatch.OPS:
             impl = dispatch._IMPLS[op].get(backend)
             info["backends"][backend]["ops"][op] = "available" if impl and not err else (err or f"no {backend} implementation yet")
+    # the fused model paths, for a float32 input on this machine's default device
+    probe = torch.empty(1, 3, 8, 8, device="cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        info["fused"] = {path: ("runs" if not why else "off: " + "; ".join(why))
+                         for path, why in dispatch.fused_paths(probe).items()}
+    except ValueError as e:  # an invalid FAST_UNET_FUSED
+        info["fused"] = {"error": str(e)}
+    info[dispatch.FUSED_ENV] = os.environ.get(dispatch.FUSED_ENV, dispatch.FUSED_DEFAULT)
     return info
 
 
@@ -88,7 +96,7 @@ def main(argv=None):
         print(json.dumps(info, indent=2))
         return 0
     for key, value in info.items():
-        if key not in ("backends", "ext"):
+        if key not in ("backends", "ext", "fused"):
             print(f"{key:>18}: {value}")
     ext = info["ext"]
     if ext.get("built"):
@@ -96,6 +104,9 @@ def main(argv=None):
               f"CPU ISA: {ext.get('cpu_isa')} (-march={ext.get('cpu_march')}); torch {ext.get('torch')}")
     else:
         print(f"{'ext (_C)':>18}: not built: {ext.get('reason')}")
+    print(f"\nfused model paths (FAST_UNET_FUSED={info['FAST_UNET_FUSED']}; for a {info['device']} input):")
+    for path, state in info["fused"].items():
+        print(f"  {path:<10} {state}")
     print("\nbackends (auto tries them in this order):")
     for backend, b in info["backends"].items():
         print(f"  {backend}: {'loaded' if b['loaded'] else 'not available: ' + str(b['reason'])}")

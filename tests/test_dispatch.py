@@ -1,4 +1,6 @@
 """The dispatch layer: FAST_UNET_BACKEND, forced backends, explanations, and `python -m fast_unet.info`."""
+import json
+import os
 import subprocess
 import sys
 
@@ -60,3 +62,16 @@ def test_info_prints_every_backend():
     for b in dispatch.PRIORITY:
         assert f"  {b}:" in out
     assert "torch" in out
+
+
+def test_info_says_which_fused_paths_run_and_why_not():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "fast_unet.info"], capture_output=True, text=True, check=True,
+                         env=dict(env, FAST_UNET_FUSED="conv")).stdout
+    assert "fused model paths (FAST_UNET_FUSED=conv" in out
+    assert "attention  off: FAST_UNET_FUSED does not include 'attention'" in out
+    if not torch.cuda.is_available():
+        assert "conv       off: x is on the CPU and TRITON_INTERPRET is not 1" in out
+    bad = subprocess.run([sys.executable, "-m", "fast_unet.info", "--json"], capture_output=True, text=True,
+                         check=True, env=dict(env, FAST_UNET_FUSED="conv,pool")).stdout
+    assert "is not valid" in json.loads(bad)["fused"]["error"]
