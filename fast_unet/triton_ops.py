@@ -399,10 +399,12 @@ def _(x, partials, gn_weight, gn_bias, eps):
 
 
 def _upsample_grad(dout, x):
-    """The gradient of F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True) for ``dout``
-    (ATen's upsample backward; through torch.func.vjp because calling upsample_bilinear2d_backward on
-    symbolic sizes trips an internal assert in torch 2.14's fake tensors). The map is linear, so its vjp
-    does not depend on the point: zeros of x's shape stand in for the normalised input."""
+    """The gradient of F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True) for ``dout``:
+    ATen's upsample backward. With symbolic sizes (torch.compile with dynamic shapes) calling
+    upsample_bilinear2d_backward trips an internal assert in torch 2.14's fake tensors (found by opcheck),
+    so there it goes through torch.func.vjp of the (linear) forward at zeros of x's shape instead."""
+    if all(type(d) is int for d in x.shape):
+        return torch.ops.aten.upsample_bilinear2d_backward(dout, list(dout.shape[2:]), list(x.shape), True)
     up = lambda v: torch.nn.functional.interpolate(v, scale_factor=2, mode="bilinear", align_corners=True)  # noqa: E731
     _, vjp = torch.func.vjp(up, dout.new_zeros(x.shape).contiguous(memory_format=torch.channels_last))
     return vjp(dout)[0]
