@@ -16,7 +16,7 @@ import re
 import subprocess
 import tempfile
 
-FP32_POINTERS = {"part_ptr", "pin_ptr", "mean_ptr", "rstd_ptr", "lse_ptr", "delta_ptr", "dwb_ptr", "dbb_ptr",
+FP32_POINTERS = {"part_ptr", "pin_ptr", "dlw_ptr", "dlb_ptr", "mean_ptr", "rstd_ptr", "lse_ptr", "delta_ptr", "dwb_ptr", "dbb_ptr",
                  "sums_ptr", "freq_ptr", "drw_ptr", "drb_ptr", "dsw_ptr", "dsb_ptr"}
 FLOAT_ARGS = {"qk_scale", "sm_scale", "eps", "scale_h", "scale_w"}
 # multiples of 16 at the model's shapes (the JIT specialises such ints; the conv's x strides are those of
@@ -47,6 +47,7 @@ def builds():
     from kernels import attention as A
     from kernels import conv as CV
     from kernels import group_norm as G
+    from kernels import ln_backward as LB
     from kernels import resample as R
     from kernels import time_embedding as T
 
@@ -103,6 +104,11 @@ def builds():
                         dict(num_warps=warps)))
         out.append(("gn_bwd_param", G._gn_bwd_param_kernel, f"{dt} 128 w4", dt, dict(BLOCK_C=128),
                     dict(num_warps=4)))
+        for (kind, kf), (bm, bn, warps, stages) in sorted(LB.CONFIGS.items()):
+            if (kind == "float32") == (dt == "float32"):
+                out.append(("ln_linear_bwd", LB._ln_linear_bwd_kernel, f"{dt} K<={kf} {bm}x{bn} w{warps} s{stages}",
+                            dt, dict(stride_wi=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KF=kf, IEEE=dt == "float32"),
+                            dict(num_warps=warps, num_stages=stages)))
         out.append(("gn_bwd_combine", G._gn_bwd_combine_kernel, f"{dt} 128 w4", dt, dict(BLOCK_C=128),
                     dict(num_warps=4)))
         for name, fn, tcfg in (("temb_fwd", T._temb_fwd_kernel, T.FWD_CONFIG), ("temb_bwd", T._temb_bwd_kernel, T.BWD_CONFIG)):

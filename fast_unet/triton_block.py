@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from kernels import linear as _lin
+from kernels import ln_backward as _lnb
 
 from . import triton_ops as _tops  # registers fast_unet::group_norm_relu_backward; _device_reasons
 
@@ -96,19 +97,32 @@ def _(x, ln_weight, ln_bias, ln_eps, weight, bias, gelu):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@torch.library.custom_op("fast_unet::ln_linear_backward", mutates_args=())
+def _ln_linear_bwd_op(d2: Tensor, x2: Tensor, ln_weight: Tensor, ln_eps: float,
+                      weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return _lnb.ln_linear_bwd(d2, x2, ln_weight, ln_eps, weight)
+
+
+@_ln_linear_bwd_op.register_fake
+def _(d2, x2, ln_weight, ln_eps, weight):
+    return torch.empty_like(x2), torch.empty_like(ln_weight), torch.empty_like(ln_weight)
+
+
 def _ln_linear_grads(d2, x2, ln_weight, ln_bias, ln_eps, weight, bias, gelu, need_x, need_ln):
-    """Gradients of [gelu](LayerNorm(x2) @ weight.T + bias) for the upstream d2 (M, N_out), recomputing
-    the LayerNorm (and the pre-activation for GELU) with eager ops -> (dx2, d ln_w, d ln_b, dw, db)."""
+    """Gradients of [gelu](LayerNorm(x2) @ weight.T + bias) for the upstream d2 (M, N_out) ->
+    (dx2, d ln_w, d ln_b, dw, db). The normalised input (needed for dw, and the pre-activation for GELU)
+    is recomputed with ATen's LayerNorm; dx2 and the LayerNorm's parameter gradients come from one Triton
+    GEMM with the LayerNorm backward in its epilogue (kernels/ln_backward.py), so d(normalised input) is
+    never written."""
     k = x2.shape[-1]
-    h, mu, rs = torch.native_layer_norm(x2, [k], ln_weight, ln_bias, ln_eps)
+    h = torch.native_layer_norm(x2, [k], ln_weight, ln_bias, ln_eps)[0]
     if gelu:
         d2 = torch.ops.aten.gelu_backward(d2, torch.nn.functional.linear(h, weight, bias))
     dw = d2.t() @ h
     db = d2.sum(0)
     dx2 = dlw = dlb = None
     if need_x or need_ln:
-        dx2, dlw, dlb = torch.ops.aten.native_layer_norm_backward(d2 @ weight, x2, [k], mu, rs, ln_weight, ln_bias,
-                                                                  [need_x, need_ln, need_ln])
+        dx2, dlw, dlb = torch.ops.fast_unet.ln_linear_backward(d2, x2, ln_weight, float(ln_eps), weight)
     return dx2, dlw, dlb, dw, db
 
 

@@ -22,6 +22,8 @@ WRITES = {
     "_conv3x3_kernel": {"y_ptr", "part_ptr"},
     # linear.py
     "_linear_kernel": {"out_ptr", "tok_ptr", "mean_ptr", "rstd_ptr"},
+    # ln_backward.py
+    "_ln_linear_bwd_kernel": {"dx_ptr", "dlw_ptr", "dlb_ptr"},
     # resample.py
     "_gn_relu_pool_kernel": {"x_ptr", "pool_ptr"},
     "_upsample2x_kernel": {"out_ptr"},

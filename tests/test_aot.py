@@ -72,3 +72,16 @@ def test_fused_path_kernels_compile_without_spills():
     assert len(rows) == 2 * 3 * 4, rows  # 2 archs x 3 dtypes x (pool, 2 upsample variants, param)
     for r in rows:
         assert r["spill_bytes"] == 0 and 0 < r["regs"] <= 255, r
+
+
+def test_layernorm_backward_gemm_compiles_without_spills():
+    """kernels/ln_backward.py: every (dtype, padded K) config on both archs; wgmma on sm_90 where the
+    row block is 64 (half precision, K <= 128)."""
+    rows = json.loads(_report("sm_80,sm_90", "--kernel", "ln_linear_bwd", "--json"))
+    assert len(rows) == 2 * 3 * 4, rows  # 2 archs x 3 dtypes x 4 K buckets
+    for r in rows:
+        assert r["spill_bytes"] == 0 and 0 < r["regs"] <= 255, r
+        if not r["config"].startswith("float32"):
+            assert r["tensor_cores"] in ("mma", "wgmma"), r
+            if r["arch"] == "sm_90" and " 64x" in r["config"]:
+                assert r["tensor_cores"] == "wgmma", r

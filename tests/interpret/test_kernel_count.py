@@ -12,6 +12,7 @@ from triton.runtime.jit import KernelInterface
 
 import kernels
 import kernels.linear  # noqa: F401
+import kernels.ln_backward  # noqa: F401
 import kernels.resample  # noqa: F401
 from bench import kernels as bk
 from kernels.writes import UPDATES, WRITES
@@ -120,7 +121,7 @@ def test_recorder_sees_every_launch_and_dry_matches_real(real_train, dry_traces)
 
 def _kernel_objects():
     out = {}
-    for mod in (getattr(kernels, m) for m in ("attention", "conv", "group_norm", "linear", "resample", "time_embedding")):
+    for mod in (getattr(kernels, m) for m in ("attention", "conv", "group_norm", "linear", "ln_backward", "resample", "time_embedding")):
         for v in vars(mod).values():
             if isinstance(v, KernelInterface):
                 out[bk.kernel_name(v)] = v
