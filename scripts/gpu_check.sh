@@ -53,7 +53,7 @@ grep -E "torch|triton|device|  (triton|ext|eager):" "$OUTDIR/info.log" | sed 's/
 step gpu_tests 270 python -m pytest -q -rs --durations=10 tests/gpu --junitxml="$OUTDIR/gpu_tests.xml"
 tail -n 25 "$OUTDIR/gpu_tests.log" | sed 's/^/    /' >> "$SUMMARY"
 
-step kernel_bench 60 python scripts/bench_kernels.py --out "$OUTDIR/kernel_bench.jsonl"
+step kernel_bench 120 python scripts/bench_kernels.py --out "$OUTDIR/kernel_bench.jsonl"
 sed 's/^/    /' "$OUTDIR/kernel_bench.jsonl" >> "$SUMMARY" 2>/dev/null
 
 step kernel_count 60 python -m bench.kernels --device cuda --summary
