@@ -11,6 +11,18 @@ Where each op's three implementations live:
 The tests that hold them together: tests/test_ops.py (every op on each CPU backend against float64
 formulas), tests/interpret/ (the Triton kernels under TRITON_INTERPRET=1), tests/test_ext_*.py (the
 extension), tests/gpu/ (the Triton kernels on a CUDA device).
+
+The fused model path (``FAST_UNET_FUSED``, Triton only; ``dispatch.fused_paths`` decides) is not a set of
+functional ops but whole blocks: ``fast_unet/fused.py`` drives them; the pieces and their unfused
+equivalents (the eager composition each replaces, used as the tests' reference):
+
+| piece                                   | kernel                  | glue                    | tests (tests/interpret/)  |
+|-----------------------------------------|-------------------------|-------------------------|---------------------------|
+| conv3x3 (+ norm / pool / concat on load)| kernels/conv.py         | triton_ops.conv3x3      | test_conv.py              |
+| normalise + max-pool, upsample          | kernels/resample.py     | triton_ops              | test_resample.py          |
+| attention block GEMMs                   | kernels/linear.py       | triton_block.py         | test_linear.py            |
+| LayerNorm backward in its GEMM          | kernels/ln_backward.py  | triton_block.py         | test_ln_backward.py       |
+| the whole model                         | all of them             | fused.unet_forward      | test_fused_model.py       |
 """
 from . import dispatch
 
