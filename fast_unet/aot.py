@@ -75,6 +75,10 @@ def builds():
                 for has_emb in (True, False):
                     out.append(("gn_apply", G._gn_apply_kernel, tile + (" emb" if has_emb else ""), dt,
                                 dict(common, HAS_EMB=has_emb), opts))
+                    if cl:  # the fused path's tensors are channels_last
+                        out.append(("gn_apply_partials", G._gn_apply_partials_kernel,
+                                    tile + (" emb" if has_emb else ""), dt,
+                                    dict(common, HAS_EMB=has_emb, BLOCK_P=G.PARTIALS_BLOCK_P), opts))
                 out.append(("gn_bwd_reduce", G._gn_bwd_reduce_kernel, tile, dt, dict(common), opts))
                 out.append(("gn_bwd_dx", G._gn_bwd_dx_kernel, tile, dt, dict(common), opts))
         kind = "float32" if dt == "float32" else "half"

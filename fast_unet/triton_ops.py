@@ -267,10 +267,9 @@ def _(x, x2, partials_in, gn_weight, gn_bias, eps, weight, bias, pool):
 @torch.library.custom_op("fast_unet::gn_relu_partials", mutates_args=())
 def _gn_partials_op(y: Tensor, partials: Tensor, gn_weight: Tensor, gn_bias: Tensor, eps: float,
                     emb: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """(relu(GroupNorm(1, C)(y)) + emb, mean, rstd) from y's partials (combine + apply): a lazily
-    normalised tensor materialised, or recomputed in a backward."""
-    mean, rstd = _gn.combine(partials, eps)
-    return _gn.apply(y, mean, rstd, gn_weight, gn_bias, emb), mean, rstd
+    """(relu(GroupNorm(1, C)(y)) + emb, mean, rstd) from y's partials (one apply launch that folds them):
+    a lazily normalised tensor materialised, or recomputed in a backward."""
+    return _gn.apply_from_partials(y, partials, eps, gn_weight, gn_bias, emb)
 
 
 @_gn_partials_op.register_fake

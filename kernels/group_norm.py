@@ -122,21 +122,13 @@ def _gn_combine_kernel(
 
 
 @triton.jit
-def _gn_apply_kernel(
-    x_ptr, y_ptr,  # (B, C, H, W), same layout
-    w_ptr, bias_ptr,  # (C,)
-    emb_ptr,  # (B, C) with strides (stride_eb, stride_ec); unused when not HAS_EMB
-    mean_ptr, rstd_ptr,  # (B,) float32
-    C, HW, stride_eb, stride_ec,
-    HAS_EMB: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):
-    b = tl.program_id(0)
+def _apply_tile(x_ptr, y_ptr, w_ptr, bias_ptr, emb_ptr, mean, rstd, b, C, HW, stride_eb, stride_ec,
+                HAS_EMB: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Normalise, affine, ReLU, + emb for this program's (BLOCK_C x BLOCK_HW) tile of sample b."""
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_mask = c < C
     mask = c_mask[:, None] & (hw < HW)[None, :]
-    mean = tl.load(mean_ptr + b)
-    rstd = tl.load(rstd_ptr + b)
     w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
     bb = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
     scale = w * rstd
@@ -148,6 +140,42 @@ def _gn_apply_kernel(
         e = tl.load(emb_ptr + b.to(tl.int64) * stride_eb + c * stride_ec, mask=c_mask, other=0.0).to(tl.float32)
         y = y + e[:, None]
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_apply_kernel(
+    x_ptr, y_ptr,  # (B, C, H, W), same layout
+    w_ptr, bias_ptr,  # (C,)
+    emb_ptr,  # (B, C) with strides (stride_eb, stride_ec); unused when not HAS_EMB
+    mean_ptr, rstd_ptr,  # (B,) float32
+    C, HW, stride_eb, stride_ec,
+    HAS_EMB: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    b = tl.program_id(0)
+    _apply_tile(x_ptr, y_ptr, w_ptr, bias_ptr, emb_ptr, tl.load(mean_ptr + b), tl.load(rstd_ptr + b), b, C, HW,
+                stride_eb, stride_ec, HAS_EMB, CHANNELS_LAST, BLOCK_C, BLOCK_HW)
+
+
+@triton.jit
+def _gn_apply_partials_kernel(
+    x_ptr, y_ptr,  # (B, C, H, W), same layout
+    w_ptr, bias_ptr,  # (C,)
+    emb_ptr,  # (B, C) with strides (stride_eb, stride_ec); unused when not HAS_EMB
+    pin_ptr,  # (B, P, 3) float32 partials of x's statistics (a conv epilogue's)
+    mean_ptr, rstd_ptr,  # (B,) float32, written (by each sample's first program)
+    C, HW, P, eps, stride_eb, stride_ec,
+    HAS_EMB: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """The apply pass with the combine folded into its prologue: each program folds its sample's partials
+    (``partials_stats``), and the sample's first program stores mean and rstd for a backward."""
+    b = tl.program_id(0)
+    mean, rstd = partials_stats(pin_ptr, b, P, eps, BLOCK_P)
+    if (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+        tl.store(mean_ptr + b, mean)
+        tl.store(rstd_ptr + b, rstd)
+    _apply_tile(x_ptr, y_ptr, w_ptr, bias_ptr, emb_ptr, mean, rstd, b, C, HW, stride_eb, stride_ec, HAS_EMB,
+                CHANNELS_LAST, BLOCK_C, BLOCK_HW)
 
 
 @triton.jit
@@ -362,6 +390,30 @@ def apply(x, mean, rstd, weight, bias, emb=None, out=None):
                            HAS_EMB=emb is not None, CHANNELS_LAST=channels_last,
                            BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
     return y
+
+
+def apply_from_partials(x, partials, eps, weight, bias, emb=None):
+    """(relu((x - mean) * rstd * weight + bias) + emb, mean, rstd) with x's statistics folded from its
+    (B, P, 3) partials inside the apply kernel: one launch (``_gn_apply_partials_kernel``)."""
+    channels_last = _check(x, weight, bias, emb)
+    B, C, H, W = x.shape
+    HW = H * W
+    block_c, block_hw = tile_config(C, HW, channels_last)
+    y = torch.empty_like(x)
+    mean = torch.empty((B,), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    if x.numel() == 0:
+        return y, mean, rstd
+    e = emb if emb is not None else weight  # a dummy pointer when there is no embedding
+    grid = (B, triton.cdiv(C, block_c), triton.cdiv(HW, block_hw))
+    _gn_apply_partials_kernel[grid](x, y, weight, bias, e, partials, mean, rstd, C, HW, partials.shape[1], float(eps),
+                                    emb.stride(0) if emb is not None else 0, emb.stride(1) if emb is not None else 0,
+                                    HAS_EMB=emb is not None, CHANNELS_LAST=channels_last, BLOCK_C=block_c,
+                                    BLOCK_HW=block_hw, BLOCK_P=PARTIALS_BLOCK_P, num_warps=NUM_WARPS)
+    return y, mean, rstd
+
+
+PARTIALS_BLOCK_P = 32
 
 
 def group_norm_relu_fwd(x, weight, bias, eps, emb=None):

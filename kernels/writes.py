@@ -31,6 +31,7 @@ WRITES = {
     "_gn_stats_kernel": {"part_ptr"},
     "_gn_combine_kernel": {"mean_ptr", "rstd_ptr"},
     "_gn_apply_kernel": {"y_ptr"},
+    "_gn_apply_partials_kernel": {"y_ptr", "mean_ptr", "rstd_ptr"},
     "_gn_bwd_reduce_kernel": {"part_ptr"},
     "_gn_bwd_combine_kernel": {"demb_ptr", "dwb_ptr", "dbb_ptr", "sums_ptr"},
     "_gn_bwd_dx_kernel": {"dx_ptr"},

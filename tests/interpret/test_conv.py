@@ -184,8 +184,11 @@ def test_gn_relu_partials_op_materialises_with_emb_and_its_gradient():
     gw, gb = torch.randn(48, requires_grad=True), torch.randn(48, requires_grad=True)
     emb = torch.randn(2, 96)[:, ::2].requires_grad_()
     partials = partials_of(y.detach(), 5)
-    out = triton_ops.gn_relu_partials(y, partials, gw, gb, 1e-5, emb)
+    out, mean, rstd = torch.ops.fast_unet.gn_relu_partials(y, partials, gw, gb, 1e-5, emb)
     exp = eager.group_norm_relu(y, gw, gb, 1e-5, emb)
+    var_r, mean_r = torch.var_mean(y.detach().double().reshape(2, -1), dim=1, correction=0)
+    torch.testing.assert_close(mean.double(), mean_r, atol=1e-6, rtol=1e-5)  # stored by the apply kernel
+    torch.testing.assert_close(rstd.double(), 1 / torch.sqrt(var_r + 1e-5), atol=0, rtol=1e-5)
     torch.testing.assert_close(out, exp, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, (y, gw, gb, emb), g)
