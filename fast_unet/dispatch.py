@@ -80,32 +80,34 @@ def fused_setting():
     return parts
 
 
+def _path_reasons(path, x):
+    """Why the fused ``path`` does not run for the model input ``x`` (empty: it runs)."""
+    if path not in fused_setting():
+        return [f"{FUSED_ENV} does not include {path!r}"]
+    m = mode()
+    if m not in ("auto", "triton"):
+        return [f"{ENV_VAR}={m}: the fused paths are Triton kernels"]
+    if _load("triton"):
+        return [_load("triton")]
+    if path not in _FUSED_CHECKS:
+        return [f"no Triton implementation of the fused {path} path in this build"]
+    return list(_FUSED_CHECKS[path](x))
+
+
 def fused_paths(x):
     """{path: reasons it does not run for the model input ``x``}; an empty list means the path runs.
 
     A path runs when ``FAST_UNET_FUSED`` includes it, the mode is ``auto`` or ``triton``, the Triton
     backend loads and its check takes ``x`` (device, dtype): then the model uses it for the whole
     forward (and its backward)."""
-    want = fused_setting()
-    m = mode()
-    out = {}
-    for path in FUSED_PATHS:
-        if path not in want:
-            out[path] = [f"{FUSED_ENV} does not include {path!r}"]
-        elif m not in ("auto", "triton"):
-            out[path] = [f"{ENV_VAR}={m}: the fused paths are Triton kernels"]
-        elif _load("triton"):
-            out[path] = [_load("triton")]
-        elif path not in _FUSED_CHECKS:
-            out[path] = [f"no Triton implementation of the fused {path} path in this build"]
-        else:
-            out[path] = list(_FUSED_CHECKS[path](x))
-    return out
+    return {path: _path_reasons(path, x) for path in FUSED_PATHS}
 
 
 def fused_on(path, x):
-    """True when the fused ``path`` runs for the model input ``x`` (see ``fused_paths``)."""
-    on = not fused_paths(x)[path]
+    """True when the fused ``path`` runs for the model input ``x`` (see ``fused_paths``); checks only it."""
+    if path not in FUSED_PATHS:
+        raise ValueError(f"unknown fused path {path!r}; expected one of {FUSED_PATHS}")
+    on = not _path_reasons(path, x)
     if on:
         last_choice["fused " + path] = "triton"
     return on

@@ -207,10 +207,7 @@ def _gn_ln_linear_backward(ctx, dout, dt, _dmean, _drstd):
             dt_total = dtok if dt is None else dtok + dt  # the LN/GEMM path and the residual path
     dy = dgw = dgb = demb = None
     if dt_total is not None and (need[0] or need[2] or need[3] or need[5]):
-        dy, dgw, dgb, demb = torch.ops.fast_unet.group_norm_relu_backward(dt_total, y, gn_weight, gn_bias, mean,
-                                                                          rstd)
-        dgw, dgb = dgw.to(gn_weight.dtype), dgb.to(gn_bias.dtype)
-        demb = demb.to(ctx.emb_dtype) if ctx.emb_dtype is not None else None
+        dy, dgw, dgb, demb = _tops.norm_backward(dt_total, y, gn_weight, gn_bias, mean, rstd, ctx.emb_dtype)
     return dy, None, dgw, dgb, None, demb, dlw, dlb, None, dw, db
 
 

@@ -76,20 +76,30 @@ def _(dy, x, weight, bias, mean, rstd):
     return torch.empty_like(x), c, torch.empty_like(c), x.new_empty(x.shape[:2], dtype=weight.dtype)
 
 
-def _gn_setup(ctx, inputs, output):
+def norm_backward(dout, x, weight, bias, mean, rstd, emb_dtype=None):
+    """(dx, d weight, d bias, d emb) of relu(GroupNorm(1, C)(x)) + emb for the gradient ``dout``, on the
+    Triton GroupNorm backward; d weight and d bias come in the weight's dtype, d emb in ``emb_dtype``
+    (None: there was no emb). Every op that folds a GroupNorm takes its backward through here."""
+    dx, dw, db, demb = torch.ops.fast_unet.group_norm_relu_backward(dout, x, weight, bias, mean, rstd)
+    return dx, dw, db, demb.to(emb_dtype) if emb_dtype is not None else None
+
+
+def _save_norm(ctx, x, weight, bias, emb, mean, rstd):
+    """setup_context of an op whose outputs include relu(GroupNorm(x)) + emb and its (B,) statistics."""
     ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
-    x, weight, bias, _eps, emb = inputs
-    _y, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.emb_dtype = emb.dtype if emb is not None else None
     ctx.mark_non_differentiable(mean, rstd)
 
 
+def _gn_setup(ctx, inputs, output):
+    x, weight, bias, _eps, emb = inputs
+    _save_norm(ctx, x, weight, bias, emb, *output[1:])
+
+
 def _gn_backward(ctx, dy, _dmean, _drstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db, demb = torch.ops.fast_unet.group_norm_relu_backward(dy, x, weight, bias, mean, rstd)
-    demb = demb.to(ctx.emb_dtype) if ctx.emb_dtype is not None else None
-    return dx, dw.to(weight.dtype), db.to(bias.dtype), None, demb
+    dx, dw, db, demb = norm_backward(dy, *ctx.saved_tensors, ctx.emb_dtype)
+    return dx, dw, db, None, demb
 
 
 torch.library.register_autograd("fast_unet::group_norm_relu", _gn_backward, setup_context=_gn_setup)
@@ -279,19 +289,13 @@ def _(y, partials, gn_weight, gn_bias, eps, emb):
 
 
 def _gn_partials_setup(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
     y, _partials, gn_weight, gn_bias, _eps, emb = inputs
-    _out, mean, rstd = output
-    ctx.save_for_backward(y, gn_weight, gn_bias, mean, rstd)
-    ctx.emb_dtype = emb.dtype if emb is not None else None
-    ctx.mark_non_differentiable(mean, rstd)
+    _save_norm(ctx, y, gn_weight, gn_bias, emb, *output[1:])
 
 
 def _gn_partials_backward(ctx, dout, _dmean, _drstd):
-    y, gw, gb, mean, rstd = ctx.saved_tensors
-    dy, dgw, dgb, demb = torch.ops.fast_unet.group_norm_relu_backward(dout, y, gw, gb, mean, rstd)
-    demb = demb.to(ctx.emb_dtype) if ctx.emb_dtype is not None else None
-    return dy, None, dgw.to(gw.dtype), dgb.to(gb.dtype), None, demb
+    dy, dgw, dgb, demb = norm_backward(dout, *ctx.saved_tensors, ctx.emb_dtype)
+    return dy, None, dgw, dgb, None, demb
 
 
 torch.library.register_autograd("fast_unet::gn_relu_partials", _gn_partials_backward,
@@ -310,12 +314,6 @@ def _conv_backward(dy, x, weight):
     return dx, dw, db
 
 
-def _norm_backward(dxn, y, gn_weight, gn_bias, mean, rstd):
-    """(dy, dgn_weight, dgn_bias) of xn = relu(GroupNorm(1, C)(y)) (the Triton GroupNorm backward)."""
-    dy, dgw, dgb, _ = torch.ops.fast_unet.group_norm_relu_backward(dxn, y, gn_weight, gn_bias, mean, rstd)
-    return dy, dgw.to(gn_weight.dtype), dgb.to(gn_bias.dtype)
-
-
 def _conv3x3_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
     x, x2, partials_in, gn_weight, gn_bias, eps, weight, _bias, pool = inputs
@@ -330,7 +328,7 @@ def _conv3x3_backward(ctx, dy, _dpartials):
     if pin is not None:
         xn, mean, rstd = _recompute(x, pin, gw, gb, ctx.eps)
         dxn, dw, db = _conv_backward(dy, xn, weight)
-        dx, dgw, dgb = _norm_backward(dxn, x, gw, gb, mean, rstd)
+        dx, dgw, dgb, _ = norm_backward(dxn, x, gw, gb, mean, rstd)
         return dx, None, None, dgw, dgb, None, dw, db, None
     if x2 is not None:
         dcat, dw, db = _conv_backward(dy, torch.cat([x, x2], dim=1), weight)
@@ -378,7 +376,7 @@ def _gn_pool_backward(ctx, dx, dpooled):
         _, idx = torch.ops.aten.max_pool2d_with_indices(xn, [2, 2], [2, 2], [0, 0], [1, 1], False)
         dxn = dxn + torch.ops.aten.max_pool2d_with_indices_backward(
             dpooled.to(xn.dtype), xn, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
-    dy, dgw, dgb = _norm_backward(dxn, y, gw, gb, mean, rstd)
+    dy, dgw, dgb, _ = norm_backward(dxn, y, gw, gb, mean, rstd)
     return dy, None, dgw, dgb, None
 
 
@@ -422,7 +420,7 @@ def _upsample_backward(ctx, dout):
     if pin is None:
         return dxn, None, None, None, None
     _xn, mean, rstd = _recompute(x, pin, gw, gb, ctx.eps)
-    dx, dgw, dgb = _norm_backward(dxn, x, gw, gb, mean, rstd)
+    dx, dgw, dgb, _ = norm_backward(dxn, x, gw, gb, mean, rstd)
     return dx, None, dgw, dgb, None
 
 

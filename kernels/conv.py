@@ -192,16 +192,8 @@ def check(x, weight, bias, x2=None, norm=None, pool=False):
     params = [("weight", weight), ("bias", bias)]
     if norm is not None:
         partials, gn_weight, gn_bias, _eps = norm
-        if partials.dim() != 3 or partials.shape[0] != x.shape[0] or partials.shape[2] != 3 \
-                or partials.dtype != torch.float32:
-            raise ValueError(f"norm partials must be float32 (B, P, 3) with B={x.shape[0]}, got "
-                             f"{partials.dtype} {tuple(partials.shape)}")
-        for name, p in (("norm gn_weight", gn_weight), ("norm gn_bias", gn_bias)):
-            if p.shape != (x.shape[1],):
-                raise ValueError(f"{name} must have shape ({x.shape[1]},), got {tuple(p.shape)}")
+        _gn.check_partials(x, partials, gn_weight, gn_bias, prefix="norm ", x_name="x")
         params += [("norm gn_weight", gn_weight), ("norm gn_bias", gn_bias)]
-        if partials.device != x.device:
-            raise ValueError(f"norm partials are on {partials.device} but x is on {x.device}")
     for name, p in params:
         if p.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {p.dtype} but x is {x.dtype}")

@@ -392,6 +392,20 @@ def apply(x, mean, rstd, weight, bias, emb=None, out=None):
     return y
 
 
+def check_partials(x, partials, gn_weight, gn_bias, prefix="", x_name="the input"):
+    """Validate the GroupNorm arguments of a lazily normalised input x (B, C, ...): float32 (B, P, 3)
+    partials on x's device, (C,) weight and bias. ValueError naming the argument (``prefix`` + name)."""
+    if partials.dim() != 3 or partials.shape[0] != x.shape[0] or partials.shape[2] != 3 \
+            or partials.dtype != torch.float32:
+        raise ValueError(f"{prefix}partials must be float32 (B, P, 3) with B={x.shape[0]}, got "
+                         f"{partials.dtype} {tuple(partials.shape)}")
+    for name, p in (("gn_weight", gn_weight), ("gn_bias", gn_bias)):
+        if p.shape != (x.shape[1],):
+            raise ValueError(f"{prefix}{name} must have shape ({x.shape[1]},), got {tuple(p.shape)}")
+    if partials.device != x.device:
+        raise ValueError(f"{prefix}partials are on {partials.device} but {x_name} is on {x.device}")
+
+
 def apply_from_partials(x, partials, eps, weight, bias, emb=None):
     """(relu((x - mean) * rstd * weight + bias) + emb, mean, rstd) with x's statistics folded from its
     (B, P, 3) partials inside the apply kernel: one launch (``_gn_apply_partials_kernel``)."""

@@ -131,17 +131,10 @@ BLOCK_P_IN = 32
 
 
 def _check_norm(y, partials, gn_weight, gn_bias):
-    if partials.dim() != 3 or partials.shape[0] != y.shape[0] or partials.shape[2] != 3 \
-            or partials.dtype != torch.float32:
-        raise ValueError(f"partials must be float32 (B, P, 3) with B={y.shape[0]}, got {partials.dtype} "
-                         f"{tuple(partials.shape)}")
+    _gn.check_partials(y, partials, gn_weight, gn_bias)
     for name, p in (("gn_weight", gn_weight), ("gn_bias", gn_bias)):
-        if p.shape != (y.shape[1],):
-            raise ValueError(f"{name} must have shape ({y.shape[1]},), got {tuple(p.shape)}")
         if p.dtype != y.dtype or p.device != y.device:
             raise TypeError(f"{name} ({p.dtype}, {p.device}) must match the input ({y.dtype}, {y.device})")
-    if partials.device != y.device:
-        raise ValueError(f"partials are on {partials.device} but the input is on {y.device}")
 
 
 def check_input(name, x):

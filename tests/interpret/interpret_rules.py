@@ -30,6 +30,17 @@ def assert_param_grads_close(model, ref, rel=1e-4):
         assert err <= rel * scale + 1e-6, f"{name}: grad error {err:.3g} (scale {scale:.3g})"
 
 
+def assert_matches_reference(model, ref, y, x, t):
+    """y = model(x, t) (float32) within 2e-5 + 1e-4 relative of ref(x, t), and every parameter gradient of
+    the two within ``assert_param_grads_close`` after the same random upstream gradient."""
+    y_ref = ref(x, t)
+    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-4)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    assert_param_grads_close(model, ref)
+
+
 def partials_of(y, pieces):
     """(B, P, 3) float32 (count, mean, M2) partials of each sample of y, in ``pieces`` uneven chunks of its
     flattened values: the layout a conv epilogue writes, built independently of the kernels."""

@@ -10,8 +10,8 @@ import triton
 
 import fast_unet
 from fast_unet import dispatch
-from fast_unet.reference import make_reference
-from interpret_rules import assert_param_grads_close
+from _model_helpers import model_pair, reference_copy
+from interpret_rules import assert_matches_reference
 
 
 @pytest.fixture
@@ -21,19 +21,11 @@ def fast_conv_config(monkeypatch):
     monkeypatch.setattr(K, "config", lambda dtype, c_in, hw, pool=False: (max(16, min(128, triton.next_power_of_2(hw))), 128, 64, 4, 1))
 
 
-def _pair(h, w):
-    torch.manual_seed(0)
-    ref = make_reference(h, w)
-    model = fast_unet.UNet()
-    model.load_state_dict(ref.state_dict())
-    return model, ref
-
-
 @pytest.mark.parametrize("fused", ["conv", "attention", "all"])
 def test_fused_unet_matches_reference(monkeypatch, fast_conv_config, fused):
     """Float32, non-square 8x16 (a 1x2 bottleneck), batch 2, NCHW input read in place by the first conv."""
     monkeypatch.setenv("FAST_UNET_FUSED", fused)
-    model, ref = _pair(8, 16)
+    model, ref = model_pair(8, 16)
     x = torch.randn(2, 3, 8, 16)
     t = torch.tensor([3, 517])
     calls = []
@@ -49,12 +41,7 @@ def test_fused_unet_matches_reference(monkeypatch, fast_conv_config, fused):
     else:
         assert "fused conv" not in dispatch.last_choice
     assert y.is_contiguous()
-    y_ref = ref(x, t)
-    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-4)
-    g = torch.randn_like(y)
-    (y * g).sum().backward()
-    (y_ref * g).sum().backward()
-    assert_param_grads_close(model, ref)
+    assert_matches_reference(model, ref, y, x, t)
 
 
 def test_fused_setting_parses_and_switches(monkeypatch):
@@ -82,10 +69,8 @@ def test_fused_setting_parses_and_switches(monkeypatch):
 def test_fused_unet_half_precision_forward(monkeypatch, fast_conv_config, dtype):
     """The fused model in bf16/fp16 vs the float64 reference, judged by the eager model's own error in the
     same dtype (the flash-attention rule, on the whole forward)."""
-    from _model_helpers import reference_copy
-
     monkeypatch.setenv("FAST_UNET_FUSED", "all")
-    model, ref = _pair(8, 8)
+    model, ref = model_pair(8, 8)
     x = torch.randn(2, 3, 8, 8)
     t = torch.tensor([3, 517])
     ref64 = reference_copy(ref, torch.float64, 8, 8)

@@ -4,17 +4,14 @@ import pytest
 import torch
 
 import fast_unet
-from fast_unet.reference import make_reference
-from interpret_rules import assert_param_grads_close
+from _model_helpers import model_pair
+from interpret_rules import assert_matches_reference
 
 
 def test_unet_forward_and_parameter_gradients_match_reference(monkeypatch):
     """The unfused Triton ops (FAST_UNET_FUSED=none): every dispatched op runs on Triton."""
     monkeypatch.setenv("FAST_UNET_FUSED", "none")
-    torch.manual_seed(0)
-    ref = make_reference(16)
-    model = fast_unet.UNet()
-    model.load_state_dict(ref.state_dict())
+    model, ref = model_pair(16)
     x = torch.randn(2, 3, 16, 16)
     t = torch.tensor([3, 517])
     calls = []
@@ -32,13 +29,7 @@ def test_unet_forward_and_parameter_gradients_match_reference(monkeypatch):
         fast_unet.dispatch.select = orig
     assert {op for op, _ in calls} == set(fast_unet.dispatch.OPS)
     assert {b for _, b in calls} == {"triton"}, calls
-    y_ref = ref(x, t)
-    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-4)
-
-    g = torch.randn_like(y)
-    (y * g).sum().backward()
-    (y_ref * g).sum().backward()
-    assert_param_grads_close(model, ref)
+    assert_matches_reference(model, ref, y, x, t)
 
 
 @pytest.mark.parametrize("op", ["group_norm_relu", "attention", "time_embedding"])
