@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -125,7 +125,10 @@ setup(
     name="fast_unet",
     version="0.1.0",
     description="Fused-kernel drop-in for the DDPM noise-prediction UNet",
-    packages=find_packages(include=["fast_unet", "fast_unet.*", "kernels", "kernels.*", "bench", "bench.*"]),
+    # The Triton kernels live in the top-level kernels/ folder and install as fast_unet.kernels; bench/ runs
+    # from the repository root and is not installed. Nothing installs under a name this project does not own.
+    packages=["fast_unet", "fast_unet.kernels"],
+    package_dir={"fast_unet.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     extras_require={"test": ["pytest", "pytest-benchmark", "numpy"]},

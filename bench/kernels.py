@@ -168,7 +168,7 @@ def TritonRecorder(trace, dry=False):
     """
     from triton.runtime.jit import KernelInterface
 
-    from kernels.writes import UPDATES, WRITES
+    from fast_unet.kernels.writes import UPDATES, WRITES
 
     original = KernelInterface.__getitem__
 
@@ -551,7 +551,7 @@ def fast_unet_unavailable(device):
     except ImportError as e:
         return f"Triton is not installed ({e})"
     if torch.device(device).type == "cpu":
-        from kernels import _common
+        from fast_unet.kernels import _common
         if not _common.INTERPRET:
             return "kernels/ was imported before TRITON_INTERPRET=1 was set (needed to run on CPU tensors)"
     return None
@@ -699,7 +699,7 @@ def main(argv=None):
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu" and "kernels" not in sys.modules:
+    if device == "cpu" and "fast_unet.kernels._common" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels/ is imported, so triton.jit sees it
     h, w = parse_size(args.size)
     variants = [v for v in args.variants.split(",") if v]

@@ -44,12 +44,12 @@ def _signature(fn, dtype, constexprs, t_type="i64"):
 
 def builds():
     """[(kernel name, jit fn, config label, dtype name, constexprs, options)] for every launchable config."""
-    from kernels import attention as A
-    from kernels import conv as CV
-    from kernels import group_norm as G
-    from kernels import ln_backward as LB
-    from kernels import resample as R
-    from kernels import time_embedding as T
+    from fast_unet.kernels import attention as A
+    from fast_unet.kernels import conv as CV
+    from fast_unet.kernels import group_norm as G
+    from fast_unet.kernels import ln_backward as LB
+    from fast_unet.kernels import resample as R
+    from fast_unet.kernels import time_embedding as T
 
     out = []
     dtypes = ("float32", "bfloat16", "float16")
@@ -138,7 +138,7 @@ def _linear_builds():
     ln_linear with and without GELU, gn_ln_linear with and without emb). The weight is read with
     stride_wi == 1 and emb with stride_ec == 1 (nn.Linear's weight; a column slice of the stacked time
     embedding), specialised as the JIT does."""
-    from kernels import linear as L
+    from fast_unet.kernels import linear as L
 
     ops = (("linear_residual", dict(PROLOGUE=0, HAS_EMB=False, GELU=False, RESIDUAL=True), ""),
            ("ln_linear", dict(PROLOGUE=1, HAS_EMB=False, GELU=False, RESIDUAL=False), ""),

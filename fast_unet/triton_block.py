@@ -24,8 +24,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kernels import linear as _lin
-from kernels import ln_backward as _lnb
+from fast_unet.kernels import linear as _lin
+from fast_unet.kernels import ln_backward as _lnb
 
 from . import triton_ops as _tops  # registers fast_unet::group_norm_relu_backward; _device_reasons
 

@@ -17,12 +17,12 @@ from torch import Tensor
 
 import triton  # noqa: F401  (ImportError here disables the backend, with the reason)
 
-from kernels import _common
-from kernels import attention as _attn
-from kernels import conv as _conv
-from kernels import group_norm as _gn
-from kernels import resample as _resample
-from kernels import time_embedding as _temb
+from fast_unet.kernels import _common
+from fast_unet.kernels import attention as _attn
+from fast_unet.kernels import conv as _conv
+from fast_unet.kernels import group_norm as _gn
+from fast_unet.kernels import resample as _resample
+from fast_unet.kernels import time_embedding as _temb
 
 from . import dispatch
 

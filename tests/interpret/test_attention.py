@@ -81,7 +81,7 @@ def test_bad_inputs_name_the_argument(monkeypatch):
         ops.attention(torch.randn(1, 8, 2, 4, 16))
     with pytest.raises(RuntimeError, match="qkv must be float32, bfloat16 or float16"):
         ops.attention(torch.randn(1, 8, 3, 4, 16, dtype=torch.float64))
-    from kernels.attention import attention_fwd
+    from fast_unet.kernels.attention import attention_fwd
 
     with pytest.raises(ValueError, match="head_dim"):
         attention_fwd(torch.randn(1, 8, 3, 4, 8))

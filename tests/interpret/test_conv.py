@@ -36,8 +36,8 @@ def _leaves(tensors, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 def test_conv_output_and_partial_statistics(shape, dtype):
-    from kernels import conv as K
-    from kernels import group_norm as G
+    from fast_unet.kernels import conv as K
+    from fast_unet.kernels import group_norm as G
 
     x, wt, bias = _inputs(shape, dtype)[:3]
     y, partials = K.conv3x3_stats(x.to(dtype).contiguous(memory_format=torch.channels_last), wt.to(dtype),
@@ -222,7 +222,7 @@ def test_custom_op_registration(variant):
 
 
 def test_bad_inputs_name_the_argument():
-    from kernels import conv as K
+    from fast_unet.kernels import conv as K
 
     x = torch.randn(2, 5, 4, 4)
     with pytest.raises(ValueError, match=r"weight must have shape \(C_out, 5, 3, 3\)"):
@@ -251,7 +251,7 @@ def test_bad_inputs_name_the_argument():
 def test_weight_read_through_its_strides(dtype):
     """The kernel reads the weight in place: channels_last (the model's, K-contiguous), NCHW and a
     non-contiguous view all give the same conv."""
-    from kernels import conv as K
+    from fast_unet.kernels import conv as K
 
     x, wt, bias = (t.to(dtype) for t in _inputs((1, 64, 96, 5, 7), dtype)[:3])
     x = x.contiguous(memory_format=torch.channels_last)

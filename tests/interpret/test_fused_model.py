@@ -16,7 +16,7 @@ from interpret_rules import assert_matches_reference
 
 @pytest.fixture
 def fast_conv_config(monkeypatch):
-    from kernels import conv as K
+    from fast_unet.kernels import conv as K
 
     monkeypatch.setattr(K, "config", lambda dtype, c_in, hw, pool=False: (max(16, min(128, triton.next_power_of_2(hw))), 128, 64, 4, 1))
 

@@ -55,7 +55,7 @@ def test_forward_backward_vs_eager_and_float64(shape, channels_last, dtype):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_statistics_split_over_programs(channels_last):
     """A sample big enough that the stats and backward reductions use several HW splits (S > 1)."""
-    from kernels import group_norm as K
+    from fast_unet.kernels import group_norm as K
 
     shape = (2, 64, 48, 48) if not channels_last else (2, 64, 20, 20)
     c, hw = shape[1], shape[2] * shape[3]
@@ -112,7 +112,7 @@ def test_bad_inputs_name_the_argument(monkeypatch):
     with pytest.raises(RuntimeError, match="x must be float32, bfloat16 or float16, got torch.float64"):
         ops.group_norm_relu(x.double(), w.double(), b.double())
     # the launcher itself validates too
-    from kernels.group_norm import group_norm_relu_fwd
+    from fast_unet.kernels.group_norm import group_norm_relu_fwd
 
     with pytest.raises(ValueError, match="weight must have shape"):
         group_norm_relu_fwd(x, torch.ones(3), b, 1e-5)

@@ -11,11 +11,11 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import KernelInterface
 
 import kernels
-import kernels.linear  # noqa: F401
-import kernels.ln_backward  # noqa: F401
-import kernels.resample  # noqa: F401
+import fast_unet.kernels.linear  # noqa: F401
+import fast_unet.kernels.ln_backward  # noqa: F401
+import fast_unet.kernels.resample  # noqa: F401
 from bench import kernels as bk
-from kernels.writes import UPDATES, WRITES
+from fast_unet.kernels.writes import UPDATES, WRITES
 
 F32 = torch.float32
 UNFUSED = {"FAST_UNET_FUSED": "none"}

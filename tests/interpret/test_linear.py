@@ -225,8 +225,8 @@ def test_gn_ln_linear_gradient_of_each_output(which):
 
 def test_gn_ln_linear_from_the_conv_epilogue():
     """The real producer: the Triton conv's (B, P, 3) partials (one per output tile)."""
-    from kernels import conv as K
-    from kernels import linear as L
+    from fast_unet.kernels import conv as K
+    from fast_unet.kernels import linear as L
 
     torch.manual_seed(1)
     x = torch.randn(2, 5, 9, 11).contiguous(memory_format=torch.channels_last)
@@ -306,7 +306,7 @@ def test_custom_op_registration(op):
 
 def test_bad_inputs_name_the_argument():
     from fast_unet import triton_block as TB
-    from kernels import linear as L
+    from fast_unet.kernels import linear as L
 
     x, w, b, r = _small_args("linear_residual")
     with pytest.raises(ValueError, match=r"weight must have shape \(N_out, 48\)"):
@@ -377,7 +377,7 @@ def test_gn_ln_linear_compiles_for_sm90_without_spills():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_weight_read_through_its_strides(dtype):
     """A transposed or sliced weight view gives the same result as the contiguous weight (no copy made)."""
-    from kernels import linear as L
+    from fast_unet.kernels import linear as L
 
     x = torch.randn(37, 48).to(dtype)
     r = torch.randn(37, 80).to(dtype)

@@ -40,7 +40,7 @@ def test_ln_linear_backward(shape, dtype):
 
 def test_registration_and_bad_inputs():
     import fast_unet.triton_block  # noqa: F401
-    from kernels import ln_backward as L
+    from fast_unet.kernels import ln_backward as L
 
     args = (torch.randn(10, 24), torch.randn(10, 40), torch.randn(40), 1e-5, torch.randn(24, 40))
     torch.library.opcheck(torch.ops.fast_unet.ln_linear_backward.default, args)

@@ -117,7 +117,7 @@ def test_custom_op_registration(op):
 
 
 def test_bad_inputs_name_the_argument():
-    from kernels import resample as R
+    from fast_unet.kernels import resample as R
 
     y = torch.randn(2, 6, 4, 6)
     ok = (partials_of(y, 2), torch.ones(6), torch.zeros(6), 1e-5)
