@@ -4,8 +4,8 @@ each kernel reads and writes, without timing anything.
 What is counted, per model:
 - one forward (``torch.no_grad``, as the benchmark times it) and one training step: forward, MSE loss,
   backward; the optimizer step is NOT included;
-- fast_unet (``FAST_UNET_BACKEND=triton``: by default the fused model path, fast_unet/fused.py; plus
-  each variant's switches, such as ``FAST_UNET_FUSED=none`` for the unfused Triton ops): every Triton launch (``TritonRecorder``, which hooks ``kernel[grid](...)``
+- fast_unet (``FAST_UNET_BACKEND=triton``; plus
+  each variant's switches, such as ``fast_unet+unfused``: the fused ops on their eager twins): every Triton launch (``TritonRecorder``, which hooks ``kernel[grid](...)``
   for any Triton kernel, so new kernels are counted with no change here) plus every kernel-launching
   aten op that still runs outside the Triton kernels (``OpCounter``, a TorchDispatchMode: eager convs,
   cats, copies, the matmuls, the torch ops inside the launchers and the autograd glue);
@@ -47,7 +47,9 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten, tree_map
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_VARIANTS = ("baseline", "reference", "fast_unet", "fast_unet+FAST_UNET_FUSED=none")
+DEFAULT_VARIANTS = ("baseline", "reference", "fast_unet", "fast_unet+unfused")
+# The fused ops on their eager twins (which run their pieces on Triton): fast_unet without its fusions.
+UNFUSED = "triton,conv3x3=eager,gn_relu_maxpool=eager,upsample2x=eager,gn_ln_linear=eager"
 DESCRIPTIONS = {
     "baseline": "fair eager baseline: the reference with need_weights=False (SDPA); aten ops on meta",
     "reference": "the seed's UNet (MultiheadAttention with need_weights=True); aten ops on meta",
@@ -387,7 +389,8 @@ def fused_sdpa_on_meta(dtype):
 # Models and variants
 
 def parse_variant(spec):
-    """'fast_unet+FAST_UNET_FUSED=none' -> ('fast_unet', {'FAST_UNET_FUSED': 'none'})."""
+    """'fast_unet+ENV=VALUE' -> ('fast_unet', {'ENV': 'VALUE'}); 'fast_unet+unfused' sets
+    FAST_UNET_BACKEND to ``UNFUSED``."""
     name, *settings = spec.split("+")
     if name not in ("baseline", "reference", "fast_unet"):
         raise ValueError(f"unknown model {name!r} in variant {spec!r}; expected baseline, reference or "
@@ -396,6 +399,9 @@ def parse_variant(spec):
         raise ValueError(f"{spec!r}: only fast_unet variants take ENV=VALUE settings")
     env = {}
     for s in settings:
+        if s == "unfused":
+            env["FAST_UNET_BACKEND"] = UNFUSED
+            continue
         if "=" not in s:
             raise ValueError(f"{spec!r}: expected ENV=VALUE after '+', got {s!r}")
         k, v = s.split("=", 1)
@@ -405,12 +411,8 @@ def parse_variant(spec):
 
 @contextlib.contextmanager
 def fast_unet_env(settings):
-    """FAST_UNET_BACKEND=triton, every FAST_UNET_FUSED* switch at its default, then ``settings``; restored after.
-    (dispatch reads these at each call.)"""
+    """FAST_UNET_BACKEND=triton, then ``settings``; restored after. (dispatch reads it at each call.)"""
     saved = {k: v for k, v in os.environ.items() if k.startswith("FAST_UNET_")}
-    for k in list(saved):
-        if k.startswith("FAST_UNET_FUSED"):
-            del os.environ[k]
     os.environ["FAST_UNET_BACKEND"] = "triton"
     os.environ.update(settings)
     try:

@@ -1,153 +1,124 @@
-"""The one place that decides which implementation of an op runs.
+"""The one place that decides which implementation of each op runs, op by op, input by input.
 
-Backends, in priority order for ``auto``: ``triton`` (kernels/, through fast_unet.triton_ops),
-``ext`` (csrc/, the compiled ``fast_unet._C``), ``eager`` (fast_unet.eager, always available).
+Backends, in priority order for ``auto``: ``triton`` (the kernels in ``fast_unet.kernels``), ``ext`` (the
+compiled ``fast_unet._C``), ``eager`` (``fast_unet.eager``, always available). Each op module under
+``fast_unet/ops/`` registers, per backend, an implementation and a ``reasons(*args) -> list[str]`` check
+(empty: it can take these arguments). dispatch calls the check on every input: a backend that cannot take
+an input steps aside for the next one.
 
-Each backend provides, per op, an implementation and a ``reasons(*args) -> list[str]`` check (empty:
-it can take these inputs). ``FAST_UNET_BACKEND=auto|triton|ext|eager`` overrides the choice; a forced
-backend that cannot take an input raises with its reasons rather than falling back quietly.
-``explain(op, *args)`` and ``python -m fast_unet.info`` say why a backend was not picked.
+``FAST_UNET_BACKEND`` chooses: a mode (``auto``, ``triton``, ``ext`` or ``eager``; default ``auto``), then
+optionally per-op overrides ``op=backend``, comma-separated, e.g. ``auto,conv3x3=eager`` (every op as
+usual, but the conv on its eager twin: an A/B switch for one fused op) or ``conv3x3=eager`` alone.
 
-Fused paths (``FUSED_PATHS``, switched by ``FAST_UNET_FUSED``, all on by default): where the Triton
-backend would run, the model runs whole blocks as fused kernels (fast_unet/fused.py): ``conv`` (convs that
-normalise their input on load and write GroupNorm statistics in their epilogues) and ``attention`` (the
-attention block around its GEMMs). ``fused_paths(x)`` says which run for an input, and why not.
+- A forced backend (a mode other than ``auto``, or an override) that cannot take an input raises a
+  RuntimeError with its reasons instead of falling back.
+- A mode that names a backend without an implementation of some op runs that op on ``eager``
+  (``FAST_UNET_BACKEND=ext`` runs the extension's ops on the extension and the others on eager); an
+  override that names such a backend is an error.
+
+``explain(op, *args)`` says why each backend would not take an input; ``python -m fast_unet.info`` says
+which backends load, and which implementation each op has.
 """
-import importlib
 import os
-import warnings
 
-from . import eager
+from . import backends
 
 ENV_VAR = "FAST_UNET_BACKEND"
 MODES = ("auto", "triton", "ext", "eager")
 PRIORITY = ("triton", "ext", "eager")
-OPS = ("group_norm_relu", "attention", "time_embedding")
 
-# op -> backend -> (fn, reasons_fn). Backends other than eager fill theirs in when their glue module
-# is imported (see _GLUE); eager's is here.
-_IMPLS = {op: {} for op in OPS}
-_NO_REASONS = lambda *args, **kwargs: []  # noqa: E731
-for _op in OPS:
-    _IMPLS[_op]["eager"] = (getattr(eager, _op), _NO_REASONS)
-
-# The glue module of each compiled backend: importing it registers its implementations.
-_GLUE = {"triton": "fast_unet.triton_ops", "ext": "fast_unet.ext_ops"}
-_load_errors = {}
-_loaded = set()
+OPS = []  # op names, in registration order (fast_unet.ops imports every op module)
+_IMPLS = {}  # op -> backend -> (fn, reasons_fn)
 last_choice = {}  # op -> the backend that ran it last (what the benchmark and info report)
 
 
-def register(op, backend, fn, reasons=_NO_REASONS):
+def _no_reasons(*args, **kwargs):
+    return []
+
+
+def _all_devices():
+    return None
+
+
+def register(op, backend, fn, reasons=_no_reasons, devices=_all_devices):
     """Register ``fn`` as ``backend``'s implementation of ``op``; ``reasons(*args)`` lists why it cannot
-    take those arguments (empty list: it can)."""
-    if op not in _IMPLS:
-        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    take those arguments (empty list: it can); ``devices()`` the device types it serves (None: any), for
+    ``python -m fast_unet.info``. The first registration of a name creates the op."""
     if backend not in PRIORITY:
         raise ValueError(f"unknown backend {backend!r}; expected one of {PRIORITY}")
+    if not isinstance(op, str) or not op.isidentifier():
+        raise ValueError(f"op must be an identifier, got {op!r}")
+    if op not in _IMPLS:
+        _IMPLS[op] = {}
+        OPS.append(op)
     _IMPLS[op][backend] = (fn, reasons)
+    _DEVICES[(op, backend)] = devices
 
 
-FUSED_ENV = "FAST_UNET_FUSED"
-FUSED_PATHS = ("conv", "attention")
-# The default is a guess until a GPU has measured the fused paths against the unfused ops (README).
-FUSED_DEFAULT = "all"
-_FUSED_CHECKS = {}  # fused path -> reasons(x) -> list[str], registered by the Triton glue
+_DEVICES = {}
 
 
-def register_fused(path, reasons=_NO_REASONS):
-    """Register the Triton glue's check for a fused path: ``reasons(x)`` lists why it cannot take the
-    model input ``x`` (empty: it can)."""
-    if path not in FUSED_PATHS:
-        raise ValueError(f"unknown fused path {path!r}; expected one of {FUSED_PATHS}")
-    _FUSED_CHECKS[path] = reasons
+def serves(op, backend, device_type):
+    """True when ``backend`` loads, implements ``op`` and serves ``device_type`` (whatever the input)."""
+    if backend not in _IMPLS[op] or backends.load_error(backend):
+        return False
+    types = _DEVICES[(op, backend)]()
+    return types is None or device_type in types
 
 
-def fused_setting():
-    """The fused paths ``FAST_UNET_FUSED`` switches on: ``all`` (default) or ``1``; ``none`` or ``0``; or a
-    comma list of ``conv`` (the DoubleConvs as Triton convs that normalise on load, with the GroupNorm
-    statistics in their epilogues; the pool and upsample passes) and ``attention`` (the attention block
-    as five launches around its GEMMs)."""
-    value = os.environ.get(FUSED_ENV, FUSED_DEFAULT).strip().lower()
-    if value in ("all", "1"):
-        return set(FUSED_PATHS)
-    if value in ("", "none", "0"):
-        return set()
-    parts = {p.strip() for p in value.split(",") if p.strip()}
-    if parts - set(FUSED_PATHS):
-        raise ValueError(f"{FUSED_ENV}={value!r} is not valid; expected all, none, or a comma list of "
-                         f"{', '.join(FUSED_PATHS)}")
-    return parts
+def implementations(op):
+    """{backend: fn} registered for ``op``."""
+    _check_op(op)
+    return {b: impl[0] for b, impl in _IMPLS[op].items()}
 
 
-def _path_reasons(path, x):
-    """Why the fused ``path`` does not run for the model input ``x`` (empty: it runs)."""
-    if path not in fused_setting():
-        return [f"{FUSED_ENV} does not include {path!r}"]
-    m = mode()
-    if m not in ("auto", "triton"):
-        return [f"{ENV_VAR}={m}: the fused paths are Triton kernels"]
-    if _load("triton"):
-        return [_load("triton")]
-    if path not in _FUSED_CHECKS:
-        return [f"no Triton implementation of the fused {path} path in this build"]
-    return list(_FUSED_CHECKS[path](x))
+def _check_op(op):
+    if op not in _IMPLS:
+        raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
 
 
-def fused_paths(x):
-    """{path: reasons it does not run for the model input ``x``}; an empty list means the path runs.
-
-    A path runs when ``FAST_UNET_FUSED`` includes it, the mode is ``auto`` or ``triton``, the Triton
-    backend loads and its check takes ``x`` (device, dtype): then the model uses it for the whole
-    forward (and its backward)."""
-    return {path: _path_reasons(path, x) for path in FUSED_PATHS}
+_setting_cache = {}
 
 
-def fused_on(path, x):
-    """True when the fused ``path`` runs for the model input ``x`` (see ``fused_paths``); checks only it."""
-    if path not in FUSED_PATHS:
-        raise ValueError(f"unknown fused path {path!r}; expected one of {FUSED_PATHS}")
-    on = not _path_reasons(path, x)
-    if on:
-        last_choice["fused " + path] = "triton"
-    return on
-
-
-def _load(backend):
-    """Import the backend's glue once; remember why it failed. Returns the failure reason or None."""
-    if backend == "eager" or backend in _loaded:
-        return _load_errors.get(backend)
-    _loaded.add(backend)
-    try:
-        importlib.import_module(_GLUE[backend])
-    except ModuleNotFoundError as e:
-        if e.name == _GLUE[backend]:
-            _load_errors[backend] = f"{_GLUE[backend]} does not exist yet (no {backend} kernels in this build)"
+def setting():
+    """(mode, {op: backend}) from ``FAST_UNET_BACKEND``; ValueError naming what is wrong."""
+    value = os.environ.get(ENV_VAR, "auto")
+    if value in _setting_cache:
+        return _setting_cache[value]
+    mode, overrides = "auto", {}
+    parts = [p.strip().lower() for p in value.split(",") if p.strip()]
+    for i, part in enumerate(parts):
+        if "=" in part:
+            op, _, backend = (s.strip() for s in part.partition("="))
+            if op not in _IMPLS:
+                raise ValueError(f"{ENV_VAR}={value!r}: unknown op {op!r}; expected one of {', '.join(OPS)}")
+            if backend not in PRIORITY:
+                raise ValueError(f"{ENV_VAR}={value!r}: {op}={backend!r} is not a backend; expected one of "
+                                 f"{', '.join(PRIORITY)}")
+            overrides[op] = backend
+        elif i == 0 and part in MODES:
+            mode = part
         else:
-            _load_errors[backend] = f"cannot import {e.name!r}: {e}"
-    except Exception as e:  # a broken build must not break fast_unet: warn once, fall back
-        _load_errors[backend] = f"{_GLUE[backend]} failed to load: {type(e).__name__}: {e}"
-        warnings.warn(f"fast_unet: {backend} backend disabled: {_load_errors[backend]}", RuntimeWarning,
-                      stacklevel=3)
-    return _load_errors.get(backend)
+            raise ValueError(f"{ENV_VAR}={value!r} is not valid; expected a mode ({', '.join(MODES)}) "
+                             f"optionally followed by op=backend overrides, e.g. auto,conv3x3=eager")
+    _setting_cache[value] = (mode, overrides)
+    return mode, overrides
 
 
 def mode():
-    """The backend mode from ``FAST_UNET_BACKEND`` (default ``auto``); an unknown value is an error."""
-    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if value not in MODES:
-        raise ValueError(f"{ENV_VAR}={value!r} is not a valid backend; expected one of {', '.join(MODES)}")
-    return value
+    """The mode part of ``FAST_UNET_BACKEND`` (default ``auto``); an invalid value is a ValueError."""
+    return setting()[0]
 
 
 def reasons(op, backend, *args):
     """Why ``backend`` cannot run ``op`` on these arguments (empty list: it can)."""
-    err = _load(backend)
+    _check_op(op)
+    err = backends.load_error(backend)
     if err:
         return [err]
     impl = _IMPLS[op].get(backend)
     if impl is None:
-        return [f"no {backend} implementation of {op!r} yet"]
+        return [f"{backend} has no implementation of {op}"]
     return list(impl[1](*args))
 
 
@@ -156,20 +127,31 @@ def explain(op, *args):
     return {b: reasons(op, b, *args) for b in PRIORITY}
 
 
+def forced(op):
+    """The backend ``FAST_UNET_BACKEND`` forces for ``op``, or None (``auto``)."""
+    m, overrides = setting()
+    if op in overrides:
+        return overrides[op]
+    if m == "auto":
+        return None
+    return m if m in _IMPLS[op] else "eager"
+
+
 def select(op, *args):
     """(backend name, implementation) for ``op`` on these arguments, honouring ``FAST_UNET_BACKEND``."""
-    m = mode()
-    if m != "auto":
-        why = reasons(op, m, *args)
+    _check_op(op)
+    b = forced(op)
+    if b is not None:
+        why = reasons(op, b, *args)
         if why:
-            raise RuntimeError(f"{ENV_VAR}={m} cannot run {op}: " + "; ".join(why))
-        last_choice[op] = m
-        return m, _IMPLS[op][m][0]
+            raise RuntimeError(f"{ENV_VAR}={os.environ.get(ENV_VAR)} cannot run {op} on {b}: " + "; ".join(why))
+        last_choice[op] = b
+        return b, _IMPLS[op][b][0]
     for b in PRIORITY:
-        if not reasons(op, b, *args):
+        if b in _IMPLS[op] and not reasons(op, b, *args):
             last_choice[op] = b
             return b, _IMPLS[op][b][0]
-    raise RuntimeError(f"no backend can run {op}: {explain(op, *args)}")  # unreachable: eager takes all
+    raise RuntimeError(f"no backend can run {op}: {explain(op, *args)}")
 
 
 def call(op, *args):
@@ -179,4 +161,4 @@ def call(op, *args):
 
 def backend_status():
     """{backend: None if it loads, else the reason it does not}."""
-    return {b: _load(b) for b in PRIORITY}
+    return {b: backends.load_error(b) for b in PRIORITY}

@@ -1,9 +1,14 @@
-"""Eager PyTorch implementations of fast_unet's ops: the fallback of every kernel.
+"""Eager PyTorch implementations of fast_unet's ops: the fallback of every kernel, and the tests' twin.
 
-Each function here is the plain-PyTorch twin of one kernel in ``kernels/`` (Triton) and ``csrc/``
-(C++/CUDA); ``fast_unet.ops`` routes every call through ``fast_unet.dispatch``, which picks one of them.
-They run on any device and dtype that PyTorch supports, and they are written to be fast:
-no ``.repeat``, no needless copies or transposes, SDPA instead of materialised attention weights.
+Each function here is the plain-PyTorch twin of one op of ``fast_unet.ops`` (whose Triton kernels live in
+``kernels/`` and C++/CUDA kernels in ``csrc/``); ``fast_unet.dispatch`` picks, per call, which runs. They
+run on any device and dtype that PyTorch supports, and they are written to be fast: no ``.repeat``, no
+needless copies or transposes, SDPA instead of materialised attention weights.
+
+The twin of a fused op is the composition it fuses. Its pieces come in as arguments (``normalize``,
+``ln_linear``) defaulting to the eager ones here; ``fast_unet.ops`` registers them with the dispatched
+ops instead, so a fused op that falls back still runs its pieces on the best backend that takes them.
+This module imports nothing else of fast_unet.
 """
 import torch
 import torch.nn.functional as F
@@ -77,11 +82,12 @@ class _GroupNormReLU(torch.autograd.Function):
         return _from_spatial_view(dx, sdim, x.shape), q.sum(0).to(weight.dtype), p.sum(0).to(weight.dtype), None, demb
 
 
-def group_norm_relu(x, weight, bias, eps, emb=None):
+def group_norm_relu(x, weight, bias, eps, emb=None, partials=None):
     """``relu(group_norm(x, 1, weight, bias, eps)) (+ emb[:, :, None, None])``.
 
     x: (B, C, H, W), NCHW or channels_last; weight, bias: (C,); emb: (B, C) or None. Statistics and
-    the backward's reductions in float32; output in x's dtype and memory format.
+    the backward's reductions in float32, computed here in two passes (``partials``, x's statistics
+    per tile from a conv epilogue, are not needed); output in x's dtype and memory format.
     """
     return _GroupNormReLU.apply(x, weight, bias, eps, emb)
 
@@ -119,4 +125,56 @@ def time_embedding(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
     return down, up
 
 
-__all__ = ["group_norm_relu", "attention", "sinusoidal_encoding", "time_embedding"]
+def conv3x3(x, x2, partials, gn_weight, gn_bias, eps, weight, bias, pool, normalize=group_norm_relu):
+    """(y, None): the 3x3 conv (padding 1) of x; of ``normalize(x, gn_weight, gn_bias, eps, None, partials)``
+    when ``gn_weight`` is given (normalise on load); of cat([x, x2], 1) when ``x2`` is given; of
+    max_pool2d(x, 2) when ``pool``. y is channels_last; no GroupNorm statistics are written (None)."""
+    if gn_weight is not None:
+        x = normalize(x, gn_weight, gn_bias, eps, None, partials)
+    if x2 is not None:
+        x = torch.cat([x, x2], dim=1)
+    x = x.contiguous(memory_format=torch.channels_last)
+    if pool:
+        x = F.max_pool2d(x, 2)
+    return F.conv2d(x, weight, bias, padding=1), None
+
+
+def gn_relu_maxpool(y, partials, gn_weight, gn_bias, eps, normalize=group_norm_relu):
+    """(x, max_pool2d(x, 2)) with x = relu(GroupNorm(1, C)(y))."""
+    x = normalize(y, gn_weight, gn_bias, eps, None, partials)
+    return x, F.max_pool2d(x, 2)
+
+
+def upsample2x(x, partials, gn_weight, gn_bias, eps, normalize=group_norm_relu):
+    """Bilinear 2x upsampling (align_corners=True) of x, or of relu(GroupNorm(1, C)(x)) when ``gn_weight``
+    is given; channels_last."""
+    if gn_weight is not None:
+        x = normalize(x, gn_weight, gn_bias, eps, None, partials)
+    x = x.contiguous(memory_format=torch.channels_last)
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+
+
+def linear_residual(x, weight, bias, residual):
+    """``x @ weight.T + bias + residual`` with the residual as the GEMM's accumulator (addmm's beta=1)."""
+    n = weight.shape[0]
+    out = torch.addmm(residual.reshape(-1, n), x.reshape(-1, x.shape[-1]), weight.t())
+    return out.add_(bias).view(*x.shape[:-1], n)
+
+
+def ln_linear(x, ln_weight, ln_bias, ln_eps, weight, bias, gelu=False):
+    """``[gelu](layer_norm(x, (K,), ln_weight, ln_bias, ln_eps) @ weight.T + bias)``."""
+    out = F.linear(F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, ln_eps), weight, bias)
+    return F.gelu(out) if gelu else out
+
+
+def gn_ln_linear(y, partials, gn_weight, gn_bias, gn_eps, emb, ln_weight, ln_bias, ln_eps, weight, bias,
+                 normalize=group_norm_relu, ln_linear=ln_linear):
+    """(out (B, HW, N_out), t): t = relu(GroupNorm(1, C)(y)) + emb, channels_last; out = the token GEMM
+    ``ln_linear`` of t's (B, HW, C) tokens (a view of channels_last t)."""
+    t = normalize(y, gn_weight, gn_bias, gn_eps, emb, partials).contiguous(memory_format=torch.channels_last)
+    b, c, h, w = t.shape
+    return ln_linear(t.permute(0, 2, 3, 1).reshape(b, h * w, c), ln_weight, ln_bias, ln_eps, weight, bias, False), t
+
+
+__all__ = ["attention", "conv3x3", "gn_ln_linear", "gn_relu_maxpool", "group_norm_relu", "linear_residual",
+           "ln_linear", "sinusoidal_encoding", "time_embedding", "upsample2x"]

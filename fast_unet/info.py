@@ -1,4 +1,6 @@
-"""``python -m fast_unet.info``: versions, each backend, and why one is not available."""
+"""``python -m fast_unet.info [--json]``: versions, the build, each backend and why one is not available, and
+per op every backend's state and the backend that runs it for a CPU and for a CUDA input.
+``--compile ARCHS``: the ahead-of-time compile report of the Triton kernels (fast_unet/aot.py)."""
 import argparse
 import json
 import os
@@ -25,10 +27,18 @@ def device_name(device):
     return f"{name}, {torch.get_num_threads()} threads"
 
 
+def _runs_on(op, device_type):
+    """The backend ``auto`` gives ``op`` for an input on ``device_type`` that every backend serving that
+    device can take: the first in priority order that loads, implements the op and serves the device."""
+    from . import dispatch
+
+    return next(b for b in dispatch.PRIORITY if b == "eager" or dispatch.serves(op, b, device_type))
+
+
 def collect():
     import torch
 
-    from . import __version__, dispatch
+    from . import __version__, backends, dispatch
 
     info = {
         "fast_unet": __version__,
@@ -41,6 +51,7 @@ def collect():
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""),
         dispatch.ENV_VAR: os.environ.get(dispatch.ENV_VAR, "auto"),
         "backends": {},
+        "ops": {},
     }
     try:
         import triton
@@ -48,29 +59,19 @@ def collect():
         info["triton"] = triton.__version__
     except ImportError:
         pass
-    ext = {"built": False}
-    try:
-        from . import ext_ops
-
-        ext = {"built": ext_ops._C is not None, **ext_ops.build_info()}
-        if ext_ops.LOAD_ERROR:
-            ext["reason"] = ext_ops.LOAD_ERROR
-    except Exception as e:  # noqa: BLE001 - info must always print
-        ext["reason"] = f"{type(e).__name__}: {e}"
-    info["ext"] = ext
     for backend, err in dispatch.backend_status().items():
-        info["backends"][backend] = {"loaded": err is None, "reason": err, "ops": {}}
-        for op in dispatch.OPS:
-            impl = dispatch._IMPLS[op].get(backend)
-            info["backends"][backend]["ops"][op] = "available" if impl and not err else (err or f"no {backend} implementation yet")
-    # the fused model paths, for a float32 input on this machine's default device
-    probe = torch.empty(1, 3, 8, 8, device="cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        info["fused"] = {path: ("runs" if not why else "off: " + "; ".join(why))
-                         for path, why in dispatch.fused_paths(probe).items()}
-    except ValueError as e:  # an invalid FAST_UNET_FUSED
-        info["fused"] = {"error": str(e)}
-    info[dispatch.FUSED_ENV] = os.environ.get(dispatch.FUSED_ENV, dispatch.FUSED_DEFAULT)
+        info["backends"][backend] = {"loaded": err is None, "reason": err}
+    build = backends.build_info()
+    info["build"] = {"ext": backends.ext() is not None, "reason": backends.load_error("ext"),
+                     "archs": build.get("cuda_archs") or None, "cpu_isa": build.get("cpu_isa"),
+                     "cpu_march": build.get("cpu_march"), "torch": build.get("torch")}
+    for op in dispatch.OPS:
+        impls = dispatch.implementations(op)
+        info["ops"][op] = {
+            "backends": {b: (backends.load_error(b) or "available") if b in impls
+                         else f"{b} has no implementation of {op}" for b in dispatch.PRIORITY},
+            "runs_on": {"cpu": _runs_on(op, "cpu"), "cuda": _runs_on(op, "cuda")},
+        }
     return info
 
 
@@ -96,22 +97,24 @@ def main(argv=None):
         print(json.dumps(info, indent=2))
         return 0
     for key, value in info.items():
-        if key not in ("backends", "ext", "fused"):
+        if key not in ("backends", "build", "ops"):
             print(f"{key:>18}: {value}")
-    ext = info["ext"]
-    if ext.get("built"):
-        print(f"{'ext (_C)':>18}: built; CUDA archs: {ext.get('cuda_archs') or 'none (CPU-only build)'}; "
-              f"CPU ISA: {ext.get('cpu_isa')} (-march={ext.get('cpu_march')}); torch {ext.get('torch')}")
+    build = info["build"]
+    if build["ext"]:
+        print(f"{'ext (_C)':>18}: built; CUDA archs: {build['archs'] or 'none (CPU-only build)'}; "
+              f"CPU ISA: {build['cpu_isa']} (-march={build['cpu_march']}); torch {build['torch']}")
     else:
-        print(f"{'ext (_C)':>18}: not built: {ext.get('reason')}")
-    print(f"\nfused model paths (FAST_UNET_FUSED={info['FAST_UNET_FUSED']}; for a {info['device']} input):")
-    for path, state in info["fused"].items():
-        print(f"  {path:<10} {state}")
+        print(f"{'ext (_C)':>18}: not built: {build['reason']}")
     print("\nbackends (auto tries them in this order):")
     for backend, b in info["backends"].items():
         print(f"  {backend}: {'loaded' if b['loaded'] else 'not available: ' + str(b['reason'])}")
-        for op, state in b["ops"].items():
-            print(f"      {op:<16} {state}")
+    print("\nops: the backend auto picks for a CPU and for a CUDA input it can take (a backend that cannot take "
+          "an input steps aside: fast_unet.dispatch.explain(op, *args) says why), then each backend's state")
+    width = max(len(op) for op in info["ops"])
+    for op, o in info["ops"].items():
+        print(f"  {op:<{width}}  cpu: {o['runs_on']['cpu']:<6}  cuda: {o['runs_on']['cuda']:<6}")
+        for backend, state in o["backends"].items():
+            print(f"  {'':<{width}}    {backend}: {state}")
     return 0
 
 

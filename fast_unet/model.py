@@ -2,8 +2,9 @@
 
 Every module keeps the reference's parameters where the reference has them (``conv1 = Sequential(Conv2d,
 GroupNorm, ReLU)``, ``mha = MultiheadAttention``, ...) so checkpoints load both ways with ``strict=True``;
-only the forward passes differ. They run on fast_unet's ops (``fast_unet.ops``), which dispatch to Triton,
-the C++/CUDA extension or eager PyTorch.
+only the forward passes differ. They are written once, in fast_unet's ops (``fast_unet.ops``), each of which
+dispatches to Triton, the C++/CUDA extension or eager PyTorch; between blocks, activations travel as
+``ops.Lazy`` tensors, normalised by whichever op reads them.
 
 Differences from the reference that a user can see, all of them lifted limits:
 - any batch size, any H and W divisible by 8 (square or not): ``SelfAttention.size`` is kept but unused;
@@ -16,13 +17,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import dispatch, ops
+from . import ops
 
 
-def _gn_relu(conv_block, x, emb=None):
-    """Run one ``Sequential(Conv2d, GroupNorm(1, C), ReLU)`` with the norm, ReLU and embedding fused."""
-    conv, gn = conv_block[0], conv_block[1]
-    return ops.group_norm_relu(conv(x), gn.weight, gn.bias, gn.eps, emb)
+def _norm(gn):
+    """(weight, bias, eps) of a GroupNorm module."""
+    return gn.weight, gn.bias, gn.eps
 
 
 class DoubleConv(nn.Module):
@@ -33,7 +33,23 @@ class DoubleConv(nn.Module):
 
     def forward(self, x, emb=None):
         """x: (B, in_c, H, W). ``emb`` (B, out_c), if given, is added after the last ReLU."""
-        return _gn_relu(self.conv2, _gn_relu(self.conv1, x), emb)
+        return self.lazy(x)._replace(emb=emb).materialize()
+
+    def lazy(self, x, x2=None, pool=False):
+        """The block's output before its last GroupNorm + ReLU, as a ``Lazy``.
+
+        x: a tensor, or a ``Lazy`` (normalised as the first conv loads it); ``x2``: a tensor whose channels
+        follow x's (the Up blocks' concatenation, read in place); ``pool``: the first conv reads
+        max_pool2d(x, 2) (the Down blocks)."""
+        (conv1, gn1), (conv2, gn2) = self.conv1[:2], self.conv2[:2]
+        if isinstance(x, ops.Lazy) and x.emb is not None:
+            x = x.materialize()
+        if isinstance(x, ops.Lazy):
+            y1, p1 = ops.conv3x3(x.y, conv1.weight, conv1.bias, norm=x.norm())
+        else:
+            y1, p1 = ops.conv3x3(x, conv1.weight, conv1.bias, x2=x2, pool=pool)
+        y2, p2 = ops.conv3x3(y1, conv2.weight, conv2.bias, norm=(p1, *_norm(gn1)))
+        return ops.Lazy(y2, p2, *_norm(gn2))
 
 
 class Down(nn.Module):
@@ -45,9 +61,11 @@ class Down(nn.Module):
     def forward(self, x, t, emb=None):
         """x: (B, in_c, H, W); t: (B, emb_dim) time encoding, or None when ``emb`` (B, out_c), this
         block's already projected embedding, is given."""
-        if emb is None:
-            emb = self.emb_layer(t)
-        return self.down[1](self.down[0](x), emb)
+        return self.lazy(x, self.emb_layer(t) if emb is None else emb).materialize()
+
+    def lazy(self, x, emb, pooled=False):
+        """The block's output as a ``Lazy`` carrying ``emb``; ``pooled``: x is already max-pooled."""
+        return self.down[1].lazy(x, pool=not pooled)._replace(emb=emb)
 
 
 class Up(nn.Module):
@@ -59,10 +77,15 @@ class Up(nn.Module):
 
     def forward(self, x, skip_x, t, emb=None):
         """x: (B, C_x, H/2, W/2); skip_x: (B, C_skip, H, W); t and emb as in ``Down.forward``."""
-        if emb is None:
-            emb = self.emb_layer(t)
-        x = torch.cat([skip_x, self.up(x)], dim=1)
-        return self.conv(x, emb)
+        return self.lazy(x, skip_x, self.emb_layer(t) if emb is None else emb).materialize()
+
+    def lazy(self, x, skip_x, emb):
+        """The block's output as a ``Lazy`` carrying ``emb``. x: a tensor, or a ``Lazy`` that the upsample
+        normalises as it reads it; the first conv reads cat([skip_x, up(x)]) from the two tensors."""
+        if isinstance(x, ops.Lazy) and x.emb is not None:
+            x = x.materialize()
+        up = ops.upsample2x(x.y, x.norm()) if isinstance(x, ops.Lazy) else ops.upsample2x(x)
+        return self.conv.lazy(skip_x, x2=up)._replace(emb=emb)
 
 
 class SelfAttention(nn.Module):
@@ -81,27 +104,26 @@ class SelfAttention(nn.Module):
             nn.LayerNorm([channels]), nn.Linear(channels, channels), nn.GELU(), nn.Linear(channels, channels)
         )
 
-    @staticmethod
-    def _linear_residual(x, residual, linear):
-        """``linear(x) + residual`` with the residual accumulated by the GEMM itself (addmm's beta=1)."""
-        out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), linear.weight.t())
-        return out.add_(linear.bias).view(residual.shape)
-
     def forward(self, x):
-        if dispatch.fused_on("attention", x):
-            from . import triton_block
-
-            return triton_block.self_attention(self, x)
-        b, c, h, w = x.shape
-        n, heads = h * w, self.mha.num_heads
+        """x: (B, C, H, W), or a ``Lazy`` (a block's output still to be normalised: the first GEMM normalises
+        it as it loads it and writes it once, as the residual). Returns (B, C, H, W) channels_last."""
+        mha, ln1, (ln2, fc1, _, fc2) = self.mha, self.ln, self.ff_self
+        if isinstance(x, ops.Lazy):
+            qkv, t = ops.gn_ln_linear(x.y, x.partials, x.weight, x.bias, x.eps, x.emb, ln1.weight, ln1.bias, ln1.eps,
+                                      mha.in_proj_weight, mha.in_proj_bias)
+        else:
+            t = x.contiguous(memory_format=torch.channels_last)
+            qkv = None
+        b, c, h, w = t.shape
+        n, heads = h * w, mha.num_heads
         # (B, C, H, W) channels_last is (B, H, W, C) in memory: the token view costs nothing.
-        tokens = x.permute(0, 2, 3, 1).reshape(b, n, c)
-        x_ln = F.layer_norm(tokens, (c,), self.ln.weight, self.ln.bias, self.ln.eps)
-        qkv = F.linear(x_ln, self.mha.in_proj_weight, self.mha.in_proj_bias).view(b, n, 3, heads, c // heads)
-        a = self._linear_residual(ops.attention(qkv), tokens, self.mha.out_proj)
-        ln2, fc1, _, fc2 = self.ff_self
-        f = F.gelu(F.linear(F.layer_norm(a, (c,), ln2.weight, ln2.bias, ln2.eps), fc1.weight, fc1.bias))
-        out = self._linear_residual(f, a, fc2)
+        tokens = t.permute(0, 2, 3, 1).reshape(b, n, c)
+        if qkv is None:
+            qkv = ops.ln_linear(tokens, ln1.weight, ln1.bias, ln1.eps, mha.in_proj_weight, mha.in_proj_bias)
+        o = ops.attention(qkv.view(b, n, 3, heads, c // heads))
+        a = ops.linear_residual(o, mha.out_proj.weight, mha.out_proj.bias, tokens)
+        f = ops.ln_linear(a, ln2.weight, ln2.bias, ln2.eps, fc1.weight, fc1.bias, gelu=True)
+        out = ops.linear_residual(f, fc2.weight, fc2.bias, a)
         return out.view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last (B, C, H, W), no copy
 
 
@@ -189,20 +211,15 @@ class UNet(nn.Module):
     def forward(self, x, t):
         t = self._check_inputs(x, t)
         out_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
-        if dispatch.fused_on("conv", x):
-            # the fused model path (fast_unet/fused.py); its first conv reads x through its strides
-            from . import fused
-
-            return fused.unet_forward(self, x, t).contiguous(memory_format=out_format)
-        x = x.contiguous(memory_format=torch.channels_last)
         (d1, d2, d3), (u1, u2, u3) = self._time_embeddings(t)
-
-        x1 = self.inc(x)
-        x2 = self.sa1(self.down1(x1, None, d1))
-        x3 = self.sa2(self.down2(x2, None, d2))
-        x4 = self.sa3(self.down3(x3, None, d3))
-        x4 = self.bot3(self.bot2(self.bot1(x4)))
-        x = self.sa4(self.up1(x4, x3, None, u1))
-        x = self.sa5(self.up2(x, x2, None, u2))
-        x = self.sa6(self.up3(x, x1, None, u3))
-        return self.outc(x).contiguous(memory_format=out_format)
+        # Between blocks the activations are Lazy: a conv output whose consumer applies its GroupNorm + ReLU
+        # (+ the block's time embedding) as it reads it. The first conv reads x through its strides.
+        x1, h = ops.gn_relu_maxpool(*self.inc.lazy(x)[:2], *_norm(self.inc.conv2[1]))  # x1: the skip
+        x2 = self.sa1(self.down1.lazy(h, d1, pooled=True))
+        x3 = self.sa2(self.down2.lazy(x2, d2))
+        x4 = self.sa3(self.down3.lazy(x3, d3))
+        b = self.bot3.lazy(self.bot2.lazy(self.bot1.lazy(x4)))
+        h = self.sa4(self.up1.lazy(b, x3, u1))
+        h = self.sa5(self.up2.lazy(h, x2, u2))
+        h = self.sa6(self.up3.lazy(h, x1, u3))
+        return self.outc(h).contiguous(memory_format=out_format)

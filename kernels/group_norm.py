@@ -374,6 +374,22 @@ def combine(partials, eps, mean=None, rstd=None):
     return mean, rstd
 
 
+def partials(x):
+    """x's (B, P, 3) float32 (count, mean, M2) GroupNorm(1, C) statistics per tile: one ``_gn_stats_kernel``
+    launch, for a lazily normalised input whose producer wrote none."""
+    channels_last = layout_of(x)
+    B, C, H, W = x.shape
+    HW = H * W
+    block_c, block_hw = tile_config(C, HW, channels_last)
+    n_cb = triton.cdiv(C, block_c)
+    S, hw_per_prog = _split(HW, block_hw, n_cb)
+    out = torch.zeros((B, n_cb * S, 3), device=x.device, dtype=torch.float32)
+    if B and C and HW:
+        _gn_stats_kernel[(B, n_cb, S)](x, out, C, HW, hw_per_prog, CHANNELS_LAST=channels_last,
+                                       BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
+    return out
+
+
 def apply(x, mean, rstd, weight, bias, emb=None, out=None):
     """relu((x - mean) * rstd * weight + bias) + emb with given (B,) statistics: one ``_gn_apply_kernel``."""
     channels_last = _check(x, weight, bias, emb)

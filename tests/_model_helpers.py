@@ -33,8 +33,9 @@ def inputs(batch, height, width=None, dtype=torch.float32, seed=1):
     return x, t
 
 
-def assert_close(actual, expected, atol, rtol, what):
-    """torch.testing-style check that also says how many elements mismatch and where NaN/Inf differ."""
+def assert_close(actual, expected, *, atol, rtol, what):
+    """The tests' one elementwise tolerance check: |actual - expected| <= atol + rtol * |expected|, NaN and
+    Inf where the expected has them. Says how many elements mismatch, the worst, and where NaN/Inf differ."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a, e = actual.double(), expected.double()
     bad_nan = (torch.isnan(a) != torch.isnan(e)) | (torch.isinf(a) != torch.isinf(e))

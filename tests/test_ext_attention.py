@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from _ext_helpers import assert_close, require_ext
+from _ext_helpers import require_ext
+from _model_helpers import assert_close
 
 ext_ops = require_ext()
 
@@ -49,14 +50,14 @@ def test_forward_backward_vs_eager_and_float64(case, strided):
 
     out, lse2 = ext_ops.attention_fwd(qkv)
     assert out.shape == ref.shape and out.is_contiguous()
-    assert_close(out, ref, 2e-5, 2e-5, "out vs float64")
-    assert_close(out, eager.attention(qkv), 2e-5, 2e-5, "out vs eager SDPA")
-    assert_close(lse2 * 0.6931471805599453, lse, 1e-5, 1e-5, "logsumexp")
+    assert_close(out, ref, rtol=2e-5, atol=2e-5, what="out vs float64")
+    assert_close(out, eager.attention(qkv), rtol=2e-5, atol=2e-5, what="out vs eager SDPA")
+    assert_close(lse2 * 0.6931471805599453, lse, rtol=1e-5, atol=1e-5, what="logsumexp")
 
     qs = qkv.detach().clone().requires_grad_()
     ext_ops.attention(qs).backward(gout.float())
     for i, name in enumerate("qkv"):
-        assert_close(qs.grad[:, :, i], q64.grad[:, :, i], 1e-4, 5e-5, f"d{name}")
+        assert_close(qs.grad[:, :, i], q64.grad[:, :, i], rtol=1e-4, atol=5e-5, what=f"d{name}")
 
 
 @pytest.mark.slow
@@ -68,9 +69,9 @@ def test_sa6_shape_n4096():
     reference64(q64)[0].backward(gout)
     qs = qkv.detach().clone().requires_grad_()
     out = ext_ops.attention(qs)
-    assert_close(out, ref, 2e-5, 2e-5, "out N=4096")
+    assert_close(out, ref, rtol=2e-5, atol=2e-5, what="out N=4096")
     out.backward(gout.float())
-    assert_close(qs.grad, q64.grad, 1e-4, 5e-5, "dqkv N=4096")
+    assert_close(qs.grad, q64.grad, rtol=1e-4, atol=5e-5, what="dqkv N=4096")
 
 
 def test_large_logits_stay_finite():
@@ -78,7 +79,7 @@ def test_large_logits_stay_finite():
     ref, _ = reference64(qkv)
     out = ext_ops.attention(qkv)
     assert torch.isfinite(out).all()
-    assert_close(out, ref, 1e-4, 1e-4, "out with large logits")
+    assert_close(out, ref, rtol=1e-4, atol=1e-4, what="out with large logits")
 
 
 def test_opcheck():

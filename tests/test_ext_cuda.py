@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _ext_helpers import assert_close, require_ext
+from _ext_helpers import require_ext
+from _model_helpers import assert_close
 
 ext_ops = require_ext()
 if not ext_ops.CUDA_BUILT:

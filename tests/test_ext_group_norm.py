@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _ext_helpers import assert_close, require_ext
+from _ext_helpers import require_ext
+from _model_helpers import assert_close
 
 ext_ops = require_ext()
 
@@ -62,15 +63,15 @@ def test_forward_backward_vs_eager_and_float64(shape, fmt, with_emb):
     y = ext_ops.group_norm_relu(xs, ws, bs, EPS, es)
     assert y.is_contiguous(memory_format=FORMATS[fmt]), "output must keep x's memory format"
     y_eager = eager.group_norm_relu(x, w, b, EPS, emb)
-    assert_close(y, y_eager, 1e-5, 1e-5, "forward vs eager")
-    assert_close(y, y_ref, 1e-5, 1e-5, "forward vs float64")
+    assert_close(y, y_eager, rtol=1e-5, atol=1e-5, what="forward vs eager")
+    assert_close(y, y_ref, rtol=1e-5, atol=1e-5, what="forward vs float64")
 
     y.backward(gy.float().contiguous(memory_format=FORMATS[fmt]))
-    assert_close(xs.grad, leaves[0].grad, 1e-4, 1e-5, "dx")
-    assert_close(ws.grad, leaves[1].grad, 1e-4, 1e-4, "dweight")
-    assert_close(bs.grad, leaves[2].grad, 1e-4, 1e-4, "dbias")
+    assert_close(xs.grad, leaves[0].grad, rtol=1e-4, atol=1e-5, what="dx")
+    assert_close(ws.grad, leaves[1].grad, rtol=1e-4, atol=1e-4, what="dweight")
+    assert_close(bs.grad, leaves[2].grad, rtol=1e-4, atol=1e-4, what="dbias")
     if emb is not None:
-        assert_close(es.grad, e_ref.grad, 1e-4, 1e-4, "demb")
+        assert_close(es.grad, e_ref.grad, rtol=1e-4, atol=1e-4, what="demb")
 
 
 def test_gradient_layout_independent_of_upstream_layout():
@@ -81,7 +82,7 @@ def test_gradient_layout_independent_of_upstream_layout():
     y.backward(gy)
     xr = x.clone().requires_grad_()
     eager.group_norm_relu(xr, w, b, EPS, emb).backward(gy)
-    assert_close(xs.grad, xr.grad, 1e-4, 1e-5, "dx with NCHW upstream")
+    assert_close(xs.grad, xr.grad, rtol=1e-4, atol=1e-5, what="dx with NCHW upstream")
 
 
 def test_deterministic():

@@ -25,7 +25,7 @@ def test_missing_triton_disables_the_backend_with_a_reason():
         import torch, fast_unet
         from fast_unet import dispatch, ops
         try:
-            import fast_unet.triton_ops
+            import fast_unet.kernels.attention
         except ImportError as e:
             print("ImportError", e.name)
         reason = dispatch.backend_status()["triton"]
@@ -46,7 +46,7 @@ def test_cpu_tensors_without_interpreter_fall_back_to_eager():
         assert any("TRITON_INTERPRET" in r for r in why), why
         assert dispatch.select("attention", qkv)[0] != "triton"
         why = dispatch.explain("group_norm_relu", torch.randn(2, 8, 4, 4).to("meta"), torch.ones(8, device="meta"),
-                               torch.zeros(8, device="meta"), 1e-5, None)["triton"]
+                               torch.zeros(8, device="meta"), 1e-5, None, None)["triton"]
         assert any("meta" in r for r in why), why
         print("ok")
     """)

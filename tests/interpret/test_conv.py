@@ -85,7 +85,7 @@ NOL_SHAPES = [(1, 5, 64, 5, 7, 3), (3, 64, 96, 5, 7, 4), (2, 40, 64, 9, 11, 1)]
 def test_normalise_on_load_forward_and_gradients(shape, dtype):
     """conv3x3(relu(GroupNorm(y_in))) with the norm applied as the conv loads y_in (never written), from
     y_in's partials: output, its own partials, and the gradients of y_in, the conv and the norm's affine."""
-    from fast_unet import triton_ops
+    from fast_unet import ops as triton_ops
 
     b, ci, co, h, w, p = shape
     y_in = (torch.randn(b, ci, h, w, dtype=torch.float64) * 2 + 0.7).to(dtype).double()
@@ -120,7 +120,7 @@ def test_normalise_on_load_forward_and_gradients(shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_concat_on_load_forward_and_gradients(dtype):
     """conv3x3(cat([x, x2], 1)) reading both in place (x NCHW through its strides, x2 channels_last)."""
-    from fast_unet import triton_ops
+    from fast_unet import ops as triton_ops
 
     b, c1, c2, co, h, w = 2, 24, 40, 48, 6, 5
     x = torch.randn(b, c1, h, w, dtype=torch.float64).to(dtype).double()
@@ -149,7 +149,7 @@ def test_pool_on_load_forward_and_gradients(shape, dtype):
     """conv3x3(max_pool2d(x, 2)) with the pool read on load (the pooled tensor is never written); x
     channels_last, (B, C_in, 2H, 2W). Each 2x2 window's values are 0.3 apart, so the pool's gradient
     routing is not a coin toss in half precision."""
-    from fast_unet import triton_ops
+    from fast_unet import ops as triton_ops
 
     b, ci, co, h, w = shape
     base = torch.randn(b, ci, h, w, dtype=torch.float64)
@@ -177,7 +177,7 @@ def test_pool_on_load_forward_and_gradients(shape, dtype):
 
 
 def test_gn_relu_partials_op_materialises_with_emb_and_its_gradient():
-    from fast_unet import triton_ops
+    from fast_unet import ops as triton_ops
 
     y = (torch.randn(2, 48, 5, 7, dtype=torch.float64) + 0.5).float().contiguous(memory_format=torch.channels_last)
     y.requires_grad_()
@@ -200,7 +200,7 @@ def test_gn_relu_partials_op_materialises_with_emb_and_its_gradient():
 @pytest.mark.parametrize("variant", ["plain", "concat", "norm", "pool", "gn_relu_partials"])
 def test_custom_op_registration(variant):
     """torch.library.opcheck: schema, fake (meta) kernel, autograd registration, AOT-dispatch tracing."""
-    import fast_unet.triton_ops  # noqa: F401
+    import fast_unet.ops  # noqa: F401  (registers the custom ops)
 
     x = torch.randn(2, 5, 5, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
     w = torch.randn(64, 5, 3, 3, requires_grad=True)

@@ -10,7 +10,7 @@ import torch
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import KernelInterface
 
-import kernels
+import fast_unet.kernels as kernels
 import fast_unet.kernels.linear  # noqa: F401
 import fast_unet.kernels.ln_backward  # noqa: F401
 import fast_unet.kernels.resample  # noqa: F401
@@ -18,7 +18,7 @@ from bench import kernels as bk
 from fast_unet.kernels.writes import UPDATES, WRITES
 
 F32 = torch.float32
-UNFUSED = {"FAST_UNET_FUSED": "none"}
+UNFUSED = {"FAST_UNET_BACKEND": bk.UNFUSED}
 
 
 def _sig(trace):

@@ -51,7 +51,7 @@ LR_SHAPES = [((1, 35), 48, 48), ((3, 5, 7), 80, 80), ((2, 70), 64, 144)]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LR_SHAPES, ids=lambda s: f"{_id(s[0])}-{s[1]}-{s[2]}")
 def test_linear_residual(shape, dtype):
-    from fast_unet import triton_block as TB
+    from fast_unet import ops as TB
 
     lead, k, n = shape
     x = _rep(torch.randn(*lead, k, dtype=torch.float64), dtype)
@@ -85,7 +85,7 @@ LN_SHAPES = [((1, 35), 48, 48, True), ((3, 5, 7), 80, 240, False), ((2, 70), 64,
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LN_SHAPES, ids=lambda s: f"{_id(s[0])}-{s[1]}-{s[2]}-{'gelu' if s[3] else 'id'}")
 def test_ln_linear(shape, dtype):
-    from fast_unet import triton_block as TB
+    from fast_unet import ops as TB
 
     lead, k, n, gelu = shape
     x = _rep(torch.randn(*lead, k, dtype=torch.float64) * 2 + 0.7, dtype)  # a mean and a scale to remove
@@ -131,7 +131,7 @@ def _eager_gn_ln_linear(eps=1e-5):
 
 
 def _ours_gn_ln_linear(partials, eps=1e-5):
-    from fast_unet import triton_block as TB
+    from fast_unet import ops as TB
 
     def fn(y, gw, gb, emb, lw, lb, w, b):
         return TB.gn_ln_linear(y.contiguous(memory_format=torch.channels_last), partials, gw, gb, eps, emb, lw, lb,
@@ -183,7 +183,7 @@ def test_gn_ln_linear(shape, dtype):
 def test_layer_norm_sees_t_as_stored(dtype):
     """t = 1 + small per-channel noise: in half precision most of it rounds to 1, so the LayerNorm of t as
     stored (the unfused path's) and of t before rounding differ completely."""
-    from fast_unet import triton_block as TB
+    from fast_unet import ops as TB
 
     B, C, H, W, n = 2, 48, 5, 7, 48
     noise = 1e-3 if dtype == torch.bfloat16 else 2e-4
@@ -247,8 +247,8 @@ def test_gn_ln_linear_from_the_conv_epilogue():
 def test_attention_block_in_five_launches():
     """gn_ln_linear -> attention -> linear_residual -> ln_linear(gelu) -> linear_residual equals the
     model's SelfAttention on t = relu(GroupNorm(y)) + emb (float32, forward and parameter gradients)."""
-    from fast_unet import triton_block as TB
-    from fast_unet import triton_ops
+    from fast_unet import ops as TB
+    from fast_unet import ops as triton_ops
     from fast_unet.model import SelfAttention
 
     torch.manual_seed(2)
@@ -295,7 +295,7 @@ def _small_args(op):
 
 @pytest.mark.parametrize("op", ["linear_residual", "ln_linear", "gn_ln_linear"])
 def test_custom_op_registration(op):
-    import fast_unet.triton_block  # noqa: F401
+    import fast_unet.ops  # noqa: F401  (registers the custom ops)
 
     args = list(_small_args(op))
     for i, a in enumerate(args):
@@ -305,7 +305,7 @@ def test_custom_op_registration(op):
 
 
 def test_bad_inputs_name_the_argument():
-    from fast_unet import triton_block as TB
+    from fast_unet import ops as TB
     from fast_unet.kernels import linear as L
 
     x, w, b, r = _small_args("linear_residual")
@@ -335,7 +335,7 @@ def test_bad_inputs_name_the_argument():
         a[i] = val
         with pytest.raises(err, match=msg):
             L.gn_ln_linear(*a)
-        reasons = TB.gn_ln_linear_reasons(*a)
+        reasons = TB.linear.triton_gn_ln_linear_reasons(*a)
         assert any(msg.split(" ")[0].split("\\")[0] in s for s in reasons), reasons
     y600 = torch.randn(1, 520, 2, 2)
     with pytest.raises(ValueError, match=r"y \(channels\) has 520 features; the LayerNorm prologue takes at most 512"):
@@ -344,13 +344,13 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match=r"partials must have shape \(2, P, 3\)"):
         L.gn_ln_linear(args[0], torch.randn(3, 2, 3), *args[2:])
     # the reasons functions: empty for good inputs, naming the argument otherwise
-    assert TB.linear_residual_reasons(*_small_args("linear_residual")) == []
-    assert TB.ln_linear_reasons(*_small_args("ln_linear")) == []
-    assert TB.gn_ln_linear_reasons(*args) == []
+    assert TB.linear.triton_linear_residual_reasons(*_small_args("linear_residual")) == []
+    assert TB.linear.triton_ln_linear_reasons(*_small_args("ln_linear")) == []
+    assert TB.linear.triton_gn_ln_linear_reasons(*args) == []
     x, w, b, r = _small_args("linear_residual")
-    assert any("residual" in s for s in TB.linear_residual_reasons(x, w, b, r[..., :5]))
-    assert any("ln_weight" in s for s in TB.ln_linear_reasons(x, lw[:5], lb, eps, w, b))
-    assert any("meta" in s for s in TB.linear_residual_reasons(x.to("meta"), w, b, r))
+    assert any("residual" in s for s in TB.linear.triton_linear_residual_reasons(x, w, b, r[..., :5]))
+    assert any("ln_weight" in s for s in TB.linear.triton_ln_linear_reasons(x, lw[:5], lb, eps, w, b))
+    assert any("meta" in s for s in TB.linear.triton_linear_residual_reasons(x.to("meta"), w, b, r))
 
 
 def test_gn_ln_linear_compiles_for_sm90_without_spills():

@@ -22,7 +22,7 @@ def _grads(x, lw, lb, w, d, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_ln_linear_backward(shape, dtype):
-    import fast_unet.triton_block  # noqa: F401  (registers the op)
+    import fast_unet.ops  # noqa: F401  (registers the custom ops)
 
     m, k, n = shape
     x = (torch.randn(m, k, dtype=torch.float64) * 2 + 0.5).to(dtype).double()
@@ -39,7 +39,7 @@ def test_ln_linear_backward(shape, dtype):
 
 
 def test_registration_and_bad_inputs():
-    import fast_unet.triton_block  # noqa: F401
+    import fast_unet.ops  # noqa: F401  (registers the custom ops)
     from fast_unet.kernels import ln_backward as L
 
     args = (torch.randn(10, 24), torch.randn(10, 40), torch.randn(40), 1e-5, torch.randn(24, 40))

@@ -35,7 +35,7 @@ def _run(fn, tensors, dtype, grads_out):
 def test_gn_relu_maxpool(shape, dtype):
     """One pass writes relu(GroupNorm(y)) (the skip connection) and its 2x2 max-pool; gradients flow back
     through both outputs into y and the norm's affine."""
-    from fast_unet import triton_ops
+    from fast_unet import ops as triton_ops
 
     b, c, h, w = shape
     _, gw, gb = _norm_inputs(b, c, h, w, dtype)
@@ -73,7 +73,7 @@ def test_gn_relu_maxpool(shape, dtype):
 @pytest.mark.parametrize("lazy", [False, True], ids=["plain", "normalise_on_load"])
 @pytest.mark.parametrize("shape", [(1, 5, 1, 1), (2, 72, 3, 5), (2, 64, 8, 8)], ids=lambda s: "x".join(map(str, s)))
 def test_upsample2x(shape, lazy, dtype):
-    from fast_unet import triton_ops
+    from fast_unet import ops as triton_ops
 
     b, c, h, w = shape
     y, gw, gb = _norm_inputs(b, c, h, w, dtype)
@@ -102,7 +102,7 @@ def test_upsample2x(shape, lazy, dtype):
 
 @pytest.mark.parametrize("op", ["gn_relu_maxpool", "upsample2x", "upsample2x_norm"])
 def test_custom_op_registration(op):
-    import fast_unet.triton_ops  # noqa: F401
+    import fast_unet.ops  # noqa: F401  (registers the custom ops)
 
     y = torch.randn(2, 6, 4, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
     gw, gb = torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)

@@ -1,0 +1,133 @@
+"""Whether each compiled backend loads, and the checks every op of a backend shares.
+
+- ``triton``: the kernels of ``fast_unet.kernels`` (the repository's ``kernels/`` folder), loaded on first
+  use; they run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before they
+  were imported (Triton's interpreter, for tests). ``kernel_module(name)`` imports one of them.
+- ``ext``: the compiled extension ``fast_unet._C`` (``csrc/``). A missing or broken build is one
+  RuntimeWarning and a reason, never an ImportError.
+- ``eager``: always there.
+"""
+import importlib
+import os
+import warnings
+
+import torch
+
+_errors = {}
+_loaded = set()
+
+# --- triton -------------------------------------------------------------------------------------------
+
+
+def _load_triton():
+    try:
+        importlib.import_module("fast_unet.kernels._common")  # imports triton
+    except ImportError as e:
+        return f"Triton is not available (cannot import {e.name or 'triton'!r}: {e})"
+    except Exception as e:  # a broken install must not break fast_unet: warn once, fall back
+        warnings.warn(f"fast_unet: triton backend disabled: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=4)
+        return f"Triton failed to load: {type(e).__name__}: {e}"
+    return None
+
+
+def kernel_module(name):
+    """``fast_unet.kernels.<name>`` (imported on first use)."""
+    return importlib.import_module(f"fast_unet.kernels.{name}")
+
+
+def triton_interpreting():
+    """True when the Triton kernels run on CPU tensors (TRITON_INTERPRET=1 when they were imported)."""
+    return load_error("triton") is None and kernel_module("_common").INTERPRET
+
+
+def triton_devices():
+    """The device types the Triton kernels run on here."""
+    return ("cuda", "cpu") if triton_interpreting() else ("cuda",)
+
+
+def triton_device_reasons(**tensors):
+    """Why the Triton kernels cannot run on these tensors' devices (empty list: they can). One reason per
+    cause, naming every tensor it concerns."""
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    by_type = {}
+    for name, dev in devices.items():
+        by_type.setdefault(dev.type, []).append(name)
+    out = []
+    for dev_type, names in by_type.items():
+        who = ", ".join(names) + (" is" if len(names) == 1 else " are")
+        if dev_type == "cuda":
+            continue
+        if dev_type == "cpu":
+            if os.environ.get("TRITON_INTERPRET", "0") != "1":
+                out.append(f"{who} on the CPU and TRITON_INTERPRET is not 1 (the Triton kernels need a CUDA "
+                           f"device, or the Triton interpreter for CPU tensors)")
+            elif not triton_interpreting():
+                out.append(f"{who} on the CPU but the Triton kernels were imported before TRITON_INTERPRET=1 was set")
+            continue
+        out.append(f"{who} on {dev_type}; the Triton kernels run on CUDA (or on the CPU under TRITON_INTERPRET=1)")
+    if len(set(devices.values())) > 1:
+        out.append("tensors are on different devices: " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+    return out
+
+
+def triton_reasons(check, tensors, *args):
+    """``triton_device_reasons(**tensors)``, or, when the devices suit, the message of ``check(*args)`` (a
+    kernel module's ``check_*`` function) if it raises ValueError or TypeError."""
+    out = triton_device_reasons(**tensors)
+    if out:
+        return out
+    try:
+        check(*args)
+    except (ValueError, TypeError) as e:
+        out.append(str(e))
+    return out
+
+
+# --- ext ----------------------------------------------------------------------------------------------
+
+_C = None
+BUILD_INFO = {}
+
+
+def _load_ext():
+    global _C, BUILD_INFO
+    try:
+        from . import _C as c  # noqa: N812
+
+        BUILD_INFO = dict(c.build_info())  # a stale _C without it counts as broken
+        _C = c
+    except Exception as e:  # ImportError, OSError (undefined symbol), ...: fall back, warn once
+        reason = (f"fast_unet._C is not available ({type(e).__name__}: {e}); build it with "
+                  f"`pip install --no-build-isolation -e .`")
+        warnings.warn(f"fast_unet: ext backend disabled, eager fallback: {reason}", RuntimeWarning, stacklevel=4)
+        return reason
+    return None
+
+
+def ext():
+    """The compiled extension module ``fast_unet._C``, or None when it does not load."""
+    load_error("ext")
+    return _C
+
+
+def ext_cuda_built():
+    return ext() is not None and bool(BUILD_INFO.get("cuda"))
+
+
+def build_info():
+    """How ``_C`` was built ({} when it is not): CUDA archs, CPU ISA, torch version."""
+    load_error("ext")
+    return dict(BUILD_INFO)
+
+
+# ------------------------------------------------------------------------------------------------------
+
+_LOADERS = {"triton": _load_triton, "ext": _load_ext}
+
+
+def load_error(backend):
+    """None when ``backend`` loads (trying once), else the reason it does not."""
+    if backend not in _loaded and backend in _LOADERS:
+        _loaded.add(backend)
+        _errors[backend] = _LOADERS[backend]()
+    return _errors.get(backend)

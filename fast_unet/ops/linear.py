@@ -1,0 +1,252 @@
+"""The attention block's token GEMMs: ``linear_residual``, ``ln_linear`` and ``gn_ln_linear``.
+
+| op              | backend | implementation                                                          |
+|-----------------|---------|-------------------------------------------------------------------------|
+| linear_residual | triton  | kernels/linear.py: x @ W^T + bias, the residual added in the epilogue   |
+| linear_residual | eager   | fast_unet/eager.py: addmm with the residual as its accumulator          |
+| ln_linear       | triton  | kernels/linear.py: LayerNorm in the GEMM's prologue, optional GELU epilogue; backward: kernels/ln_backward.py (the LayerNorm backward in the epilogue of the GEMM that forms its input's gradient) |
+| ln_linear       | eager   | fast_unet/eager.py: F.layer_norm + F.linear (+ F.gelu)                  |
+| gn_ln_linear    | triton  | kernels/linear.py: relu(GroupNorm(y)) + emb from y's partials, written once as t (the block's residual), then LayerNorm(t) @ W^T + bias |
+| gn_ln_linear    | eager   | fast_unet/eager.py: ``group_norm_relu`` then ``ln_linear`` (both dispatched) |
+
+Backward (triton): the GEMM gradients are torch matmuls; the LayerNorm's input is recomputed with ATen's
+LayerNorm; the GroupNorm + ReLU + emb gradient is the Triton GroupNorm backward.
+Tests: tests/ops/test_linear.py.
+"""
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends, dispatch, eager
+from .group_norm import group_norm_relu, norm_backward, partials_of
+
+
+def linear_residual(x, weight, bias, residual):
+    """``x @ weight.T + bias + residual``: x (..., K), weight (N_out, K), bias (N_out,), residual (..., N_out)."""
+    return dispatch.call("linear_residual", x, weight, bias, residual)
+
+
+def ln_linear(x, ln_weight, ln_bias, ln_eps, weight, bias, gelu=False):
+    """``[gelu](layer_norm(x, (K,), ln_weight, ln_bias, ln_eps) @ weight.T + bias)``: x (..., K) ->
+    (..., N_out). ``gelu``: exact (erf) GELU, F.gelu's default."""
+    return dispatch.call("ln_linear", x, ln_weight, ln_bias, float(ln_eps), weight, bias, bool(gelu))
+
+
+def gn_ln_linear(y, partials, gn_weight, gn_bias, gn_eps, emb, ln_weight, ln_bias, ln_eps, weight, bias):
+    """The attention block's input and QKV projection -> (out (B, HW, N_out), t (B, C, H, W) channels_last).
+
+    t = relu(group_norm(y, 1, gn_weight, gn_bias, gn_eps)) + emb[:, :, None, None] (y's statistics from its
+    ``partials``, or computed when None), the block's residual; out = linear(layer_norm(t's tokens, (C,),
+    ln_weight, ln_bias, ln_eps), weight, bias)."""
+    return dispatch.call("gn_ln_linear", y, partials, gn_weight, gn_bias, float(gn_eps), emb, ln_weight, ln_bias,
+                         float(ln_eps), weight, bias)
+
+
+def _k():
+    return backends.kernel_module("linear")
+
+
+# --- linear_residual (triton) -------------------------------------------------------------------------
+
+@torch.library.custom_op("fast_unet::linear_residual", mutates_args=())
+def _linear_residual_op(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor) -> Tensor:
+    return _k().linear_residual(x, weight, bias, residual)
+
+
+@_linear_residual_op.register_fake
+def _(x, weight, bias, residual):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _linear_residual_setup(ctx, inputs, output):
+    x, weight, _bias, _residual = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _linear_residual_backward(ctx, dout):
+    x, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    d2 = dout.reshape(-1, weight.shape[0])
+    dx = (d2 @ weight).view(x.shape) if need[0] else None
+    dw = d2.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
+    db = d2.sum(0) if need[2] else None
+    return dx, dw, db, dout if need[3] else None
+
+
+torch.library.register_autograd("fast_unet::linear_residual", _linear_residual_backward,
+                                setup_context=_linear_residual_setup)
+
+
+def triton_linear_residual(x, weight, bias, residual):
+    return torch.ops.fast_unet.linear_residual(x, weight, bias, residual)
+
+
+def triton_linear_residual_reasons(x, weight, bias, residual):
+    return backends.triton_reasons(lambda *a: _k().check_linear(*a),
+                                   dict(x=x, weight=weight, bias=bias, residual=residual), x, weight, bias, residual)
+
+
+# --- ln_linear (triton) -------------------------------------------------------------------------------
+
+@torch.library.custom_op("fast_unet::ln_linear", mutates_args=())
+def _ln_linear_op(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, ln_eps: float, weight: Tensor, bias: Tensor,
+                  gelu: bool) -> Tensor:
+    return _k().ln_linear(x, ln_weight, ln_bias, ln_eps, weight, bias, gelu)
+
+
+@_ln_linear_op.register_fake
+def _(x, ln_weight, ln_bias, ln_eps, weight, bias, gelu):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("fast_unet::ln_linear_backward", mutates_args=())
+def _ln_linear_bwd_op(d2: Tensor, x2: Tensor, ln_weight: Tensor, ln_eps: float,
+                      weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return backends.kernel_module("ln_backward").ln_linear_bwd(d2, x2, ln_weight, ln_eps, weight)
+
+
+@_ln_linear_bwd_op.register_fake
+def _(d2, x2, ln_weight, ln_eps, weight):
+    return torch.empty_like(x2), torch.empty_like(ln_weight), torch.empty_like(ln_weight)
+
+
+def _ln_linear_grads(d2, x2, ln_weight, ln_bias, ln_eps, weight, bias, gelu, need_x, need_ln):
+    """Gradients of [gelu](LayerNorm(x2) @ weight.T + bias) for the upstream d2 (M, N_out) ->
+    (dx2, d ln_w, d ln_b, dw, db). The normalised input (needed for dw, and the pre-activation for GELU)
+    is recomputed with ATen's LayerNorm; dx2 and the LayerNorm's parameter gradients come from one Triton
+    GEMM with the LayerNorm backward in its epilogue (kernels/ln_backward.py), so d(normalised input) is
+    never written."""
+    k = x2.shape[-1]
+    h = torch.native_layer_norm(x2, [k], ln_weight, ln_bias, ln_eps)[0]
+    if gelu:
+        d2 = torch.ops.aten.gelu_backward(d2, torch.nn.functional.linear(h, weight, bias))
+    dw = d2.t() @ h
+    db = d2.sum(0)
+    dx2 = dlw = dlb = None
+    if need_x or need_ln:
+        dx2, dlw, dlb = torch.ops.fast_unet.ln_linear_backward(d2, x2, ln_weight, float(ln_eps), weight)
+    return dx2, dlw, dlb, dw, db
+
+
+def _ln_linear_setup(ctx, inputs, output):
+    x, ln_weight, ln_bias, ln_eps, weight, bias, gelu = inputs
+    ctx.save_for_backward(x, ln_weight, ln_bias, weight, bias)
+    ctx.ln_eps = ln_eps
+    ctx.gelu = gelu
+
+
+def _ln_linear_backward(ctx, dout):
+    x, ln_weight, ln_bias, weight, bias = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    k = x.shape[-1]
+    dx2, dlw, dlb, dw, db = _ln_linear_grads(dout.reshape(-1, weight.shape[0]), x.reshape(-1, k), ln_weight,
+                                             ln_bias, ctx.ln_eps, weight, bias, ctx.gelu, need[0],
+                                             need[1] or need[2])
+    return dx2.view(x.shape) if need[0] else None, dlw, dlb, None, dw, db, None
+
+
+torch.library.register_autograd("fast_unet::ln_linear", _ln_linear_backward, setup_context=_ln_linear_setup)
+
+
+def triton_ln_linear(x, ln_weight, ln_bias, ln_eps, weight, bias, gelu):
+    return torch.ops.fast_unet.ln_linear(x, ln_weight, ln_bias, ln_eps, weight, bias, gelu)
+
+
+def _check_ln_linear(x, ln_weight, ln_bias, weight, bias):
+    k = _k()
+    k.check_linear(x, weight, bias)
+    k.check_ln(x, ln_weight, ln_bias)
+
+
+def triton_ln_linear_reasons(x, ln_weight, ln_bias, ln_eps, weight, bias, gelu=False):
+    return backends.triton_reasons(_check_ln_linear,
+                                   dict(x=x, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias),
+                                   x, ln_weight, ln_bias, weight, bias)
+
+
+# --- gn_ln_linear (triton) ----------------------------------------------------------------------------
+
+@torch.library.custom_op("fast_unet::gn_ln_linear", mutates_args=())
+def _gn_ln_linear_op(y: Tensor, partials: Tensor, gn_weight: Tensor, gn_bias: Tensor, gn_eps: float,
+                     emb: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor, ln_eps: float, weight: Tensor,
+                     bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _k().gn_ln_linear(y, partials, gn_weight, gn_bias, gn_eps, emb, ln_weight, ln_bias, ln_eps, weight, bias)
+
+
+@_gn_ln_linear_op.register_fake
+def _(y, partials, gn_weight, gn_bias, gn_eps, emb, ln_weight, ln_bias, ln_eps, weight, bias):
+    b, c, h, w = y.shape
+    stats = y.new_empty((b,), dtype=torch.float32)
+    return (y.new_empty((b, h * w, weight.shape[0])), torch.empty_like(y, memory_format=torch.channels_last),
+            stats, torch.empty_like(stats))
+
+
+def _gn_ln_linear_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
+    y, _partials, gn_weight, gn_bias, _gn_eps, emb, ln_weight, ln_bias, ln_eps, weight, bias = inputs
+    _out, t, mean, rstd = output
+    ctx.save_for_backward(y, t, gn_weight, gn_bias, mean, rstd, ln_weight, ln_bias, weight, bias)
+    ctx.ln_eps = ln_eps
+    ctx.emb_dtype = emb.dtype if emb is not None else None
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _gn_ln_linear_backward(ctx, dout, dt, _dmean, _drstd):
+    y, t, gn_weight, gn_bias, mean, rstd, ln_weight, ln_bias, weight, bias = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    b, c, h, w = t.shape
+    tokens = t.permute(0, 2, 3, 1).reshape(-1, c)  # channels_last: a view
+    dw = db = dlw = dlb = None
+    dt_total = dt
+    if dout is not None:
+        need_t = need[0] or need[2] or need[3] or need[5]
+        dtok, dlw, dlb, dw, db = _ln_linear_grads(dout.reshape(-1, weight.shape[0]), tokens, ln_weight, ln_bias,
+                                                  ctx.ln_eps, weight, bias, False, need_t, need[6] or need[7])
+        if need_t:
+            dtok = dtok.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W) channels_last
+            dt_total = dtok if dt is None else dtok + dt  # the LN/GEMM path and the residual path
+    dy = dgw = dgb = demb = None
+    if dt_total is not None and (need[0] or need[2] or need[3] or need[5]):
+        dy, dgw, dgb, demb = norm_backward(dt_total, y, gn_weight, gn_bias, mean, rstd, ctx.emb_dtype)
+    return dy, None, dgw, dgb, None, demb, dlw, dlb, None, dw, db
+
+
+torch.library.register_autograd("fast_unet::gn_ln_linear", _gn_ln_linear_backward, setup_context=_gn_ln_linear_setup)
+
+
+def triton_gn_ln_linear(y, partials, gn_weight, gn_bias, gn_eps, emb, ln_weight, ln_bias, ln_eps, weight, bias):
+    partials = partials_of(y, partials)
+    out, t, _mean, _rstd = torch.ops.fast_unet.gn_ln_linear(y, partials, gn_weight, gn_bias, gn_eps, emb,
+                                                            ln_weight, ln_bias, ln_eps, weight, bias)
+    return out, t
+
+
+def _check_gn_ln_linear(y, partials, gn_weight, gn_bias, emb, ln_weight, ln_bias, weight, bias):
+    if partials is None:  # computed by one stats launch first; checked here on a stand-in
+        partials = torch.zeros((y.shape[0], 1, 3), device=y.device)
+    if partials.requires_grad:
+        raise ValueError("partials requires grad; gn_ln_linear gives no gradient for the GroupNorm partials")
+    k = _k()
+    k.check_gn(y, partials, gn_weight, gn_bias, emb)
+    tokens = y.permute(0, 2, 3, 1)
+    k.check_linear(tokens, weight, bias, name="y (channels)")
+    k.check_ln(tokens, ln_weight, ln_bias, name="y (channels)")
+
+
+def triton_gn_ln_linear_reasons(y, partials, gn_weight, gn_bias, gn_eps, emb, ln_weight, ln_bias, ln_eps, weight,
+                                bias):
+    tensors = dict(y=y, partials=partials, gn_weight=gn_weight, gn_bias=gn_bias, emb=emb, ln_weight=ln_weight,
+                   ln_bias=ln_bias, weight=weight, bias=bias)
+    return backends.triton_reasons(_check_gn_ln_linear, tensors, y, partials, gn_weight, gn_bias, emb, ln_weight,
+                                   ln_bias, weight, bias)
+
+
+dispatch.register("linear_residual", "triton", triton_linear_residual, triton_linear_residual_reasons, devices=backends.triton_devices)
+dispatch.register("linear_residual", "eager", eager.linear_residual)
+dispatch.register("ln_linear", "triton", triton_ln_linear, triton_ln_linear_reasons, devices=backends.triton_devices)
+dispatch.register("ln_linear", "eager", eager.ln_linear)
+dispatch.register("gn_ln_linear", "triton", triton_gn_ln_linear, triton_gn_ln_linear_reasons, devices=backends.triton_devices)
+dispatch.register("gn_ln_linear", "eager",
+                  functools.partial(eager.gn_ln_linear, normalize=group_norm_relu, ln_linear=ln_linear))

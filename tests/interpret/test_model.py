@@ -1,0 +1,164 @@
+"""The whole UNet on the Triton backend (under the interpreter) vs the reference, forward and every
+parameter gradient; per-op overrides that put fused ops on their eager twins; and the fallback of the ops
+that cannot take an input (head dims and widths the kernels do not take) while the others stay on Triton.
+
+Under the interpreter a conv launch costs ~1 s per thousand K-steps, so the model tests replace the
+conv's tile table with one large tile per small sample (``fast_conv_config``): the wiring is what these
+tests check; every real config of the conv is checked in test_conv.py."""
+import pytest
+import torch
+import triton
+
+import fast_unet
+from fast_unet import dispatch
+from fast_unet.reference import make_reference
+from _model_helpers import model_pair, reference_copy
+from interpret_rules import assert_matches_reference
+
+FUSED = {"conv3x3", "gn_relu_maxpool", "upsample2x", "gn_ln_linear"}
+
+
+@pytest.fixture
+def fast_conv_config(monkeypatch):
+    from fast_unet.kernels import conv as K
+
+    monkeypatch.setattr(K, "config", lambda dtype, c_in, hw, pool=False: (max(16, min(128, triton.next_power_of_2(hw))), 128, 64, 4, 1))
+
+
+@pytest.fixture
+def choices(monkeypatch):
+    """Every (op, backend) dispatch picks while the test runs."""
+    calls = []
+    orig = dispatch.select
+
+    def spy(op, *args):
+        backend, fn = orig(op, *args)
+        calls.append((op, backend))
+        return backend, fn
+
+    monkeypatch.setattr(dispatch, "select", spy)
+    return calls
+
+
+@pytest.mark.parametrize("setting", ["triton", "triton,conv3x3=eager", "triton,gn_ln_linear=eager,upsample2x=eager"])
+def test_unet_matches_reference(monkeypatch, fast_conv_config, choices, setting):
+    """Float32, 16x16, batch 2, NCHW input (read in place by the first conv). ``triton``: every op on
+    Triton; an override runs that op on its eager twin, whose pieces still run on Triton, and the ops
+    downstream of a conv without partial statistics step aside for their eager twins."""
+    monkeypatch.setenv("FAST_UNET_BACKEND", setting)
+    model, ref = model_pair(16)
+    x = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([3, 517])
+    y = model(x, t)
+    ran = set(choices)
+    # every op runs; group_norm_relu only where a fused op's eager twin materialises a Lazy
+    assert {op for op, _ in ran} >= set(dispatch.OPS) - {"group_norm_relu"}
+    overridden = {part.split("=")[0] for part in setting.split(",")[1:]}
+    for op, backend in ran:
+        if op in overridden:
+            assert backend == "eager", (op, backend)
+        elif op not in FUSED:
+            assert backend == "triton", (op, backend)
+    if not overridden:
+        assert {b for _, b in ran} == {"triton"}, ran
+    assert y.is_contiguous()
+    assert_matches_reference(model, ref, y, x, t)
+
+
+def test_unet_non_square_channels_last(monkeypatch, fast_conv_config):
+    """8x16 (a 1x2 bottleneck), batch 1, channels_last input: the output keeps the input's format."""
+    model, ref = model_pair(8, 16)
+    x = torch.randn(1, 3, 8, 16).contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([999])
+    y = model(x, t)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_matches_reference(model, ref, y, x, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_unet_half_precision_forward(monkeypatch, fast_conv_config, dtype):
+    """bf16/fp16 vs the float64 reference, judged by the eager model's own error in the same dtype (the
+    flash-attention rule, on the whole forward)."""
+    model, ref = model_pair(8, 8)
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([3, 517])
+    ref64 = reference_copy(ref, torch.float64, 8, 8)
+    with torch.no_grad():
+        y = model.to(dtype)(x.to(dtype), t)
+        monkeypatch.setenv("FAST_UNET_BACKEND", "eager")
+        y_eager = model(x.to(dtype), t)
+        y64 = ref64(x.to(dtype).double(), t)
+    assert y.dtype == dtype
+    err = (y.double() - y64).abs().max().item()
+    err_eager = (y_eager.double() - y64).abs().max().item()
+    assert err <= 2 * err_eager + 1e-2 * y64.abs().max().item(), (err, err_eager)
+
+
+def _reference_block(sa):
+    """The seed's SelfAttention (need_weights as the seed has it) with ``sa``'s parameters."""
+    ref = make_reference(8, 8).sa1.__class__(sa.channels, 4)
+    ref.mha = torch.nn.MultiheadAttention(sa.channels, sa.mha.num_heads, batch_first=True)
+    ref.load_state_dict(sa.state_dict(), strict=True)
+    return ref
+
+
+@pytest.mark.parametrize("channels, heads", [(32, 4), (1024, 4), (128, 16)], ids=["C32", "C1024", "d8"])
+def test_attention_block_falls_back_op_by_op(monkeypatch, choices, channels, heads):
+    """With the default backend, a SelfAttention whose head dim (8, 256) or width (1024 > the LayerNorm
+    prologue's 512) the kernels do not take runs: those ops fall back, the others stay on Triton."""
+    monkeypatch.setenv("FAST_UNET_BACKEND", "auto")
+    torch.manual_seed(3)
+    sa = fast_unet.SelfAttention(channels)
+    sa.mha = torch.nn.MultiheadAttention(channels, heads, batch_first=True)
+    ref = _reference_block(sa)
+    h, w = (2, 3) if channels > 512 else (4, 6)
+    x = torch.randn(2, channels, h, w)
+    ref.size = None
+    y = sa(x)
+    ran = dict(choices)
+    assert ran["attention"] != "triton"  # head dim channels // heads not in (16, 32, 64)
+    assert ran["linear_residual"] == "triton"
+    assert ran["ln_linear"] == ("triton" if channels <= 512 else "eager")
+    x_tokens = x.flatten(2).transpose(1, 2)
+    x_ln = ref.ln(x_tokens)
+    a = ref.mha(x_ln, x_ln, x_ln)[0] + x_tokens
+    y_ref = (ref.ff_self(a) + a).transpose(1, 2).reshape(x.shape)
+    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-4)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad((y * g).sum(), list(sa.parameters()))
+    want = torch.autograd.grad((y_ref * g).sum(), list(ref.parameters()))
+    for (name, _), a_, e in zip(sa.named_parameters(), got, want):
+        torch.testing.assert_close(a_, e, atol=1e-4 * e.abs().max().item() + 1e-6, rtol=1e-4, msg=name)
+
+
+def test_unet_with_an_attention_block_the_kernels_cannot_take(monkeypatch, fast_conv_config, choices):
+    """sa1 with 16 heads (head dim 8) in both models: its attention falls back, everything else runs on
+    Triton, and the model matches the reference."""
+    monkeypatch.setenv("FAST_UNET_BACKEND", "auto")
+    model, ref = model_pair(16)
+    for m in (model, ref):
+        state = m.sa1.mha.state_dict()
+        m.sa1.mha = torch.nn.MultiheadAttention(128, 16, batch_first=True)
+        m.sa1.mha.load_state_dict(state)
+    x = torch.randn(1, 3, 16, 16)
+    t = torch.tensor([42])
+    y = model(x, t)
+    attention_backends = [b for op, b in choices if op == "attention"]
+    assert attention_backends[0] != "triton" and set(attention_backends[1:]) == {"triton"}, attention_backends
+    assert {b for op, b in choices if op != "attention"} == {"triton"}
+    assert_matches_reference(model, ref, y, x, t)
+
+
+@pytest.mark.parametrize("op", ["group_norm_relu", "attention", "time_embedding"])
+def test_custom_op_registration(op):
+    """torch.library.opcheck: schema, fake (meta) kernel, autograd registration, AOT-dispatch tracing."""
+    if op == "group_norm_relu":
+        x = torch.randn(2, 64, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+        args = (x, torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True), 1e-5,
+                torch.randn(2, 64, requires_grad=True))
+    elif op == "attention":
+        args = (torch.randn(2, 20, 3, 4, 16, requires_grad=True),)
+    else:
+        args = (torch.tensor([1, 7]), 32, torch.randn(48, 32, requires_grad=True), torch.randn(48, requires_grad=True),
+                torch.randn(16, 32, requires_grad=True), torch.randn(16, requires_grad=True))
+    torch.library.opcheck(getattr(torch.ops.fast_unet, op).default, args)
