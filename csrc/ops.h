@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& qkv);
 at::Tensor attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out,
                              const at::Tensor& lse2);
 
-// Shared argument checks for the GroupNorm entries (group_norm_checks.cpp).
+// Shared argument checks for the GroupNorm entries (defined in bindings.cpp).
 void check_gn_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                    const std::optional<at::Tensor>& emb);
 
