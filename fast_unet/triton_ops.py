@@ -116,7 +116,7 @@ def group_norm_relu_reasons(x, weight, bias, eps=1e-5, emb=None):
         if p is not None and not p.is_floating_point():
             out.append(f"{name} must be floating point, got {p.dtype}")
     try:
-        _gn._check(x, weight, bias, emb)
+        _gn.check_group_norm(x, weight, bias, emb)
     except (ValueError, TypeError) as e:
         out.append(str(e))
     return out
@@ -237,7 +237,7 @@ def time_embedding_reasons(t, dim, relu_weight, relu_bias, silu_weight, silu_bia
     if isinstance(t, Tensor) and t.requires_grad:
         out.append("t requires grad; the Triton time embedding gives no gradient for t")
     try:
-        _temb.check(t, dim, relu_weight, relu_bias, silu_weight, silu_bias)
+        _temb.check_time_embedding(t, dim, relu_weight, relu_bias, silu_weight, silu_bias)
     except (ValueError, TypeError) as e:
         out.append(str(e))
     return out
@@ -456,7 +456,7 @@ def conv3x3_reasons(x, weight, bias, x2=None, norm=None, pool=False):
     out = _device_reasons(x=x, weight=weight, bias=bias, x2=x2,
                           **(dict(zip(("partials", "gn_weight", "gn_bias"), norm[:3])) if norm else {}))
     try:
-        _conv.check(x, weight, bias, x2, norm, pool)
+        _conv.check_conv(x, weight, bias, x2, norm, pool)
     except (ValueError, TypeError) as e:
         out.append(str(e))
     return out

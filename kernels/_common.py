@@ -1,8 +1,12 @@
 """Helpers shared by the Triton kernels."""
 import os
 
+import torch
 import triton
 import triton.language as tl
+
+# The dtypes every launcher takes (activations, weights); statistics and partial sums are float32.
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Decided when kernels/ is imported, like triton.jit itself (which reads TRITON_INTERPRET at decoration).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -23,6 +23,7 @@ import math
 import triton
 import triton.language as tl
 
+from ._common import DTYPES
 from ._common import dot as _dot
 
 LOG2E = 1.4426950408889634
@@ -183,7 +184,6 @@ def _attn_bwd_dq(
 import torch  # noqa: E402
 
 HEAD_DIMS = (16, 32, 64)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def config(kernel, D, dtype):

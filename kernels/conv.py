@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import group_norm as _gn
+from ._common import DTYPES
 from ._common import dot as _dot
 
 
@@ -162,11 +163,11 @@ def config(dtype, c_in, hw, pool=False):
     return CONFIGS[(kind, variant)]
 
 
-def check(x, weight, bias, x2=None, norm=None, pool=False):
+def check_conv(x, weight, bias, x2=None, norm=None, pool=False):
     """Validate the launcher's arguments; errors name the argument."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor (B, C_in, H, W), got {getattr(x, 'shape', type(x).__name__)}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x.dtype not in DTYPES:
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     if pool:
         if x2 is not None or norm is not None:
@@ -208,7 +209,7 @@ def conv3x3_stats(x, weight, bias, x2=None, norm=None, pool=False):
     x is read through its strides (NCHW or channels_last, no copy).
 
     Returns (y (B, C_out, H, W) channels_last in x's dtype, partials (B, P, 3) float32 of y)."""
-    check(x, weight, bias, x2, norm, pool)
+    check_conv(x, weight, bias, x2, norm, pool)
     B, C1, H, W = x.shape
     if pool:
         H, W = H // 2, W // 2

@@ -26,6 +26,8 @@ Backward, three launches (recomputing x_hat and the ReLU mask from the saved mea
 import triton
 import triton.language as tl
 
+from ._common import DTYPES
+
 
 @triton.jit
 def _tile_offsets(c, hw, C, HW, CHANNELS_LAST: tl.constexpr):
@@ -345,10 +347,12 @@ def layout_of(x):
     raise ValueError(f"x must be NCHW-contiguous or channels_last, got strides {tuple(x.stride())}")
 
 
-def _check(x, weight, bias, emb):
+def check_group_norm(x, weight, bias, emb):
+    """Validate x (B, C, H, W), weight and bias (C,), emb (B, C) or None; errors name the argument.
+    Returns x's layout (``layout_of``)."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x.dtype not in DTYPES:
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     B, C = x.shape[:2]
     for name, p in (("weight", weight), ("bias", bias)):
@@ -376,7 +380,7 @@ def combine(partials, eps, mean=None, rstd=None):
 
 def apply(x, mean, rstd, weight, bias, emb=None, out=None):
     """relu((x - mean) * rstd * weight + bias) + emb with given (B,) statistics: one ``_gn_apply_kernel``."""
-    channels_last = _check(x, weight, bias, emb)
+    channels_last = check_group_norm(x, weight, bias, emb)
     B, C, H, W = x.shape
     HW = H * W
     block_c, block_hw = tile_config(C, HW, channels_last)
@@ -409,7 +413,7 @@ def check_partials(x, partials, gn_weight, gn_bias, prefix="", x_name="the input
 def apply_from_partials(x, partials, eps, weight, bias, emb=None):
     """(relu((x - mean) * rstd * weight + bias) + emb, mean, rstd) with x's statistics folded from its
     (B, P, 3) partials inside the apply kernel: one launch (``_gn_apply_partials_kernel``)."""
-    channels_last = _check(x, weight, bias, emb)
+    channels_last = check_group_norm(x, weight, bias, emb)
     B, C, H, W = x.shape
     HW = H * W
     block_c, block_hw = tile_config(C, HW, channels_last)
@@ -432,7 +436,7 @@ PARTIALS_BLOCK_P = 32
 
 def group_norm_relu_fwd(x, weight, bias, eps, emb=None):
     """Returns (y, mean, rstd): y like x (dtype and memory format), mean and rstd (B,) float32."""
-    channels_last = _check(x, weight, bias, emb)
+    channels_last = check_group_norm(x, weight, bias, emb)
     B, C, H, W = x.shape
     HW = H * W
     block_c, block_hw = tile_config(C, HW, channels_last)
@@ -455,7 +459,7 @@ def group_norm_relu_bwd(dy, x, weight, bias, mean, rstd):
     """Returns (dx like x, d_weight (C,), d_bias (C,), d_emb (B, C)), the last three in weight's dtype.
 
     dy may have any strides; it is brought to x's memory format first."""
-    channels_last = _check(x, weight, bias, None)
+    channels_last = check_group_norm(x, weight, bias, None)
     B, C, H, W = x.shape
     HW = H * W
     dy = dy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

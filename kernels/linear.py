@@ -39,6 +39,7 @@ is why the norms ride in their prologues instead of making their own round trips
 import triton
 import triton.language as tl
 
+from ._common import DTYPES
 from ._common import dot as _dot
 from ._common import to_dtype as _to
 from .group_norm import partials_stats as _partials_stats
@@ -172,7 +173,6 @@ def _linear_kernel(
 
 import torch  # noqa: E402
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_LN_K = 512  # the LayerNorm prologues re-read the row tile three times: sized for C <= 512
 BLOCK_P = 64  # GroupNorm partials per chunk in partials_stats
 

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from . import group_norm as _gn
+from ._common import DTYPES
 
 
 @triton.jit
@@ -130,7 +131,9 @@ CONFIG = (64, 64, 4)
 BLOCK_P_IN = 32
 
 
-def _check_norm(y, partials, gn_weight, gn_bias):
+def check_norm(y, partials, gn_weight, gn_bias):
+    """Validate the GroupNorm arguments of a lazily normalised input y (``group_norm.check_partials``),
+    and gn_weight, gn_bias in y's dtype on y's device; errors name the argument."""
     _gn.check_partials(y, partials, gn_weight, gn_bias)
     for name, p in (("gn_weight", gn_weight), ("gn_bias", gn_bias)):
         if p.dtype != y.dtype or p.device != y.device:
@@ -138,9 +141,10 @@ def _check_norm(y, partials, gn_weight, gn_bias):
 
 
 def check_input(name, x):
+    """Validate a 4-D float32 / bfloat16 / float16 input; errors call it ``name``."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"{name} must be a 4-D tensor (B, C, H, W), got {getattr(x, 'shape', type(x).__name__)}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x.dtype not in DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
 
 
@@ -148,7 +152,7 @@ def gn_relu_maxpool(y, partials, gn_weight, gn_bias, eps):
     """(x, pooled): x = relu(GroupNorm(1, C)(y)) with y's statistics from ``partials``, and
     max_pool2d(x, 2). y: (B, C, H, W) channels_last, H and W even. Both outputs channels_last."""
     check_input("y", y)
-    _check_norm(y, partials, gn_weight, gn_bias)
+    check_norm(y, partials, gn_weight, gn_bias)
     B, C, H, W = y.shape
     if H % 2 or W % 2:
         raise ValueError(f"y's height and width must be even for the 2x2 max-pool, got {H}x{W}")
@@ -170,7 +174,7 @@ def upsample2x(x, norm=None):
     channels_last."""
     check_input("x", x)
     if norm is not None:
-        _check_norm(x, *norm[:3])
+        check_norm(x, *norm[:3])
     B, C, h, w = x.shape
     out = torch.empty((B, C, 2 * h, 2 * w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     if out.numel() == 0:

@@ -19,6 +19,7 @@ over the batch; the encoding is recomputed.
 import triton
 import triton.language as tl
 
+from ._common import DTYPES
 from ._common import dot as _dot
 
 
@@ -137,7 +138,6 @@ def _temb_bwd_kernel(
 
 import torch  # noqa: E402
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # From the compile report: 16x64x64 tiles, or software pipelining, reached 255 registers / spilled.
 FWD_CONFIG = dict(BLOCK_B=16, BLOCK_O=64, BLOCK_K=32, num_warps=4, num_stages=1)
 BWD_CONFIG = dict(BLOCK_B=16, BLOCK_O=64, BLOCK_K=32, num_warps=4, num_stages=1)
@@ -155,7 +155,8 @@ def freq_table(dim, device):
     return _FREQ[key]
 
 
-def check(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
+def check_time_embedding(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
+    """Validate the launcher's arguments; errors name the argument."""
     if not isinstance(dim, int) or dim <= 0 or dim % 2:
         raise ValueError(f"dim must be a positive even int, got {dim!r}")
     if t.dim() != 1:
@@ -180,7 +181,7 @@ def check(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
 
 def time_embedding_fwd(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
     """Returns (down (B, C_down), up (B, C_up)) in the weights' dtype."""
-    check(t, dim, relu_weight, relu_bias, silu_weight, silu_bias)
+    check_time_embedding(t, dim, relu_weight, relu_bias, silu_weight, silu_bias)
     B = t.shape[0]
     rw, rb, sw, sb = (p.contiguous() for p in (relu_weight, relu_bias, silu_weight, silu_bias))
     cd, cu = rw.shape[0], sw.shape[0]
