@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import group_norm as _gn
-from ._common import DTYPES
+from ._common import DTYPE_NAMES, DTYPES
 from ._common import dot as _dot
 
 
@@ -136,7 +136,7 @@ import torch  # noqa: E402
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by (dtype kind, variant): "small_hw" where a sample
 # has at most 64 output pixels (the 8x8 layers at 64x64: a 128-row tile would be half masked), else
 # "wide_k" for C_in >= 32 and "narrow_k" below. Every entry is in the AOT compile report
-# (fast_unet/aot.py) and was picked from it (4 warps at 128x64 spilled in bf16; float32 spilled on sm_80
+# (``aot_builds`` below) and was picked from it (4 warps at 128x64 spilled in bf16; float32 spilled on sm_80
 # at BLOCK_K 32, and at 2 stages; 64x64x32 with 4 warps sat at 255 registers in bf16); their speed is a
 # guess until a GPU has measured them.
 CONFIGS = {
@@ -236,3 +236,42 @@ def conv3x3_stats(x, weight, bias, x2=None, norm=None, pool=False):
                           NORM_IN=norm is not None, HAS_X2=x2 is not None, BLOCK_P=NORM_BLOCK_P, POOL_IN=bool(pool),
                           num_warps=warps, num_stages=stages)
     return y, partials
+
+
+# ----------------------------------------------------------------------------------------------------
+# Declarations: the pointer arguments each kernel writes (bench.kernels splits a launch's bytes into read
+# and written with them), and the builds of the ahead-of-time compile report (fast_unet/aot.py).
+
+WRITES = {
+    "_conv3x3_kernel": {"y_ptr", "part_ptr"},
+}
+
+# Signature hints: float32 pointers (other pointers take the build's dtype), float scalars (other
+# scalars are i32), and integers that are multiples of 16 at the model's shapes (x's strides are those
+# of channels_last activations with C_in >= 64).
+AOT_FP32_POINTERS = {"part_ptr", "pin_ptr"}
+AOT_FLOAT_ARGS = {"eps"}
+AOT_ALIGNED_INTS = {"C1", "C_in", "stride_xb", "stride_xh", "stride_xw", "stride_x2b", "stride_x2h", "stride_x2w"}
+
+
+def aot_builds():
+    """[(kernel label, jit fn, config label, dtype name, constexprs, options)]: each config in ``CONFIGS``
+    with each input variant: plain (NCHW model input, strided), normalise on load, concat on load,
+    max-pool on load. The channels_last weight's ``stride_wc == 1`` is specialised as the JIT does."""
+    out = []
+    for dt in DTYPE_NAMES:
+        kind = "float32" if dt == "float32" else "half"
+        for (bm, bn, bk, warps, stages), is_pool in sorted({(c, key[1] == "pool") for key, c in CONFIGS.items()
+                                                            if key[0] == kind}):
+            variants = (("plain", False, False, {}), ("norm-on-load", True, False, dict(stride_xc=1)),
+                        ("concat", False, True, dict(stride_xc=1)),
+                        ("pool-on-load", False, False, dict(stride_xc=1, POOL_IN=True)))
+            if kind == "float32":  # float32 pool-on-load has its own config ("pool"), the others share one
+                variants = [v for v in variants if (v[0] == "pool-on-load") == is_pool]
+            for variant, norm_in, has_x2, ce_x in variants:
+                out.append(("conv3x3_gn", _conv3x3_kernel,
+                            f"{dt} {variant} {bm}x{bn}x{bk} w{warps} s{stages}", dt,
+                            dict(dict(POOL_IN=False), **ce_x, stride_wc=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                 IEEE=dt == "float32", NORM_IN=norm_in, HAS_X2=has_x2, BLOCK_P=NORM_BLOCK_P),
+                            dict(num_warps=warps, num_stages=stages)))
+    return out

@@ -26,7 +26,7 @@ Backward, three launches (recomputing x_hat and the ReLU mask from the saved mea
 import triton
 import triton.language as tl
 
-from ._common import DTYPES
+from ._common import DTYPE_NAMES, DTYPES
 
 
 @triton.jit
@@ -487,3 +487,55 @@ def group_norm_relu_bwd(dy, x, weight, bias, mean, rstd):
                             BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
     _gn_bwd_param_kernel[(triton.cdiv(C, 128),)](dwb, dbb, dw, db, B, C, BLOCK_C=128, num_warps=4)
     return dx, dw, db, demb
+
+
+# ----------------------------------------------------------------------------------------------------
+# Declarations: the pointer arguments each kernel writes (bench.kernels splits a launch's bytes into read
+# and written with them), and the builds of the ahead-of-time compile report (fast_unet/aot.py).
+
+WRITES = {
+    "_gn_stats_kernel": {"part_ptr"},
+    "_gn_combine_kernel": {"mean_ptr", "rstd_ptr"},
+    "_gn_apply_kernel": {"y_ptr"},
+    "_gn_apply_partials_kernel": {"y_ptr", "mean_ptr", "rstd_ptr"},
+    "_gn_bwd_reduce_kernel": {"part_ptr"},
+    "_gn_bwd_combine_kernel": {"demb_ptr", "dwb_ptr", "dbb_ptr", "sums_ptr"},
+    "_gn_bwd_dx_kernel": {"dx_ptr"},
+    "_gn_bwd_param_kernel": {"dw_ptr", "db_ptr"},
+}
+
+# Signature hints: float32 pointers (other pointers take the build's dtype), float scalars (other
+# scalars are i32), and integers that are multiples of 16 at the model's shapes (the channels).
+AOT_FP32_POINTERS = {"part_ptr", "pin_ptr", "mean_ptr", "rstd_ptr", "dwb_ptr", "dbb_ptr", "sums_ptr"}
+AOT_FLOAT_ARGS = {"eps"}
+AOT_ALIGNED_INTS = {"C"}
+
+
+def aot_builds():
+    """[(kernel label, jit fn, config label, dtype name, constexprs, options)]: the tiled kernels in each
+    tile of ``TILE_CONFIGS`` per layout (the partials-folding apply in channels_last only, the fused
+    path's layout), the per-channel reductions and the combine at their fixed blocks."""
+    out = []
+    for dt in DTYPE_NAMES:
+        for cl, tiles in TILE_CONFIGS.items():
+            lay = "channels_last" if cl else "nchw"
+            for bc, bhw in tiles:
+                tile = f"{dt} {lay} {bc}x{bhw} w{NUM_WARPS}"
+                common = dict(CHANNELS_LAST=cl, BLOCK_C=bc, BLOCK_HW=bhw)
+                opts = dict(num_warps=NUM_WARPS)
+                out.append(("gn_stats", _gn_stats_kernel, tile, dt, dict(common), opts))
+                for has_emb in (True, False):
+                    out.append(("gn_apply", _gn_apply_kernel, tile + (" emb" if has_emb else ""), dt,
+                                dict(common, HAS_EMB=has_emb), opts))
+                    if cl:
+                        out.append(("gn_apply_partials", _gn_apply_partials_kernel,
+                                    tile + (" emb" if has_emb else ""), dt,
+                                    dict(common, HAS_EMB=has_emb, BLOCK_P=PARTIALS_BLOCK_P), opts))
+                out.append(("gn_bwd_reduce", _gn_bwd_reduce_kernel, tile, dt, dict(common), opts))
+                out.append(("gn_bwd_dx", _gn_bwd_dx_kernel, tile, dt, dict(common), opts))
+        out.append(("gn_bwd_param", _gn_bwd_param_kernel, f"{dt} 128 w4", dt, dict(BLOCK_C=128),
+                    dict(num_warps=4)))
+        out.append(("gn_bwd_combine", _gn_bwd_combine_kernel, f"{dt} 128 w4", dt, dict(BLOCK_C=128),
+                    dict(num_warps=4)))
+    out.append(("gn_combine", _gn_combine_kernel, "128 w4", "float32", dict(BLOCK_P=128), dict(num_warps=4)))
+    return out

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import group_norm as _gn
-from ._common import DTYPES
+from ._common import DTYPE_NAMES, DTYPES
 
 
 @triton.jit
@@ -126,7 +126,7 @@ def _upsample2x_kernel(
 import torch  # noqa: E402
 
 # (BLOCK_P, BLOCK_C, num_warps): 64 pixels x 64 channels per program; both kernels are memory-bound
-# elementwise passes. In the compile report (fast_unet/aot.py); speed unmeasured until a GPU has run it.
+# elementwise passes. In the compile report (``aot_builds`` below); speed unmeasured until a GPU has run it.
 CONFIG = (64, 64, 4)
 BLOCK_P_IN = 32
 
@@ -187,4 +187,38 @@ def upsample2x(x, norm=None):
     _upsample2x_kernel[grid](x, out, pin, gw, gb, h, w, C, pin.shape[1] if norm is not None else 0, float(eps),
                              scale_h, scale_w, *x.stride(), NORM_IN=norm is not None, BLOCK_P=bp, BLOCK_C=bc,
                              BLOCK_P_IN=BLOCK_P_IN, num_warps=warps)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Declarations: the pointer arguments each kernel writes (bench.kernels splits a launch's bytes into read
+# and written with them), and the builds of the ahead-of-time compile report (fast_unet/aot.py).
+
+WRITES = {
+    "_gn_relu_pool_kernel": {"x_ptr", "pool_ptr"},
+    "_upsample2x_kernel": {"out_ptr"},
+}
+
+# Signature hints: float32 pointers (other pointers take the build's dtype), float scalars (other
+# scalars are i32), and integers that are multiples of 16 at the model's shapes (the channels, and the
+# strides of a channels_last input with C >= 64).
+AOT_FP32_POINTERS = {"pin_ptr"}
+AOT_FLOAT_ARGS = {"eps", "scale_h", "scale_w"}
+AOT_ALIGNED_INTS = {"C", "stride_xb", "stride_xh", "stride_xw"}
+
+
+def aot_builds():
+    """[(kernel label, jit fn, config label, dtype name, constexprs, options)]: ``CONFIG`` for the pool
+    pass and for the upsample with and without normalise on load; the channels_last input's
+    ``stride_xc == 1`` specialised as the JIT does."""
+    out = []
+    bp, bc, warps = CONFIG
+    for dt in DTYPE_NAMES:
+        out.append(("gn_relu_pool", _gn_relu_pool_kernel, f"{dt} {bp}x{bc} w{warps}", dt,
+                    dict(BLOCK_P=bp, BLOCK_C=bc, BLOCK_P_IN=BLOCK_P_IN), dict(num_warps=warps)))
+        for norm_in in (False, True):
+            out.append(("upsample2x", _upsample2x_kernel,
+                        f"{dt} {'norm-on-load ' if norm_in else ''}{bp}x{bc} w{warps}", dt,
+                        dict(stride_xc=1, NORM_IN=norm_in, BLOCK_P=bp, BLOCK_C=bc, BLOCK_P_IN=BLOCK_P_IN),
+                        dict(num_warps=warps)))
     return out

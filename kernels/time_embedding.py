@@ -19,7 +19,7 @@ over the batch; the encoding is recomputed.
 import triton
 import triton.language as tl
 
-from ._common import DTYPES
+from ._common import DTYPE_NAMES, DTYPES
 from ._common import dot as _dot
 
 
@@ -214,3 +214,37 @@ def time_embedding_bwd(g_down, g_up, t, dim, relu_weight, silu_weight):
     _temb_bwd_kernel[grid](t, freq_table(dim, t.device), g_down, g_up, drw, drb, dsw, dsb, B, dim, cd, cu, t.stride(0),
                            IEEE=relu_weight.dtype == torch.float32, **cfg)
     return drw, drb, dsw, dsb
+
+
+# ----------------------------------------------------------------------------------------------------
+# Declarations: the pointer arguments each kernel writes (bench.kernels splits a launch's bytes into read
+# and written with them), and the builds of the ahead-of-time compile report (fast_unet/aot.py).
+
+WRITES = {
+    "_temb_fwd_kernel": {"down_ptr", "up_ptr"},
+    "_temb_bwd_kernel": {"drw_ptr", "drb_ptr", "dsw_ptr", "dsb_ptr"},
+}
+
+# Signature hints: float32 pointers (other pointers take the build's dtype; t_ptr's type is set per
+# build), float scalars (other scalars are i32), integers that are multiples of 16 at the model's shapes
+# (none: the only stride, t's, is 1).
+AOT_FP32_POINTERS = {"freq_ptr", "drw_ptr", "drb_ptr", "dsw_ptr", "dsb_ptr"}
+AOT_FLOAT_ARGS = set()
+AOT_ALIGNED_INTS = set()
+
+
+def aot_builds():
+    """[(kernel label, jit fn, config label, dtype name, constexprs, options)]: ``FWD_CONFIG`` and
+    ``BWD_CONFIG`` per weight dtype, for int64, int32 and float32 timesteps (t's dtype is part of the
+    JIT's key): the option ``arg_types`` gives t_ptr's type."""
+    out = []
+    for dt in DTYPE_NAMES:
+        for name, fn, tcfg in (("temb_fwd", _temb_fwd_kernel, FWD_CONFIG), ("temb_bwd", _temb_bwd_kernel, BWD_CONFIG)):
+            ce = {k: v for k, v in tcfg.items() if k.startswith("BLOCK")}
+            opts = {k: v for k, v in tcfg.items() if k.startswith("num_")}
+            for t_type in ("i64", "i32", "fp32"):
+                label = (f"{dt} t:{t_type} {ce['BLOCK_B']}x{ce['BLOCK_O']}x{ce['BLOCK_K']} "
+                         f"w{opts['num_warps']} s{opts['num_stages']}")
+                out.append((name, fn, label, dt, dict(ce, IEEE=dt == "float32"),
+                            dict(opts, arg_types={"t_ptr": "*" + t_type})))
+    return out
