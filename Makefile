@@ -22,7 +22,7 @@ test-interpret:
 
 compile-report:
 	env -u TRITON_INTERPRET $(PY) -m fast_unet.info --compile sm_80,sm_90 > compile_report.txt
-	tail -n 3 compile_report.txt
+	tail -n 1 compile_report.txt
 
 ptxas-report:
 	@if command -v nvcc >/dev/null; then bash scripts/ptxas_report.sh "80 90"; else echo "ptxas-report: no nvcc, skipped"; fi

@@ -161,3 +161,16 @@ def format_table(rows):
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
+
+def summary_line(rows):
+    """One line for the end of a report: builds (kernel-configs x archs), spills, errors, the most
+    registers of any build, and how many builds use tensor cores."""
+    configs = {(r["kernel"], r["config"]) for r in rows}
+    archs = {r["arch"] for r in rows}
+    spills = sum(1 for r in rows if r.get("spill_bytes"))
+    errors = sum(1 for r in rows if r.get("error"))
+    regs = [r["regs"] for r in rows if r.get("regs") is not None]
+    tensor_cores = sum(1 for r in rows if r.get("tensor_cores") not in (None, "no"))
+    return (f"compile report: {len(rows)} builds ({len(configs)} kernels-configs x {len(archs)} archs), "
+            f"{spills} spills, {errors} errors, max regs {max(regs) if regs else '-'}, "
+            f"tensor cores in {tensor_cores}")

@@ -86,6 +86,18 @@ def test_signature_hints_name_arguments_of_the_modules_kernels():
         assert all(p.endswith("_ptr") for p in getattr(m, "AOT_FP32_POINTERS", ())), m.__name__
 
 
+def test_summary_line():
+    from fast_unet.aot import summary_line
+
+    rows = [dict(kernel="k", config=c, arch=a, regs=r, spill_bytes=s, shared_bytes=0, tensor_cores=tc)
+            for c, a, r, s, tc in (("x", "sm_80", 40, 0, "mma"), ("x", "sm_90", 96, 0, "wgmma"),
+                                   ("y", "sm_80", 255, 8, "no"), ("y", "sm_90", 30, 0, "no"))]
+    rows.append(dict(kernel="k", config="z", arch="sm_80", regs=None, spill_bytes=None, shared_bytes=None,
+                     tensor_cores=None, error="CompilationError: x"))
+    assert summary_line(rows) == ("compile report: 5 builds (3 kernels-configs x 2 archs), 1 spills, 1 errors, "
+                                  "max regs 255, tensor cores in 2")
+
+
 def test_attention_forward_compiles_without_spills_and_uses_wgmma():
     rows = json.loads(_report("sm_90", "--kernel", "attn_fwd", "--json"))
     _check_rows(rows, ["attn_fwd"], ["sm_90"])
@@ -98,10 +110,11 @@ def test_group_norm_apply_table():
     out = _report("sm_80", "--kernel", "gn_apply")
     lines = out.strip().splitlines()
     assert lines[0].startswith("| kernel") and "spill_bytes" in lines[0]
-    body = lines[2:]
+    body, summary = lines[2:-1], lines[-1]
     n = len(_builds("gn_apply"))
     assert n and len(body) == n, out
     assert all(line.split("|")[5].strip() == "0" for line in body), out
+    assert summary.startswith(f"compile report: {n} builds ({n} kernels-configs x 1 archs), 0 spills, 0 errors"), out
 
 
 def test_parse_archs():
