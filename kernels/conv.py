@@ -6,9 +6,10 @@ partial statistics of its output in the epilogue (Triton).
 GEMM view: M = B * H * W output pixels, N = C_out, K = 9 * C_in. The M tiles are per sample (grid
 (cdiv(H*W, BLOCK_M), cdiv(C_out, BLOCK_N), B)), so a tile never straddles two samples and its epilogue
 can reduce its valid outputs to one float32 (count, mean, M2) partial, stored in ``partials``
-(B, P, 3), P = cdiv(HW, BLOCK_M) * cdiv(C_out, BLOCK_N): the layout ``group_norm._gn_combine_kernel``
-consumes. ``combine`` + ``apply`` then finish GroupNorm + ReLU + emb without re-reading y for its
-statistics.
+(B, P, 3), P = cdiv(HW, BLOCK_M) * cdiv(C_out, BLOCK_N): the layout ``group_norm.partials_stats``
+folds. The kernel that reads y next (this conv with ``NORM_IN``, the resampling passes, the token GEMM,
+``group_norm._gn_apply_partials_kernel``) folds those partials into mean and rstd in its own prologue
+and normalises y as it loads it, so y is never re-read for its statistics.
 
 x: (B, C_in, H, W) channels_last (NHWC in memory); weight: (C_out, C_in, 3, 3) read in place through its
 strides (no copy): the model keeps it channels_last, which is (C_out, 3, 3, C_in) in memory, so each
@@ -127,8 +128,7 @@ def _conv3x3_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launcher. Validates, allocates and launches; no autograd here
-# (fast_unet/triton_ops.py).
+# Launcher. Validates, allocates and launches; no autograd here (the glue in fast_unet/ops/).
 
 import torch  # noqa: E402
 

@@ -307,7 +307,7 @@ def _gn_bwd_dx_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launchers. They validate, allocate and launch; they hold no autograd logic (fast_unet/triton_ops.py).
+# Launchers. They validate, allocate and launch; they hold no autograd logic (the glue in fast_unet/ops/).
 
 import torch  # noqa: E402
 

@@ -169,7 +169,7 @@ def _linear_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launchers. They validate, allocate and launch; no autograd here (fast_unet/triton_block.py).
+# Launchers. They validate, allocate and launch; no autograd here (the glue in fast_unet/ops/).
 
 import torch  # noqa: E402
 

@@ -71,7 +71,7 @@ def _ln_linear_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launcher. Validates, allocates and launches; no autograd here (fast_unet/triton_block.py).
+# Launcher. Validates, allocates and launches; no autograd here (the glue in fast_unet/ops/).
 
 import torch  # noqa: E402
 

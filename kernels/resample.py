@@ -121,7 +121,7 @@ def _upsample2x_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launchers. Validate, allocate and launch; no autograd here (fast_unet/triton_ops.py).
+# Launchers. Validate, allocate and launch; no autograd here (the glue in fast_unet/ops/).
 
 import torch  # noqa: E402
 
