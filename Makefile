@@ -37,7 +37,7 @@ test-interpret:
 compile-report:
 	@echo "stage 3/4: every Triton kernel compiled ahead of time for sm_80 and sm_90 (fails on a compile error or a spill)"
 	env -u TRITON_INTERPRET $(PY) -m fast_unet.info --compile sm_80,sm_90 > compile_report.txt
-	tail -n 3 compile_report.txt
+	tail -n 1 compile_report.txt
 
 ptxas-report:
 	@echo "stage 4/4: every CUDA kernel of csrc/ through ptxas -v for sm_80 and sm_90 (fails on a spill)"

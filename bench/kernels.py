@@ -22,9 +22,10 @@ Bytes: the compulsory traffic of each launch: every distinct tensor it reads, on
 (numel * element size; views of one storage together capped at the storage's size), and every tensor it
 writes, once. Re-reads (from L2 or DRAM) are not counted: the conv's input re-read per output-channel
 tile, attention's K/V re-read per query tile, a weight read by every program. For a Triton kernel the
-read/written split comes from ``kernels.writes.WRITES``; a written argument counts whole even when the
-kernel writes part of it (attention's backward writes dqkv in two launches, a third and two thirds: its
-writes are over-counted by one dqkv). For an aten op: its outputs and mutated arguments are written,
+read/written split comes from the ``WRITES`` / ``UPDATES`` that the module defining the kernel declares
+(``declared_writes``); a written argument counts whole even when the kernel writes part of it
+(attention's backward writes dqkv in two launches, a third and two thirds: its writes are over-counted
+by one dqkv). For an aten op: its outputs and mutated arguments are written,
 its other tensor arguments read; an in-place op's argument is read and written, except for pure
 overwrites (copy_, fill_, zero_, ``out=``).
 
@@ -35,6 +36,7 @@ launch counts, from torch.profiler's CUDA kernel events (``cuda_kernel_counts``)
 """
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import sys
@@ -83,7 +85,7 @@ class Launch:
     grid: list = None
     reads: list = field(default_factory=list)
     writes: list = field(default_factory=list)
-    declared: bool = True  # Triton: the kernel has an entry in kernels.writes
+    declared: bool = True  # Triton: the kernel's module declares its writes (WRITES / UPDATES)
 
     @property
     def read_bytes(self):
@@ -158,6 +160,26 @@ def kernel_name(kernel):
     return f.__name__ if f is not None else type(kernel).__name__
 
 
+def declared_writes(kernel):
+    """(writes, updates) of a Triton kernel, from the module its function is defined in: ``WRITES[name]``
+    (the pointer arguments it only stores to; None when neither ``WRITES`` nor ``UPDATES`` of that
+    module names the kernel) and ``UPDATES.get(name, set())`` (the arguments it loads and stores)."""
+    f = _kernel_function(kernel)
+    if f is None:
+        return None, set()
+    module = sys.modules.get(f.__module__)
+    if module is None:
+        try:
+            module = importlib.import_module(f.__module__)
+        except ImportError:
+            return None, set()
+    writes = getattr(module, "WRITES", {}).get(f.__name__)
+    updates = getattr(module, "UPDATES", {}).get(f.__name__)
+    if writes is None and updates is None:
+        return None, set()
+    return set(writes or ()), set(updates or ())
+
+
 @contextlib.contextmanager
 def TritonRecorder(trace, dry=False):
     """Record every ``kernel[grid](...)`` launch of any Triton kernel into ``trace``.
@@ -169,8 +191,6 @@ def TritonRecorder(trace, dry=False):
     suspended, so the interpreter's own tensor work is not counted as torch ops.
     """
     from triton.runtime.jit import KernelInterface
-
-    from fast_unet.kernels.writes import UPDATES, WRITES
 
     original = KernelInterface.__getitem__
 
@@ -189,7 +209,7 @@ def TritonRecorder(trace, dry=False):
                     tensors.append((n, a))
                 elif isinstance(base, torch.Tensor):
                     tensors.append((n, base))
-            writes, updates = WRITES.get(name), UPDATES.get(name, set())
+            writes, updates = declared_writes(kernel)
             declared = writes is not None
             writes = set(writes or ()) | set(updates)
             reads, written = [], []

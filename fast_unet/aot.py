@@ -8,153 +8,68 @@ signature the launcher's call produces at the model's shapes (pointers 16-byte a
 cores from the PTX (``wgmma`` / ``mma.sync``). TRITON_INTERPRET must be unset: the interpreter's
 kernels cannot be compiled.
 
+The builds come from the kernel modules: each module of ``fast_unet.kernels`` declares ``aot_builds()``
+and the signature hints of its kernels (``AOT_FP32_POINTERS``, ``AOT_FLOAT_ARGS``, ``AOT_ALIGNED_INTS``;
+see kernels/__init__.py); ``builds()`` concatenates them.
+
 The ``triton.compile`` call form used here is the one that works on Triton 3.6, 3.8 and 3.9; keep
 every use of it in ``compile_one``.
 """
+import importlib
 import os
+import pkgutil
 import re
 import subprocess
 import tempfile
 
-FP32_POINTERS = {"part_ptr", "pin_ptr", "dlw_ptr", "dlb_ptr", "mean_ptr", "rstd_ptr", "lse_ptr", "delta_ptr", "dwb_ptr", "dbb_ptr",
-                 "sums_ptr", "freq_ptr", "drw_ptr", "drb_ptr", "dsw_ptr", "dsb_ptr"}
-FLOAT_ARGS = {"qk_scale", "sm_scale", "eps", "scale_h", "scale_w"}
-# multiples of 16 at the model's shapes (the JIT specialises such ints; the conv's x strides are those of
-# channels_last activations with C_in >= 64)
-ALIGNED_INTS = {"stride_b", "stride_n", "stride_t", "stride_h", "C", "C1", "C_in", "stride_xb", "stride_xh",
-                "stride_xw", "stride_x2b", "stride_x2h", "stride_x2w"}
 TRITON_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def _signature(fn, dtype, constexprs, t_type="i64"):
+def kernel_modules():
+    """The kernel modules of ``fast_unet.kernels``, imported: every module whose name does not start with
+    ``_``, in name order. Each declares ``aot_builds()`` and its signature hints (kernels/__init__.py)."""
+    from fast_unet import kernels
+
+    names = sorted(m.name for m in pkgutil.iter_modules(kernels.__path__) if not m.name.startswith("_"))
+    return [importlib.import_module(f"{kernels.__name__}.{name}") for name in names]
+
+
+def builds():
+    """[(kernel label, jit fn, config label, dtype name, constexprs, options)] for every launchable config:
+    the ``aot_builds()`` of every kernel module, concatenated."""
+    out = []
+    for module in kernel_modules():
+        if not callable(getattr(module, "aot_builds", None)):
+            raise AttributeError(f"{module.__name__} declares no aot_builds() (see kernels/__init__.py)")
+        out += module.aot_builds()
+    return out
+
+
+def _hints(fn):
+    """(float32 pointers, float args, aligned ints): the signature hints of the module ``fn`` is defined in."""
+    module = importlib.import_module(getattr(fn, "fn", fn).__module__)
+    return tuple(frozenset(getattr(module, name, ())) for name in
+                 ("AOT_FP32_POINTERS", "AOT_FLOAT_ARGS", "AOT_ALIGNED_INTS"))
+
+
+def _signature(fn, dtype, constexprs, arg_types):
+    """Triton's signature for a build: constexprs; pointers ``*fp32`` if the module lists them in
+    ``AOT_FP32_POINTERS``, else the build's dtype; scalars ``fp32`` if in ``AOT_FLOAT_ARGS``, else ``i32``;
+    ``arg_types`` (from the build's options) overrides any of them."""
+    fp32_pointers, float_args, _ = _hints(fn)
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name == "t_ptr":
-            sig[name] = "*" + t_type
+        elif name in arg_types:
+            sig[name] = arg_types[name]
         elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if name in FP32_POINTERS else "*" + TRITON_DTYPE[dtype]
-        elif name in FLOAT_ARGS:
+            sig[name] = "*fp32" if name in fp32_pointers else "*" + TRITON_DTYPE[dtype]
+        elif name in float_args:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
     return sig
-
-
-def builds():
-    """[(kernel name, jit fn, config label, dtype name, constexprs, options)] for every launchable config."""
-    from fast_unet.kernels import attention as A
-    from fast_unet.kernels import conv as CV
-    from fast_unet.kernels import group_norm as G
-    from fast_unet.kernels import ln_backward as LB
-    from fast_unet.kernels import resample as R
-    from fast_unet.kernels import time_embedding as T
-
-    out = []
-    dtypes = ("float32", "bfloat16", "float16")
-    for dt in dtypes:
-        for d in A.HEAD_DIMS:
-            ieee = dt == "float32"
-            for name, fn, key in (("attn_fwd", A._attn_fwd, "fwd"), ("attn_bwd_dkdv", A._attn_bwd_dkdv, "dkdv"),
-                                  ("attn_bwd_dq", A._attn_bwd_dq, "dq")):
-                bm, bn, warps, stages = A.config(key, d, dt)
-                ce = dict(stride_d=1, D=d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee)
-                out.append((name, fn, f"{dt} d={d} {bm}x{bn} w{warps} s{stages}", dt, ce,
-                            dict(num_warps=warps, num_stages=stages)))
-            bm, _, warps, _ = A.config("preprocess", d, dt)
-            out.append(("attn_bwd_preprocess", A._attn_bwd_preprocess, f"{dt} d={d} {bm} w{warps}", dt,
-                        dict(D=d, BLOCK_M=bm), dict(num_warps=warps)))
-        for cl, tiles in G.TILE_CONFIGS.items():
-            lay = "channels_last" if cl else "nchw"
-            for bc, bhw in tiles:
-                tile = f"{dt} {lay} {bc}x{bhw} w{G.NUM_WARPS}"
-                common = dict(CHANNELS_LAST=cl, BLOCK_C=bc, BLOCK_HW=bhw)
-                opts = dict(num_warps=G.NUM_WARPS)
-                out.append(("gn_stats", G._gn_stats_kernel, tile, dt, dict(common), opts))
-                for has_emb in (True, False):
-                    out.append(("gn_apply", G._gn_apply_kernel, tile + (" emb" if has_emb else ""), dt,
-                                dict(common, HAS_EMB=has_emb), opts))
-                    if cl:  # the fused path's tensors are channels_last
-                        out.append(("gn_apply_partials", G._gn_apply_partials_kernel,
-                                    tile + (" emb" if has_emb else ""), dt,
-                                    dict(common, HAS_EMB=has_emb, BLOCK_P=G.PARTIALS_BLOCK_P), opts))
-                out.append(("gn_bwd_reduce", G._gn_bwd_reduce_kernel, tile, dt, dict(common), opts))
-                out.append(("gn_bwd_dx", G._gn_bwd_dx_kernel, tile, dt, dict(common), opts))
-        kind = "float32" if dt == "float32" else "half"
-        for (bm, bn, bk, warps, stages), is_pool in sorted({(c, key[1] == "pool") for key, c in CV.CONFIGS.items()
-                                                            if key[0] == kind}):
-            # input variants: plain (NCHW model input, strided), normalise on load, concat on load,
-            # max-pool on load
-            variants = (("plain", False, False, {}), ("norm-on-load", True, False, dict(stride_xc=1)),
-                        ("concat", False, True, dict(stride_xc=1)),
-                        ("pool-on-load", False, False, dict(stride_xc=1, POOL_IN=True)))
-            if kind == "float32":  # float32 pool-on-load has its own config ("pool"), the others share one
-                variants = [v for v in variants if (v[0] == "pool-on-load") == is_pool]
-            for variant, norm_in, has_x2, ce_x in variants:
-                out.append(("conv3x3_gn", CV._conv3x3_kernel,
-                            f"{dt} {variant} {bm}x{bn}x{bk} w{warps} s{stages}", dt,
-                            # stride_wc == 1: the model's channels_last weight, specialised as the JIT does
-                            dict(dict(POOL_IN=False), **ce_x, stride_wc=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                 IEEE=dt == "float32", NORM_IN=norm_in, HAS_X2=has_x2, BLOCK_P=CV.NORM_BLOCK_P),
-                            dict(num_warps=warps, num_stages=stages)))
-        bp, bc, warps = R.CONFIG
-        out.append(("gn_relu_pool", R._gn_relu_pool_kernel, f"{dt} {bp}x{bc} w{warps}", dt,
-                    dict(BLOCK_P=bp, BLOCK_C=bc, BLOCK_P_IN=R.BLOCK_P_IN), dict(num_warps=warps)))
-        for norm_in in (False, True):
-            out.append(("upsample2x", R._upsample2x_kernel,
-                        f"{dt} {'norm-on-load ' if norm_in else ''}{bp}x{bc} w{warps}", dt,
-                        dict(stride_xc=1, NORM_IN=norm_in, BLOCK_P=bp, BLOCK_C=bc, BLOCK_P_IN=R.BLOCK_P_IN),
-                        dict(num_warps=warps)))
-        out.append(("gn_bwd_param", G._gn_bwd_param_kernel, f"{dt} 128 w4", dt, dict(BLOCK_C=128),
-                    dict(num_warps=4)))
-        for (kind, kf), (bm, bn, warps, stages) in sorted(LB.CONFIGS.items()):
-            if (kind == "float32") == (dt == "float32"):
-                out.append(("ln_linear_bwd", LB._ln_linear_bwd_kernel, f"{dt} K<={kf} {bm}x{bn} w{warps} s{stages}",
-                            dt, dict(stride_wi=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KF=kf, IEEE=dt == "float32"),
-                            dict(num_warps=warps, num_stages=stages)))
-        out.append(("gn_bwd_combine", G._gn_bwd_combine_kernel, f"{dt} 128 w4", dt, dict(BLOCK_C=128),
-                    dict(num_warps=4)))
-        for name, fn, tcfg in (("temb_fwd", T._temb_fwd_kernel, T.FWD_CONFIG), ("temb_bwd", T._temb_bwd_kernel, T.BWD_CONFIG)):
-            ce = {k: v for k, v in tcfg.items() if k.startswith("BLOCK")}
-            opts = {k: v for k, v in tcfg.items() if k.startswith("num_")}
-            for t_type in ("i64", "i32", "fp32"):  # the timesteps' dtype is part of the JIT's key
-                label = (f"{dt} t:{t_type} {ce['BLOCK_B']}x{ce['BLOCK_O']}x{ce['BLOCK_K']} "
-                         f"w{opts['num_warps']} s{opts['num_stages']}")
-                out.append((name, fn, label, dt, dict(ce, IEEE=dt == "float32"), dict(opts, t_type=t_type)))
-    out.append(("gn_combine", G._gn_combine_kernel, "128 w4", "float32", dict(BLOCK_P=128), dict(num_warps=4)))
-    out += _linear_builds()
-    return out
-
-
-# The token-GEMM kernel's float arguments, and its integers that are multiples of 16 at the model's shapes
-# (K = C in 64, 128, 256; N_out in C, 3C; weight row stride K).
-FLOAT_ARGS.update({"ln_eps", "gn_eps"})
-ALIGNED_INTS.update({"K", "N_out", "stride_wo"})
-
-
-def _linear_builds():
-    """kernels/linear.py: each config ``linear.config`` can pick, for each op's flags (linear_residual,
-    ln_linear with and without GELU, gn_ln_linear with and without emb). The weight is read with
-    stride_wi == 1 and emb with stride_ec == 1 (nn.Linear's weight; a column slice of the stacked time
-    embedding), specialised as the JIT does."""
-    from fast_unet.kernels import linear as L
-
-    ops = (("linear_residual", dict(PROLOGUE=0, HAS_EMB=False, GELU=False, RESIDUAL=True), ""),
-           ("ln_linear", dict(PROLOGUE=1, HAS_EMB=False, GELU=False, RESIDUAL=False), ""),
-           ("ln_linear", dict(PROLOGUE=1, HAS_EMB=False, GELU=True, RESIDUAL=False), " gelu"),
-           ("gn_ln_linear", dict(PROLOGUE=2, HAS_EMB=True, GELU=False, RESIDUAL=False), " emb"),
-           ("gn_ln_linear", dict(PROLOGUE=2, HAS_EMB=False, GELU=False, RESIDUAL=False), ""))
-    out = []
-    for dt in ("float32", "bfloat16", "float16"):
-        kind = "float32" if dt == "float32" else "half"
-        for bm, bn, bk, warps, stages in sorted({c for (k, _), c in L.CONFIGS.items() if k == kind}):
-            for name, flags, tag in ops:
-                ce = dict(flags, stride_wi=1, stride_ec=1, IEEE=dt == "float32", BLOCK_M=bm, BLOCK_N=bn,
-                          BLOCK_K=bk, BLOCK_P=L.BLOCK_P)
-                out.append((name, L._linear_kernel, f"{dt} {bm}x{bn}x{bk} w{warps} s{stages}{tag}", dt,
-                            ce, dict(num_warps=warps, num_stages=stages)))
-    return out
 
 
 def _cuobjdump():
@@ -171,9 +86,10 @@ def compile_one(fn, dtype, constexprs, options, arch):
     from triton.compiler import ASTSource
 
     options = dict(options)
-    sig = _signature(fn, dtype, constexprs, options.pop("t_type", "i64"))
+    sig = _signature(fn, dtype, constexprs, options.pop("arg_types", {}))
+    aligned_ints = _hints(fn)[2]
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-               if sig[n].startswith("*") or n in ALIGNED_INTS}
+               if sig[n].startswith("*") or n in aligned_ints}
     target = GPUTarget("cuda", arch, 32)
     try:
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned)
@@ -244,3 +160,17 @@ def format_table(rows):
     lines = ["| " + " | ".join(c[i].ljust(widths[i]) for i in range(len(head))) + " |" for c in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def summary_line(rows):
+    """One line for the end of a report: builds (kernel-configs x archs), spills, errors, the most
+    registers of any build, and how many builds use tensor cores."""
+    configs = {(r["kernel"], r["config"]) for r in rows}
+    archs = {r["arch"] for r in rows}
+    spills = sum(1 for r in rows if r.get("spill_bytes"))
+    errors = sum(1 for r in rows if r.get("error"))
+    regs = [r["regs"] for r in rows if r.get("regs") is not None]
+    tensor_cores = sum(1 for r in rows if r.get("tensor_cores") not in (None, "no"))
+    return (f"compile report: {len(rows)} builds ({len(configs)} kernels-configs x {len(archs)} archs), "
+            f"{spills} spills, {errors} errors, max regs {max(regs) if regs else '-'}, "
+            f"tensor cores in {tensor_cores}")

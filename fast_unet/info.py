@@ -91,6 +91,8 @@ def main(argv=None):
         for r in bad:  # CI runs this: a compile error or a spill fails it
             print(f"FAIL {r['kernel']} {r['config']} {r['arch']}: "
                   f"{r.get('error') or str(r['spill_bytes']) + ' bytes spilled'}", file=sys.stderr)
+        if not args.json:  # the JSON stays one document; the table ends with the summary line
+            print(aot.summary_line(rows))
         return 1 if bad else 0
     info = collect()
     if args.json:

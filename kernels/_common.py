@@ -1,8 +1,13 @@
 """Helpers shared by the Triton kernels."""
 import os
 
+import torch
 import triton
 import triton.language as tl
+
+# The dtypes every launcher takes (activations, weights); statistics and partial sums are float32.
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_NAMES = tuple(str(dt).removeprefix("torch.") for dt in DTYPES)  # "float32", ...: the compile report's
 
 # Decided when kernels/ is imported, like triton.jit itself (which reads TRITON_INTERPRET at decoration).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -23,6 +23,7 @@ import math
 import triton
 import triton.language as tl
 
+from ._common import DTYPE_NAMES, DTYPES
 from ._common import dot as _dot
 
 LOG2E = 1.4426950408889634
@@ -183,7 +184,6 @@ def _attn_bwd_dq(
 import torch  # noqa: E402
 
 HEAD_DIMS = (16, 32, 64)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def config(kernel, D, dtype):
@@ -254,3 +254,40 @@ def attention_bwd(do, qkv, o, lse):
         qkv, do, lse, delta, dqkv, sm_scale, sm_scale * LOG2E, N, H, *qkv.stride(),
         D=D, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, num_warps=warps, num_stages=stages)
     return dqkv
+
+
+# ----------------------------------------------------------------------------------------------------
+# Declarations: the pointer arguments each kernel writes (bench.kernels splits a launch's bytes into read
+# and written with them), and the builds of the ahead-of-time compile report (fast_unet/aot.py).
+
+WRITES = {
+    "_attn_fwd": {"o_ptr", "lse_ptr"},
+    "_attn_bwd_preprocess": {"delta_ptr"},
+    "_attn_bwd_dkdv": {"dqkv_ptr"},  # the K and V thirds of dqkv
+    "_attn_bwd_dq": {"dqkv_ptr"},  # the Q third of dqkv
+}
+
+# Signature hints: float32 pointers (other pointers take the build's dtype), float scalars (other
+# scalars are i32), and integers that are multiples of 16 at the model's shapes (qkv's strides but stride_d).
+AOT_FP32_POINTERS = {"lse_ptr", "delta_ptr"}
+AOT_FLOAT_ARGS = {"qk_scale", "sm_scale"}
+AOT_ALIGNED_INTS = {"stride_b", "stride_n", "stride_t", "stride_h"}
+
+
+def aot_builds():
+    """[(kernel label, jit fn, config label, dtype name, constexprs, options)]: each config ``config``
+    can pick, per dtype and head dim; ``stride_d == 1`` specialised as the JIT does."""
+    out = []
+    for dt in DTYPE_NAMES:
+        for d in HEAD_DIMS:
+            ieee = dt == "float32"
+            for name, fn, key in (("attn_fwd", _attn_fwd, "fwd"), ("attn_bwd_dkdv", _attn_bwd_dkdv, "dkdv"),
+                                  ("attn_bwd_dq", _attn_bwd_dq, "dq")):
+                bm, bn, warps, stages = config(key, d, dt)
+                ce = dict(stride_d=1, D=d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee)
+                out.append((name, fn, f"{dt} d={d} {bm}x{bn} w{warps} s{stages}", dt, ce,
+                            dict(num_warps=warps, num_stages=stages)))
+            bm, _, warps, _ = config("preprocess", d, dt)
+            out.append(("attn_bwd_preprocess", _attn_bwd_preprocess, f"{dt} d={d} {bm} w{warps}", dt,
+                        dict(D=d, BLOCK_M=bm), dict(num_warps=warps)))
+    return out

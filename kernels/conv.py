@@ -6,9 +6,10 @@ partial statistics of its output in the epilogue (Triton).
 GEMM view: M = B * H * W output pixels, N = C_out, K = 9 * C_in. The M tiles are per sample (grid
 (cdiv(H*W, BLOCK_M), cdiv(C_out, BLOCK_N), B)), so a tile never straddles two samples and its epilogue
 can reduce its valid outputs to one float32 (count, mean, M2) partial, stored in ``partials``
-(B, P, 3), P = cdiv(HW, BLOCK_M) * cdiv(C_out, BLOCK_N): the layout ``group_norm._gn_combine_kernel``
-consumes. ``combine`` + ``apply`` then finish GroupNorm + ReLU + emb without re-reading y for its
-statistics.
+(B, P, 3), P = cdiv(HW, BLOCK_M) * cdiv(C_out, BLOCK_N): the layout ``group_norm.partials_stats``
+folds. The kernel that reads y next (this conv with ``NORM_IN``, the resampling passes, the token GEMM,
+``group_norm._gn_apply_partials_kernel``) folds those partials into mean and rstd in its own prologue
+and normalises y as it loads it, so y is never re-read for its statistics.
 
 x: (B, C_in, H, W) channels_last (NHWC in memory); weight: (C_out, C_in, 3, 3) read in place through its
 strides (no copy): the model keeps it channels_last, which is (C_out, 3, 3, C_in) in memory, so each
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import group_norm as _gn
+from ._common import DTYPE_NAMES, DTYPES
 from ._common import dot as _dot
 
 
@@ -126,8 +128,7 @@ def _conv3x3_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launcher. Validates, allocates and launches; no autograd here
-# (fast_unet/triton_ops.py).
+# Launcher. Validates, allocates and launches; no autograd here (the glue in fast_unet/ops/).
 
 import torch  # noqa: E402
 
@@ -135,7 +136,7 @@ import torch  # noqa: E402
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by (dtype kind, variant): "small_hw" where a sample
 # has at most 64 output pixels (the 8x8 layers at 64x64: a 128-row tile would be half masked), else
 # "wide_k" for C_in >= 32 and "narrow_k" below. Every entry is in the AOT compile report
-# (fast_unet/aot.py) and was picked from it (4 warps at 128x64 spilled in bf16; float32 spilled on sm_80
+# (``aot_builds`` below) and was picked from it (4 warps at 128x64 spilled in bf16; float32 spilled on sm_80
 # at BLOCK_K 32, and at 2 stages; 64x64x32 with 4 warps sat at 255 registers in bf16); their speed is a
 # guess until a GPU has measured them.
 CONFIGS = {
@@ -162,11 +163,11 @@ def config(dtype, c_in, hw, pool=False):
     return CONFIGS[(kind, variant)]
 
 
-def check(x, weight, bias, x2=None, norm=None, pool=False):
+def check_conv(x, weight, bias, x2=None, norm=None, pool=False):
     """Validate the launcher's arguments; errors name the argument."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor (B, C_in, H, W), got {getattr(x, 'shape', type(x).__name__)}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x.dtype not in DTYPES:
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     if pool:
         if x2 is not None or norm is not None:
@@ -208,7 +209,7 @@ def conv3x3_stats(x, weight, bias, x2=None, norm=None, pool=False):
     x is read through its strides (NCHW or channels_last, no copy).
 
     Returns (y (B, C_out, H, W) channels_last in x's dtype, partials (B, P, 3) float32 of y)."""
-    check(x, weight, bias, x2, norm, pool)
+    check_conv(x, weight, bias, x2, norm, pool)
     B, C1, H, W = x.shape
     if pool:
         H, W = H // 2, W // 2
@@ -235,3 +236,42 @@ def conv3x3_stats(x, weight, bias, x2=None, norm=None, pool=False):
                           NORM_IN=norm is not None, HAS_X2=x2 is not None, BLOCK_P=NORM_BLOCK_P, POOL_IN=bool(pool),
                           num_warps=warps, num_stages=stages)
     return y, partials
+
+
+# ----------------------------------------------------------------------------------------------------
+# Declarations: the pointer arguments each kernel writes (bench.kernels splits a launch's bytes into read
+# and written with them), and the builds of the ahead-of-time compile report (fast_unet/aot.py).
+
+WRITES = {
+    "_conv3x3_kernel": {"y_ptr", "part_ptr"},
+}
+
+# Signature hints: float32 pointers (other pointers take the build's dtype), float scalars (other
+# scalars are i32), and integers that are multiples of 16 at the model's shapes (x's strides are those
+# of channels_last activations with C_in >= 64).
+AOT_FP32_POINTERS = {"part_ptr", "pin_ptr"}
+AOT_FLOAT_ARGS = {"eps"}
+AOT_ALIGNED_INTS = {"C1", "C_in", "stride_xb", "stride_xh", "stride_xw", "stride_x2b", "stride_x2h", "stride_x2w"}
+
+
+def aot_builds():
+    """[(kernel label, jit fn, config label, dtype name, constexprs, options)]: each config in ``CONFIGS``
+    with each input variant: plain (NCHW model input, strided), normalise on load, concat on load,
+    max-pool on load. The channels_last weight's ``stride_wc == 1`` is specialised as the JIT does."""
+    out = []
+    for dt in DTYPE_NAMES:
+        kind = "float32" if dt == "float32" else "half"
+        for (bm, bn, bk, warps, stages), is_pool in sorted({(c, key[1] == "pool") for key, c in CONFIGS.items()
+                                                            if key[0] == kind}):
+            variants = (("plain", False, False, {}), ("norm-on-load", True, False, dict(stride_xc=1)),
+                        ("concat", False, True, dict(stride_xc=1)),
+                        ("pool-on-load", False, False, dict(stride_xc=1, POOL_IN=True)))
+            if kind == "float32":  # float32 pool-on-load has its own config ("pool"), the others share one
+                variants = [v for v in variants if (v[0] == "pool-on-load") == is_pool]
+            for variant, norm_in, has_x2, ce_x in variants:
+                out.append(("conv3x3_gn", _conv3x3_kernel,
+                            f"{dt} {variant} {bm}x{bn}x{bk} w{warps} s{stages}", dt,
+                            dict(dict(POOL_IN=False), **ce_x, stride_wc=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                 IEEE=dt == "float32", NORM_IN=norm_in, HAS_X2=has_x2, BLOCK_P=NORM_BLOCK_P),
+                            dict(num_warps=warps, num_stages=stages)))
+    return out

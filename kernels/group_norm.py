@@ -26,6 +26,8 @@ Backward, three launches (recomputing x_hat and the ReLU mask from the saved mea
 import triton
 import triton.language as tl
 
+from ._common import DTYPE_NAMES, DTYPES
+
 
 @triton.jit
 def _tile_offsets(c, hw, C, HW, CHANNELS_LAST: tl.constexpr):
@@ -305,7 +307,7 @@ def _gn_bwd_dx_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launchers. They validate, allocate and launch; they hold no autograd logic (fast_unet/triton_ops.py).
+# Launchers. They validate, allocate and launch; they hold no autograd logic (the glue in fast_unet/ops/).
 
 import torch  # noqa: E402
 
@@ -345,10 +347,12 @@ def layout_of(x):
     raise ValueError(f"x must be NCHW-contiguous or channels_last, got strides {tuple(x.stride())}")
 
 
-def _check(x, weight, bias, emb):
+def check_group_norm(x, weight, bias, emb):
+    """Validate x (B, C, H, W), weight and bias (C,), emb (B, C) or None; errors name the argument.
+    Returns x's layout (``layout_of``)."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x.dtype not in DTYPES:
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     B, C = x.shape[:2]
     for name, p in (("weight", weight), ("bias", bias)):
@@ -392,7 +396,7 @@ def partials(x):
 
 def apply(x, mean, rstd, weight, bias, emb=None, out=None):
     """relu((x - mean) * rstd * weight + bias) + emb with given (B,) statistics: one ``_gn_apply_kernel``."""
-    channels_last = _check(x, weight, bias, emb)
+    channels_last = check_group_norm(x, weight, bias, emb)
     B, C, H, W = x.shape
     HW = H * W
     block_c, block_hw = tile_config(C, HW, channels_last)
@@ -425,7 +429,7 @@ def check_partials(x, partials, gn_weight, gn_bias, prefix="", x_name="the input
 def apply_from_partials(x, partials, eps, weight, bias, emb=None):
     """(relu((x - mean) * rstd * weight + bias) + emb, mean, rstd) with x's statistics folded from its
     (B, P, 3) partials inside the apply kernel: one launch (``_gn_apply_partials_kernel``)."""
-    channels_last = _check(x, weight, bias, emb)
+    channels_last = check_group_norm(x, weight, bias, emb)
     B, C, H, W = x.shape
     HW = H * W
     block_c, block_hw = tile_config(C, HW, channels_last)
@@ -448,7 +452,7 @@ PARTIALS_BLOCK_P = 32
 
 def group_norm_relu_fwd(x, weight, bias, eps, emb=None):
     """Returns (y, mean, rstd): y like x (dtype and memory format), mean and rstd (B,) float32."""
-    channels_last = _check(x, weight, bias, emb)
+    channels_last = check_group_norm(x, weight, bias, emb)
     B, C, H, W = x.shape
     HW = H * W
     block_c, block_hw = tile_config(C, HW, channels_last)
@@ -471,7 +475,7 @@ def group_norm_relu_bwd(dy, x, weight, bias, mean, rstd):
     """Returns (dx like x, d_weight (C,), d_bias (C,), d_emb (B, C)), the last three in weight's dtype.
 
     dy may have any strides; it is brought to x's memory format first."""
-    channels_last = _check(x, weight, bias, None)
+    channels_last = check_group_norm(x, weight, bias, None)
     B, C, H, W = x.shape
     HW = H * W
     dy = dy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -499,3 +503,55 @@ def group_norm_relu_bwd(dy, x, weight, bias, mean, rstd):
                             BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
     _gn_bwd_param_kernel[(triton.cdiv(C, 128),)](dwb, dbb, dw, db, B, C, BLOCK_C=128, num_warps=4)
     return dx, dw, db, demb
+
+
+# ----------------------------------------------------------------------------------------------------
+# Declarations: the pointer arguments each kernel writes (bench.kernels splits a launch's bytes into read
+# and written with them), and the builds of the ahead-of-time compile report (fast_unet/aot.py).
+
+WRITES = {
+    "_gn_stats_kernel": {"part_ptr"},
+    "_gn_combine_kernel": {"mean_ptr", "rstd_ptr"},
+    "_gn_apply_kernel": {"y_ptr"},
+    "_gn_apply_partials_kernel": {"y_ptr", "mean_ptr", "rstd_ptr"},
+    "_gn_bwd_reduce_kernel": {"part_ptr"},
+    "_gn_bwd_combine_kernel": {"demb_ptr", "dwb_ptr", "dbb_ptr", "sums_ptr"},
+    "_gn_bwd_dx_kernel": {"dx_ptr"},
+    "_gn_bwd_param_kernel": {"dw_ptr", "db_ptr"},
+}
+
+# Signature hints: float32 pointers (other pointers take the build's dtype), float scalars (other
+# scalars are i32), and integers that are multiples of 16 at the model's shapes (the channels).
+AOT_FP32_POINTERS = {"part_ptr", "pin_ptr", "mean_ptr", "rstd_ptr", "dwb_ptr", "dbb_ptr", "sums_ptr"}
+AOT_FLOAT_ARGS = {"eps"}
+AOT_ALIGNED_INTS = {"C"}
+
+
+def aot_builds():
+    """[(kernel label, jit fn, config label, dtype name, constexprs, options)]: the tiled kernels in each
+    tile of ``TILE_CONFIGS`` per layout (the partials-folding apply in channels_last only, the fused
+    path's layout), the per-channel reductions and the combine at their fixed blocks."""
+    out = []
+    for dt in DTYPE_NAMES:
+        for cl, tiles in TILE_CONFIGS.items():
+            lay = "channels_last" if cl else "nchw"
+            for bc, bhw in tiles:
+                tile = f"{dt} {lay} {bc}x{bhw} w{NUM_WARPS}"
+                common = dict(CHANNELS_LAST=cl, BLOCK_C=bc, BLOCK_HW=bhw)
+                opts = dict(num_warps=NUM_WARPS)
+                out.append(("gn_stats", _gn_stats_kernel, tile, dt, dict(common), opts))
+                for has_emb in (True, False):
+                    out.append(("gn_apply", _gn_apply_kernel, tile + (" emb" if has_emb else ""), dt,
+                                dict(common, HAS_EMB=has_emb), opts))
+                    if cl:
+                        out.append(("gn_apply_partials", _gn_apply_partials_kernel,
+                                    tile + (" emb" if has_emb else ""), dt,
+                                    dict(common, HAS_EMB=has_emb, BLOCK_P=PARTIALS_BLOCK_P), opts))
+                out.append(("gn_bwd_reduce", _gn_bwd_reduce_kernel, tile, dt, dict(common), opts))
+                out.append(("gn_bwd_dx", _gn_bwd_dx_kernel, tile, dt, dict(common), opts))
+        out.append(("gn_bwd_param", _gn_bwd_param_kernel, f"{dt} 128 w4", dt, dict(BLOCK_C=128),
+                    dict(num_warps=4)))
+        out.append(("gn_bwd_combine", _gn_bwd_combine_kernel, f"{dt} 128 w4", dt, dict(BLOCK_C=128),
+                    dict(num_warps=4)))
+    out.append(("gn_combine", _gn_combine_kernel, "128 w4", "float32", dict(BLOCK_P=128), dict(num_warps=4)))
+    return out

@@ -39,6 +39,7 @@ is why the norms ride in their prologues instead of making their own round trips
 import triton
 import triton.language as tl
 
+from ._common import DTYPE_NAMES, DTYPES
 from ._common import dot as _dot
 from ._common import to_dtype as _to
 from .group_norm import partials_stats as _partials_stats
@@ -168,17 +169,16 @@ def _linear_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launchers. They validate, allocate and launch; no autograd here (fast_unet/triton_block.py).
+# Launchers. They validate, allocate and launch; no autograd here (the glue in fast_unet/ops/).
 
 import torch  # noqa: E402
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_LN_K = 512  # the LayerNorm prologues re-read the row tile three times: sized for C <= 512
 BLOCK_P = 64  # GroupNorm partials per chunk in partials_stats
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by (dtype kind, variant): "narrow_n" for N_out <= 64
 # (one N tile: a 128-wide one would be half masked), else "wide_n". Every entry is in the AOT compile
-# report (fast_unet/aot.py, _linear_builds) and was picked from it: at BLOCK_K 64 the GroupNorm prologue
+# report (``aot_builds`` below) and was picked from it: at BLOCK_K 64 the GroupNorm prologue
 # sat at 128-168 registers with 4 warps and spilled once on sm_80 (fp16); 64x128 with 4 warps needs
 # 150-168; float32 stays at BLOCK_K 16, like the conv. Their speed is a guess until a GPU has measured them.
 CONFIGS = {
@@ -269,7 +269,7 @@ def _launch(x2, weight, bias, out, M_grp, groups, *, residual=None, ln=None, gn=
         se = emb.stride() if emb is not None else (0, 0)
     else:
         # unused placeholders: read-only ones alias inputs, written ones the output, so no placeholder
-        # aliases a tensor the kernel writes unless it is declared written (kernels/writes.py)
+        # aliases a tensor the kernel writes unless it is declared written (``WRITES`` below)
         partials, gn_w, gn_b, gn_eps, e, tok, mean, rstd = (x2, bias, bias, 0.0, bias, out, out, out)
         P, se = 1, (0, 0)
     res = residual if residual is not None else x2
@@ -325,3 +325,41 @@ def gn_ln_linear(y, partials, gn_weight, gn_bias, gn_eps, emb, ln_weight, ln_bia
     _launch(tokens.reshape(B * HW, C), weight, bias, out, HW, B, ln=(ln_weight, ln_bias, ln_eps),
             gn=(partials.contiguous(), gn_weight, gn_bias, gn_eps, emb, t, mean, rstd))
     return out, t, mean, rstd
+
+
+# ----------------------------------------------------------------------------------------------------
+# Declarations: the pointer arguments each kernel writes (bench.kernels splits a launch's bytes into read
+# and written with them), and the builds of the ahead-of-time compile report (fast_unet/aot.py).
+
+WRITES = {
+    "_linear_kernel": {"out_ptr", "tok_ptr", "mean_ptr", "rstd_ptr"},
+}
+
+# Signature hints: float32 pointers (other pointers take the build's dtype), float scalars (other
+# scalars are i32), and integers that are multiples of 16 at the model's shapes (K = C in 64, 128, 256;
+# N_out in C, 3C; the weight's row stride K).
+AOT_FP32_POINTERS = {"part_ptr", "mean_ptr", "rstd_ptr"}
+AOT_FLOAT_ARGS = {"ln_eps", "gn_eps"}
+AOT_ALIGNED_INTS = {"K", "N_out", "stride_wo"}
+
+
+def aot_builds():
+    """[(kernel label, jit fn, config label, dtype name, constexprs, options)]: each config ``config``
+    can pick, for each op's flags (linear_residual, ln_linear with and without GELU, gn_ln_linear with
+    and without emb). The weight is read with stride_wi == 1 and emb with stride_ec == 1 (nn.Linear's
+    weight; a column slice of the stacked time embedding), specialised as the JIT does."""
+    ops = (("linear_residual", dict(PROLOGUE=0, HAS_EMB=False, GELU=False, RESIDUAL=True), ""),
+           ("ln_linear", dict(PROLOGUE=1, HAS_EMB=False, GELU=False, RESIDUAL=False), ""),
+           ("ln_linear", dict(PROLOGUE=1, HAS_EMB=False, GELU=True, RESIDUAL=False), " gelu"),
+           ("gn_ln_linear", dict(PROLOGUE=2, HAS_EMB=True, GELU=False, RESIDUAL=False), " emb"),
+           ("gn_ln_linear", dict(PROLOGUE=2, HAS_EMB=False, GELU=False, RESIDUAL=False), ""))
+    out = []
+    for dt in DTYPE_NAMES:
+        kind = "float32" if dt == "float32" else "half"
+        for bm, bn, bk, warps, stages in sorted({c for (k, _), c in CONFIGS.items() if k == kind}):
+            for name, flags, tag in ops:
+                ce = dict(flags, stride_wi=1, stride_ec=1, IEEE=dt == "float32", BLOCK_M=bm, BLOCK_N=bn,
+                          BLOCK_K=bk, BLOCK_P=BLOCK_P)
+                out.append((name, _linear_kernel, f"{dt} {bm}x{bn}x{bk} w{warps} s{stages}{tag}", dt,
+                            ce, dict(num_warps=warps, num_stages=stages)))
+    return out

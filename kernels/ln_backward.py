@@ -22,6 +22,7 @@ partials; FLOPs 2*M*N_out*K. float32 inputs use exact dots, bf16/fp16 the tensor
 import triton
 import triton.language as tl
 
+from ._common import DTYPE_NAMES
 from ._common import dot as _dot
 from ._common import to_dtype as _to
 
@@ -70,7 +71,7 @@ def _ln_linear_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launcher. Validates, allocates and launches; no autograd here (fast_unet/triton_block.py).
+# Launcher. Validates, allocates and launches; no autograd here (the glue in fast_unet/ops/).
 
 import torch  # noqa: E402
 
@@ -79,7 +80,7 @@ from . import group_norm as _gn  # noqa: E402
 MAX_K = 512
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by (dtype kind, padded K): a program holds BLOCK_M x K
 # float32 accumulators plus x and x_hat, so the row block shrinks as K grows. Every entry is in the
-# compile report (fast_unet/aot.py); speed unmeasured until a GPU has run them. Half precision: 64-row
+# compile report (``aot_builds`` below); speed unmeasured until a GPU has run them. Half precision: 64-row
 # blocks take wgmma on sm_90 (up to K 128 at 128 registers); at K 256 a 64-row block sat at 255
 # registers, so 32 rows (mma.sync, 128 registers); at K 512, 64 rows spilled 1.1-1.4 KB.
 CONFIGS = {
@@ -129,3 +130,33 @@ def ln_linear_bwd(d, x, ln_weight, ln_eps, weight):
     _gn._gn_bwd_param_kernel[(triton.cdiv(K, 128),)](part_w, part_b, dlw, dlb, programs, K, BLOCK_C=128,
                                                       num_warps=4)
     return dx, dlw, dlb
+
+
+# ----------------------------------------------------------------------------------------------------
+# Declarations: the pointer arguments each kernel writes (bench.kernels splits a launch's bytes into read
+# and written with them), and the builds of the ahead-of-time compile report (fast_unet/aot.py). The
+# launcher's second kernel, ``group_norm._gn_bwd_param_kernel``, is declared in group_norm.
+
+WRITES = {
+    "_ln_linear_bwd_kernel": {"dx_ptr", "dlw_ptr", "dlb_ptr"},
+}
+
+# Signature hints: float32 pointers (other pointers take the build's dtype), float scalars (other
+# scalars are i32), and integers that are multiples of 16 at the model's shapes (K = C in 64, 128, 256;
+# N_out in C, 3C; the weight's row stride K).
+AOT_FP32_POINTERS = {"dlw_ptr", "dlb_ptr"}
+AOT_FLOAT_ARGS = {"eps"}
+AOT_ALIGNED_INTS = {"K", "N_out", "stride_wo"}
+
+
+def aot_builds():
+    """[(kernel label, jit fn, config label, dtype name, constexprs, options)]: each (dtype kind, padded
+    K) config of ``CONFIGS``; the weight's ``stride_wi == 1`` specialised as the JIT does."""
+    out = []
+    for dt in DTYPE_NAMES:
+        for (kind, kf), (bm, bn, warps, stages) in sorted(CONFIGS.items()):
+            if (kind == "float32") == (dt == "float32"):
+                out.append(("ln_linear_bwd", _ln_linear_bwd_kernel, f"{dt} K<={kf} {bm}x{bn} w{warps} s{stages}",
+                            dt, dict(stride_wi=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KF=kf, IEEE=dt == "float32"),
+                            dict(num_warps=warps, num_stages=stages)))
+    return out

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from . import group_norm as _gn
+from ._common import DTYPE_NAMES, DTYPES
 
 
 @triton.jit
@@ -120,17 +121,19 @@ def _upsample2x_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launchers. Validate, allocate and launch; no autograd here (fast_unet/triton_ops.py).
+# Launchers. Validate, allocate and launch; no autograd here (the glue in fast_unet/ops/).
 
 import torch  # noqa: E402
 
 # (BLOCK_P, BLOCK_C, num_warps): 64 pixels x 64 channels per program; both kernels are memory-bound
-# elementwise passes. In the compile report (fast_unet/aot.py); speed unmeasured until a GPU has run it.
+# elementwise passes. In the compile report (``aot_builds`` below); speed unmeasured until a GPU has run it.
 CONFIG = (64, 64, 4)
 BLOCK_P_IN = 32
 
 
-def _check_norm(y, partials, gn_weight, gn_bias):
+def check_norm(y, partials, gn_weight, gn_bias):
+    """Validate the GroupNorm arguments of a lazily normalised input y (``group_norm.check_partials``),
+    and gn_weight, gn_bias in y's dtype on y's device; errors name the argument."""
     _gn.check_partials(y, partials, gn_weight, gn_bias)
     for name, p in (("gn_weight", gn_weight), ("gn_bias", gn_bias)):
         if p.dtype != y.dtype or p.device != y.device:
@@ -138,9 +141,10 @@ def _check_norm(y, partials, gn_weight, gn_bias):
 
 
 def check_input(name, x):
+    """Validate a 4-D float32 / bfloat16 / float16 input; errors call it ``name``."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"{name} must be a 4-D tensor (B, C, H, W), got {getattr(x, 'shape', type(x).__name__)}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x.dtype not in DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
 
 
@@ -148,7 +152,7 @@ def gn_relu_maxpool(y, partials, gn_weight, gn_bias, eps):
     """(x, pooled): x = relu(GroupNorm(1, C)(y)) with y's statistics from ``partials``, and
     max_pool2d(x, 2). y: (B, C, H, W) channels_last, H and W even. Both outputs channels_last."""
     check_input("y", y)
-    _check_norm(y, partials, gn_weight, gn_bias)
+    check_norm(y, partials, gn_weight, gn_bias)
     B, C, H, W = y.shape
     if H % 2 or W % 2:
         raise ValueError(f"y's height and width must be even for the 2x2 max-pool, got {H}x{W}")
@@ -170,7 +174,7 @@ def upsample2x(x, norm=None):
     channels_last."""
     check_input("x", x)
     if norm is not None:
-        _check_norm(x, *norm[:3])
+        check_norm(x, *norm[:3])
     B, C, h, w = x.shape
     out = torch.empty((B, C, 2 * h, 2 * w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     if out.numel() == 0:
@@ -183,4 +187,38 @@ def upsample2x(x, norm=None):
     _upsample2x_kernel[grid](x, out, pin, gw, gb, h, w, C, pin.shape[1] if norm is not None else 0, float(eps),
                              scale_h, scale_w, *x.stride(), NORM_IN=norm is not None, BLOCK_P=bp, BLOCK_C=bc,
                              BLOCK_P_IN=BLOCK_P_IN, num_warps=warps)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Declarations: the pointer arguments each kernel writes (bench.kernels splits a launch's bytes into read
+# and written with them), and the builds of the ahead-of-time compile report (fast_unet/aot.py).
+
+WRITES = {
+    "_gn_relu_pool_kernel": {"x_ptr", "pool_ptr"},
+    "_upsample2x_kernel": {"out_ptr"},
+}
+
+# Signature hints: float32 pointers (other pointers take the build's dtype), float scalars (other
+# scalars are i32), and integers that are multiples of 16 at the model's shapes (the channels, and the
+# strides of a channels_last input with C >= 64).
+AOT_FP32_POINTERS = {"pin_ptr"}
+AOT_FLOAT_ARGS = {"eps", "scale_h", "scale_w"}
+AOT_ALIGNED_INTS = {"C", "stride_xb", "stride_xh", "stride_xw"}
+
+
+def aot_builds():
+    """[(kernel label, jit fn, config label, dtype name, constexprs, options)]: ``CONFIG`` for the pool
+    pass and for the upsample with and without normalise on load; the channels_last input's
+    ``stride_xc == 1`` specialised as the JIT does."""
+    out = []
+    bp, bc, warps = CONFIG
+    for dt in DTYPE_NAMES:
+        out.append(("gn_relu_pool", _gn_relu_pool_kernel, f"{dt} {bp}x{bc} w{warps}", dt,
+                    dict(BLOCK_P=bp, BLOCK_C=bc, BLOCK_P_IN=BLOCK_P_IN), dict(num_warps=warps)))
+        for norm_in in (False, True):
+            out.append(("upsample2x", _upsample2x_kernel,
+                        f"{dt} {'norm-on-load ' if norm_in else ''}{bp}x{bc} w{warps}", dt,
+                        dict(stride_xc=1, NORM_IN=norm_in, BLOCK_P=bp, BLOCK_C=bc, BLOCK_P_IN=BLOCK_P_IN),
+                        dict(num_warps=warps)))
     return out

@@ -19,6 +19,7 @@ over the batch; the encoding is recomputed.
 import triton
 import triton.language as tl
 
+from ._common import DTYPE_NAMES, DTYPES
 from ._common import dot as _dot
 
 
@@ -137,7 +138,6 @@ def _temb_bwd_kernel(
 
 import torch  # noqa: E402
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # From the compile report: 16x64x64 tiles, or software pipelining, reached 255 registers / spilled.
 FWD_CONFIG = dict(BLOCK_B=16, BLOCK_O=64, BLOCK_K=32, num_warps=4, num_stages=1)
 BWD_CONFIG = dict(BLOCK_B=16, BLOCK_O=64, BLOCK_K=32, num_warps=4, num_stages=1)
@@ -155,7 +155,8 @@ def freq_table(dim, device):
     return _FREQ[key]
 
 
-def check(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
+def check_time_embedding(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
+    """Validate the launcher's arguments; errors name the argument."""
     if not isinstance(dim, int) or dim <= 0 or dim % 2:
         raise ValueError(f"dim must be a positive even int, got {dim!r}")
     if t.dim() != 1:
@@ -180,7 +181,7 @@ def check(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
 
 def time_embedding_fwd(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
     """Returns (down (B, C_down), up (B, C_up)) in the weights' dtype."""
-    check(t, dim, relu_weight, relu_bias, silu_weight, silu_bias)
+    check_time_embedding(t, dim, relu_weight, relu_bias, silu_weight, silu_bias)
     B = t.shape[0]
     rw, rb, sw, sb = (p.contiguous() for p in (relu_weight, relu_bias, silu_weight, silu_bias))
     cd, cu = rw.shape[0], sw.shape[0]
@@ -213,3 +214,37 @@ def time_embedding_bwd(g_down, g_up, t, dim, relu_weight, silu_weight):
     _temb_bwd_kernel[grid](t, freq_table(dim, t.device), g_down, g_up, drw, drb, dsw, dsb, B, dim, cd, cu, t.stride(0),
                            IEEE=relu_weight.dtype == torch.float32, **cfg)
     return drw, drb, dsw, dsb
+
+
+# ----------------------------------------------------------------------------------------------------
+# Declarations: the pointer arguments each kernel writes (bench.kernels splits a launch's bytes into read
+# and written with them), and the builds of the ahead-of-time compile report (fast_unet/aot.py).
+
+WRITES = {
+    "_temb_fwd_kernel": {"down_ptr", "up_ptr"},
+    "_temb_bwd_kernel": {"drw_ptr", "drb_ptr", "dsw_ptr", "dsb_ptr"},
+}
+
+# Signature hints: float32 pointers (other pointers take the build's dtype; t_ptr's type is set per
+# build), float scalars (other scalars are i32), integers that are multiples of 16 at the model's shapes
+# (none: the only stride, t's, is 1).
+AOT_FP32_POINTERS = {"freq_ptr", "drw_ptr", "drb_ptr", "dsw_ptr", "dsb_ptr"}
+AOT_FLOAT_ARGS = set()
+AOT_ALIGNED_INTS = set()
+
+
+def aot_builds():
+    """[(kernel label, jit fn, config label, dtype name, constexprs, options)]: ``FWD_CONFIG`` and
+    ``BWD_CONFIG`` per weight dtype, for int64, int32 and float32 timesteps (t's dtype is part of the
+    JIT's key): the option ``arg_types`` gives t_ptr's type."""
+    out = []
+    for dt in DTYPE_NAMES:
+        for name, fn, tcfg in (("temb_fwd", _temb_fwd_kernel, FWD_CONFIG), ("temb_bwd", _temb_bwd_kernel, BWD_CONFIG)):
+            ce = {k: v for k, v in tcfg.items() if k.startswith("BLOCK")}
+            opts = {k: v for k, v in tcfg.items() if k.startswith("num_")}
+            for t_type in ("i64", "i32", "fp32"):
+                label = (f"{dt} t:{t_type} {ce['BLOCK_B']}x{ce['BLOCK_O']}x{ce['BLOCK_K']} "
+                         f"w{opts['num_warps']} s{opts['num_stages']}")
+                out.append((name, fn, label, dt, dict(ce, IEEE=dt == "float32"),
+                            dict(opts, arg_types={"t_ptr": "*" + t_type})))
+    return out

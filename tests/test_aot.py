@@ -1,6 +1,7 @@
 """The ahead-of-time compile report (``python -m fast_unet.info --compile``): builds for GPUs that are
 not here, so it runs on any machine with Triton's bundled ptxas/cuobjdump. It runs in a subprocess with
-TRITON_INTERPRET removed (interpreted kernels cannot be compiled), so it works inside either test run."""
+TRITON_INTERPRET removed (interpreted kernels cannot be compiled), so it works inside either test run.
+What it should hold comes from the kernel modules' declarations (``aot_builds()``, ``WRITES``)."""
 import json
 import os
 import subprocess
@@ -21,15 +22,86 @@ def _report(*args):
     return proc.stdout
 
 
-def test_attention_forward_compiles_without_spills_and_uses_wgmma():
-    out = _report("sm_90", "--kernel", "attn_fwd", "--json")
-    rows = json.loads(out)
-    assert len(rows) == 9, out  # 3 dtypes x 3 head dims
+def _builds(*kernels):
+    """The (kernel label, config label) pairs the kernel modules declare for these kernel labels."""
+    from fast_unet import aot
+
+    return sorted((b[0], b[2]) for b in aot.builds() if b[0] in kernels)
+
+
+def _check_rows(rows, kernels, archs):
+    """rows are exactly the declared builds of ``kernels`` on each of ``archs``; none spills."""
+    assert sorted((r["kernel"], r["config"], r["arch"]) for r in rows) == sorted(
+        (k, c, a) for k, c in _builds(*kernels) for a in archs), rows
     for r in rows:
         assert set(r) >= {"kernel", "config", "arch", "regs", "spill_bytes", "shared_bytes", "tensor_cores"}, r
-        assert r["arch"] == "sm_90" and r["kernel"] == "attn_fwd"
         assert r["spill_bytes"] == 0, f"spills: {r}"
         assert 0 < r["regs"] <= 255, r
+
+
+def _jit_kernels(module):
+    """The Triton functions defined in ``module`` (kernels and the helpers they call)."""
+    from triton.runtime.jit import KernelInterface
+
+    return {getattr(v, "fn", v).__name__: v for v in vars(module).values()
+            if isinstance(v, KernelInterface) and getattr(v, "fn", v).__module__ == module.__name__}
+
+
+def test_declarations_cover_every_kernel():
+    """Every kernel module declares WRITES and aot_builds(); each kernel it declares (a key of WRITES or
+    UPDATES: the kernels its launchers start) has at least one build and is defined there, every build
+    compiles a declared kernel, and the (kernel label, config label) pairs are unique."""
+    from fast_unet import aot
+
+    modules = aot.kernel_modules()
+    assert {m.__name__.rsplit(".", 1)[1] for m in modules} >= {"attention", "conv", "group_norm", "linear",
+                                                               "ln_backward", "resample", "time_embedding"}
+    labels = []
+    for m in modules:
+        declared = set(m.WRITES) | set(getattr(m, "UPDATES", {}))
+        jit = _jit_kernels(m)
+        assert declared <= set(jit), f"{m.__name__}: declares kernels it does not define: {declared - set(jit)}"
+        builds = m.aot_builds()
+        built = {getattr(b[1], "fn", b[1]).__name__ for b in builds}
+        assert built == declared, f"{m.__name__}: builds {sorted(built)}, declared kernels {sorted(declared)}"
+        for name, fn, config, dtype, constexprs, options in builds:
+            assert dtype in ("float32", "bfloat16", "float16"), (name, config)
+            assert set(constexprs) <= set(fn.arg_names), (name, config, set(constexprs) - set(fn.arg_names))
+        labels += [(b[0], b[2]) for b in builds]
+    assert len(labels) == len(set(labels)), sorted(x for x in labels if labels.count(x) > 1)
+    assert sorted(labels) == sorted((b[0], b[2]) for b in aot.builds())
+
+
+def test_signature_hints_name_arguments_of_the_modules_kernels():
+    """A module's AOT_* hints name arguments of its own kernels (they apply to nothing else)."""
+    from fast_unet import aot
+
+    for m in aot.kernel_modules():
+        args = set()
+        for b in m.aot_builds():
+            args |= set(b[1].arg_names)
+        for hint in ("AOT_FP32_POINTERS", "AOT_FLOAT_ARGS", "AOT_ALIGNED_INTS"):
+            extra = set(getattr(m, hint, ())) - args
+            assert not extra, f"{m.__name__}.{hint}: {sorted(extra)} are not arguments of its kernels"
+        assert all(p.endswith("_ptr") for p in getattr(m, "AOT_FP32_POINTERS", ())), m.__name__
+
+
+def test_summary_line():
+    from fast_unet.aot import summary_line
+
+    rows = [dict(kernel="k", config=c, arch=a, regs=r, spill_bytes=s, shared_bytes=0, tensor_cores=tc)
+            for c, a, r, s, tc in (("x", "sm_80", 40, 0, "mma"), ("x", "sm_90", 96, 0, "wgmma"),
+                                   ("y", "sm_80", 255, 8, "no"), ("y", "sm_90", 30, 0, "no"))]
+    rows.append(dict(kernel="k", config="z", arch="sm_80", regs=None, spill_bytes=None, shared_bytes=None,
+                     tensor_cores=None, error="CompilationError: x"))
+    assert summary_line(rows) == ("compile report: 5 builds (3 kernels-configs x 2 archs), 1 spills, 1 errors, "
+                                  "max regs 255, tensor cores in 2")
+
+
+def test_attention_forward_compiles_without_spills_and_uses_wgmma():
+    rows = json.loads(_report("sm_90", "--kernel", "attn_fwd", "--json"))
+    _check_rows(rows, ["attn_fwd"], ["sm_90"])
+    for r in rows:
         if not r["config"].startswith("float32"):
             assert r["tensor_cores"] == "wgmma", f"no wgmma in a half-precision attention build: {r}"
 
@@ -38,9 +110,11 @@ def test_group_norm_apply_table():
     out = _report("sm_80", "--kernel", "gn_apply")
     lines = out.strip().splitlines()
     assert lines[0].startswith("| kernel") and "spill_bytes" in lines[0]
-    body = lines[2:]
-    assert len(body) == 3 * 4 * 2, out  # dtypes x tile configs x (emb, no emb)
+    body, summary = lines[2:-1], lines[-1]
+    n = len(_builds("gn_apply"))
+    assert n and len(body) == n, out
     assert all(line.split("|")[5].strip() == "0" for line in body), out
+    assert summary.startswith(f"compile report: {n} builds ({n} kernels-configs x 1 archs), 0 spills, 0 errors"), out
 
 
 def test_parse_archs():
@@ -54,12 +128,9 @@ def test_parse_archs():
 
 def test_conv_compiles_without_spills_and_uses_tensor_cores():
     rows = json.loads(_report("sm_80,sm_90", "--kernel", "conv3x3_gn", "--json"))
-    # 2 archs x (1 float32 + 3 bfloat16 + 3 float16 configs) x 4 input variants
-    assert len(rows) == 2 * 7 * 4, rows
+    _check_rows(rows, ["conv3x3_gn"], ["sm_80", "sm_90"])
     assert {r["config"].split()[1] for r in rows} == {"plain", "norm-on-load", "concat", "pool-on-load"}
     for r in rows:
-        assert r["spill_bytes"] == 0, f"spills: {r}"
-        assert 0 < r["regs"] <= 255, r
         if not r["config"].startswith("float32"):
             assert r["tensor_cores"] == ("wgmma" if r["arch"] == "sm_90" else "mma"), r
 
@@ -67,20 +138,17 @@ def test_conv_compiles_without_spills_and_uses_tensor_cores():
 def test_fused_path_kernels_compile_without_spills():
     """The normalise + pool pass, the upsample (both variants) and the GroupNorm backward's batch
     reduction: every dtype, both archs."""
-    rows = json.loads(_report("sm_80,sm_90", "--kernel", "gn_relu_pool", "--kernel", "upsample2x",
-                              "--kernel", "gn_bwd_param", "--json"))
-    assert len(rows) == 2 * 3 * 4, rows  # 2 archs x 3 dtypes x (pool, 2 upsample variants, param)
-    for r in rows:
-        assert r["spill_bytes"] == 0 and 0 < r["regs"] <= 255, r
+    kernels = ["gn_relu_pool", "upsample2x", "gn_bwd_param"]
+    rows = json.loads(_report("sm_80,sm_90", *(a for k in kernels for a in ("--kernel", k)), "--json"))
+    _check_rows(rows, kernels, ["sm_80", "sm_90"])
 
 
 def test_layernorm_backward_gemm_compiles_without_spills():
     """kernels/ln_backward.py: every (dtype, padded K) config on both archs; wgmma on sm_90 where the
     row block is 64 (half precision, K <= 128)."""
     rows = json.loads(_report("sm_80,sm_90", "--kernel", "ln_linear_bwd", "--json"))
-    assert len(rows) == 2 * 3 * 4, rows  # 2 archs x 3 dtypes x 4 K buckets
+    _check_rows(rows, ["ln_linear_bwd"], ["sm_80", "sm_90"])
     for r in rows:
-        assert r["spill_bytes"] == 0 and 0 < r["regs"] <= 255, r
         if not r["config"].startswith("float32"):
             assert r["tensor_cores"] in ("mma", "wgmma"), r
             if r["arch"] == "sm_90" and " 64x" in r["config"]:

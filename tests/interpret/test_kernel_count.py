@@ -1,21 +1,20 @@
-"""bench.kernels on fast_unet under the Triton interpreter: the launch recorder, dry mode, the write table.
+"""bench.kernels on fast_unet under the Triton interpreter: the launch recorder, dry mode, the write
+declarations (each kernel module's ``WRITES`` / ``UPDATES``).
 
 Small shapes (B=1, 8x8, float32): counts do not depend on them. The eager-model counter's own
 tests (meta against CPU tensors, bytes of single ops) are in tests/test_eager_kernel_count.py.
 """
 import contextlib
+import importlib
+import pkgutil
 
 import pytest
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import KernelInterface
 
-import fast_unet.kernels as kernels
-import fast_unet.kernels.linear  # noqa: F401
-import fast_unet.kernels.ln_backward  # noqa: F401
-import fast_unet.kernels.resample  # noqa: F401
+import fast_unet.kernels
 from bench import kernels as bk
-from fast_unet.kernels.writes import UPDATES, WRITES
 
 F32 = torch.float32
 UNFUSED = {"FAST_UNET_BACKEND": bk.UNFUSED}
@@ -62,13 +61,14 @@ def dry_traces():
 def real_train():
     """One real (non-dry) training step under the interpreter, B=1, 8x8: its trace, the number of kernels
     the interpreter ran, and per kernel the arguments a launch changed (every tensor argument is
-    snapshotted around each run)."""
-    changed = {}
+    snapshotted around each run), with the arguments its module declares it writes."""
+    changed = {}  # kernel name -> (arguments changed, arguments declared written or updated)
 
     def per_launch(kernel, tensors, go):
         before = [(n, t, _bits(t)) for n, t in tensors]
         out = go()
-        seen = changed.setdefault(bk.kernel_name(kernel), set())
+        writes, updates = bk.declared_writes(kernel)
+        seen, _ = changed.setdefault(bk.kernel_name(kernel), (set(), set(writes or ()) | updates))
         seen.update(n for n, t, b in before if not torch.equal(_bits(t), b))
         return out
 
@@ -119,35 +119,40 @@ def test_recorder_sees_every_launch_and_dry_matches_real(real_train, dry_traces)
     assert _sig(dry_traces["fused", "train"]) == _sig(trace)
 
 
-def _kernel_objects():
-    out = {}
-    for mod in (getattr(kernels, m) for m in ("attention", "conv", "group_norm", "linear", "ln_backward", "resample", "time_embedding")):
-        for v in vars(mod).values():
-            if isinstance(v, KernelInterface):
-                out[bk.kernel_name(v)] = v
-    return out
+def _kernel_modules():
+    pkg = fast_unet.kernels
+    return [importlib.import_module(f"{pkg.__name__}.{m.name}") for m in pkgutil.iter_modules(pkg.__path__)
+            if not m.name.startswith("_")]
 
 
-def test_write_table_covers_every_recorded_kernel(dry_traces):
+def test_every_launched_kernel_declares_its_writes(dry_traces):
+    """Each launched kernel is declared in its own module's WRITES or UPDATES, and every declared name is
+    a kernel of that module with those pointer arguments."""
     launched = {x.name for tr in dry_traces.values() for x in tr.launches if x.kind == "triton"}
-    missing = sorted(launched - set(WRITES) - set(UPDATES))
-    assert not missing, f"kernels without an entry in kernels/writes.py: {missing}"
-    assert all(x.declared for tr in dry_traces.values() for x in tr.launches if x.kind == "triton")
-    objs = _kernel_objects()
-    for table in (WRITES, UPDATES):
-        for name, args in table.items():
-            assert name in objs, f"kernels/writes.py: {name} is not a kernel in kernels/"
-            bad = set(args) - set(objs[name].arg_names)
-            assert not bad, f"kernels/writes.py: {name} has no arguments {sorted(bad)}"
+    missing = sorted({x.name for tr in dry_traces.values() for x in tr.launches
+                      if x.kind == "triton" and not x.declared})
+    assert not missing, f"kernels whose module declares no WRITES / UPDATES entry for them: {missing}"
+    declared = set()
+    for mod in _kernel_modules():
+        objs = {bk.kernel_name(v): v for v in vars(mod).values()
+                if isinstance(v, KernelInterface) and bk._kernel_function(v).__module__ == mod.__name__}
+        tables = (getattr(mod, "WRITES", {}), getattr(mod, "UPDATES", {}))
+        for table in tables:
+            for name, args in table.items():
+                assert name in objs, f"{mod.__name__}: {name} is not a Triton kernel defined there"
+                params = objs[name].arg_names
+                bad = sorted(set(args) - {p for p in params if p.endswith("_ptr")})
+                assert not bad, f"{mod.__name__}.WRITES/UPDATES: {name} has no pointer arguments {bad}"
+                declared.add(name)
+    assert launched <= declared
 
 
 def test_declared_writes_are_what_the_kernels_write(real_train):
     """Over the whole real training step (forward and backward), the arguments each kernel changed
-    are exactly the ones kernels/writes.py declares."""
+    are exactly the ones its module's WRITES / UPDATES declare."""
     _, _, changed = real_train
     assert changed
-    for name, seen in changed.items():
-        declared = set(WRITES.get(name, ())) | set(UPDATES.get(name, ()))
+    for name, (seen, declared) in changed.items():
         assert seen == declared, f"{name}: changed {sorted(seen)}, declared {sorted(declared)}"
 
 
