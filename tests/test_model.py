@@ -143,8 +143,19 @@ def test_lazy_path_on_each_cpu_backend(monkeypatch, backend, size, batch):
         # the math without rounding: a float32 rounding flip of one ReLU or max-pool window moves the
         # gradients upstream of it wholesale (the eager path flips one at 48x80, B=1), hiding nothing here
         test_gradients_match_reference_float64(size, batch)
-    else:  # the extension's kernels are float32
-        test_gradients_match_reference_float32(size, batch)
+    else:  # the extension's kernels are float32: every gradient within 1% in norm (a wrong formula is off
+        # by O(1)) and the median within 1e-3. The float32 rule of test_gradients_match_reference_float32
+        # (median at most twice the float32 reference's) does not hold through a rounding flip: at 48x80,
+        # B=1 the eager path and the extension's attention alone both flip one (median 1.5e-4), the
+        # extension's GroupNorm alone does not (4e-7); at 64x64, B=3 the whole ext path reaches 1.9e-4.
+        fast, ref = model_pair(*size)
+        x, t = inputs(batch, *size)
+        noise = torch.randn_like(x)
+        gold = _grads(reference_copy(ref, torch.float64, *size), x.double(), t, noise)
+        got = _grads(fast, x, t, noise)
+        errs = sorted((_rel(got[name], g), name) for name, g in gold.items())
+        assert errs[-1][0] < 1e-2, f"grad {errs[-1][1]}: relative error {errs[-1][0]:.2e}"
+        assert errs[len(errs) // 2][0] < 1e-3, f"median relative gradient error {errs[len(errs) // 2][0]:.2e}"
 
 
 def test_eager_float32_gradients(monkeypatch):
