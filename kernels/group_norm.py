@@ -387,7 +387,7 @@ def partials(x):
     block_c, block_hw = tile_config(C, HW, channels_last)
     n_cb = triton.cdiv(C, block_c)
     S, hw_per_prog = _split(HW, block_hw, n_cb)
-    out = torch.zeros((B, n_cb * S, 3), device=x.device, dtype=torch.float32)
+    out = torch.empty((B, n_cb * S, 3), device=x.device, dtype=torch.float32)  # P = 0 when the sample is empty
     if B and C and HW:
         _gn_stats_kernel[(B, n_cb, S)](x, out, C, HW, hw_per_prog, CHANNELS_LAST=channels_last,
                                        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
@@ -452,21 +452,14 @@ PARTIALS_BLOCK_P = 32
 
 def group_norm_relu_fwd(x, weight, bias, eps, emb=None):
     """Returns (y, mean, rstd): y like x (dtype and memory format), mean and rstd (B,) float32."""
-    channels_last = check_group_norm(x, weight, bias, emb)
-    B, C, H, W = x.shape
-    HW = H * W
-    block_c, block_hw = tile_config(C, HW, channels_last)
-    n_cb = triton.cdiv(C, block_c)
-    S, hw_per_prog = _split(HW, block_hw, n_cb)
-    partials = torch.empty((B, n_cb * S, 3), device=x.device, dtype=torch.float32)
+    check_group_norm(x, weight, bias, emb)
+    B = x.shape[0]
     mean = torch.empty((B,), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     y = torch.empty_like(x)  # preserves the memory format of a dense x
-    if B == 0 or C == 0 or HW == 0:
+    if x.numel() == 0:
         return y, mean, rstd
-    _gn_stats_kernel[(B, n_cb, S)](x, partials, C, HW, hw_per_prog, CHANNELS_LAST=channels_last,
-                                   BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
-    combine(partials, eps, mean, rstd)
+    combine(partials(x), eps, mean, rstd)
     apply(x, mean, rstd, weight, bias, emb, out=y)
     return y, mean, rstd
 

@@ -55,7 +55,11 @@ def main():
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         ref(x, t)
     flops = fc.get_total_flops()
-    from fast_unet import eager, ext_ops
+    import importlib
+
+    from fast_unet import backends, eager
+
+    ext_attention = importlib.import_module("fast_unet.ops.attention").ext_attention
 
     qkv_buf = torch.randn(b, 4096, 3 * 64)
     qkv = qkv_buf.view(b, 4096, 3, 4, 16)
@@ -83,9 +87,9 @@ def main():
         "fast_unet ext forward": fwd(fast), "reference forward": fwd(ref), "fair baseline forward": fwd(base),
         "fast_unet ext train step": step(fast), "reference train step": step(ref), "fair baseline train step": step(base),
     }
-    cands["sa6 attention ext fwd"] = lambda: ext_ops.attention(qkv)
+    cands["sa6 attention ext fwd"] = lambda: ext_attention(qkv)
     cands["sa6 attention SDPA fwd"] = lambda: eager.attention(qkv)
-    cands["sa6 attention ext fwd+bwd"] = attn_step(ext_ops.attention)
+    cands["sa6 attention ext fwd+bwd"] = attn_step(ext_attention)
     cands["sa6 attention SDPA fwd+bwd"] = attn_step(eager.attention)
     if not args.no_compile:
         comp = torch.compile(base)
@@ -103,7 +107,7 @@ def main():
             times[k].append(_timed(fn))
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     peak = statistics.median(rates)
-    print(f"fast_unet._C build: {ext_ops.build_info()}")
+    print(f"fast_unet._C build: {backends.build_info()}")
     print(f"B={b} {s}x{s} float32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"backend {os.environ['FAST_UNET_BACKEND']}, {args.reps} interleaved reps (median, min)")
     print(f"fp32 matmul rate (2048^3 torch.mm, median of reps): {peak / 1e9:.0f} GFLOP/s; "

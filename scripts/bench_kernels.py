@@ -33,7 +33,9 @@ def main():
     import triton.testing
 
     from fast_unet import eager
-    from fast_unet import triton_ops as T
+    from fast_unet import ops as T
+
+    os.environ["FAST_UNET_BACKEND"] = "triton"  # fast_unet.ops on the Triton kernels; eager.* directly
 
     B, dt, dev = args.batch, torch.bfloat16, "cuda" if torch.cuda.is_available() else "cpu"
     S = args.size
@@ -79,8 +81,8 @@ def _fused_cases(B, S, dt, dev):
     """(name, inputs, fused fn, unfused fn) for the fused model path's pieces at the model's shapes."""
     import torch.nn.functional as F
 
-    from fast_unet import eager, model, triton_block
-    from fast_unet import triton_ops as T
+    from fast_unet import eager, model
+    from fast_unet import ops as T
 
     cl = torch.channels_last
     cases = []
@@ -124,7 +126,7 @@ def _fused_cases(B, S, dt, dev):
             return sa.ff_self(a) + a
 
         cases.append((f"attention block C={c} {hw}x{hw}", (y, gw, gb, emb),
-                      lambda y, gw, gb, emb, sa=sa, part=part: triton_block.self_attention(sa, y, (part, gw, gb, 1e-5, emb)),
+                      lambda y, gw, gb, emb, sa=sa, part=part: sa(T.Lazy(y, part, gw, gb, 1e-5, emb)),
                       unfused))
     return cases
 

@@ -31,10 +31,13 @@ def _attn_op(qkv: Tensor) -> tuple[Tensor, Tensor]:
     return _k().attention_fwd(qkv)
 
 
-@_attn_op.register_fake
-def _(qkv):
+def _attn_fake(qkv):
+    """(out (B, N, heads * d), log-sum-exp (B, heads, N) float32), the outputs of both backends' forwards."""
     b, n, _, h, d = qkv.shape
     return qkv.new_empty((b, n, h * d)), qkv.new_empty((b, h, n), dtype=torch.float32)
+
+
+_attn_op.register_fake(_attn_fake)
 
 
 @torch.library.custom_op("fast_unet::attention_backward", mutates_args=())
@@ -83,10 +86,7 @@ def _ext_fwd(qkv: Tensor) -> tuple[Tensor, Tensor]:
     return tuple(backends.ext().attention_fwd_cpu(qkv))
 
 
-@_ext_fwd.register_fake
-def _(qkv):
-    b, n, _, h, d = qkv.shape
-    return qkv.new_empty((b, n, h * d)), qkv.new_empty((b, h, n), dtype=torch.float32)
+_ext_fwd.register_fake(_attn_fake)
 
 
 @torch.library.custom_op("fast_unet::attention_bwd_ext", mutates_args=())
