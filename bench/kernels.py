@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .core import DTYPES
+
 DEFAULT_VARIANTS = ("baseline", "reference", "fast_unet", "fast_unet+unfused")
 # The fused ops on their eager twins (which run their pieces on Triton): fast_unet without its fusions.
 UNFUSED = "triton,conv3x3=eager,gn_relu_maxpool=eager,upsample2x=eager,gn_ln_linear=eager"

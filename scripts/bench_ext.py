@@ -1,5 +1,5 @@
 """Side-by-side CPU timings of fast_unet (ext backend) against the reference, the fair baseline and
-torch.compile(fair baseline), B=4, 64x64, float32 (issue 4's measurement). Not the project benchmark
+torch.compile(fair baseline), B=4, 64x64, float32, per op and whole model. Not the project benchmark
 (``python -m bench``); run: ``PYTHONPATH=. python scripts/bench_ext.py [--reps 7] [--no-compile]``.
 
 Every repetition runs each candidate once, in turn (interleaved), so load from other processes hits all
