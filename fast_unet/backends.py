@@ -1,7 +1,7 @@
 """Whether each compiled backend loads, and the checks every op of a backend shares.
 
-- ``triton``: the kernels of ``fast_unet.kernels`` (the repository's ``kernels/`` folder), loaded on first
-  use; they run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before they
+- ``triton``: the kernels of ``fast_unet.kernels`` (the repository's ``kernels/`` folder), loaded when
+  ``fast_unet.ops`` is imported; they run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before they
   were imported (Triton's interpreter, for tests). ``kernel_module(name)`` imports one of them.
 - ``ext``: the compiled extension ``fast_unet._C`` (``csrc/``). A missing or broken build is one
   RuntimeWarning and a reason, never an ImportError.
@@ -19,9 +19,17 @@ _loaded = set()
 # --- triton -------------------------------------------------------------------------------------------
 
 
+_KERNEL_MODULES = {}
+
+
 def _load_triton():
+    import pkgutil
+
     try:
-        importlib.import_module("fast_unet.kernels._common")  # imports triton
+        package = importlib.import_module("fast_unet.kernels")
+        for info in pkgutil.iter_modules(package.__path__):  # _common first: it imports triton
+            name = info.name
+            _KERNEL_MODULES[name] = importlib.import_module(f"fast_unet.kernels.{name}")
     except ImportError as e:
         return f"Triton is not available (cannot import {e.name or 'triton'!r}: {e})"
     except Exception as e:  # a broken install must not break fast_unet: warn once, fall back
@@ -31,8 +39,9 @@ def _load_triton():
 
 
 def kernel_module(name):
-    """``fast_unet.kernels.<name>`` (imported on first use)."""
-    return importlib.import_module(f"fast_unet.kernels.{name}")
+    """``fast_unet.kernels.<name>``: every kernel module is imported when the triton backend first loads."""
+    load_error("triton")
+    return _KERNEL_MODULES[name]
 
 
 def triton_interpreting():

@@ -27,6 +27,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .. import backends, dispatch
 from .attention import attention
 from .conv import conv3x3
 from .group_norm import group_norm_relu
@@ -59,6 +60,12 @@ class Lazy(NamedTuple):
     def materialize(self):
         return group_norm_relu(self.y, self.weight, self.bias, self.eps, self.emb, self.partials)
 
+
+# Load the compiled backends now, not inside a forward that torch.compile traces (a missing or broken one is a
+# reason, never an error). The Triton kernels choose the interpreter here: TRITON_INTERPRET=1 must be set
+# before fast_unet.ops is imported.
+for _backend in dispatch.PRIORITY:
+    backends.load_error(_backend)
 
 __all__ = ["Lazy", "attention", "conv3x3", "gn_ln_linear", "gn_relu_maxpool", "group_norm_relu", "linear_residual",
            "ln_linear", "time_embedding", "upsample2x"]

@@ -162,3 +162,14 @@ def test_custom_op_registration(op):
         args = (torch.tensor([1, 7]), 32, torch.randn(48, 32, requires_grad=True), torch.randn(48, requires_grad=True),
                 torch.randn(16, 32, requires_grad=True), torch.randn(16, requires_grad=True))
     torch.library.opcheck(getattr(torch.ops.fast_unet, op).default, args)
+
+
+def test_torch_compile_traces_the_model_in_one_graph(fast_conv_config):
+    """``torch.compile(fullgraph=True)``: dispatch, the Lazy tensors and every custom op trace without a graph
+    break; the compiled model matches the eager one, forward and gradients."""
+    model, ref = model_pair(8, 8)
+    x = torch.randn(1, 3, 8, 8)
+    t = torch.tensor([5])
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    y = compiled(x, t)
+    assert_matches_reference(model, ref, y, x, t)
