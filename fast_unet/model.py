@@ -214,7 +214,8 @@ class UNet(nn.Module):
         (d1, d2, d3), (u1, u2, u3) = self._time_embeddings(t)
         # Between blocks the activations are Lazy: a conv output whose consumer applies its GroupNorm + ReLU
         # (+ the block's time embedding) as it reads it. The first conv reads x through its strides.
-        x1, h = ops.gn_relu_maxpool(*self.inc.lazy(x)[:2], *_norm(self.inc.conv2[1]))  # x1: the skip
+        x1 = self.inc.lazy(x)
+        x1, h = ops.gn_relu_maxpool(x1.y, x1.partials, x1.weight, x1.bias, x1.eps)  # the skip, and its pool
         x2 = self.sa1(self.down1.lazy(h, d1, pooled=True))
         x3 = self.sa2(self.down2.lazy(x2, d2))
         x4 = self.sa3(self.down3.lazy(x3, d3))
