@@ -3,8 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _ext_helpers import require_ext
-from _model_helpers import assert_close
+from helpers import assert_close, require_ext
 
 ext_ops = require_ext()
 

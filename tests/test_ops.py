@@ -10,7 +10,7 @@ import torch
 
 from fast_unet import ops
 
-from _model_helpers import assert_close
+from helpers import assert_close
 
 
 @pytest.fixture(params=["eager", "ext", "auto"], autouse=True)

@@ -4,7 +4,7 @@ import torch
 
 import fast_unet
 from fast_unet import eager, ops
-from interpret_rules import assert_close_rule
+from helpers import assert_close_rule
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fast_unet import eager
-from interpret_rules import assert_close_rule, combine_partials, partials_of
+from helpers import assert_close_rule, combine_partials, partials_of
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, C_in, C_out, H, W): odd channel counts and sizes, batch 1 and 3, tiles with masked rows and columns.

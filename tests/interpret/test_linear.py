@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from interpret_rules import assert_close_rule
+from helpers import assert_close_rule
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 _id = lambda s: "x".join(map(str, s))  # noqa: E731

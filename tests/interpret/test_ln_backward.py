@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from interpret_rules import assert_close_rule
+from helpers import assert_close_rule
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(35, 48, 144), (70, 80, 80), (33, 128, 384), (64, 256, 256), (9, 512, 64)]  # (M, K, N_out)

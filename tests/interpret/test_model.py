@@ -12,8 +12,7 @@ import triton
 import fast_unet
 from fast_unet import dispatch
 from fast_unet.reference import make_reference
-from _model_helpers import model_pair, reference_copy
-from interpret_rules import assert_matches_reference
+from helpers import assert_matches_reference, model_pair, reference_copy
 
 FUSED = {"conv3x3", "gn_relu_maxpool", "upsample2x", "gn_ln_linear"}
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fast_unet import eager
-from interpret_rules import assert_close_rule, partials_of
+from helpers import assert_close_rule, partials_of
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fast_unet import eager, ops
-from interpret_rules import assert_close_rule
+from helpers import assert_close_rule
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 C_DOWN, C_UP = 128 + 256 + 256, 128 + 64 + 64  # the model's stacked Down and Up blocks
