@@ -4,7 +4,7 @@ that cannot take an input (head dims and widths the kernels do not take) while t
 
 Under the interpreter a conv launch costs ~1 s per thousand K-steps, so the model tests replace the
 conv's tile table with one large tile per small sample (``fast_conv_config``): the wiring is what these
-tests check; every real config of the conv is checked in test_conv.py."""
+tests check; every real config of the conv is checked in tests/ops/test_conv.py."""
 import pytest
 import torch
 import triton
