@@ -1,8 +1,9 @@
 """GPU-only checks of the Triton backend (skipped without CUDA; nothing is asked of the GPU at import).
 
 The whole UNet at B=64, 64x64, bfloat16 against the reference, gradients, and torch.compile over the
-custom ops. Run by scripts/gpu_check.sh. Kernel parity at the model's full sizes is in tests/ops/ (the
-``triton-cuda`` backend).
+custom ops, each with every op fused (``FAST_UNET_BACKEND=auto``) and with the fused ops on their eager
+twins (``UNFUSED``, as bench/kernels.py). Run by scripts/gpu_check.sh. Kernel parity at the model's full
+sizes is in tests/ops/ (the ``triton-cuda`` backend).
 """
 import os
 
@@ -10,6 +11,10 @@ import pytest
 import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+# the fused model path, and the same model with the fused ops on their eager twins (bench/kernels.py UNFUSED)
+SETTINGS = {"fused": "auto",
+            "unfused": "triton,conv3x3=eager,gn_relu_maxpool=eager,upsample2x=eager,gn_ln_linear=eager"}
 
 
 @pytest.fixture(autouse=True)
@@ -31,12 +36,12 @@ def _models(h):
     return model, ref
 
 
-@pytest.mark.parametrize("fused", ["all", "none"])
+@pytest.mark.parametrize("fused", list(SETTINGS))
 def test_unet_b64_64x64_bf16_forward(monkeypatch, fused):
     """The whole model at B=64, 64x64, bf16 (Triton backend) vs the float32 reference; the bound is the
     error of the same bf16 model on the eager backend (the reference itself cannot run in bf16: its
     time encoding is float32)."""
-    monkeypatch.setenv("FAST_UNET_FUSED", fused)
+    monkeypatch.setenv("FAST_UNET_BACKEND", SETTINGS[fused])
     torch.manual_seed(0)
     model, ref32 = _models(64)
     model = model.bfloat16()
@@ -53,9 +58,9 @@ def test_unet_b64_64x64_bf16_forward(monkeypatch, fused):
     assert err <= 2 * err_eager + 1e-2 * y32.abs().max().item(), (err, err_eager)
 
 
-@pytest.mark.parametrize("fused", ["all", "none"])
+@pytest.mark.parametrize("fused", list(SETTINGS))
 def test_unet_gradients_float32(monkeypatch, fused):
-    monkeypatch.setenv("FAST_UNET_FUSED", fused)
+    monkeypatch.setenv("FAST_UNET_BACKEND", SETTINGS[fused])
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     model, ref = _models(32)
