@@ -42,7 +42,8 @@ def test_attention_reads_a_strided_view(backend):
     flat = torch.randn(2, 50, 3 * 64).to(backend.device)
     qkv = flat.view(2, 50, 3, 4, 16)
     assert_close(run_or_skip(ops.attention, qkv), attention_formula(qkv), atol=1e-5, rtol=1e-4, what="view")
-    padded = torch.randn(2, 50, 3 * 64 + 8).to(backend.device)[..., : 3 * 64].unflatten(-1, (3, 4, 16))  # non-contiguous rows
+    padded = torch.randn(2, 50, 3 * 64 + 8).to(backend.device)
+    padded = padded[..., : 3 * 64].unflatten(-1, (3, 4, 16))  # non-contiguous rows
     assert_close(run_or_skip(ops.attention, padded), attention_formula(padded), atol=1e-5, rtol=1e-4, what="strided")
 
 
@@ -158,6 +159,7 @@ def test_dispatch_needs_interpreter_for_cpu_tensors(monkeypatch):
     why = fast_unet.dispatch.explain("attention", qkv)["triton"]
     assert any("TRITON_INTERPRET" in r for r in why), why
     assert fast_unet.dispatch.select("attention", qkv)[0] != "triton"
+
 
 # (b) the Triton kernels on CUDA at the model's full sizes
 

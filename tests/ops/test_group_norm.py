@@ -208,6 +208,7 @@ def test_bad_inputs_name_the_argument(monkeypatch):
     assert fast_unet.dispatch.select("group_norm_relu", xs, w, b, 1e-5, None)[0] != "triton"
     torch.testing.assert_close(ops.group_norm_relu(xs, w, b), eager.group_norm_relu(xs, w, b, 1e-5))
 
+
 # (b) the Triton kernels on CUDA at the model's full sizes
 
 def _gpu_grads(fn, inputs, dtype, gout):

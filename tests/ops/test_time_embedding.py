@@ -98,6 +98,7 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(RuntimeError, match="silu_weight and silu_bias must share"):
         ops.time_embedding(t, 128, rw, rb, sw.half(), sb.half())
 
+
 # the Triton kernels on CUDA at the model's batch
 
 def _gpu_grads(fn, inputs, dtype, gout):
