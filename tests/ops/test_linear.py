@@ -5,6 +5,9 @@ LayerNorm backward fused into the GEMM that forms the normalised input's gradien
 The Triton kernels (kernels/linear.py, kernels/ln_backward.py) against eager and float64 (the
 flash-attention rule), forward and every input gradient, three dtypes, under the interpreter; opcheck of
 the custom ops; bad inputs; the heaviest prologue compiled for sm_90. The extension has none of them.
+
+The parity tests through the dispatched op run on every CPU backend (eager, ext: skipped, it has no
+implementation, triton under the interpreter); the kernel-level tests on triton only.
 """
 import pytest
 import torch
@@ -60,7 +63,7 @@ LR_SHAPES = [((1, 35), 48, 48), ((3, 5, 7), 80, 80), ((2, 70), 64, 144)]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LR_SHAPES, ids=lambda s: f"{_id(s[0])}-{s[1]}-{s[2]}")
 @pytest.mark.op("linear_residual")
-@pytest.mark.backends("triton")
+@pytest.mark.backends("eager", "ext", "triton")
 @pytest.mark.usefixtures("backend")
 def test_linear_residual(shape, dtype):
     from fast_unet import ops as TB
@@ -97,7 +100,7 @@ LN_SHAPES = [((1, 35), 48, 48, True), ((3, 5, 7), 80, 240, False), ((2, 70), 64,
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LN_SHAPES, ids=lambda s: f"{_id(s[0])}-{s[1]}-{s[2]}-{'gelu' if s[3] else 'id'}")
 @pytest.mark.op("ln_linear")
-@pytest.mark.backends("triton")
+@pytest.mark.backends("eager", "ext", "triton")
 @pytest.mark.usefixtures("backend")
 def test_ln_linear(shape, dtype):
     from fast_unet import ops as TB
@@ -179,7 +182,7 @@ GN_SHAPES = [(1, 48, 5, 7, 144, 3, "strided"), (3, 80, 5, 7, 80, 2, None), (2, 6
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", GN_SHAPES, ids=lambda s: _id(s[:6]) + ("-emb" if s[6] else ""))
 @pytest.mark.op("gn_ln_linear")
-@pytest.mark.backends("triton")
+@pytest.mark.backends("eager", "ext", "triton")
 @pytest.mark.usefixtures("backend")
 def test_gn_ln_linear(shape, dtype):
     tensors = _gn_inputs(shape, dtype)
@@ -199,7 +202,7 @@ def test_gn_ln_linear(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.op("gn_ln_linear")
-@pytest.mark.backends("triton")
+@pytest.mark.backends("eager", "ext", "triton")
 @pytest.mark.usefixtures("backend")
 def test_layer_norm_sees_t_as_stored(dtype):
     """t = 1 + small per-channel noise: in half precision most of it rounds to 1, so the LayerNorm of t as
@@ -226,7 +229,7 @@ def test_layer_norm_sees_t_as_stored(dtype):
 
 @pytest.mark.parametrize("which", ["out", "t"])
 @pytest.mark.op("gn_ln_linear")
-@pytest.mark.backends("triton")
+@pytest.mark.backends("eager", "ext", "triton")
 @pytest.mark.usefixtures("backend")
 def test_gn_ln_linear_gradient_of_each_output(which):
     """Only one output used: the other's gradient arrives as zeros/None and the sum must still be right."""
@@ -272,7 +275,7 @@ def test_gn_ln_linear_from_the_conv_epilogue():
 
 
 @pytest.mark.op("gn_ln_linear", "attention", "linear_residual", "ln_linear")
-@pytest.mark.backends("triton")
+@pytest.mark.backends("eager", "ext", "triton")
 @pytest.mark.usefixtures("backend")
 def test_attention_block_in_five_launches():
     """gn_ln_linear -> attention -> linear_residual -> ln_linear(gelu) -> linear_residual equals the

@@ -1,6 +1,9 @@
 """time_embedding: the sinusoidal encoding + ReLU/SiLU + the stacked Linear of every block, in one
 launch. The Triton kernel (kernels/time_embedding.py) against eager and float64 (the flash-attention rule),
 under the interpreter and at the model's batch on CUDA; the extension has no implementation of it.
+
+The parity tests through the dispatched op run on every CPU backend (eager, ext: skipped, it has no
+implementation, triton under the interpreter); the kernel-level tests on triton only.
 """
 import pytest
 import torch
@@ -41,7 +44,7 @@ def _run(fn, t, dim, params, dtype, gd, gu):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("b", [1, 3, 20])
-@pytest.mark.backends("triton")
+@pytest.mark.backends("eager", "ext", "triton")
 @pytest.mark.usefixtures("backend")
 def test_vs_eager_and_float64(b, dtype):
     dim = 128
@@ -59,7 +62,7 @@ def test_vs_eager_and_float64(b, dtype):
         assert_close_rule(name, g, ge, gr, dtype)
 
 
-@pytest.mark.backends("triton")
+@pytest.mark.backends("eager", "ext", "triton")
 @pytest.mark.usefixtures("backend")
 def test_float_timesteps_odd_dim_and_broadcast_t():
     """Float t, an expanded (stride 0) t as the model passes for one timestep, dim = 96 (not a power of 2)."""
@@ -72,7 +75,7 @@ def test_float_timesteps_odd_dim_and_broadcast_t():
         torch.testing.assert_close(up.double(), ru, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.backends("triton")
+@pytest.mark.backends("eager", "ext", "triton")
 @pytest.mark.usefixtures("backend")
 def test_t_gets_no_gradient():
     params = [p.float().requires_grad_() for p in _params(128, torch.float32)]
