@@ -20,7 +20,7 @@ pytestmark = pytest.mark.op("conv3x3")
 
 
 # ---------------------------------------------------------------------------------------------------
-# the Triton kernels, under the interpreter (CPU tensors)
+# the Triton kernels under the interpreter (CPU tensors); the dispatched-op parity tests on eager too
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, C_in, C_out, H, W): odd channel counts and sizes, batch 1 and 3, tiles with masked rows and columns.

@@ -17,7 +17,7 @@ from helpers import assert_close_rule, partials_of
 
 
 # ---------------------------------------------------------------------------------------------------
-# the Triton kernels, under the interpreter (CPU tensors)
+# the Triton kernels under the interpreter (CPU tensors); the dispatched-op parity tests on eager too
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.op("time_embedding")
 
 
 # ---------------------------------------------------------------------------------------------------
-# the Triton kernels, under the interpreter (CPU tensors)
+# the Triton kernels under the interpreter (CPU tensors); the dispatched-op parity tests on eager too
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 C_DOWN, C_UP = 128 + 256 + 256, 128 + 64 + 64  # the model's stacked Down and Up blocks
