@@ -18,21 +18,22 @@ $(STAMP): $(INSTALL_INPUTS)
 	@mkdir -p $(@D)
 	@touch $@
 
-# 1. the main suite (eager, extension, dispatch, benchmark smoke); tests/interpret skips itself here
+# 1. the main suite (eager, extension, dispatch, benchmark smoke; tests/ops on eager and ext); tests/interpret
+#    and the triton params of tests/ops skip themselves here
 # 2. the Triton kernels on CPU tensors through Triton's interpreter (its own process: triton.jit
-#    reads TRITON_INTERPRET at import)
+#    reads TRITON_INTERPRET at import): tests/interpret, and tests/ops' triton params only (-m triton)
 # 3. every Triton kernel compiled ahead of time for sm_80 and sm_90: fails on a compile error or a spill
 # 4. every CUDA kernel of csrc/ through ptxas -v for sm_80 and sm_90: fails on a spill (needs nvcc)
 test: install
 	$(MAKE) --no-print-directory test-eager test-interpret compile-report ptxas-report
 
 test-eager:
-	@echo "stage 1/4: main suite (tests/interpret is skipped here, it runs in stage 2 under the Triton interpreter)"
+	@echo "stage 1/4: main suite (tests/interpret and the triton tests of tests/ops are skipped here, they run in stage 2 under the Triton interpreter)"
 	$(PY) -m pytest -q tests
 
 test-interpret:
-	@echo "stage 2/4: the Triton kernels on CPU tensors under the Triton interpreter (tests/interpret)"
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/interpret
+	@echo "stage 2/4: the Triton kernels on CPU tensors under the Triton interpreter (tests/interpret, tests/ops -m triton)"
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/interpret tests/ops -m triton
 
 compile-report:
 	@echo "stage 3/4: every Triton kernel compiled ahead of time for sm_80 and sm_90 (fails on a compile error or a spill)"

@@ -39,7 +39,7 @@ class _GroupNormReLU(torch.autograd.Function):
     at 48x80 channels_last that cost 1% of dx. Here the statistics are two-pass (mean, then the mean
     square of the centred values) and the backward works on the centred ``xhat``, both with torch's cascade-summed reductions: about 1e-6
     relative in float32. Saved: x, the ReLU output and the (B,) statistics, as the unfused
-    ops save. ``tests/test_ops.py`` holds it to float64 on inputs whose mean is 20x their spread.
+    ops save. ``tests/ops/test_group_norm.py`` holds it to float64 on inputs whose mean is 20x their spread.
     """
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""Fixtures shared by tests/; the helpers the tests import live in _model_helpers.py."""
+"""Fixtures shared by tests/; the helpers the tests import live in helpers.py (tests/ is on sys.path)."""
 import os
 
 import pytest

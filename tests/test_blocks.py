@@ -7,7 +7,7 @@ import fast_unet.reference as rm
 from fast_unet import ops
 from fast_unet.reference import AdaptedSelfAttention
 
-from _model_helpers import assert_close
+from helpers import assert_close
 
 
 def _pair(fast_cls, ref_cls, *args):

@@ -9,7 +9,7 @@ from fast_unet import dispatch
 from fast_unet import UNet
 from fast_unet.reference import UNet as RefUNet, cast_reference
 
-from _model_helpers import assert_close, inputs, max_err, model_pair, reference_copy
+from helpers import assert_close, inputs, max_err, model_pair, reference_copy
 
 
 def test_state_dict_keys_and_shapes_match_reference():
@@ -116,7 +116,7 @@ def test_lazy_path_on_each_cpu_backend(monkeypatch, backend, size, batch):
     on a forced CPU backend: forward and every gradient against the reference. ``ext`` runs the ops the
     extension implements on it and the others on their eager twins."""
     if backend == "ext":
-        from _ext_helpers import require_ext
+        from helpers import require_ext
 
         require_ext()
     monkeypatch.setenv("FAST_UNET_BACKEND", backend)

@@ -4,7 +4,7 @@ that cannot take an input (head dims and widths the kernels do not take) while t
 
 Under the interpreter a conv launch costs ~1 s per thousand K-steps, so the model tests replace the
 conv's tile table with one large tile per small sample (``fast_conv_config``): the wiring is what these
-tests check; every real config of the conv is checked in test_conv.py."""
+tests check; every real config of the conv is checked in tests/ops/test_conv.py."""
 import pytest
 import torch
 import triton
@@ -12,8 +12,7 @@ import triton
 import fast_unet
 from fast_unet import dispatch
 from fast_unet.reference import make_reference
-from _model_helpers import model_pair, reference_copy
-from interpret_rules import assert_matches_reference
+from helpers import assert_matches_reference, model_pair, reference_copy
 
 FUSED = {"conv3x3", "gn_relu_maxpool", "upsample2x", "gn_ln_linear"}
 

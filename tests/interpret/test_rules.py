@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from interpret_rules import assert_close_rule
+from helpers import assert_close_rule
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

@@ -1,11 +1,26 @@
-"""The Triton 3x3 conv (implicit GEMM, NHWC) with GroupNorm statistics in its epilogue, normalising its
-input on load or concatenating two inputs on load (the fused model path): vs eager and float64."""
+"""conv3x3: the 3x3 conv (implicit GEMM, NHWC) with GroupNorm statistics in its epilogue, normalising its
+input on load, max-pooling it on load or concatenating two inputs on load (the model's one forward), and
+the gn_relu_partials op that materialises a lazily normalised tensor from those statistics.
+
+The Triton kernels (kernels/conv.py) against eager and float64 under the flash-attention rule, under the
+interpreter, with every real tile config of the conv (no faster stand-in config here, unlike
+tests/interpret/test_model.py); opcheck of the custom ops; bad inputs. The extension has no conv.
+
+The parity tests through the dispatched op run on every CPU backend (eager, ext: skipped, it has no
+implementation, triton under the interpreter); the kernel-level tests on triton only.
+"""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fast_unet import eager
-from interpret_rules import assert_close_rule, combine_partials, partials_of
+from helpers import assert_close_rule, combine_partials, partials_of
+
+pytestmark = pytest.mark.op("conv3x3")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the Triton kernels under the interpreter (CPU tensors); the dispatched-op parity tests on eager too
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, C_in, C_out, H, W): odd channel counts and sizes, batch 1 and 3, tiles with masked rows and columns.
@@ -35,6 +50,8 @@ def _leaves(tensors, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
 def test_conv_output_and_partial_statistics(shape, dtype):
     from fast_unet.kernels import conv as K
     from fast_unet.kernels import group_norm as G
@@ -82,7 +99,8 @@ NOL_SHAPES = [(1, 5, 64, 5, 7, 3), (3, 64, 96, 5, 7, 4), (2, 40, 64, 9, 11, 1)]
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", NOL_SHAPES, ids=_id)
-def test_normalise_on_load_forward_and_gradients(shape, dtype):
+@pytest.mark.backends("eager", "ext", "triton")
+def test_normalise_on_load_forward_and_gradients(backend, shape, dtype):
     """conv3x3(relu(GroupNorm(y_in))) with the norm applied as the conv loads y_in (never written), from
     y_in's partials: output, its own partials, and the gradients of y_in, the conv and the norm's affine."""
     from fast_unet import ops as triton_ops
@@ -108,16 +126,19 @@ def test_normalise_on_load_forward_and_gradients(shape, dtype):
     assert_close_rule("y", out, out_e, ref, dtype)
     for sl in ((Ellipsis, 0), (Ellipsis, -1), (slice(None), slice(None), 0), (slice(None), slice(None), -1)):
         assert_close_rule("y padding edge", out[sl], out_e[sl], ref[sl], dtype)
-    combined = combine_partials(fused.partials)
-    var, mean = torch.var_mean(out.double().reshape(b, -1), dim=1, correction=0)
-    torch.testing.assert_close(combined[0], mean, atol=1e-6 * out.double().abs().max().item(), rtol=1e-5)
-    torch.testing.assert_close(combined[1], var, atol=0, rtol=1e-4)
+    if backend.name.startswith("triton"):  # the kernel's epilogue statistics (eager's conv writes none)
+        combined = combine_partials(fused.partials)
+        var, mean = torch.var_mean(out.double().reshape(b, -1), dim=1, correction=0)
+        torch.testing.assert_close(combined[0], mean, atol=1e-6 * out.double().abs().max().item(), rtol=1e-5)
+        torch.testing.assert_close(combined[1], var, atol=0, rtol=1e-4)
     for name, g, ge, gr in zip(("dy_in", "dgn_weight", "dgn_bias", "dweight", "dbias"), grads, grads_e, grads_r):
         assert g.dtype == dtype, name
         assert_close_rule(name, g, ge, gr, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.backends("eager", "ext", "triton")
+@pytest.mark.usefixtures("backend")
 def test_concat_on_load_forward_and_gradients(dtype):
     """conv3x3(cat([x, x2], 1)) reading both in place (x NCHW through its strides, x2 channels_last)."""
     from fast_unet import ops as triton_ops
@@ -145,6 +166,8 @@ def test_concat_on_load_forward_and_gradients(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(2, 24, 40, 6, 10), (1, 64, 64, 16, 16), (1, 5, 64, 2, 2)], ids=_id)
+@pytest.mark.backends("eager", "ext", "triton")
+@pytest.mark.usefixtures("backend")
 def test_pool_on_load_forward_and_gradients(shape, dtype):
     """conv3x3(max_pool2d(x, 2)) with the pool read on load (the pooled tensor is never written); x
     channels_last, (B, C_in, 2H, 2W). Each 2x2 window's values are 0.3 apart, so the pool's gradient
@@ -176,6 +199,8 @@ def test_pool_on_load_forward_and_gradients(shape, dtype):
         assert_close_rule(name, g, ge, gr, dtype)
 
 
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
 def test_gn_relu_partials_op_materialises_with_emb_and_its_gradient():
     from fast_unet import ops as triton_ops
 
@@ -198,6 +223,8 @@ def test_gn_relu_partials_op_materialises_with_emb_and_its_gradient():
 
 
 @pytest.mark.parametrize("variant", ["plain", "concat", "norm", "pool", "gn_relu_partials"])
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
 def test_custom_op_registration(variant):
     """torch.library.opcheck: schema, fake (meta) kernel, autograd registration, AOT-dispatch tracing."""
     import fast_unet.ops  # noqa: F401  (registers the custom ops)
@@ -221,6 +248,8 @@ def test_custom_op_registration(variant):
     torch.library.opcheck(getattr(torch.ops.fast_unet, op).default, args)
 
 
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
 def test_bad_inputs_name_the_argument():
     from fast_unet.kernels import conv as K
 
@@ -248,6 +277,8 @@ def test_bad_inputs_name_the_argument():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
 def test_weight_read_through_its_strides(dtype):
     """The kernel reads the weight in place: channels_last (the model's, K-contiguous), NCHW and a
     non-contiguous view all give the same conv."""

@@ -1,12 +1,23 @@
-"""The resampling passes of the fused model path (kernels/resample.py through fast_unet.triton_ops): the
-normalise + 2x2 max-pool pass and the (normalise-on-load +) bilinear 2x upsample, forward and gradients
-vs eager and float64, three dtypes, odd sizes."""
+"""gn_relu_maxpool and upsample2x, the resampling passes of the model's one forward: the normalise + 2x2
+max-pool pass and the (normalise-on-load +) bilinear 2x upsample.
+
+The Triton kernels (kernels/resample.py) through the dispatched ops against eager and float64 (the
+flash-attention rule), forward and gradients, three dtypes, odd sizes, under the interpreter; opcheck of
+the custom ops; bad inputs. The extension has no implementation of them.
+
+The parity tests through the dispatched op run on every CPU backend (eager, ext: skipped, it has no
+implementation, triton under the interpreter); the kernel-level tests on triton only.
+"""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fast_unet import eager
-from interpret_rules import assert_close_rule, partials_of
+from helpers import assert_close_rule, partials_of
+
+
+# ---------------------------------------------------------------------------------------------------
+# the Triton kernels under the interpreter (CPU tensors); the dispatched-op parity tests on eager too
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -32,6 +43,9 @@ def _run(fn, tensors, dtype, grads_out):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 5, 2, 2), (3, 72, 6, 10), (2, 64, 16, 8)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.op("gn_relu_maxpool")
+@pytest.mark.backends("eager", "ext", "triton")
+@pytest.mark.usefixtures("backend")
 def test_gn_relu_maxpool(shape, dtype):
     """One pass writes relu(GroupNorm(y)) (the skip connection) and its 2x2 max-pool; gradients flow back
     through both outputs into y and the norm's affine."""
@@ -72,7 +86,9 @@ def test_gn_relu_maxpool(shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lazy", [False, True], ids=["plain", "normalise_on_load"])
 @pytest.mark.parametrize("shape", [(1, 5, 1, 1), (2, 72, 3, 5), (2, 64, 8, 8)], ids=lambda s: "x".join(map(str, s)))
-def test_upsample2x(shape, lazy, dtype):
+@pytest.mark.op("upsample2x")
+@pytest.mark.backends("eager", "ext", "triton")
+def test_upsample2x(backend, shape, lazy, dtype):
     from fast_unet import ops as triton_ops
 
     b, c, h, w = shape
@@ -94,13 +110,18 @@ def test_upsample2x(shape, lazy, dtype):
     (out,), grads = _run(fused, tensors, dtype, (g,))
     (out_e,), grads_e = _run(unfused, tensors, dtype, (g,))
     (ref,), grads_r = _run(unfused, tensors, torch.float64, (g,))
-    assert out.is_contiguous(memory_format=torch.channels_last) and out.shape == (b, c, 2 * h, 2 * w)
+    assert out.shape == (b, c, 2 * h, 2 * w)
+    if backend.name.startswith("triton"):  # the kernel writes channels_last (eager keeps a 1x1 input's NCHW)
+        assert out.is_contiguous(memory_format=torch.channels_last)
     assert_close_rule("upsampled", out, out_e, ref, dtype)
     for name, gr_, ge, gref in zip(names, grads, grads_e, grads_r):
         assert_close_rule(name, gr_, ge, gref, dtype)
 
 
 @pytest.mark.parametrize("op", ["gn_relu_maxpool", "upsample2x", "upsample2x_norm"])
+@pytest.mark.op("gn_relu_maxpool", "upsample2x")
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
 def test_custom_op_registration(op):
     import fast_unet.ops  # noqa: F401  (registers the custom ops)
 
@@ -116,6 +137,9 @@ def test_custom_op_registration(op):
     torch.library.opcheck(getattr(torch.ops.fast_unet, op).default, args)
 
 
+@pytest.mark.op("gn_relu_maxpool", "upsample2x")
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
 def test_bad_inputs_name_the_argument():
     from fast_unet.kernels import resample as R
 

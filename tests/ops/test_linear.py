@@ -1,11 +1,23 @@
-"""The attention block's token GEMMs (kernels/linear.py, fast_unet/triton_block.py): linear_residual,
-ln_linear (LayerNorm prologue, GELU epilogue) and gn_ln_linear (GroupNorm + ReLU + emb from partial
-statistics, then LayerNorm, then the QKV GEMM): forward and every input gradient vs eager and float64."""
+"""The attention block's token GEMMs: linear_residual, ln_linear (LayerNorm prologue, GELU epilogue) and
+gn_ln_linear (GroupNorm + ReLU + emb from partial statistics, then LayerNorm, then the QKV GEMM), and the
+LayerNorm backward fused into the GEMM that forms the normalised input's gradient (ln_linear_backward).
+
+The Triton kernels (kernels/linear.py, kernels/ln_backward.py) against eager and float64 (the
+flash-attention rule), forward and every input gradient, three dtypes, under the interpreter; opcheck of
+the custom ops; bad inputs; the heaviest prologue compiled for sm_90. The extension has none of them.
+
+The parity tests through the dispatched op run on every CPU backend (eager, ext: skipped, it has no
+implementation, triton under the interpreter); the kernel-level tests on triton only.
+"""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from interpret_rules import assert_close_rule
+from helpers import assert_close_rule
+
+
+# ---------------------------------------------------------------------------------------------------
+# the Triton kernels under the interpreter (CPU tensors); the dispatched-op parity tests on eager too
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 _id = lambda s: "x".join(map(str, s))  # noqa: E731
@@ -50,6 +62,9 @@ LR_SHAPES = [((1, 35), 48, 48), ((3, 5, 7), 80, 80), ((2, 70), 64, 144)]
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LR_SHAPES, ids=lambda s: f"{_id(s[0])}-{s[1]}-{s[2]}")
+@pytest.mark.op("linear_residual")
+@pytest.mark.backends("eager", "ext", "triton")
+@pytest.mark.usefixtures("backend")
 def test_linear_residual(shape, dtype):
     from fast_unet import ops as TB
 
@@ -84,6 +99,9 @@ LN_SHAPES = [((1, 35), 48, 48, True), ((3, 5, 7), 80, 240, False), ((2, 70), 64,
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LN_SHAPES, ids=lambda s: f"{_id(s[0])}-{s[1]}-{s[2]}-{'gelu' if s[3] else 'id'}")
+@pytest.mark.op("ln_linear")
+@pytest.mark.backends("eager", "ext", "triton")
+@pytest.mark.usefixtures("backend")
 def test_ln_linear(shape, dtype):
     from fast_unet import ops as TB
 
@@ -163,6 +181,9 @@ GN_SHAPES = [(1, 48, 5, 7, 144, 3, "strided"), (3, 80, 5, 7, 80, 2, None), (2, 6
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", GN_SHAPES, ids=lambda s: _id(s[:6]) + ("-emb" if s[6] else ""))
+@pytest.mark.op("gn_ln_linear")
+@pytest.mark.backends("eager", "ext", "triton")
+@pytest.mark.usefixtures("backend")
 def test_gn_ln_linear(shape, dtype):
     tensors = _gn_inputs(shape, dtype)
     B, C, H, W, n, P, _ = shape
@@ -180,6 +201,9 @@ def test_gn_ln_linear(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.op("gn_ln_linear")
+@pytest.mark.backends("eager", "ext", "triton")
+@pytest.mark.usefixtures("backend")
 def test_layer_norm_sees_t_as_stored(dtype):
     """t = 1 + small per-channel noise: in half precision most of it rounds to 1, so the LayerNorm of t as
     stored (the unfused path's) and of t before rounding differ completely."""
@@ -204,6 +228,9 @@ def test_layer_norm_sees_t_as_stored(dtype):
 
 
 @pytest.mark.parametrize("which", ["out", "t"])
+@pytest.mark.op("gn_ln_linear")
+@pytest.mark.backends("eager", "ext", "triton")
+@pytest.mark.usefixtures("backend")
 def test_gn_ln_linear_gradient_of_each_output(which):
     """Only one output used: the other's gradient arrives as zeros/None and the sum must still be right."""
     shape = (2, 48, 5, 7, 48, 2, "strided")
@@ -223,6 +250,9 @@ def test_gn_ln_linear_gradient_of_each_output(which):
         assert_close_rule(f"grad {i}", a, e, r, torch.float32)
 
 
+@pytest.mark.op("gn_ln_linear", "conv3x3")
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
 def test_gn_ln_linear_from_the_conv_epilogue():
     """The real producer: the Triton conv's (B, P, 3) partials (one per output tile)."""
     from fast_unet.kernels import conv as K
@@ -244,6 +274,9 @@ def test_gn_ln_linear_from_the_conv_epilogue():
     torch.testing.assert_close(rstd.double(), 1 / torch.sqrt(var + 1e-5), atol=0, rtol=1e-5)
 
 
+@pytest.mark.op("gn_ln_linear", "attention", "linear_residual", "ln_linear")
+@pytest.mark.backends("eager", "ext", "triton")
+@pytest.mark.usefixtures("backend")
 def test_attention_block_in_five_launches():
     """gn_ln_linear -> attention -> linear_residual -> ln_linear(gelu) -> linear_residual equals the
     model's SelfAttention on t = relu(GroupNorm(y)) + emb (float32, forward and parameter gradients)."""
@@ -294,6 +327,9 @@ def _small_args(op):
 
 
 @pytest.mark.parametrize("op", ["linear_residual", "ln_linear", "gn_ln_linear"])
+@pytest.mark.op("linear_residual", "ln_linear", "gn_ln_linear")
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
 def test_custom_op_registration(op):
     import fast_unet.ops  # noqa: F401  (registers the custom ops)
 
@@ -304,6 +340,9 @@ def test_custom_op_registration(op):
     torch.library.opcheck(getattr(torch.ops.fast_unet, op).default, tuple(args))
 
 
+@pytest.mark.op("linear_residual", "ln_linear", "gn_ln_linear")
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
 def test_bad_inputs_name_the_argument():
     from fast_unet import ops as TB
     from fast_unet.kernels import linear as L
@@ -353,6 +392,9 @@ def test_bad_inputs_name_the_argument():
     assert any("meta" in s for s in TB.linear.triton_linear_residual_reasons(x.to("meta"), w, b, r))
 
 
+@pytest.mark.op("gn_ln_linear")
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
 def test_gn_ln_linear_compiles_for_sm90_without_spills():
     """The heaviest prologue, every config the launcher can pick, compiled for Hopper in a subprocess
     without TRITON_INTERPRET (see tests/test_aot.py): no spills, wgmma for bf16/fp16."""
@@ -375,6 +417,9 @@ def test_gn_ln_linear_compiles_for_sm90_without_spills():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.op("linear_residual", "ln_linear")
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
 def test_weight_read_through_its_strides(dtype):
     """A transposed or sliced weight view gives the same result as the contiguous weight (no copy made)."""
     from fast_unet.kernels import linear as L
@@ -390,3 +435,57 @@ def test_weight_read_through_its_strides(dtype):
         lw, lb = torch.ones(48, dtype=dtype), torch.zeros(48, dtype=dtype)
         torch.testing.assert_close(L.ln_linear(x, lw, lb, 1e-5, view, b, True),
                                    L.ln_linear(x, lw, lb, 1e-5, w, b, True), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ln_linear_backward: dx, d ln_weight, d ln_bias vs eager and float64, three dtypes, every K config (padded K
+# 64 to 512), rows not a multiple of the block
+
+LNB_SHAPES = [(35, 48, 144), (70, 80, 80), (33, 128, 384), (64, 256, 256), (9, 512, 64)]  # (M, K, N_out)
+
+
+def _lnb_grads(x, lw, lb, w, d, dtype):
+    """Autograd of LayerNorm(x) @ w^T in ``dtype``: (dx, d ln_w, d ln_b)."""
+    leaves = [t.to(dtype).detach().requires_grad_() for t in (x, lw, lb)]
+    out = F.layer_norm(leaves[0], (x.shape[1],), leaves[1], leaves[2], 1e-5) @ w.to(dtype).t()
+    out.backward(d.to(dtype))
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LNB_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.op("ln_linear")
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
+def test_ln_linear_backward(shape, dtype):
+    import fast_unet.ops  # noqa: F401  (registers the custom ops)
+
+    m, k, n = shape
+    x = (torch.randn(m, k, dtype=torch.float64) * 2 + 0.5).to(dtype).double()
+    lw = (torch.randn(k, dtype=torch.float64) * 0.5 + 1).to(dtype).double()
+    lb = torch.randn(k, dtype=torch.float64).to(dtype).double()
+    w = (torch.randn(n, k, dtype=torch.float64) / k ** 0.5).to(dtype).double()
+    d = torch.randn(m, n, dtype=torch.float64).to(dtype).double()
+    got = torch.ops.fast_unet.ln_linear_backward(d.to(dtype), x.to(dtype), lw.to(dtype), 1e-5, w.to(dtype))
+    eager = _lnb_grads(x, lw, lb, w, d, dtype)
+    ref = _lnb_grads(x, lw, lb, w, d, torch.float64)
+    for name, g, ge, gr in zip(("dx", "dln_weight", "dln_bias"), got, eager, ref):
+        assert g.dtype == dtype, name
+        assert_close_rule(name, g, ge, gr, dtype)
+
+
+@pytest.mark.op("ln_linear")
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
+def test_registration_and_bad_inputs():
+    import fast_unet.ops  # noqa: F401  (registers the custom ops)
+    from fast_unet.kernels import ln_backward as L
+
+    args = (torch.randn(10, 24), torch.randn(10, 40), torch.randn(40), 1e-5, torch.randn(24, 40))
+    torch.library.opcheck(torch.ops.fast_unet.ln_linear_backward.default, args)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        L.ln_linear_bwd(args[0], args[1], args[2], 1e-5, torch.randn(24, 41))
+    with pytest.raises(ValueError, match="at most 512"):
+        L.ln_linear_bwd(torch.randn(2, 3), torch.randn(2, 520), torch.randn(520), 1e-5, torch.randn(3, 520))
+    with pytest.raises(TypeError, match="ln_weight"):
+        L.ln_linear_bwd(args[0], args[1], args[2].double(), 1e-5, args[4])

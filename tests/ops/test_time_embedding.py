@@ -1,9 +1,21 @@
-"""Time embedding (encoding + ReLU/SiLU + stacked Linear, one launch): Triton vs eager and float64."""
+"""time_embedding: the sinusoidal encoding + ReLU/SiLU + the stacked Linear of every block, in one
+launch. The Triton kernel (kernels/time_embedding.py) against eager and float64 (the flash-attention rule),
+under the interpreter and at the model's batch on CUDA; the extension has no implementation of it.
+
+The parity tests through the dispatched op run on every CPU backend (eager, ext: skipped, it has no
+implementation, triton under the interpreter); the kernel-level tests on triton only.
+"""
 import pytest
 import torch
 
 from fast_unet import eager, ops
-from interpret_rules import assert_close_rule
+from helpers import assert_close_rule
+
+pytestmark = pytest.mark.op("time_embedding")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the Triton kernels under the interpreter (CPU tensors); the dispatched-op parity tests on eager too
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 C_DOWN, C_UP = 128 + 256 + 256, 128 + 64 + 64  # the model's stacked Down and Up blocks
@@ -11,7 +23,7 @@ C_DOWN, C_UP = 128 + 256 + 256, 128 + 64 + 64  # the model's stacked Down and Up
 
 def _time_embedding_f64(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
     """The op entirely in float64, the encoding included (eager's encoding is float32 by design)."""
-    j = torch.arange(0, dim, 2, dtype=torch.float64)
+    j = torch.arange(0, dim, 2, dtype=torch.float64, device=t.device)
     arg = t.to(torch.float64)[:, None] / 10000.0 ** (j / dim)
     enc = torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)
     return (torch.nn.functional.linear(torch.relu(enc), relu_weight, relu_bias),
@@ -32,6 +44,8 @@ def _run(fn, t, dim, params, dtype, gd, gu):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("b", [1, 3, 20])
+@pytest.mark.backends("eager", "ext", "triton")
+@pytest.mark.usefixtures("backend")
 def test_vs_eager_and_float64(b, dtype):
     dim = 128
     t = torch.randint(0, 1000, (b,))
@@ -48,6 +62,8 @@ def test_vs_eager_and_float64(b, dtype):
         assert_close_rule(name, g, ge, gr, dtype)
 
 
+@pytest.mark.backends("eager", "ext", "triton")
+@pytest.mark.usefixtures("backend")
 def test_float_timesteps_odd_dim_and_broadcast_t():
     """Float t, an expanded (stride 0) t as the model passes for one timestep, dim = 96 (not a power of 2)."""
     dim = 96
@@ -59,6 +75,8 @@ def test_float_timesteps_odd_dim_and_broadcast_t():
         torch.testing.assert_close(up.double(), ru, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.backends("eager", "ext", "triton")
+@pytest.mark.usefixtures("backend")
 def test_t_gets_no_gradient():
     params = [p.float().requires_grad_() for p in _params(128, torch.float32)]
     t = torch.tensor([1.0, 2.0])
@@ -67,6 +85,8 @@ def test_t_gets_no_gradient():
     assert t.grad is None and all(p.grad is not None for p in params)
 
 
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
 def test_bad_inputs_name_the_argument():
     rw, rb, sw, sb = (p.float() for p in _params(128, torch.float32))
     t = torch.arange(3)
@@ -80,3 +100,33 @@ def test_bad_inputs_name_the_argument():
         ops.time_embedding(t[None], 128, rw, rb, sw, sb)
     with pytest.raises(RuntimeError, match="silu_weight and silu_bias must share"):
         ops.time_embedding(t, 128, rw, rb, sw.half(), sb.half())
+
+
+# the Triton kernels on CUDA at the model's batch
+
+def _gpu_grads(fn, inputs, dtype, gout):
+    leaves = [t.to(dtype).detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+              for t in inputs]
+    out = fn(*leaves)
+    torch.autograd.backward(out, gout if isinstance(gout, (list, tuple)) else [gout])
+    return out, [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.backends("triton-cuda")
+@pytest.mark.usefixtures("backend")
+def test_time_embedding_b64(dtype):
+    from fast_unet import eager, ops
+
+    t = torch.randint(0, 1000, (64,), device="cuda")
+    p = [torch.randn(640, 128, device="cuda") * 0.1, torch.randn(640, device="cuda"),
+         torch.randn(256, 128, device="cuda") * 0.1, torch.randn(256, device="cuda")]
+    p = [x.to(dtype) for x in p]
+    gd, gu = torch.randn(64, 640, device="cuda").to(dtype), torch.randn(64, 256, device="cuda").to(dtype)
+    out, g = _gpu_grads(ops.time_embedding, (t, 128, *p), dtype, [gd, gu])
+    out_e, g_e = _gpu_grads(eager.time_embedding, (t, 128, *p), dtype, [gd, gu])
+    out_r, g_r = _gpu_grads(_time_embedding_f64, (t, 128, *p), torch.float64, [gd.double(), gu.double()])
+    for name, a, e, r in zip(("down", "up"), out, out_e, out_r):
+        assert_close_rule(name, a, e, r, dtype)
+    for name, a, e, r in zip(("drw", "drb", "dsw", "dsb"), g, g_e, g_r):
+        assert_close_rule(name, a, e, r, dtype)
