@@ -8,9 +8,10 @@
 // Forward (one work item = one (batch, head, 64-query block)): for each key block, an 8-row register-tiled
 // S = Q K^T (K packed transposed so 16 keys sit in one AVX-512 vector), an online-softmax update with a
 // polynomial exp2 (vscalef for the 2^n), and O += P V with P broadcast from L1.
-// Backward (one work item = one (batch, head, key block)): recompute S^T = K Q^T and P^T from lse2,
+// Backward (one work item = one (batch, head, slot of key blocks)): for each key block recompute S^T = K Q^T and P^T from lse2,
 // dP^T = V dO^T, dS^T = P^T (dP^T - delta); dV += P^T dO and dK += dS^T Q stay in the item's accumulators,
-// dQ += dS K goes into a per-thread buffer summed at the end (no atomics, deterministic for a thread count).
+// dQ += dS K goes into one of S slot buffers (fixed key blocks per slot), summed in a fixed order at the
+// end: no atomics, and the same result run to run.
 // Sequence lengths are padded to a multiple of 16 in the packed copies; padded keys are masked.
 #include "vec_config.h"
 
@@ -417,20 +418,21 @@ void bwd_launch(const at::Tensor& Qs, const at::Tensor& QsT, const at::Tensor& K
   const int64_t nkb = (Np + kBK - 1) / kBK;
   float* dp = dqkv.mutable_data_ptr<float>();
   float* dqp = dq_tls.mutable_data_ptr<float>();
-  const int64_t nthreads = dq_tls.size(0);
-  parallel_dynamic(B * H * nkb, [&](int64_t it) {
-    const int64_t tid = at::get_thread_num();
-    TORCH_CHECK(tid < nthreads, "attention backward: thread id ", tid, " out of range ", nthreads);
-    {
-      const int64_t bh = it / nkb, k0 = (it % nkb) * kBK, b = bh / H, h = bh % H;
-      const int64_t nk = std::min(kBK, Np - k0);
-      const int64_t rs = Np * D;
+  // One work item per (batch, head, slot): slot s takes the key blocks s, s + S, s + 2S, ... in that order
+  // and accumulates their dQ into its own buffer, so neither the buffer a key block lands in nor the order
+  // of its additions depends on which thread runs the item: the result is the same run to run.
+  const int64_t nslots = dq_tls.size(0);
+  parallel_dynamic(B * H * nslots, [&](int64_t it) {
+    const int64_t bh = it / nslots, slot = it % nslots, b = bh / H, h = bh % H;
+    const int64_t rs = Np * D;
+    for (int64_t kb = slot; kb < nkb; kb += nslots) {
+      const int64_t k0 = kb * kBK, nk = std::min(kBK, Np - k0);
       float* row = dp + ((b * N + k0) * 3) * H * D + h * D;  // dqkv[b, k0, 0, h, :]
       bwd_item<D>(Qs.const_data_ptr<float>() + bh * rs, QsT.const_data_ptr<float>() + bh * rs,
                   K.const_data_ptr<float>() + bh * rs, V.const_data_ptr<float>() + bh * rs,
                   dO.const_data_ptr<float>() + bh * rs, dOT.const_data_ptr<float>() + bh * rs,
                   lse2.const_data_ptr<float>() + bh * Np, delta.const_data_ptr<float>() + bh * Np, N, Np, k0, nk,
-                  row + H * D, row + 2 * H * D, 3 * H * D, dqp + (tid * B * H + bh) * rs);
+                  row + H * D, row + 2 * H * D, 3 * H * D, dqp + (slot * B * H + bh) * rs);
     }
   });
 }
@@ -488,7 +490,7 @@ at::Tensor attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& qkv, cons
   auto K = at::empty({B, H, Np, D}, opts), V = at::empty({B, H, Np, D}, opts);
   auto dO = at::empty({B, H, Np, D}, opts), dOT = at::empty({B, H, D, Np}, opts);
   auto lse2p = at::empty({B, H, Np}, opts), delta = at::empty({B, H, Np}, opts);
-  const int64_t nthreads = at::get_num_threads();
+  const int64_t nthreads = at::get_num_threads();  // S: one dQ slot buffer per thread, memory as per-thread ones
   auto dq_tls = at::empty({nthreads, B, H, Np, D}, opts);
   auto dqkv = at::empty({B, N, 3, H, D}, opts);
   const int64_t HD = H * D, rs = Np * D;

@@ -259,6 +259,25 @@ def test_ext_sa6_shape_n4096(ext_ops):
     assert_close(qs.grad, q64.grad, rtol=1e-4, atol=5e-5, what="dqkv N=4096")
 
 
+def test_ext_backward_is_the_same_run_to_run(ext_ops):
+    """With several threads handing out work items dynamically, dqkv is still bit-identical run to run (each
+    dQ slot buffer gets fixed key blocks in a fixed order), so a training run on the CPU is reproducible."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(2, old))
+    try:
+        qkv = make_qkv(4, 300, 4, 16, seed=5)
+        gout = torch.randn(4, 300, 64, generator=torch.Generator().manual_seed(6))
+        grads = []
+        for _ in range(4):
+            qs = qkv.detach().clone().requires_grad_()
+            ext_ops.attention(qs).backward(gout)
+            grads.append(qs.grad)
+        for g in grads[1:]:
+            assert torch.equal(g, grads[0]), (g - grads[0]).abs().max().item()
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_ext_large_logits_stay_finite(ext_ops):
     qkv = make_qkv(1, 128, 2, 16) * 30  # scores in the hundreds: online softmax must rescale
     ref, _ = reference64(qkv)
