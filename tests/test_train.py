@@ -131,3 +131,32 @@ def test_torchrun_two_gloo_ranks_match_single_process(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     loss = lambda d: [float(l.split(",")[1]) for l in open(tmp_path / d / "losses.csv").read().splitlines()[1:]]
     assert loss("ddp") == pytest.approx(loss("single"), rel=1e-5)
+
+
+# -- python -m fast_unet.sample ---------------------------------------------------------------------------
+
+def test_sample_cli_writes_grid(straight, tmp_path):
+    from PIL import Image
+    from fast_unet import sample
+    for w in ("ema.pt", "model.pt", "checkpoint.pt"):
+        out = tmp_path / f"{w}.png"
+        sample.main(["--weights", str(straight / w), "--n", "2", "--steps", "2", "--image-size", "16",
+                     "--out", str(out), "--device", "cpu"])
+        assert Image.open(out).size == (2 * 18 + 2, 18 + 2)
+
+
+def test_sample_cli_refuses_other_architecture(tmp_path):
+    from fast_unet import sample
+    w = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(3, 3).state_dict(), w)
+    with pytest.raises(sample.SampleError, match="missing .*inc.conv1.0.weight.*unexpected 2: weight, bias"):
+        sample.main(["--weights", str(w), "--out", str(tmp_path / "g.png"), "--device", "cpu"])
+    sd = UNet(device="cpu").state_dict()
+    sd["outc.weight"] = torch.zeros(4, 64, 1, 1)
+    torch.save(sd, w)
+    with pytest.raises(sample.SampleError, match="shape mismatch 1: outc.weight"):
+        sample.main(["--weights", str(w), "--out", str(tmp_path / "g.png"), "--device", "cpu"])
+    assert not (tmp_path / "g.png").exists()
+    r = subprocess.run([sys.executable, "-m", "fast_unet.sample", "--weights", str(tmp_path / "nope.pt")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no such file" in r.stderr
