@@ -62,8 +62,9 @@ def build_parser():
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (torch.set_num_threads). On the CPU, bit-exact repeat/resume needs 1: "
-                        "fast_unet's SelfAttention backward is not deterministic run to run with 2+ threads")
+                   help="CPU threads (torch.set_num_threads); default 1 on the CPU, 0 = torch's default. "
+                        "Bit-exact repeat/resume needs 1: fast_unet's SelfAttention backward is not "
+                        "deterministic run to run with 2+ threads")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -194,8 +195,9 @@ def main(argv=None, on_step=None):
 
     rank, world, device = _dist_setup(args.device)
     old_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         return _train(args, ckpt, rank, world, device, on_step)
     finally:
@@ -310,9 +312,11 @@ def _train(args, ckpt, rank, world, device, on_step):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            # EMA with the usual warm-up, min(decay, (1 + n) / (10 + n)), so short runs' EMA is not the init.
+            decay = min(args.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
                 for e, p in zip(ema_params, params):
-                    e.lerp_(p, 1 - args.ema_decay)
+                    e.lerp_(p, 1 - decay)
             step += 1
             in_step = False
             lv = loss.detach()
