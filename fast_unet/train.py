@@ -208,8 +208,19 @@ def main(argv=None, on_step=None):
 
 def _train(args, ckpt, rank, world, device, on_step):
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    problem = None
     if rank == 0:
-        _check_writable(args.out)
+        try:
+            _check_writable(args.out)
+        except TrainError as e:
+            problem = e
+    if world > 1:  # every rank stops, not only rank 0 (the others would wait in the first all-reduce)
+        flag = [str(problem) if problem else None]
+        dist.broadcast_object_list(flag, src=0)
+        if flag[0] is not None:
+            raise TrainError(flag[0])
+    elif problem is not None:
+        raise problem
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
