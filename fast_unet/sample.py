@@ -78,7 +78,7 @@ def build_parser():
     p.add_argument("--out", default="grid.png")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads; default 1 on the CPU (faster on a shared 2-core machine), 0 = torch's default")
+                   help="CPU threads (torch.set_num_threads); default: torch's")
     p.add_argument("--no-graph", action="store_true", help="CUDA: run the loop without a CUDA graph")
     return p
 
@@ -96,9 +96,8 @@ def _main(argv):
     if args.image_size % 8 or args.image_size < 8:
         raise SampleError(f"--image-size must be a positive multiple of 8, got {args.image_size}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
-    if threads:
-        torch.set_num_threads(threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sd = load_weights(args.weights)
     model = UNet(device=str(device))
     check_keys(sd, model)

@@ -62,9 +62,8 @@ def build_parser():
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (torch.set_num_threads); default 1 on the CPU, 0 = torch's default. "
-                        "Bit-exact repeat/resume needs 1: fast_unet's SelfAttention backward is not "
-                        "deterministic run to run with 2+ threads")
+                   help="CPU threads (torch.set_num_threads); default: torch's. On a machine shared with "
+                        "other work, fewer threads than cores can be faster")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -195,9 +194,8 @@ def main(argv=None, on_step=None):
 
     rank, world, device = _dist_setup(args.device)
     old_threads = torch.get_num_threads()
-    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
-    if threads:
-        torch.set_num_threads(threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         return _train(args, ckpt, rank, world, device, on_step)
     finally:
