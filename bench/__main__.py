@@ -6,7 +6,8 @@ backward; train mode), medians of interleaved runs after warm-up; the peak memor
 ratios against the reference and the baseline; achieved GFLOP/s against the device's measured matmul
 rate. Prints a table, and writes everything as JSON (``--json``, default bench_results/latest.json).
 Then a short section of kernel-launch counts and forward memory traffic per model, from
-``python -m bench.kernels`` (``--no-kernel-count`` leaves it out).
+``python -m bench.kernels`` (``--no-kernel-count`` leaves it out). ``--sample``: sampling and training
+throughput instead (``python -m bench.sample``).
 """
 import argparse
 import datetime
@@ -210,7 +211,13 @@ def main(argv=None):
                    help="skip the kernel-launch counts (python -m bench.kernels)")
     p.add_argument("--json", default=os.path.join("bench_results", "latest.json"), help="where to write the JSON")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--sample", action="store_true", help="instead: sampling (1000-step DDPM, 50-step DDIM) and "
+                   "training throughput at B=16, 64x64 (python -m bench.sample, which takes more options)")
     args = p.parse_args(argv)
+    if args.sample:
+        from . import sample
+
+        return sample.main(["--device", args.device] if args.device else [])
     if args.batch < 1:
         p.error("--batch must be >= 1")
     result = run(args)
