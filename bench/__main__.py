@@ -217,7 +217,7 @@ def main(argv=None):
     if args.sample:
         from . import sample
 
-        return sample.main(["--device", args.device] if args.device else [])
+        return sample.main((["--device", args.device] if args.device else []) + (["--compile"] if args.compile else []))
     if args.batch < 1:
         p.error("--batch must be >= 1")
     result = run(args)

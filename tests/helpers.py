@@ -153,3 +153,13 @@ def run_or_skip(fn, *args):
         if "cannot run" in str(e):
             pytest.skip(str(e))
         raise
+
+
+def grads_in(fn, inputs, dtype, gout):
+    """(out, gradients of the floating inputs): ``fn`` on the inputs cast to ``dtype`` as fresh leaves,
+    backward from ``gout`` (a tensor or a sequence, one per output)."""
+    leaves = [t.to(dtype).detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+              for t in inputs]
+    out = fn(*leaves)
+    torch.autograd.backward(out, gout if isinstance(gout, (list, tuple)) else [gout])
+    return out, [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]

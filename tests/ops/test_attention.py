@@ -14,7 +14,7 @@ import torch
 
 import fast_unet
 from fast_unet import dispatch, eager, ops
-from helpers import assert_close, assert_close_rule, run_or_skip
+from helpers import assert_close, assert_close_rule, grads_in, run_or_skip
 
 pytestmark = pytest.mark.op("attention")
 
@@ -163,14 +163,6 @@ def test_dispatch_needs_interpreter_for_cpu_tensors(monkeypatch):
 
 # (b) the Triton kernels on CUDA at the model's full sizes
 
-def _gpu_grads(fn, inputs, dtype, gout):
-    leaves = [t.to(dtype).detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-              for t in inputs]
-    out = fn(*leaves)
-    torch.autograd.backward(out, gout if isinstance(gout, (list, tuple)) else [gout])
-    return out, [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
-
-
 # (B, N, heads, d) of the six attention blocks at 64x64
 ATTN_SHAPES = [(4, 1024, 4, 32), (8, 256, 4, 64), (8, 64, 4, 64), (8, 256, 4, 32), (4, 1024, 4, 16), (2, 4096, 4, 16)]
 
@@ -185,9 +177,9 @@ def test_attention_full_sizes(shape, dtype):
     b, n, h, d = shape
     qkv = torch.randn(b, n, 3, h, d, device="cuda").to(dtype)
     do = torch.randn(b, n, h * d, device="cuda").to(dtype)
-    out, g = _gpu_grads(ops.attention, (qkv,), dtype, do)
-    out_e, g_e = _gpu_grads(eager.attention, (qkv,), dtype, do)
-    ref, g_r = _gpu_grads(eager.attention, (qkv,), torch.float64, do.double())
+    out, g = grads_in(ops.attention, (qkv,), dtype, do)
+    out_e, g_e = grads_in(eager.attention, (qkv,), dtype, do)
+    ref, g_r = grads_in(eager.attention, (qkv,), torch.float64, do.double())
     assert_close_rule("o", out, out_e, ref, dtype)
     assert_close_rule("dqkv", g[0], g_e[0], g_r[0], dtype)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import fast_unet
 from fast_unet import dispatch, eager, ops
-from helpers import assert_close, assert_close_rule, run_or_skip
+from helpers import assert_close, assert_close_rule, grads_in, run_or_skip
 
 pytestmark = pytest.mark.op("group_norm_relu")
 
@@ -211,14 +211,6 @@ def test_bad_inputs_name_the_argument(monkeypatch):
 
 # (b) the Triton kernels on CUDA at the model's full sizes
 
-def _gpu_grads(fn, inputs, dtype, gout):
-    leaves = [t.to(dtype).detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-              for t in inputs]
-    out = fn(*leaves)
-    torch.autograd.backward(out, gout if isinstance(gout, (list, tuple)) else [gout])
-    return out, [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
-
-
 # every (B, C, H, W) GroupNorm input of the UNet at 64x64 (B=8 to keep the float64 reference quick)
 FULL_SHAPES = [(8, 64, 64, 64), (8, 128, 32, 32), (8, 256, 16, 16), (8, 256, 8, 8), (8, 512, 8, 8), (8, 64, 32, 32)]
 
@@ -236,9 +228,9 @@ def test_group_norm_full_sizes(shape, dtype):
     emb = torch.randn(b, c, device="cuda").to(dtype)
     dy = torch.randn(shape, device="cuda").to(dtype)
     inputs = (x, w, bias, 1e-5, emb)
-    out, g = _gpu_grads(ops.group_norm_relu, inputs, dtype, dy)
-    out_e, g_e = _gpu_grads(eager.group_norm_relu, inputs, dtype, dy)
-    ref, g_r = _gpu_grads(eager.group_norm_relu, inputs, torch.float64, dy.double())
+    out, g = grads_in(ops.group_norm_relu, inputs, dtype, dy)
+    out_e, g_e = grads_in(eager.group_norm_relu, inputs, dtype, dy)
+    ref, g_r = grads_in(eager.group_norm_relu, inputs, torch.float64, dy.double())
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert_close_rule("y", out, out_e, ref, dtype)
     for name, a, e, r in zip(("dx", "dw", "db", "demb"), g, g_e, g_r):

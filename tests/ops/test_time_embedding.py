@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fast_unet import eager, ops
-from helpers import assert_close_rule
+from helpers import assert_close_rule, grads_in
 
 pytestmark = pytest.mark.op("time_embedding")
 
@@ -104,14 +104,6 @@ def test_bad_inputs_name_the_argument():
 
 # the Triton kernels on CUDA at the model's batch
 
-def _gpu_grads(fn, inputs, dtype, gout):
-    leaves = [t.to(dtype).detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-              for t in inputs]
-    out = fn(*leaves)
-    torch.autograd.backward(out, gout if isinstance(gout, (list, tuple)) else [gout])
-    return out, [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.backends("triton-cuda")
 @pytest.mark.usefixtures("backend")
@@ -123,9 +115,9 @@ def test_time_embedding_b64(dtype):
          torch.randn(256, 128, device="cuda") * 0.1, torch.randn(256, device="cuda")]
     p = [x.to(dtype) for x in p]
     gd, gu = torch.randn(64, 640, device="cuda").to(dtype), torch.randn(64, 256, device="cuda").to(dtype)
-    out, g = _gpu_grads(ops.time_embedding, (t, 128, *p), dtype, [gd, gu])
-    out_e, g_e = _gpu_grads(eager.time_embedding, (t, 128, *p), dtype, [gd, gu])
-    out_r, g_r = _gpu_grads(_time_embedding_f64, (t, 128, *p), torch.float64, [gd.double(), gu.double()])
+    out, g = grads_in(ops.time_embedding, (t, 128, *p), dtype, [gd, gu])
+    out_e, g_e = grads_in(eager.time_embedding, (t, 128, *p), dtype, [gd, gu])
+    out_r, g_r = grads_in(_time_embedding_f64, (t, 128, *p), torch.float64, [gd.double(), gu.double()])
     for name, a, e, r in zip(("down", "up"), out, out_e, out_r):
         assert_close_rule(name, a, e, r, dtype)
     for name, a, e, r in zip(("drw", "drb", "dsw", "dsb"), g, g_e, g_r):
