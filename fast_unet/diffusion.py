@@ -233,6 +233,8 @@ class Diffusion:
                     else:
                         update(x, eps, None, buf, c)
 
+                t_buf.copy_(t_rows[0])  # warm-up runs real inputs (x is restored after the capture)
+                c_buf.copy_(c_rows[0])
                 g = self._capture(step, x, generator)
                 for k in range(len(ts)):
                     t_buf.copy_(t_rows[k], non_blocking=True)
