@@ -1,10 +1,10 @@
-"""The reference UNet: the seed's model exactly as ``shared/seed/SPEC.md`` states it.
+"""The reference UNet: the seed's model exactly as ``docs/spec.md`` (the seed's SPEC.md) states it.
 
 This module is the oracle of every parity test. Do not optimise it, do not "fix" it (Down's
 embedding uses ReLU and Up's uses SiLU on purpose; attention materialises its weights because
 ``nn.MultiheadAttention`` is called with its default ``need_weights=True``).
 
-The one fix SPEC.md names: ``pos_encoding`` keeps ``t`` as the (B, 1) float tensor and builds
+The one fix the specification names: ``pos_encoding`` keeps ``t`` as the (B, 1) float tensor and builds
 ``inv_freq`` on ``t``'s device (the document's ``torch.tensor([t])`` fails for any batch > 1).
 Everything else, including the hard-coded ``size`` of ``SelfAttention``, is as written.
 """

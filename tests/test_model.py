@@ -18,7 +18,7 @@ def test_state_dict_keys_and_shapes_match_reference():
     for k in ref:
         assert fast[k].shape == ref[k].shape, k
     n = sum(v.numel() for v in fast.values())
-    assert 14.4e6 < n < 14.7e6, f"{n} parameters; SPEC.md says about 14.55 M"
+    assert 14.4e6 < n < 14.7e6, f"{n} parameters; docs/spec.md says about 14.55 M"
 
 
 def test_constructor_matches_reference():
