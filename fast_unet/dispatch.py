@@ -58,9 +58,17 @@ def register(op, backend, fn, reasons=_no_reasons, devices=_all_devices):
 _DEVICES = {}
 
 
+def unavailable(op, backend):
+    """Why ``backend`` cannot run ``op`` whatever the input (it has no implementation of it, or does not
+    load), or None."""
+    if backend not in _IMPLS[op]:
+        return f"{backend} has no implementation of {op}"
+    return backends.load_error(backend)
+
+
 def serves(op, backend, device_type):
     """True when ``backend`` loads, implements ``op`` and serves ``device_type`` (whatever the input)."""
-    if backend not in _IMPLS[op] or backends.load_error(backend):
+    if unavailable(op, backend):
         return False
     types = _DEVICES[(op, backend)]()
     return types is None or device_type in types
@@ -113,13 +121,12 @@ def mode():
 def reasons(op, backend, *args):
     """Why ``backend`` cannot run ``op`` on these arguments (empty list: it can)."""
     _check_op(op)
-    err = backends.load_error(backend)
-    if err:
-        return [err]
-    impl = _IMPLS[op].get(backend)
-    if impl is None:
-        return [f"{backend} has no implementation of {op}"]
-    return list(impl[1](*args))
+    return _reasons(op, backend, args)
+
+
+def _reasons(op, backend, args):
+    why = unavailable(op, backend)
+    return [why] if why else list(_IMPLS[op][backend][1](*args))
 
 
 def explain(op, *args):
@@ -142,13 +149,13 @@ def select(op, *args):
     _check_op(op)
     b = forced(op)
     if b is not None:
-        why = reasons(op, b, *args)
+        why = _reasons(op, b, args)
         if why:
             raise RuntimeError(f"{ENV_VAR}={os.environ.get(ENV_VAR)} cannot run {op} on {b}: " + "; ".join(why))
         last_choice[op] = b
         return b, _IMPLS[op][b][0]
     for b in PRIORITY:
-        if b in _IMPLS[op] and not reasons(op, b, *args):
+        if b in _IMPLS[op] and not _reasons(op, b, args):
             last_choice[op] = b
             return b, _IMPLS[op][b][0]
     raise RuntimeError(f"no backend can run {op}: {explain(op, *args)}")

@@ -66,10 +66,8 @@ def collect():
                      "archs": build.get("cuda_archs") or None, "cpu_isa": build.get("cpu_isa"),
                      "cpu_march": build.get("cpu_march"), "torch": build.get("torch")}
     for op in dispatch.OPS:
-        impls = dispatch.implementations(op)
         info["ops"][op] = {
-            "backends": {b: (backends.load_error(b) or "available") if b in impls
-                         else f"{b} has no implementation of {op}" for b in dispatch.PRIORITY},
+            "backends": {b: dispatch.unavailable(op, b) or "available" for b in dispatch.PRIORITY},
             "runs_on": {"cpu": _runs_on(op, "cpu"), "cuda": _runs_on(op, "cuda")},
         }
     return info
