@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, dispatch, eager
-from .group_norm import group_norm_relu, norm_backward, partials_of, recompute
+from .group_norm import checked_partials, group_norm_relu, norm_backward, partials_of, recompute
 
 
 def conv3x3(x, weight, bias, x2=None, norm=None, pool=False):
@@ -104,11 +104,7 @@ def triton_conv3x3(x, x2, partials_in, gn_weight, gn_bias, eps, weight, bias, po
 def _check_triton(x, x2, partials_in, gn_weight, gn_bias, eps, weight, bias, pool):
     norm = None
     if gn_weight is not None:
-        if partials_in is None:  # computed by one stats launch first; checked here on a stand-in
-            partials_in = torch.zeros((x.shape[0], 1, 3), device=x.device)
-        if partials_in.requires_grad:
-            raise ValueError("norm: partials requires grad; the GroupNorm statistics are not differentiable")
-        norm = (partials_in, gn_weight, gn_bias, eps)
+        norm = (checked_partials(x, partials_in, "norm: "), gn_weight, gn_bias, eps)
     _k().check_conv(x, weight, bias, x2, norm, pool)
 
 

@@ -95,6 +95,17 @@ def partials_of(x, partials):
     return torch.ops.fast_unet.gn_partials(x.detach().contiguous(memory_format=torch.channels_last))
 
 
+def checked_partials(x, partials, prefix=""):
+    """The partials a Triton op folds for the lazily normalised x, for its reasons check: those given (which
+    must not require grad), or, when None, a stand-in of the layout ``partials_of`` computes by one stats
+    launch first."""
+    if partials is None:
+        return torch.zeros((x.shape[0], 1, 3), device=x.device)
+    if partials.requires_grad:
+        raise ValueError(f"{prefix}partials requires grad; the GroupNorm statistics are not differentiable")
+    return partials
+
+
 def norm_backward(dout, x, weight, bias, mean, rstd, emb_dtype=None):
     """(dx, d weight, d bias, d emb) of relu(GroupNorm(1, C)(x)) + emb for the gradient ``dout``, on the
     Triton GroupNorm backward; d weight and d bias come in the weight's dtype, d emb in ``emb_dtype``
@@ -156,9 +167,7 @@ def _check_triton(x, weight, bias, emb, partials):
         if p is not None and not p.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {p.dtype}")
     if partials is not None:
-        if partials.requires_grad:
-            raise ValueError("partials requires grad; the GroupNorm statistics are not differentiable")
-        k.check_partials(x, partials, weight, bias, x_name="x")
+        k.check_partials(x, checked_partials(x, partials), weight, bias, x_name="x")
 
 
 def triton_reasons(x, weight, bias, eps=1e-5, emb=None, partials=None):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, dispatch, eager
-from .group_norm import group_norm_relu, norm_backward, partials_of, recompute
+from .group_norm import checked_partials, group_norm_relu, norm_backward, partials_of, recompute
 
 
 def gn_relu_maxpool(y, partials, gn_weight, gn_bias, eps):
@@ -81,18 +81,14 @@ def triton_gn_relu_maxpool(y, partials, gn_weight, gn_bias, eps):
     return torch.ops.fast_unet.gn_relu_maxpool(y, partials, gn_weight, gn_bias, eps)
 
 
-def _check_norm(x, partials, gn_weight, gn_bias, name):
-    if partials is None:  # computed by one stats launch first; checked here on a stand-in
-        partials = torch.zeros((x.shape[0], 1, 3), device=x.device)
-    if partials.requires_grad:
-        raise ValueError("partials requires grad; the GroupNorm statistics are not differentiable")
-    _k().check_norm(x, partials, gn_weight, gn_bias)
+def _check_norm(x, partials, gn_weight, gn_bias):
+    _k().check_norm(x, checked_partials(x, partials), gn_weight, gn_bias)
 
 
 def _check_pool(y, partials, gn_weight, gn_bias):
     k = _k()
     k.check_input("y", y)
-    _check_norm(y, partials, gn_weight, gn_bias, "y")
+    _check_norm(y, partials, gn_weight, gn_bias)
     if y.shape[2] % 2 or y.shape[3] % 2:
         raise ValueError(f"y's height and width must be even for the 2x2 max-pool, got {tuple(y.shape[2:])}")
 
@@ -156,7 +152,7 @@ def triton_upsample2x(x, partials, gn_weight, gn_bias, eps):
 def _check_upsample(x, partials, gn_weight, gn_bias):
     _k().check_input("x", x)
     if gn_weight is not None:
-        _check_norm(x, partials, gn_weight, gn_bias, "x")
+        _check_norm(x, partials, gn_weight, gn_bias)
 
 
 def triton_upsample2x_reasons(x, partials, gn_weight, gn_bias, eps):
