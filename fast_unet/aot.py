@@ -17,7 +17,6 @@ every use of it in ``compile_one``.
 """
 import importlib
 import os
-import pkgutil
 import re
 import subprocess
 import tempfile
@@ -26,12 +25,13 @@ TRITON_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def kernel_modules():
-    """The kernel modules of ``fast_unet.kernels``, imported: every module whose name does not start with
-    ``_``, in name order. Each declares ``aot_builds()`` and its signature hints (kernels/__init__.py)."""
-    from fast_unet import kernels
+    """The kernel modules of ``fast_unet.kernels`` (``backends.kernel_modules``), in name order. Each declares
+    ``aot_builds()`` and its signature hints (kernels/__init__.py)."""
+    from fast_unet import backends
 
-    names = sorted(m.name for m in pkgutil.iter_modules(kernels.__path__) if not m.name.startswith("_"))
-    return [importlib.import_module(f"{kernels.__name__}.{name}") for name in names]
+    if backends.load_error("triton"):
+        raise RuntimeError(f"the compile report needs the Triton kernels: {backends.load_error('triton')}")
+    return backends.kernel_modules()
 
 
 def builds():

@@ -44,6 +44,13 @@ def kernel_module(name):
     return _KERNEL_MODULES[name]
 
 
+def kernel_modules():
+    """Every kernel module of ``fast_unet.kernels`` (not the helpers whose names start with ``_``), in name
+    order; each declares its kernels' ``WRITES`` and ``aot_builds()``. Empty when Triton does not load."""
+    load_error("triton")
+    return [m for name, m in sorted(_KERNEL_MODULES.items()) if not name.startswith("_")]
+
+
 def triton_interpreting():
     """True when the Triton kernels run on CPU tensors (TRITON_INTERPRET=1 when they were imported)."""
     return load_error("triton") is None and kernel_module("_common").INTERPRET

@@ -5,15 +5,12 @@ Small shapes (B=1, 8x8, float32): counts do not depend on them. The eager-model 
 tests (meta against CPU tensors, bytes of single ops) are in tests/test_eager_kernel_count.py.
 """
 import contextlib
-import importlib
-import pkgutil
 
 import pytest
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import KernelInterface
 
-import fast_unet.kernels
 from bench import kernels as bk
 
 F32 = torch.float32
@@ -120,9 +117,9 @@ def test_recorder_sees_every_launch_and_dry_matches_real(real_train, dry_traces)
 
 
 def _kernel_modules():
-    pkg = fast_unet.kernels
-    return [importlib.import_module(f"{pkg.__name__}.{m.name}") for m in pkgutil.iter_modules(pkg.__path__)
-            if not m.name.startswith("_")]
+    from fast_unet import backends
+
+    return backends.kernel_modules()
 
 
 def test_every_launched_kernel_declares_its_writes(dry_traces):
