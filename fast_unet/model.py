@@ -15,7 +15,6 @@ import numbers
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import ops
 

@@ -103,7 +103,7 @@ NOL_SHAPES = [(1, 5, 64, 5, 7, 3), (3, 64, 96, 5, 7, 4), (2, 40, 64, 9, 11, 1)]
 def test_normalise_on_load_forward_and_gradients(backend, shape, dtype):
     """conv3x3(relu(GroupNorm(y_in))) with the norm applied as the conv loads y_in (never written), from
     y_in's partials: output, its own partials, and the gradients of y_in, the conv and the norm's affine."""
-    from fast_unet import ops as triton_ops
+    from fast_unet import ops
 
     b, ci, co, h, w, p = shape
     y_in = (torch.randn(b, ci, h, w, dtype=torch.float64) * 2 + 0.7).to(dtype).double()
@@ -115,7 +115,7 @@ def test_normalise_on_load_forward_and_gradients(backend, shape, dtype):
 
     def fused(y_in, gw, gb, wt, bias):
         y_in = y_in.contiguous(memory_format=torch.channels_last)
-        y, part = triton_ops.conv3x3(y_in, wt, bias, norm=(partials, gw, gb, 1e-5))
+        y, part = ops.conv3x3(y_in, wt, bias, norm=(partials, gw, gb, 1e-5))
         fused.partials = part
         return y
 
@@ -141,7 +141,7 @@ def test_normalise_on_load_forward_and_gradients(backend, shape, dtype):
 @pytest.mark.usefixtures("backend")
 def test_concat_on_load_forward_and_gradients(dtype):
     """conv3x3(cat([x, x2], 1)) reading both in place (x NCHW through its strides, x2 channels_last)."""
-    from fast_unet import ops as triton_ops
+    from fast_unet import ops
 
     b, c1, c2, co, h, w = 2, 24, 40, 48, 6, 5
     x = torch.randn(b, c1, h, w, dtype=torch.float64).to(dtype).double()
@@ -151,7 +151,7 @@ def test_concat_on_load_forward_and_gradients(dtype):
     dy = torch.randn(b, co, h, w, dtype=torch.float64)
 
     def fused(x, x2, wt, bias):
-        return triton_ops.conv3x3(x, wt, bias, x2=x2.contiguous(memory_format=torch.channels_last))[0]
+        return ops.conv3x3(x, wt, bias, x2=x2.contiguous(memory_format=torch.channels_last))[0]
 
     def unfused(x, x2, wt, bias):
         return F.conv2d(torch.cat([x, x2], 1), wt, bias, padding=1)
@@ -172,7 +172,7 @@ def test_pool_on_load_forward_and_gradients(shape, dtype):
     """conv3x3(max_pool2d(x, 2)) with the pool read on load (the pooled tensor is never written); x
     channels_last, (B, C_in, 2H, 2W). Each 2x2 window's values are 0.3 apart, so the pool's gradient
     routing is not a coin toss in half precision."""
-    from fast_unet import ops as triton_ops
+    from fast_unet import ops
 
     b, ci, co, h, w = shape
     base = torch.randn(b, ci, h, w, dtype=torch.float64)
@@ -183,7 +183,7 @@ def test_pool_on_load_forward_and_gradients(shape, dtype):
     dy = torch.randn(b, co, h, w, dtype=torch.float64)
 
     def fused(x, wt, bias):
-        return triton_ops.conv3x3(x.contiguous(memory_format=torch.channels_last), wt, bias, pool=True)[0]
+        return ops.conv3x3(x.contiguous(memory_format=torch.channels_last), wt, bias, pool=True)[0]
 
     def unfused(x, wt, bias):
         return F.conv2d(F.max_pool2d(x, 2), wt, bias, padding=1)
@@ -202,8 +202,6 @@ def test_pool_on_load_forward_and_gradients(shape, dtype):
 @pytest.mark.backends("triton")
 @pytest.mark.usefixtures("backend")
 def test_gn_relu_partials_op_materialises_with_emb_and_its_gradient():
-    from fast_unet import ops as triton_ops
-
     y = (torch.randn(2, 48, 5, 7, dtype=torch.float64) + 0.5).float().contiguous(memory_format=torch.channels_last)
     y.requires_grad_()
     gw, gb = torch.randn(48, requires_grad=True), torch.randn(48, requires_grad=True)

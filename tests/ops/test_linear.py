@@ -66,7 +66,7 @@ LR_SHAPES = [((1, 35), 48, 48), ((3, 5, 7), 80, 80), ((2, 70), 64, 144)]
 @pytest.mark.backends("eager", "ext", "triton")
 @pytest.mark.usefixtures("backend")
 def test_linear_residual(shape, dtype):
-    from fast_unet import ops as TB
+    from fast_unet import ops
 
     lead, k, n = shape
     x = _rep(torch.randn(*lead, k, dtype=torch.float64), dtype)
@@ -75,7 +75,7 @@ def test_linear_residual(shape, dtype):
     r = _rep(torch.randn(*lead, n, dtype=torch.float64) + 1.0, dtype)
     g = [torch.randn(*lead, n, dtype=torch.float64)]
     tensors = (x, w, b, r)
-    outs, grads = _run(lambda *a: (TB.linear_residual(*a),), tensors, dtype, g)
+    outs, grads = _run(lambda *a: (ops.linear_residual(*a),), tensors, dtype, g)
     outs_e, grads_e = _run(_eager_linear_residual, tensors, dtype, g)
     refs, grads_r = _run(_eager_linear_residual, tensors, torch.float64, g)
     assert outs[0].shape == (*lead, n)
@@ -103,7 +103,7 @@ LN_SHAPES = [((1, 35), 48, 48, True), ((3, 5, 7), 80, 240, False), ((2, 70), 64,
 @pytest.mark.backends("eager", "ext", "triton")
 @pytest.mark.usefixtures("backend")
 def test_ln_linear(shape, dtype):
-    from fast_unet import ops as TB
+    from fast_unet import ops
 
     lead, k, n, gelu = shape
     x = _rep(torch.randn(*lead, k, dtype=torch.float64) * 2 + 0.7, dtype)  # a mean and a scale to remove
@@ -113,7 +113,7 @@ def test_ln_linear(shape, dtype):
     b = _rep(torch.randn(n, dtype=torch.float64) * 0.5, dtype)
     g = [torch.randn(*lead, n, dtype=torch.float64)]
     tensors = (x, lw, lb, w, b)
-    ours = lambda x, lw, lb, w, b: (TB.ln_linear(x, lw, lb, 1e-5, w, b, gelu),)  # noqa: E731
+    ours = lambda x, lw, lb, w, b: (ops.ln_linear(x, lw, lb, 1e-5, w, b, gelu),)  # noqa: E731
     outs, grads = _run(ours, tensors, dtype, g)
     outs_e, grads_e = _run(_eager_ln_linear(gelu), tensors, dtype, g)
     refs, grads_r = _run(_eager_ln_linear(gelu), tensors, torch.float64, g)
@@ -149,10 +149,10 @@ def _eager_gn_ln_linear(eps=1e-5):
 
 
 def _ours_gn_ln_linear(partials, eps=1e-5):
-    from fast_unet import ops as TB
+    from fast_unet import ops
 
     def fn(y, gw, gb, emb, lw, lb, w, b):
-        return TB.gn_ln_linear(y.contiguous(memory_format=torch.channels_last), partials, gw, gb, eps, emb, lw, lb,
+        return ops.gn_ln_linear(y.contiguous(memory_format=torch.channels_last), partials, gw, gb, eps, emb, lw, lb,
                                eps, w, b)
     return fn
 
@@ -207,7 +207,7 @@ def test_gn_ln_linear(shape, dtype):
 def test_layer_norm_sees_t_as_stored(dtype):
     """t = 1 + small per-channel noise: in half precision most of it rounds to 1, so the LayerNorm of t as
     stored (the unfused path's) and of t before rounding differ completely."""
-    from fast_unet import ops as TB
+    from fast_unet import ops
 
     B, C, H, W, n = 2, 48, 5, 7, 48
     noise = 1e-3 if dtype == torch.bfloat16 else 2e-4
@@ -216,7 +216,7 @@ def test_layer_norm_sees_t_as_stored(dtype):
     emb = (torch.randn(B, C) * noise).to(dtype)
     lw, lb = torch.ones(C, dtype=dtype), torch.zeros(C, dtype=dtype)
     w, b = (torch.randn(n, C) / C ** 0.5).to(dtype), torch.zeros(n, dtype=dtype)
-    out, t = TB.gn_ln_linear(y, _partials(y, 2), gw, gb, 1e-5, emb, lw, lb, 1e-5, w, b)
+    out, t = ops.gn_ln_linear(y, _partials(y, 2), gw, gb, 1e-5, emb, lw, lb, 1e-5, w, b)
     out_e, t_e = _eager_gn_ln_linear()(y, gw, gb, emb, lw, lb, w, b)
     assert torch.equal(t, t_e)
     t_exact = 1 + emb.double()[:, :, None, None].expand(B, C, H, W)
@@ -280,8 +280,7 @@ def test_gn_ln_linear_from_the_conv_epilogue():
 def test_attention_block_in_five_launches():
     """gn_ln_linear -> attention -> linear_residual -> ln_linear(gelu) -> linear_residual equals the
     model's SelfAttention on t = relu(GroupNorm(y)) + emb (float32, forward and parameter gradients)."""
-    from fast_unet import ops as TB
-    from fast_unet import ops as triton_ops
+    from fast_unet import ops
     from fast_unet.model import SelfAttention
 
     torch.manual_seed(2)
@@ -292,14 +291,14 @@ def test_attention_block_in_five_launches():
     emb = torch.randn(B, C)
     partials = _partials(y, 3)
     ln2, fc1, _, fc2 = sa.ff_self
-    qkv, t = TB.gn_ln_linear(y, partials, gn.weight, gn.bias, gn.eps, emb, sa.ln.weight, sa.ln.bias, sa.ln.eps,
+    qkv, t = ops.gn_ln_linear(y, partials, gn.weight, gn.bias, gn.eps, emb, sa.ln.weight, sa.ln.bias, sa.ln.eps,
                              sa.mha.in_proj_weight, sa.mha.in_proj_bias)
     heads = sa.mha.num_heads
-    o = triton_ops.attention(qkv.view(B, H * W, 3, heads, C // heads))
+    o = ops.attention(qkv.view(B, H * W, 3, heads, C // heads))
     tokens = t.permute(0, 2, 3, 1).reshape(B, H * W, C)
-    a = TB.linear_residual(o, sa.mha.out_proj.weight, sa.mha.out_proj.bias, tokens)
-    f = TB.ln_linear(a, ln2.weight, ln2.bias, ln2.eps, fc1.weight, fc1.bias, True)
-    out = TB.linear_residual(f, fc2.weight, fc2.bias, a).view(B, H, W, C).permute(0, 3, 1, 2)
+    a = ops.linear_residual(o, sa.mha.out_proj.weight, sa.mha.out_proj.bias, tokens)
+    f = ops.ln_linear(a, ln2.weight, ln2.bias, ln2.eps, fc1.weight, fc1.bias, True)
+    out = ops.linear_residual(f, fc2.weight, fc2.bias, a).view(B, H, W, C).permute(0, 3, 1, 2)
     t_ref = F.relu(gn(y)) + emb[:, :, None, None]
     ref = sa(t_ref)
     torch.testing.assert_close(out, ref, atol=5e-5, rtol=1e-4)
@@ -344,7 +343,7 @@ def test_custom_op_registration(op):
 @pytest.mark.backends("triton")
 @pytest.mark.usefixtures("backend")
 def test_bad_inputs_name_the_argument():
-    from fast_unet import ops as TB
+    from fast_unet import ops
     from fast_unet.kernels import linear as L
 
     x, w, b, r = _small_args("linear_residual")
@@ -374,7 +373,7 @@ def test_bad_inputs_name_the_argument():
         a[i] = val
         with pytest.raises(err, match=msg):
             L.gn_ln_linear(*a)
-        reasons = TB.linear.triton_gn_ln_linear_reasons(*a)
+        reasons = ops.linear.triton_gn_ln_linear_reasons(*a)
         assert any(msg.split(" ")[0].split("\\")[0] in s for s in reasons), reasons
     y600 = torch.randn(1, 520, 2, 2)
     with pytest.raises(ValueError, match=r"y \(channels\) has 520 features; the LayerNorm prologue takes at most 512"):
@@ -383,13 +382,13 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match=r"partials must have shape \(2, P, 3\)"):
         L.gn_ln_linear(args[0], torch.randn(3, 2, 3), *args[2:])
     # the reasons functions: empty for good inputs, naming the argument otherwise
-    assert TB.linear.triton_linear_residual_reasons(*_small_args("linear_residual")) == []
-    assert TB.linear.triton_ln_linear_reasons(*_small_args("ln_linear")) == []
-    assert TB.linear.triton_gn_ln_linear_reasons(*args) == []
+    assert ops.linear.triton_linear_residual_reasons(*_small_args("linear_residual")) == []
+    assert ops.linear.triton_ln_linear_reasons(*_small_args("ln_linear")) == []
+    assert ops.linear.triton_gn_ln_linear_reasons(*args) == []
     x, w, b, r = _small_args("linear_residual")
-    assert any("residual" in s for s in TB.linear.triton_linear_residual_reasons(x, w, b, r[..., :5]))
-    assert any("ln_weight" in s for s in TB.linear.triton_ln_linear_reasons(x, lw[:5], lb, eps, w, b))
-    assert any("meta" in s for s in TB.linear.triton_linear_residual_reasons(x.to("meta"), w, b, r))
+    assert any("residual" in s for s in ops.linear.triton_linear_residual_reasons(x, w, b, r[..., :5]))
+    assert any("ln_weight" in s for s in ops.linear.triton_ln_linear_reasons(x, lw[:5], lb, eps, w, b))
+    assert any("meta" in s for s in ops.linear.triton_linear_residual_reasons(x.to("meta"), w, b, r))
 
 
 @pytest.mark.op("gn_ln_linear")

@@ -49,7 +49,7 @@ def _run(fn, tensors, dtype, grads_out):
 def test_gn_relu_maxpool(shape, dtype):
     """One pass writes relu(GroupNorm(y)) (the skip connection) and its 2x2 max-pool; gradients flow back
     through both outputs into y and the norm's affine."""
-    from fast_unet import ops as triton_ops
+    from fast_unet import ops
 
     b, c, h, w = shape
     _, gw, gb = _norm_inputs(b, c, h, w, dtype)
@@ -65,7 +65,7 @@ def test_gn_relu_maxpool(shape, dtype):
     g_p = torch.randn(b, c, h // 2, w // 2, dtype=torch.float64)
 
     def fused(y, gw, gb):
-        return triton_ops.gn_relu_maxpool(y.contiguous(memory_format=torch.channels_last), partials, gw, gb, 1e-5)
+        return ops.gn_relu_maxpool(y.contiguous(memory_format=torch.channels_last), partials, gw, gb, 1e-5)
 
     def unfused(y, gw, gb):
         x = eager.group_norm_relu(y, gw, gb, 1e-5)
@@ -89,7 +89,7 @@ def test_gn_relu_maxpool(shape, dtype):
 @pytest.mark.op("upsample2x")
 @pytest.mark.backends("eager", "ext", "triton")
 def test_upsample2x(backend, shape, lazy, dtype):
-    from fast_unet import ops as triton_ops
+    from fast_unet import ops
 
     b, c, h, w = shape
     y, gw, gb = _norm_inputs(b, c, h, w, dtype)
@@ -98,13 +98,13 @@ def test_upsample2x(backend, shape, lazy, dtype):
     up = lambda v: F.interpolate(v, scale_factor=2, mode="bilinear", align_corners=True)  # noqa: E731
     if lazy:
         def fused(y, gw, gb):
-            return triton_ops.upsample2x(y.contiguous(memory_format=torch.channels_last), (partials, gw, gb, 1e-5))
+            return ops.upsample2x(y.contiguous(memory_format=torch.channels_last), (partials, gw, gb, 1e-5))
 
         def unfused(y, gw, gb):
             return up(eager.group_norm_relu(y, gw, gb, 1e-5))
         tensors, names = [y, gw, gb], ("dy", "dgn_weight", "dgn_bias")
     else:
-        fused = triton_ops.upsample2x  # noqa: E731  (NCHW input: read through its strides)
+        fused = ops.upsample2x  # noqa: E731  (NCHW input: read through its strides)
         unfused = up
         tensors, names = [y], ("dx",)
     (out,), grads = _run(fused, tensors, dtype, (g,))
