@@ -7,6 +7,8 @@
   RuntimeWarning and a reason, never an ImportError.
 - ``eager``: always there.
 """
+import contextlib
+import functools
 import importlib
 import os
 import warnings
@@ -84,6 +86,27 @@ def triton_device_reasons(**tensors):
     if len(set(devices.values())) > 1:
         out.append("tensors are on different devices: " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
     return out
+
+
+def device_guard(device):
+    """The context every Triton launch runs in: ``device`` made the current CUDA device (Triton launches on
+    the current device), nothing for a CPU tensor under the interpreter."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_tensor_device(fn):
+    """Runs ``fn``, a Triton custom op's implementation, under ``device_guard`` of its first tensor
+    argument's device: a model on ``cuda:1`` launches on cuda:1 whatever the current device is. Every
+    Triton custom op of ``fast_unet.ops`` is wrapped by it."""
+    @functools.wraps(fn)
+    def guarded(*args):
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                with device_guard(a.device):
+                    return fn(*args)
+        return fn(*args)
+
+    return guarded
 
 
 def triton_reasons(check, tensors, *args):

@@ -16,10 +16,18 @@ usual, but the conv on its eager twin: an A/B switch for one fused op) or ``conv
   (``FAST_UNET_BACKEND=ext`` runs the extension's ops on the extension and the others on eager); an
   override that names such a backend is an error.
 
+Autocast: in a ``torch.autocast`` region the compiled backends take the op's floating-point tensors cast
+to the autocast dtype (activations and parameters alike; float32 parameters get their gradients through
+the cast), except the arguments an op declares with ``autocast_keep`` (float32 statistics, timesteps);
+their reasons are asked of those cast arguments. ``eager`` takes the arguments as they are and runs under
+autocast's own per-op rules, as the reference does. ``autocast_args`` is the one statement of the cast.
+
 ``explain(op, *args)`` says why each backend would not take an input; ``python -m fast_unet.info`` says
 which backends load, and which implementation each op has.
 """
 import os
+
+import torch
 
 from . import backends
 
@@ -30,6 +38,7 @@ PRIORITY = ("triton", "ext", "eager")
 OPS = []  # op names, in registration order (fast_unet.ops imports every op module)
 _IMPLS = {}  # op -> backend -> (fn, reasons_fn)
 last_choice = {}  # op -> the backend that ran it last (what the benchmark and info report)
+_KEEP = {}  # op -> positions of the arguments autocast leaves as they are
 
 
 def _no_reasons(*args, **kwargs):
@@ -56,6 +65,67 @@ def register(op, backend, fn, reasons=_no_reasons, devices=_all_devices):
 
 
 _DEVICES = {}
+
+
+def autocast_keep(op, *positions):
+    """Declare the positional arguments of ``op`` that autocast leaves in their dtype (float32 statistics,
+    timesteps); every other floating-point tensor is cast (see ``autocast_args``)."""
+    _KEEP[op] = frozenset(positions)
+
+
+def autocast_dtype(args):
+    """The autocast dtype that applies to these arguments (autocast is enabled for the device of the first
+    floating-point tensor among them), or None."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            dev = a.device.type
+            if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+                return torch.get_autocast_dtype(dev)
+            return None
+    return None
+
+
+def autocast_args(op, args, dtype):
+    """``args`` as the compiled backends take them in an autocast region of ``dtype``: every floating-point
+    tensor (float64 excepted, as autocast does) cast to ``dtype``, except the positions ``autocast_keep``
+    declared for ``op``. A tensor already in ``dtype`` is passed through (no copy)."""
+    return _cast(args, _KEEP.get(op, ()), dtype)
+
+
+def _cast(args, keep, dtype):
+    return tuple(a.to(dtype) if (i not in keep and isinstance(a, torch.Tensor) and a.is_floating_point()
+                                 and a.dtype != torch.float64) else a
+                 for i, a in enumerate(args))
+
+
+_AUTOCAST_LIB = None
+
+
+def register_autocast(custom_op, keep=(), devices=("cpu", "cuda")):
+    """The same rule on a ``torch.library`` custom op, for a direct call of ``torch.ops.fast_unet.<op>`` and
+    for ``torch.compile``: an Autocast{CPU,CUDA} kernel that casts its floating-point tensor arguments to the
+    autocast dtype in effect, except those named in ``keep``, then runs the op with autocast off for it;
+    ``devices``: the device types whose autocast it follows (those where the op runs in low precision).
+    (``torch.library.register_autocast`` casts every floating-point argument, float32 statistics too, to a
+    dtype fixed at registration.)"""
+    global _AUTOCAST_LIB
+    if _AUTOCAST_LIB is None:
+        _AUTOCAST_LIB = torch.library.Library("fast_unet", "IMPL")
+    overload = custom_op._opoverload
+    names = [a.name for a in overload._schema.arguments]
+    unknown = set(keep) - set(names)
+    if unknown:
+        raise ValueError(f"{overload}: no argument named {', '.join(sorted(unknown))}")
+    positions = frozenset(names.index(k) for k in keep)
+    for device_type in devices:
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_keyset, *args, _device_type=device_type, _keyset_off=keyset):
+            with torch._C._ExcludeDispatchKeyGuard(_keyset_off):
+                return overload(*_cast(args, positions, torch.get_autocast_dtype(_device_type)))
+
+        _AUTOCAST_LIB.impl(overload._schema.name.split("::")[1], kernel, key, with_keyset=True)
 
 
 def unavailable(op, backend):
@@ -119,8 +189,12 @@ def mode():
 
 
 def reasons(op, backend, *args):
-    """Why ``backend`` cannot run ``op`` on these arguments (empty list: it can)."""
+    """Why ``backend`` cannot run ``op`` on these arguments (empty list: it can); in an autocast region, on
+    the arguments as that backend would take them."""
     _check_op(op)
+    dtype = autocast_dtype(args)
+    if dtype is not None and backend != "eager":
+        args = autocast_args(op, args, dtype)
     return _reasons(op, backend, args)
 
 
@@ -146,24 +220,43 @@ def forced(op):
 
 def select(op, *args):
     """(backend name, implementation) for ``op`` on these arguments, honouring ``FAST_UNET_BACKEND``."""
+    b, fn, _ = choose(op, args)
+    return b, fn
+
+
+def choose(op, args):
+    """(backend, implementation, the arguments to call it with: ``args``, or in an autocast region for a
+    compiled backend ``autocast_args``' cast of them): what ``call`` runs."""
     _check_op(op)
+    dtype = autocast_dtype(args)
+    cast = None
+
+    def args_for(b):
+        nonlocal cast
+        if dtype is None or b == "eager":
+            return args
+        if cast is None:
+            cast = autocast_args(op, args, dtype)
+        return cast
+
     b = forced(op)
     if b is not None:
-        why = _reasons(op, b, args)
+        why = _reasons(op, b, args_for(b))
         if why:
             raise RuntimeError(f"{ENV_VAR}={os.environ.get(ENV_VAR)} cannot run {op} on {b}: " + "; ".join(why))
         last_choice[op] = b
-        return b, _IMPLS[op][b][0]
+        return b, _IMPLS[op][b][0], args_for(b)
     for b in PRIORITY:
-        if b in _IMPLS[op] and not _reasons(op, b, args):
+        if b in _IMPLS[op] and not _reasons(op, b, args_for(b)):
             last_choice[op] = b
-            return b, _IMPLS[op][b][0]
+            return b, _IMPLS[op][b][0], args_for(b)
     raise RuntimeError(f"no backend can run {op}: {explain(op, *args)}")
 
 
 def call(op, *args):
-    """Run ``op`` on the backend ``select`` picks."""
-    return select(op, *args)[1](*args)
+    """Run ``op`` on the backend ``select`` picks, with the arguments it takes (autocast: see above)."""
+    _b, fn, args = choose(op, args)
+    return fn(*args)
 
 
 def backend_status():

@@ -184,10 +184,13 @@ class UNet(nn.Module):
         p = self.outc.weight
         if x.device != p.device:
             raise ValueError(f"x is on {x.device} but the model's parameters are on {p.device}; move one of them")
-        if x.dtype != p.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {p.dtype}; cast x or the model")
-        if isinstance(t, numbers.Number) and not isinstance(t, bool):
-            t = torch.tensor(t, device=x.device)
+        if x.dtype != p.dtype and not (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {p.dtype}; cast x or the model "
+                            f"(or run under torch.autocast)")
+        if isinstance(t, numbers.Real) and not isinstance(t, bool):
+            # filled on the device: no host-to-device copy (CUDA-graph safe)
+            return torch.full((b,), t, device=x.device,
+                              dtype=torch.int64 if isinstance(t, numbers.Integral) else torch.float32)
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"t must be a tensor of {b} timesteps or one number, got {type(t).__name__}")
         if t.dtype == torch.bool or t.is_complex():

@@ -121,14 +121,14 @@ def test_lazy_path_on_each_cpu_backend(monkeypatch, backend, size, batch):
         require_ext()
     monkeypatch.setenv("FAST_UNET_BACKEND", backend)
     calls = []
-    real_select = dispatch.select
+    real_choose = dispatch.choose
 
-    def spy(op, *args):
-        chosen = real_select(op, *args)
+    def spy(op, args):
+        chosen = real_choose(op, args)
         calls.append((op, chosen[0]))
         return chosen
 
-    monkeypatch.setattr(dispatch, "select", spy)
+    monkeypatch.setattr(dispatch, "choose", spy)
     h, w = size
     fast, ref = model_pair(h, w)
     x, t = inputs(batch, h, w)

@@ -27,6 +27,7 @@ def _k():
 # --- triton -------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("fast_unet::attention", mutates_args=())
+@backends.on_tensor_device
 def _attn_op(qkv: Tensor) -> tuple[Tensor, Tensor]:
     return _k().attention_fwd(qkv)
 
@@ -41,6 +42,7 @@ _attn_op.register_fake(_attn_fake)
 
 
 @torch.library.custom_op("fast_unet::attention_backward", mutates_args=())
+@backends.on_tensor_device
 def _attn_bwd_op(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor) -> Tensor:
     return _k().attention_bwd(do, qkv, o, lse)
 
@@ -141,3 +143,4 @@ def ext_reasons(qkv):
 dispatch.register("attention", "triton", triton_attention, triton_reasons, devices=backends.triton_devices)
 dispatch.register("attention", "ext", ext_attention, ext_reasons, devices=lambda: ("cpu",))
 dispatch.register("attention", "eager", eager.attention)
+dispatch.register_autocast(_attn_op)

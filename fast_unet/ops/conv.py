@@ -38,6 +38,7 @@ def _k():
 
 
 @torch.library.custom_op("fast_unet::conv3x3", mutates_args=())
+@backends.on_tensor_device
 def _conv3x3_op(x: Tensor, x2: Optional[Tensor], partials_in: Optional[Tensor], gn_weight: Optional[Tensor],
                 gn_bias: Optional[Tensor], eps: float, weight: Tensor, bias: Tensor,
                 pool: bool) -> tuple[Tensor, Tensor]:
@@ -116,3 +117,5 @@ def triton_reasons(x, x2, partials_in, gn_weight, gn_bias, eps, weight, bias, po
 
 dispatch.register("conv3x3", "triton", triton_conv3x3, triton_reasons, devices=backends.triton_devices)
 dispatch.register("conv3x3", "eager", functools.partial(eager.conv3x3, normalize=group_norm_relu))
+dispatch.autocast_keep("conv3x3", 2)  # partials
+dispatch.register_autocast(_conv3x3_op, keep=("partials_in",))

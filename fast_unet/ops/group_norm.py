@@ -35,6 +35,7 @@ def _k():
 # --- triton -------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("fast_unet::group_norm_relu", mutates_args=())
+@backends.on_tensor_device
 def _gn_relu_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
                 emb: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     return _k().group_norm_relu_fwd(x, weight, bias, eps, emb)
@@ -47,6 +48,7 @@ def _(x, weight, bias, eps, emb):
 
 
 @torch.library.custom_op("fast_unet::gn_relu_partials", mutates_args=())
+@backends.on_tensor_device
 def _gn_partials_op(y: Tensor, partials: Tensor, gn_weight: Tensor, gn_bias: Tensor, eps: float,
                     emb: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """(relu(GroupNorm(1, C)(y)) + emb, mean, rstd) from y's partials: one apply launch that folds them."""
@@ -60,6 +62,7 @@ def _(y, partials, gn_weight, gn_bias, eps, emb):
 
 
 @torch.library.custom_op("fast_unet::group_norm_relu_backward", mutates_args=())
+@backends.on_tensor_device
 def _gn_relu_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
                     rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _k().group_norm_relu_bwd(dy, x, weight, bias, mean, rstd)
@@ -72,6 +75,7 @@ def _(dy, x, weight, bias, mean, rstd):
 
 
 @torch.library.custom_op("fast_unet::gn_partials", mutates_args=())
+@backends.on_tensor_device
 def _gn_stats_op(x: Tensor) -> Tensor:
     return _k().partials(x)
 
@@ -259,3 +263,8 @@ def ext_reasons(x, weight, bias, eps=1e-5, emb=None, partials=None):
 dispatch.register("group_norm_relu", "triton", triton_group_norm_relu, triton_reasons, devices=backends.triton_devices)
 dispatch.register("group_norm_relu", "ext", ext_group_norm_relu, ext_reasons, devices=lambda: ("cpu", "cuda") if backends.ext_cuda_built() else ("cpu",))
 dispatch.register("group_norm_relu", "eager", eager.group_norm_relu)
+dispatch.autocast_keep("group_norm_relu", 5)  # partials
+dispatch.register_autocast(_gn_relu_op)
+dispatch.register_autocast(_gn_partials_op, keep=("partials",))
+dispatch.register_autocast(_gn_stats_op)
+dispatch.register_autocast(_ext_fwd, devices=("cuda",))  # the CPU kernel is float32

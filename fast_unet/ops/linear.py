@@ -51,6 +51,7 @@ def _k():
 # --- linear_residual (triton) -------------------------------------------------------------------------
 
 @torch.library.custom_op("fast_unet::linear_residual", mutates_args=())
+@backends.on_tensor_device
 def _linear_residual_op(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor) -> Tensor:
     return _k().linear_residual(x, weight, bias, residual)
 
@@ -91,6 +92,7 @@ def triton_linear_residual_reasons(x, weight, bias, residual):
 # --- ln_linear (triton) -------------------------------------------------------------------------------
 
 @torch.library.custom_op("fast_unet::ln_linear", mutates_args=())
+@backends.on_tensor_device
 def _ln_linear_op(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, ln_eps: float, weight: Tensor, bias: Tensor,
                   gelu: bool) -> Tensor:
     return _k().ln_linear(x, ln_weight, ln_bias, ln_eps, weight, bias, gelu)
@@ -102,6 +104,7 @@ def _(x, ln_weight, ln_bias, ln_eps, weight, bias, gelu):
 
 
 @torch.library.custom_op("fast_unet::ln_linear_backward", mutates_args=())
+@backends.on_tensor_device
 def _ln_linear_bwd_op(d2: Tensor, x2: Tensor, ln_weight: Tensor, ln_eps: float,
                       weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return backends.kernel_module("ln_backward").ln_linear_bwd(d2, x2, ln_weight, ln_eps, weight)
@@ -169,6 +172,7 @@ def triton_ln_linear_reasons(x, ln_weight, ln_bias, ln_eps, weight, bias, gelu=F
 # --- gn_ln_linear (triton) ----------------------------------------------------------------------------
 
 @torch.library.custom_op("fast_unet::gn_ln_linear", mutates_args=())
+@backends.on_tensor_device
 def _gn_ln_linear_op(y: Tensor, partials: Tensor, gn_weight: Tensor, gn_bias: Tensor, gn_eps: float,
                      emb: Optional[Tensor], ln_weight: Tensor, ln_bias: Tensor, ln_eps: float, weight: Tensor,
                      bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -246,3 +250,7 @@ dispatch.register("ln_linear", "eager", eager.ln_linear)
 dispatch.register("gn_ln_linear", "triton", triton_gn_ln_linear, triton_gn_ln_linear_reasons, devices=backends.triton_devices)
 dispatch.register("gn_ln_linear", "eager",
                   functools.partial(eager.gn_ln_linear, normalize=group_norm_relu, ln_linear=ln_linear))
+dispatch.autocast_keep("gn_ln_linear", 1)  # partials
+dispatch.register_autocast(_linear_residual_op)
+dispatch.register_autocast(_ln_linear_op)
+dispatch.register_autocast(_gn_ln_linear_op, keep=("partials",))

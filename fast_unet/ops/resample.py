@@ -41,6 +41,7 @@ def _k():
 # --- gn_relu_maxpool (triton) -------------------------------------------------------------------------
 
 @torch.library.custom_op("fast_unet::gn_relu_maxpool", mutates_args=())
+@backends.on_tensor_device
 def _gn_pool_op(y: Tensor, partials: Tensor, gn_weight: Tensor, gn_bias: Tensor,
                 eps: float) -> tuple[Tensor, Tensor]:
     return _k().gn_relu_maxpool(y, partials, gn_weight, gn_bias, eps)
@@ -101,6 +102,7 @@ def triton_gn_relu_maxpool_reasons(y, partials, gn_weight, gn_bias, eps):
 # --- upsample2x (triton) ------------------------------------------------------------------------------
 
 @torch.library.custom_op("fast_unet::upsample2x", mutates_args=())
+@backends.on_tensor_device
 def _upsample_op(x: Tensor, partials: Optional[Tensor], gn_weight: Optional[Tensor], gn_bias: Optional[Tensor],
                  eps: float) -> Tensor:
     return _k().upsample2x(x, (partials, gn_weight, gn_bias, eps) if partials is not None else None)
@@ -164,3 +166,7 @@ dispatch.register("gn_relu_maxpool", "triton", triton_gn_relu_maxpool, triton_gn
 dispatch.register("gn_relu_maxpool", "eager", functools.partial(eager.gn_relu_maxpool, normalize=group_norm_relu))
 dispatch.register("upsample2x", "triton", triton_upsample2x, triton_upsample2x_reasons, devices=backends.triton_devices)
 dispatch.register("upsample2x", "eager", functools.partial(eager.upsample2x, normalize=group_norm_relu))
+dispatch.autocast_keep("gn_relu_maxpool", 1)  # partials
+dispatch.autocast_keep("upsample2x", 1)  # partials
+dispatch.register_autocast(_gn_pool_op, keep=("partials",))
+dispatch.register_autocast(_upsample_op, keep=("partials",))

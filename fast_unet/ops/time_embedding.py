@@ -28,6 +28,7 @@ def _k():
 
 
 @torch.library.custom_op("fast_unet::time_embedding", mutates_args=())
+@backends.on_tensor_device
 def _temb_op(t: Tensor, dim: int, relu_weight: Tensor, relu_bias: Tensor, silu_weight: Tensor,
              silu_bias: Tensor) -> tuple[Tensor, Tensor]:
     return _k().time_embedding_fwd(t, dim, relu_weight, relu_bias, silu_weight, silu_bias)
@@ -40,6 +41,7 @@ def _(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
 
 
 @torch.library.custom_op("fast_unet::time_embedding_backward", mutates_args=())
+@backends.on_tensor_device
 def _temb_bwd_op(g_down: Tensor, g_up: Tensor, t: Tensor, dim: int, relu_weight: Tensor,
                  silu_weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _k().time_embedding_bwd(g_down, g_up, t, dim, relu_weight, silu_weight)
@@ -91,3 +93,5 @@ def triton_reasons(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
 
 dispatch.register("time_embedding", "triton", triton_time_embedding, triton_reasons, devices=backends.triton_devices)
 dispatch.register("time_embedding", "eager", eager.time_embedding)
+dispatch.autocast_keep("time_embedding", 0)  # t: the encoding is float32, as in eager autocast
+dispatch.register_autocast(_temb_op, keep=("t",))

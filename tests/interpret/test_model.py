@@ -28,14 +28,14 @@ def fast_conv_config(monkeypatch):
 def choices(monkeypatch):
     """Every (op, backend) dispatch picks while the test runs."""
     calls = []
-    orig = dispatch.select
+    orig = dispatch.choose
 
-    def spy(op, *args):
-        backend, fn = orig(op, *args)
+    def spy(op, args):
+        backend, fn, args = orig(op, args)
         calls.append((op, backend))
-        return backend, fn
+        return backend, fn, args
 
-    monkeypatch.setattr(dispatch, "select", spy)
+    monkeypatch.setattr(dispatch, "choose", spy)
     return calls
 
 
