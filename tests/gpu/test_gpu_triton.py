@@ -2,7 +2,7 @@
 
 The whole UNet at B=64, 64x64, bfloat16 against the reference, gradients, and torch.compile over the
 custom ops, each with every op fused (``FAST_UNET_BACKEND=auto``) and with the fused ops on their eager
-twins (``UNFUSED``, as bench/kernels.py). Run by scripts/gpu_check.sh. Kernel parity at the model's full
+twins (``UNFUSED``, as bench/kernels.py). Run by scripts/gpu_check.py. Kernel parity at the model's full
 sizes is in tests/ops/ (the ``triton-cuda`` backend).
 """
 import os

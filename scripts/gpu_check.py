@@ -1,0 +1,446 @@
+"""The project's one prepared GPU check: one command, under 7 minutes on one H200 with no network.
+
+    python scripts/gpu_check.py [--out DIR]     # DIR defaults to $OUT, else ./gpu_check_out
+    python scripts/gpu_check.py --dry --out DIR # every step's code path on the CPU (CI runs this)
+
+First what decides the defaults, then correctness:
+
+0. ``install``: builds the extension for sm_90 (``pip install -e .``) unless the one here loads with CUDA
+   kernels (the dry run only checks that it loads).
+1. ``env``: versions, the device, which backends load and how the extension was built.
+2. ``defaults``: B=64, 64x64 forward and training step (forward, MSE, backward): fast_unet (every op fused),
+   fast_unet with the fused ops on their eager twins and the fair eager baseline, each under
+   ``torch.autocast`` (bf16) on float32 weights and as a bf16 model; medians of interleaved runs, and
+   the backend each op ran on.
+2b. ``compiled``: the same against ``torch.compile`` (inductor) of the baseline, timed side by side with
+   fast_unet (its compilations take most of this step).
+3. ``graphs``: a forward and a training step of fast_unet captured in a ``torch.cuda.CUDAGraph`` and
+   replayed, against the same calls run eagerly.
+4. ``sampling``: seconds per DDPM step and for 1000 steps (``bench.sample``: the seed's loop, the
+   baseline's, fast_unet's ``sample_fast``).
+5. ``tests``: ``pytest tests/gpu tests/ops -m gpu`` (the op tests' odd shapes on CUDA, the extension's CUDA
+   kernels, the whole model's bf16/fp16 backward against eager, autocast, a second GPU where there is one).
+6. ``sweep``: ``python -m bench --sweep`` at B=64 up to 256x256 when that command exists.
+
+Each step runs in its own process with a time limit; its results go to DIR/<step>.json and its output to
+DIR/<step>.log. DIR/gpu_check.json holds every step (status ``ok``, ``failed``, ``timeout`` or ``skipped``
+with the reason: nothing is left out silently) and DIR/summary.txt a short summary. The exit status is
+non-zero when a step did not pass.
+
+``--dry`` runs the same steps on CPU tensors under the Triton interpreter at tiny sizes (B=1, 8x8; one
+timed run; ``aot_eager`` in place of inductor; the graph step calls the functions it would capture), so
+this script cannot rot without a GPU: tests/interpret/test_gpu_check.py runs it.
+"""
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UNFUSED = "triton,conv3x3=eager,gn_relu_maxpool=eager,upsample2x=eager,gn_ln_linear=eager"
+
+# step -> its time limit in seconds on a GPU (cut to what is left of the budget)
+STEPS = {"install": 110, "env": 30, "defaults": 60, "compiled": 100, "graphs": 30, "sampling": 40, "tests": 150,
+         "sweep": 120}
+TOTAL_S = 420  # 7 minutes; --budget changes it
+
+
+# --- the steps, each run in its own process (``--step NAME``) -------------------------------------------
+
+def _setup(dry):
+    import torch
+
+    sys.path.insert(0, ROOT)  # bench/ is not installed
+    device = "cpu" if dry else "cuda"
+    if not dry and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --dry for the CPU code path")
+    if dry:  # the interpreter's cost is per program: one large conv tile per small sample (as tests/interpret)
+        import triton
+
+        from fast_unet.kernels import conv
+
+        conv.config = lambda dtype, c_in, hw, pool=False: (max(16, min(128, triton.next_power_of_2(hw))), 128, 64, 4, 1)
+    return torch, device
+
+
+def step_install(dry):
+    """Build fast_unet._C for sm_90 unless it already loads with its CUDA kernels."""
+    def built():
+        code = ("from fast_unet import backends; import json; "
+                "print(json.dumps([backends.load_error('ext'), backends.build_info()]))")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else [proc.stderr[-500:], {}]
+
+    err, info = built()
+    if dry or (err is None and info.get("cuda")):
+        if err is not None:
+            raise AssertionError(f"fast_unet._C does not load: {err}")
+        return {"built": False, "build_info": info}
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST="9.0", MAX_JOBS=str(os.cpu_count() or 8))
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    sys.stdout.write(proc.stdout[-5000:] + proc.stderr[-5000:])
+    err, info = built()
+    if proc.returncode or err is not None or not info.get("cuda"):
+        raise AssertionError(f"the extension did not build with CUDA: rc={proc.returncode} {err} {info}")
+    return {"built": True, "build_info": info}
+
+
+def step_env(dry):
+    torch, device = _setup(dry)
+    import triton
+
+    from fast_unet import backends, dispatch
+    from fast_unet.info import device_name
+
+    return {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+            "device": device_name(device), "device_count": torch.cuda.device_count(),
+            "backends": {b: (why or "loads") for b, why in dispatch.backend_status().items()},
+            "ext_build": backends.build_info(), "interpreting": backends.triton_interpreting()}
+
+
+@contextlib.contextmanager
+def _backend(setting):
+    old = os.environ.get("FAST_UNET_BACKEND")
+    os.environ["FAST_UNET_BACKEND"] = setting
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FAST_UNET_BACKEND", None)
+        else:
+            os.environ["FAST_UNET_BACKEND"] = old
+
+
+def _case(fn, setting=None, autocast=None):
+    """fn() under ``FAST_UNET_BACKEND=setting`` and ``torch.autocast`` of (device, dtype) when given."""
+    import torch
+
+    def run():
+        with contextlib.ExitStack() as stack:
+            if setting is not None:
+                stack.enter_context(_backend(setting))
+            if autocast is not None:
+                stack.enter_context(torch.autocast(autocast[0], dtype=autocast[1]))
+            return fn()
+
+    return run
+
+
+def _recording(fn, chosen, key):
+    """fn, recording into ``chosen[key]`` the backend each dispatched op ran on."""
+    from fast_unet import dispatch
+
+    def run():
+        dispatch.last_choice.clear()
+        out = fn()
+        chosen[key] = dict(dispatch.last_choice)
+        return out
+
+    return run
+
+
+def _timings(dry, names):
+    """Forward and training-step medians (ms) at B=64, 64x64 of the models ``names`` (of "baseline",
+    "compiled", "fast_unet", "fast_unet unfused"), under autocast (float32 weights) and as a bf16 model,
+    interleaved; with the backend each of fast_unet's ops ran on."""
+    torch, device = _setup(dry)
+    from bench import core
+
+    batch, size = (1, 8) if dry else (64, 64)
+    warmup, repeats = (0, 1) if dry else (3, 10)
+    torch.manual_seed(0)
+    state = core.build_model("fast_unet", size, size, torch.float32, "cpu").state_dict()
+    results, fns, chosen = {}, {}, {}
+    for precision in ("autocast", "bf16"):
+        dtype = torch.float32 if precision == "autocast" else torch.bfloat16
+        ac = (device, torch.bfloat16) if precision == "autocast" else None
+        x, t, noise = core.make_inputs(batch, size, size, dtype, device)
+        models = {}
+        for name in names:
+            if name == "compiled":
+                models[name] = torch.compile(core.build_model("baseline", size, size, dtype, device, state),
+                                             backend="aot_eager" if dry else "inductor")
+            elif name == "fast_unet unfused":
+                models[name] = models["fast_unet"] if "fast_unet" in models else core.build_model("fast_unet", size, size, dtype, device, state)
+            else:
+                models[name] = core.build_model(name, size, size, dtype, device, state)
+        for name, model in models.items():
+            setting = UNFUSED if name == "fast_unet unfused" else ("auto" if name.startswith("fast_unet") else None)
+            for mode, make in (("forward", core.forward_fn), ("train", core.train_fn)):
+                fn = _case(make(model, x, t) if mode == "forward" else make(model, x, t, noise), setting, ac)
+                if name.startswith("fast_unet"):
+                    fn = _recording(fn, chosen, f"{precision} {name} {mode}")
+                fns[(precision, name, mode)] = fn
+    if not dry:
+        for fn in fns.values():  # a first call each: compilation, Triton's JIT
+            fn()
+    named = {" | ".join(k): fn for k, fn in fns.items()}
+    times = core.time_interleaved(named, device, warmup, repeats)
+    for key in fns:
+        ms = 1e3 * statistics.median(times[" | ".join(key)])
+        results.setdefault(key[0], {}).setdefault(key[2], {})[key[1]] = round(ms, 4)
+    for modes in results.values():
+        for row in modes.values():
+            for other in ("baseline", "compiled", "fast_unet unfused"):
+                if other in row:
+                    row[f"{other} / fast_unet"] = round(row[other] / row["fast_unet"], 3)
+    return {"batch": batch, "size": size, "device": device, "repeats": repeats, "ms": results,
+            "backends_ran": chosen}
+
+
+def step_defaults(dry):
+    return _timings(dry, ["baseline", "fast_unet", "fast_unet unfused"])
+
+
+def step_compiled(dry):
+    return _timings(dry, ["compiled", "fast_unet"])
+
+
+def _capture(fn, cuda):
+    """A replay function for ``fn``: its CUDA graph on a GPU (after a warm-up on a side stream, as PyTorch's
+    CUDA-graph docs do); ``fn`` itself in the dry run."""
+    if not cuda:
+        return fn
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def step_graphs(dry):
+    """fast_unet's forward and training step (under autocast) captured and replayed against eager calls."""
+    torch, device = _setup(dry)
+    import torch.nn.functional as F
+
+    from fast_unet import UNet
+
+    batch, size = (1, 8) if dry else (16, 64)
+    cuda = not dry
+    torch.manual_seed(0)
+    model = UNet().to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    noise = torch.randn_like(x)
+    out = {}
+
+    # forward
+    static_y = torch.empty_like(x)
+
+    def forward():
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+            static_y.copy_(model(x, t))
+
+    replay = _capture(forward, cuda)
+    x.copy_(torch.randn_like(x))  # new inputs into the static buffers
+    replay()
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        expect = model(x, t).float()
+    out["forward_max_abs_diff"] = (static_y - expect).abs().max().item()
+
+    # training step: forward, loss, backward into static .grad tensors (zeroed in place, not set to None)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    static_loss = torch.zeros((), device=device)
+
+    def train():
+        for p in params:
+            p.grad.zero_()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = F.mse_loss(model(x, t).float(), noise)
+        loss.backward()
+        static_loss.copy_(loss.detach())
+
+    replay = _capture(train, cuda)
+    replay()
+    graph_grads = [p.grad.clone() for p in params]
+    graph_loss = static_loss.item()
+    train()
+    out["train_loss_diff"] = abs(graph_loss - static_loss.item())
+    out["train_grad_max_rel_diff"] = max(((g - p.grad).abs().max() / (p.grad.abs().max() + 1e-12)).item()
+                                         for g, p in zip(graph_grads, params))
+    out["captured"] = cuda
+    ok = out["forward_max_abs_diff"] <= 1e-2 * max(expect.abs().max().item(), 1) and out["train_grad_max_rel_diff"] <= 1e-2
+    if not ok:
+        raise AssertionError(f"graph replay differs from eager: {out}")
+    return out
+
+
+def step_sampling(dry):
+    torch, device = _setup(dry)
+    from bench import sample
+
+    res = sample.run(batch=1 if dry else 64, size=8 if dry else 64, device=device, steps_timed=1 if dry else 10,
+                     rounds=1, say=lambda *a: None)
+    return {"batch": res["batch"], "size": res["size"], "steps_timed": res["steps_timed"],
+            "rows": res["rows"], "train": res["train"]}
+
+
+def step_tests(dry):
+    """The GPU tests, in a process of their own without the interpreter. On the CPU they all skip: the dry
+    run checks the command and the report, and lists the skips."""
+    xml = os.path.join(os.environ["GPU_CHECK_OUT"], "tests.xml")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/gpu", "tests/ops",
+           "-m", "gpu", f"--junitxml={xml}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    sys.stdout.write(proc.stdout[-20000:])
+    sys.stderr.write(proc.stderr[-5000:])
+    import xml.etree.ElementTree as ET
+
+    suite = ET.parse(xml).getroot()
+    suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    failed = [c.get("classname", "") + "::" + c.get("name", "") for c in suite.iter("testcase")
+              if c.find("failure") is not None or c.find("error") is not None]
+    skips = sorted({(s.get("message") or "")[:160] for s in suite.iter("skipped")})
+    result = {"command": " ".join(cmd[2:]), "counts": counts, "failed": failed, "skip_reasons": skips}
+    if proc.returncode not in (0, 5) or failed:
+        raise AssertionError(json.dumps(result))
+    return result
+
+
+def step_sweep(dry):
+    """``python -m bench --sweep`` at B=64 up to 256x256 (dry: B=1, 16x16), where that command exists."""
+    import importlib.util
+
+    sys.path.insert(0, ROOT)
+    if importlib.util.find_spec("bench.sweep") is None:
+        return {"status": "skipped", "reason": "this checkout has no bench.sweep"}
+    out = os.path.join(os.environ["GPU_CHECK_OUT"], "sweep.json")
+    sizes, batches = ("16", "1") if dry else ("32,64,128,256", "64")
+    cmd = [sys.executable, "-m", "bench", "--sweep", "--sizes", sizes, "--batches", batches, "--json", out]
+    if dry:
+        cmd += ["--models", "baseline,fast_unet"]
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # a sweep measures: on the CPU fast_unet runs on ext/eager there
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    sys.stdout.write(proc.stdout[-20000:])
+    sys.stderr.write(proc.stderr[-5000:])
+    if proc.returncode:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}")
+    return {"command": " ".join(cmd[1:]), "json": out}
+
+
+# --- the driver ----------------------------------------------------------------------------------------
+
+def _run_step(name, dry, out_dir, limit):
+    """Run one step in a subprocess; (record, seconds)."""
+    env = dict(os.environ, GPU_CHECK_OUT=out_dir, PYTHONUNBUFFERED="1")
+    if dry:
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, os.path.abspath(__file__), "--step", name, "--out", out_dir] + (["--dry"] if dry else [])
+    t0 = time.time()
+    with open(os.path.join(out_dir, f"{name}.log"), "w") as log:
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=limit)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    seconds = round(time.time() - t0, 1)
+    path = os.path.join(out_dir, f"{name}.json")
+    result = json.load(open(path)) if os.path.exists(path) else None
+    if rc is None:
+        record = {"status": "timeout", "limit_s": limit}
+    elif rc == 0 and result is not None:
+        record = {"status": result.pop("status", "ok"), **result}
+    else:
+        with open(os.path.join(out_dir, f"{name}.log")) as f:
+            tail = f.read()[-1500:]
+        record = {"status": "failed", "rc": rc, "log_tail": tail}
+    record["seconds"] = seconds
+    return record
+
+
+def _summary(report):
+    lines = [f"fast_unet GPU check{' (dry run, CPU)' if report['dry'] else ''}: {report['date']} "
+             f"commit {report['commit']}; total {report['total_s']} s"]
+    for name, rec in report["steps"].items():
+        lines.append(f"{name}: {rec['status']} ({rec['seconds']} s)" + (f" {rec['reason']}" if "reason" in rec else ""))
+        if name == "env" and rec["status"] == "ok":
+            lines.append(f"    {rec['device']}; torch {rec['torch']}, triton {rec['triton']}; backends {rec['backends']}")
+        if name in ("defaults", "compiled") and rec["status"] == "ok":
+            for precision, modes in rec["ms"].items():
+                for mode, row in modes.items():
+                    lines.append(f"    B={rec['batch']} {rec['size']}x{rec['size']} {precision} {mode}: "
+                                 + ", ".join(f"{k} {v}" + ("x" if "/" in k else " ms") for k, v in row.items()))
+        if name == "graphs" and rec["status"] == "ok":
+            lines.append(f"    captured={rec['captured']} forward diff {rec['forward_max_abs_diff']:.3g}, "
+                         f"train grad rel diff {rec['train_grad_max_rel_diff']:.3g}")
+        if name == "sampling" and rec["status"] == "ok":
+            for r in rec["rows"]:
+                lines.append(f"    B={rec['batch']} {r['model']}: {r['ms_per_step']:.2f} ms/step, "
+                             f"1000 steps {r['ddpm_1000_s']:.1f} s")
+        if name == "tests" and rec["status"] == "ok":
+            lines.append(f"    {rec['counts']}; skipped for: {rec['skip_reasons'][:6]}")
+        if rec["status"] in ("failed", "timeout"):
+            lines.append("    " + str(rec.get("log_tail", rec))[-600:].replace("\n", "\n    "))
+    lines.append("all steps passed" if report["passed"] else "SOME STEPS DID NOT PASS")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "gpu_check_out"))
+    p.add_argument("--dry", action="store_true", help="every step's code path on the CPU, tiny sizes")
+    p.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of " + ",".join(STEPS))
+    p.add_argument("--budget", type=int, default=TOTAL_S, help="seconds for the whole check (default 420)")
+    p.add_argument("--step", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    out_dir = os.path.abspath(args.out)
+    os.makedirs(out_dir, exist_ok=True)
+
+    if args.step:  # one step, in this process
+        result = globals()[f"step_{args.step}"](args.dry)
+        with open(os.path.join(out_dir, f"{args.step}.json"), "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        return 0
+
+    start = time.time()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "?"
+    report = {"dry": args.dry, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
+              "steps": {}}
+    wanted = [s for s in args.steps.split(",") if s]
+    for name in STEPS:
+        if name not in wanted:
+            report["steps"][name] = {"status": "skipped", "reason": "not asked for (--steps)", "seconds": 0}
+            continue
+        left = args.budget - (time.time() - start)
+        limit = STEPS[name] * (4 if args.dry else 1)  # the interpreter is slow; the dry run has no budget
+        if not args.dry and left < 15:
+            report["steps"][name] = {"status": "skipped", "reason": f"the {args.budget} s budget is spent", "seconds": 0}
+            continue
+        if not args.dry:
+            limit = int(min(limit, left))
+        print(f"[gpu_check] {name} (limit {limit} s)", file=sys.stderr, flush=True)
+        report["steps"][name] = _run_step(name, args.dry, out_dir, limit)
+    report["total_s"] = round(time.time() - start, 1)
+    report["passed"] = all(r["status"] == "ok" or "--steps" in r.get("reason", "") for r in report["steps"].values())
+    with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    text = _summary(report)
+    with open(os.path.join(out_dir, "summary.txt"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The one-shot GPU check (scripts/gpu_check.py) kept runnable without a GPU: its ``--dry`` mode runs every
+step's code path on CPU tensors under the interpreter at tiny sizes, and must pass and report every step."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_gpu_check_dry_runs_every_step(tmp_path):
+    env = dict(os.environ, FAST_UNET_BACKEND="auto")
+    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    summary = (tmp_path / "summary.txt").read_text() if (tmp_path / "summary.txt").exists() else ""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    steps = report["steps"]
+    assert list(steps) == ["install", "env", "defaults", "compiled", "graphs", "sampling", "tests", "sweep"]
+    assert all(s["status"] == "ok" for s in steps.values()), summary
+    ms = steps["defaults"]["ms"]
+    for precision in ("autocast", "bf16"):
+        for mode in ("forward", "train"):
+            row = ms[precision][mode]
+            assert {"baseline", "fast_unet", "fast_unet unfused"} <= set(row) and row["fast_unet"] > 0
+    ran = steps["defaults"]["backends_ran"]["autocast fast_unet forward"]
+    assert ran["conv3x3"] == "triton", ran
+    assert steps["defaults"]["backends_ran"]["autocast fast_unet unfused forward"]["conv3x3"] == "eager"
+    assert steps["compiled"]["ms"]["bf16"]["train"]["compiled"] > 0
+    assert steps["graphs"]["captured"] is False and steps["graphs"]["train_grad_max_rel_diff"] <= 1e-2
+    assert [r["model"] for r in steps["sampling"]["rows"]] == ["seed loop", "baseline loop", "fast_unet"]
+    # on the CPU every GPU test skips, and the report says why
+    counts = steps["tests"]["counts"]
+    assert counts["tests"] > 50 and counts["skipped"] == counts["tests"] and steps["tests"]["skip_reasons"]
+    assert "defaults:" in summary and "all steps passed" in summary
