@@ -165,10 +165,16 @@ def test_custom_op_registration(op):
 
 def test_torch_compile_traces_the_model_in_one_graph(fast_conv_config):
     """``torch.compile(fullgraph=True)``: dispatch, the Lazy tensors and every custom op trace without a graph
-    break; the compiled model matches the eager one, forward and gradients."""
+    break; the compiled model matches the eager one, forward and gradients; and under autocast (bf16) its
+    output is the uncompiled model's."""
     model, ref = model_pair(8, 8)
     x = torch.randn(1, 3, 8, 8)
     t = torch.tensor([5])
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     y = compiled(x, t)
     assert_matches_reference(model, ref, y, x, t)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ac = compiled(x, t)
+        y_ac_eager = model(x, t)
+    assert y_ac.dtype == torch.bfloat16
+    torch.testing.assert_close(y_ac, y_ac_eager, atol=0, rtol=0)
