@@ -30,6 +30,25 @@ def dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def relu(x):
+    """max(x, 0) that keeps NaN, as torch.relu does (``tl.maximum``'s default, ``max.f32`` on a GPU and
+    ``np.fmax`` under the interpreter, turns NaN into 0)."""
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def maximum(a, b):
+    """Elementwise max that propagates NaN from either side (max-pool, running maxima), as PyTorch does."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def max_nan(x, axis):
+    """``tl.max(x, axis)`` that propagates NaN (``tl.max`` combines with a NaN-dropping maximum)."""
+    return tl.reduce(x, axis, maximum)
+
+
+@triton.jit
 def to_dtype(x, dtype: tl.constexpr):
     """``x.to(dtype)`` for float32 ``x``, rounded to nearest even as on the GPU.
 

@@ -25,6 +25,8 @@ import triton.language as tl
 
 from ._common import DTYPE_NAMES, DTYPES
 from ._common import dot as _dot
+from ._common import max_nan as _max_nan
+from ._common import maximum as _maximum
 
 LOG2E = 1.4426950408889634
 
@@ -59,7 +61,7 @@ def _attn_fwd(
         kt = tl.load(k_base + offs_n[None, :] * stride_n + offs_d[:, None] * stride_d, mask=n_mask[None, :], other=0.0)
         s = _dot(q, kt, IEEE) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = _maximum(m_i, _max_nan(s, 1))  # NaN propagates, as in SDPA (masked columns are -inf)
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)

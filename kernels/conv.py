@@ -24,6 +24,8 @@ import triton.language as tl
 from . import group_norm as _gn
 from ._common import DTYPE_NAMES, DTYPES
 from ._common import dot as _dot
+from ._common import maximum as _maximum
+from ._common import relu as _relu
 
 
 @triton.jit
@@ -42,15 +44,15 @@ def _conv_k_loop(acc, x_base, stride_xc, w_tap, stride_wc, pix, pix_ok, w_noff, 
         a_mask = pix_ok[:, None] & c_ok[None, :]
         a_ptr = x_base + pix[:, None] + c[None, :] * stride_xc
         a = tl.load(a_ptr, mask=a_mask, other=0.0)
-        if POOL_IN:  # the max in float32 (exact: it picks one of the values), back to the input dtype
-            m = tl.maximum(a.to(tl.float32), tl.load(a_ptr + off_w, mask=a_mask, other=0.0).to(tl.float32))
-            m = tl.maximum(m, tl.load(a_ptr + off_h, mask=a_mask, other=0.0).to(tl.float32))
-            m = tl.maximum(m, tl.load(a_ptr + off_h + off_w, mask=a_mask, other=0.0).to(tl.float32))
+        if POOL_IN:  # the max in float32 (exact: it picks one of the values; NaN wins, as in max_pool2d)
+            m = _maximum(a.to(tl.float32), tl.load(a_ptr + off_w, mask=a_mask, other=0.0).to(tl.float32))
+            m = _maximum(m, tl.load(a_ptr + off_h, mask=a_mask, other=0.0).to(tl.float32))
+            m = _maximum(m, tl.load(a_ptr + off_h + off_w, mask=a_mask, other=0.0).to(tl.float32))
             a = m.to(a.dtype)
         if NORM_IN:
             scale = tl.load(gw_ptr + c, mask=c_ok, other=0.0).to(tl.float32) * rstd
-            shift = tl.load(gb_ptr + c, mask=c_ok, other=0.0).to(tl.float32) - mean * scale
-            v = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+            shift = tl.load(gb_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+            v = _relu((a.to(tl.float32) - mean) * scale[None, :] + shift[None, :])  # group_norm._pre_relu
             # padding is applied after normalisation: padded pixels are zeros of the normalised input
             a = tl.where(a_mask, v, 0.0).to(a.dtype)
         wt = tl.load(w_tap + (c_lo + c)[:, None] * stride_wc + w_noff[None, :],

@@ -17,7 +17,8 @@ Forward, three launches:
 
 Backward, three launches (recomputing x_hat and the ReLU mask from the saved mean/rstd):
 1. ``_gn_bwd_reduce_kernel``, same grid as the stats: per (b, split, c) partial sums of dy (-> d emb),
-   dz * x_hat (-> d weight) and dz (-> d bias), where dz = dy * (z > 0), z the pre-ReLU value.
+   dz * x_hat (-> d weight) and dz (-> d bias), where dz = dy where not y <= 0 (threshold_backward: NaN
+   passes), y = relu(z) as the forward stored it, z recomputed with the forward's formula (``_pre_relu``).
 2. ``_gn_bwd_combine_kernel``, grid (B,): sums the splits into per-(b, c) d_emb, d_weight_b, d_bias_b
    and the two per-sample sums dx needs, s1 = sum(w * dz), s2 = sum(w * dz * x_hat).
    (d weight and d bias are then the sum over b, done by the launcher.)
@@ -27,6 +28,8 @@ import triton
 import triton.language as tl
 
 from ._common import DTYPE_NAMES, DTYPES
+from ._common import maximum as _maximum
+from ._common import relu as _relu
 
 
 @triton.jit
@@ -106,7 +109,7 @@ def partials_stats(part_ptr, b, P, eps, BLOCK_P: tl.constexpr):
         m2_i = tl.load(base + p * 3 + 2, mask=m, other=0.0)
         d = mu_i - mean
         acc += m2_i + n_i * d * d
-    var = tl.maximum(tl.sum(acc, axis=0) / n, 0.0)
+    var = _maximum(tl.sum(acc, axis=0) / n, 0.0)  # NaN stays NaN
     return mean, 1.0 / tl.sqrt(var + eps)
 
 
@@ -124,6 +127,32 @@ def _gn_combine_kernel(
 
 
 @triton.jit
+def _scale_shift(w_ptr, bias_ptr, c, c_mask, rstd):
+    """Per-channel (scale, shift) = (w * rstd, bias), float32: the pre-ReLU value is
+    ``_pre_relu(x, mean, scale, shift)``."""
+    w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    bb = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    return w * rstd, bb
+
+
+@triton.jit
+def _pre_relu(xv, mean, scale, shift):
+    """z = (x - mean) * scale + shift for a [BLOCK_C, BLOCK_HW] tile: the one formula (and order of
+    operations) of the forward's normalisation, which the backward recomputes for its ReLU mask. Centred
+    first, as eager computes it (addcmul(bias, x - mean, rstd * w)): no cancellation at a large mean, and an
+    infinite weight gives +-inf (not inf - inf = NaN) where eager does."""
+    return (xv - mean) * scale[:, None] + shift[:, None]
+
+
+@triton.jit
+def _relu_mask_grad(xv, dy, mean, scale, shift, y_dtype: tl.constexpr):
+    """dz = threshold_backward(dy, y, 0) (dy where not y <= 0: NaN passes, as in PyTorch) with y = relu(z)
+    in y's dtype (what an unfused ReLU stores), z recomputed exactly as the forward computed it."""
+    y = _relu(_pre_relu(xv, mean, scale, shift)).to(y_dtype)
+    return tl.where(y <= 0.0, 0.0, dy)
+
+
+@triton.jit
 def _apply_tile(x_ptr, y_ptr, w_ptr, bias_ptr, emb_ptr, mean, rstd, b, C, HW, stride_eb, stride_ec,
                 HAS_EMB: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Normalise, affine, ReLU, + emb for this program's (BLOCK_C x BLOCK_HW) tile of sample b."""
@@ -131,13 +160,10 @@ def _apply_tile(x_ptr, y_ptr, w_ptr, bias_ptr, emb_ptr, mean, rstd, b, C, HW, st
     hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_mask = c < C
     mask = c_mask[:, None] & (hw < HW)[None, :]
-    w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    bb = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    scale = w * rstd
-    shift = bb - mean * scale
+    scale, shift = _scale_shift(w_ptr, bias_ptr, c, c_mask, rstd)
     offs = b.to(tl.int64) * C * HW + _tile_offsets(c, hw, C, HW, CHANNELS_LAST)
     xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = tl.maximum(xv * scale[:, None] + shift[:, None], 0.0)
+    y = _relu(_pre_relu(xv, mean, scale, shift))
     if HAS_EMB:
         e = tl.load(emb_ptr + b.to(tl.int64) * stride_eb + c * stride_ec, mask=c_mask, other=0.0).to(tl.float32)
         y = y + e[:, None]
@@ -195,8 +221,7 @@ def _gn_bwd_reduce_kernel(
     c_mask = c < C
     mean = tl.load(mean_ptr + b)
     rstd = tl.load(rstd_ptr + b)
-    w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    bb = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    scale, shift = _scale_shift(w_ptr, bias_ptr, c, c_mask, rstd)
     base = b.to(tl.int64) * C * HW
     s_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
     s_dzx = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -209,8 +234,7 @@ def _gn_bwd_reduce_kernel(
         xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x_hat = (xv - mean) * rstd
-        z = x_hat * w[:, None] + bb[:, None]
-        dz = tl.where(z > 0.0, dy, 0.0)
+        dz = _relu_mask_grad(xv, dy, mean, scale, shift, x_ptr.dtype.element_ty)
         s_dy += tl.sum(dy, axis=1)
         s_dzx += tl.sum(dz * x_hat, axis=1)
         s_dz += tl.sum(dz, axis=1)
@@ -295,13 +319,12 @@ def _gn_bwd_dx_kernel(
     s1 = tl.load(sums_ptr + b * 2) * inv_m
     s2 = tl.load(sums_ptr + b * 2 + 1) * inv_m
     w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    bb = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    scale, shift = _scale_shift(w_ptr, bias_ptr, c, c_mask, rstd)
     offs = b.to(tl.int64) * C * HW + _tile_offsets(c, hw, C, HW, CHANNELS_LAST)
     xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x_hat = (xv - mean) * rstd
-    z = x_hat * w[:, None] + bb[:, None]
-    dz = tl.where(z > 0.0, dy, 0.0)
+    dz = _relu_mask_grad(xv, dy, mean, scale, shift, x_ptr.dtype.element_ty)
     dx = rstd * (dz * w[:, None] - (s1 + x_hat * s2))
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 

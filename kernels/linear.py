@@ -41,6 +41,7 @@ import triton.language as tl
 
 from ._common import DTYPE_NAMES, DTYPES
 from ._common import dot as _dot
+from ._common import relu as _relu
 from ._common import to_dtype as _to
 from .group_norm import partials_stats as _partials_stats
 
@@ -61,8 +62,7 @@ def _a_tile(
         w = tl.load(gn_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
         b = tl.load(gn_b_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
         scale = w * gn_rstd
-        shift = b - gn_mean * scale
-        v = tl.maximum(v * scale[None, :] + shift[None, :], 0.0)
+        v = _relu((v - gn_mean) * scale[None, :] + b[None, :])  # group_norm._pre_relu's formula
         if HAS_EMB:
             e = tl.load(emb_row + k * stride_ec, mask=k_ok, other=0.0).to(tl.float32)
             v = v + e[None, :]

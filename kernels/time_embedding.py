@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ._common import DTYPE_NAMES, DTYPES
 from ._common import dot as _dot
+from ._common import relu as _relu
 
 
 @triton.jit
@@ -55,7 +56,7 @@ def _activated_encoding(t_ptr, stride_t, freq_ptr, rows, cols, B, dim, half, SIL
     k = tl.floor(arg * 0.15915494309189535 + 0.5)
     r = (arg - k * 6.28125) - k * 0.0019353071795864769  # 2*pi = 6.28125 + 0.00193530717958647...
     enc = _sin_reduced(r + tl.where(cols < half, 0.0, 1.5707963267948966)[None, :])
-    a = tl.where(SILU, enc / (1.0 + tl.exp(-enc)), tl.maximum(enc, 0.0))
+    a = tl.where(SILU, enc / (1.0 + tl.exp(-enc)), _relu(enc))
     return tl.where((rows < B)[:, None] & (cols < dim)[None, :], a, 0.0)
 
 
