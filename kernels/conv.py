@@ -212,6 +212,9 @@ def conv3x3_stats(x, weight, bias, x2=None, norm=None, pool=False):
 
     Returns (y (B, C_out, H, W) channels_last in x's dtype, partials (B, P, 3) float32 of y)."""
     check_conv(x, weight, bias, x2, norm, pool)
+    bias, = _gn.dense(bias)  # read as ptr + n
+    if norm is not None:
+        norm = (norm[0], *_gn.dense(norm[1], norm[2]), norm[3])
     B, C1, H, W = x.shape
     if pool:
         H, W = H // 2, W // 2

@@ -370,6 +370,12 @@ def layout_of(x):
     raise ValueError(f"x must be NCHW-contiguous or channels_last, got strides {tuple(x.stride())}")
 
 
+def dense(*params):
+    """The (C,) parameters as the kernels read them, ``ptr + c``: contiguous (a copy only for a strided view,
+    such as ``w[::2]``; the shapes alone are checked)."""
+    return tuple(p.contiguous() for p in params)
+
+
 def check_group_norm(x, weight, bias, emb):
     """Validate x (B, C, H, W), weight and bias (C,), emb (B, C) or None; errors name the argument.
     Returns x's layout (``layout_of``)."""
@@ -420,6 +426,7 @@ def partials(x):
 def apply(x, mean, rstd, weight, bias, emb=None, out=None):
     """relu((x - mean) * rstd * weight + bias) + emb with given (B,) statistics: one ``_gn_apply_kernel``."""
     channels_last = check_group_norm(x, weight, bias, emb)
+    weight, bias = dense(weight, bias)
     B, C, H, W = x.shape
     HW = H * W
     block_c, block_hw = tile_config(C, HW, channels_last)
@@ -453,6 +460,7 @@ def apply_from_partials(x, partials, eps, weight, bias, emb=None):
     """(relu((x - mean) * rstd * weight + bias) + emb, mean, rstd) with x's statistics folded from its
     (B, P, 3) partials inside the apply kernel: one launch (``_gn_apply_partials_kernel``)."""
     channels_last = check_group_norm(x, weight, bias, emb)
+    weight, bias = dense(weight, bias)
     B, C, H, W = x.shape
     HW = H * W
     block_c, block_hw = tile_config(C, HW, channels_last)
@@ -492,6 +500,7 @@ def group_norm_relu_bwd(dy, x, weight, bias, mean, rstd):
 
     dy may have any strides; it is brought to x's memory format first."""
     channels_last = check_group_norm(x, weight, bias, None)
+    weight, bias = dense(weight, bias)
     B, C, H, W = x.shape
     HW = H * W
     dy = dy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -259,6 +259,10 @@ def _launch(x2, weight, bias, out, M_grp, groups, *, residual=None, ln=None, gn=
     n_out = weight.shape[0]
     if out.numel() == 0:
         return
+    # the (N_out,) and (K,) parameters are read as ptr + index: contiguous (a copy only for a strided view)
+    bias = bias.contiguous()
+    ln = (ln[0].contiguous(), ln[1].contiguous(), ln[2]) if ln is not None else None
+    gn = (gn[0], gn[1].contiguous(), gn[2].contiguous(), *gn[3:]) if gn is not None else None
     bm, bn, bk, warps, stages = config(x2.dtype, n_out)
     ln_w, ln_b, ln_eps = ln if ln is not None else (bias, bias, 0.0)
     prologue = 0 if ln is None else (2 if gn is not None else 1)

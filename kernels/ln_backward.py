@@ -114,6 +114,7 @@ def ln_linear_bwd(d, x, ln_weight, ln_eps, weight):
             raise TypeError(f"{name} ({t.dtype}, {t.device}) must match x ({x.dtype}, {x.device})")
     x = x.contiguous()
     d = d.contiguous()
+    ln_weight = ln_weight.contiguous()  # read as ptr + k
     bm, bn, warps, stages = config(x.dtype, K)
     programs = triton.cdiv(M, bm)
     dx = torch.empty_like(x)

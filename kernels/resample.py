@@ -162,6 +162,7 @@ def gn_relu_maxpool(y, partials, gn_weight, gn_bias, eps):
     if H % 2 or W % 2:
         raise ValueError(f"y's height and width must be even for the 2x2 max-pool, got {H}x{W}")
     y = y.contiguous(memory_format=torch.channels_last)
+    gn_weight, gn_bias = _gn.dense(gn_weight, gn_bias)  # read as ptr + c
     x = torch.empty_like(y)
     pooled = torch.empty((B, C, H // 2, W // 2), device=y.device, dtype=y.dtype, memory_format=torch.channels_last)
     if y.numel() == 0:
@@ -180,6 +181,7 @@ def upsample2x(x, norm=None):
     check_input("x", x)
     if norm is not None:
         check_norm(x, *norm[:3])
+        norm = (norm[0], *_gn.dense(norm[1], norm[2]), norm[3])  # read as ptr + c
     B, C, h, w = x.shape
     out = torch.empty((B, C, 2 * h, 2 * w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     if out.numel() == 0:
