@@ -148,12 +148,16 @@ _FREQ = {}
 
 
 def freq_table(dim, device):
-    """f_j = 10000 ** (-2j / dim), j < dim/2, float32 correctly rounded (computed in float64, cached)."""
-    key = (dim, str(device))
-    if key not in _FREQ:
-        j = torch.arange(0, dim, 2, dtype=torch.float64)
-        _FREQ[key] = (1.0 / 10000.0 ** (j / dim)).to(torch.float32).to(device)
-    return _FREQ[key]
+    """f_j = 10000 ** (-2j / dim), j < dim/2, float32 correctly rounded (computed in float64), cached per
+    (dim, device). Built on the device itself by torch ops, so no CPU tensor and no host-device copy is
+    made, even on the first call; after it nothing is (CUDA-graph capture after a warm-up sees no copy)."""
+    device = torch.device(device)
+    key = (dim, device)
+    table = _FREQ.get(key)
+    if table is None:
+        j = torch.arange(0, dim, 2, dtype=torch.float64, device=device)
+        table = _FREQ[key] = torch.reciprocal(torch.pow(10000.0, j / dim)).to(torch.float32)
+    return table
 
 
 def check_time_embedding(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
