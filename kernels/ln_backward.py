@@ -17,13 +17,15 @@ them). Each program writes its rows' partial d ln_w, d ln_b sums (float32, (prog
 over programs by ``group_norm._gn_bwd_param_kernel`` (a column sum stored in the weight's dtype).
 
 Grid (cdiv(M, BLOCK_M),). Bytes per call: read d (M*N_out), W, x (M*K); write dx (M*K) and the
-partials; FLOPs 2*M*N_out*K. float32 inputs use exact dots, bf16/fp16 the tensor cores (``_common.dot``).
+partials; FLOPs 2*M*N_out*K. float32 inputs use exact dots (TF32 where PyTorch's
+matmul setting allows it, ``_common.matmul_ieee``), bf16/fp16 the tensor cores (``_common.dot``).
 """
 import triton
 import triton.language as tl
 
 from ._common import DTYPE_NAMES
 from ._common import dot as _dot
+from ._common import matmul_ieee, precisions
 from ._common import to_dtype as _to
 
 
@@ -127,7 +129,7 @@ def ln_linear_bwd(d, x, ln_weight, ln_eps, weight):
     _ln_linear_bwd_kernel[(programs,)](d, weight, x, ln_weight, dx, part_w, part_b, M, K, d.shape[1],
                                        weight.stride(0), weight.stride(1), float(ln_eps), BLOCK_M=bm, BLOCK_N=bn,
                                        BLOCK_KF=max(64, triton.next_power_of_2(K)),
-                                       IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages)
+                                       IEEE=matmul_ieee(x.dtype), num_warps=warps, num_stages=stages)
     _gn._gn_bwd_param_kernel[(triton.cdiv(K, 128),)](part_w, part_b, dlw, dlb, programs, K, BLOCK_C=128,
                                                       num_warps=4)
     return dx, dlw, dlb
@@ -156,8 +158,11 @@ def aot_builds():
     out = []
     for dt in DTYPE_NAMES:
         for (kind, kf), (bm, bn, warps, stages) in sorted(CONFIGS.items()):
-            if (kind == "float32") == (dt == "float32"):
-                out.append(("ln_linear_bwd", _ln_linear_bwd_kernel, f"{dt} K<={kf} {bm}x{bn} w{warps} s{stages}",
-                            dt, dict(stride_wi=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KF=kf, IEEE=dt == "float32"),
+            if (kind == "float32") != (dt == "float32"):
+                continue
+            for ieee, tag in precisions(dt):
+                out.append(("ln_linear_bwd", _ln_linear_bwd_kernel,
+                            f"{dt} K<={kf} {bm}x{bn} w{warps} s{stages}{tag}",
+                            dt, dict(stride_wi=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KF=kf, IEEE=ieee),
                             dict(num_warps=warps, num_stages=stages)))
     return out

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ._common import DTYPE_NAMES, DTYPES
 from ._common import dot as _dot
+from ._common import matmul_ieee, precisions
 from ._common import relu as _relu
 
 
@@ -197,7 +198,7 @@ def time_embedding_fwd(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
     cfg = FWD_CONFIG
     grid = (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(max(cd, cu), cfg["BLOCK_O"]), 2)
     _temb_fwd_kernel[grid](t, freq_table(dim, t.device), rw, rb, down, sw, sb, up, B, dim, cd, cu, t.stride(0),
-                           IEEE=rw.dtype == torch.float32, **cfg)
+                           IEEE=matmul_ieee(rw.dtype), **cfg)
     return down, up
 
 
@@ -217,7 +218,7 @@ def time_embedding_bwd(g_down, g_up, t, dim, relu_weight, silu_weight):
     cfg = BWD_CONFIG
     grid = (triton.cdiv(max(cd, cu), cfg["BLOCK_O"]), triton.cdiv(dim, cfg["BLOCK_K"]), 2)
     _temb_bwd_kernel[grid](t, freq_table(dim, t.device), g_down, g_up, drw, drb, dsw, dsb, B, dim, cd, cu, t.stride(0),
-                           IEEE=relu_weight.dtype == torch.float32, **cfg)
+                           IEEE=matmul_ieee(relu_weight.dtype), **cfg)
     return drw, drb, dsw, dsb
 
 
@@ -248,8 +249,9 @@ def aot_builds():
             ce = {k: v for k, v in tcfg.items() if k.startswith("BLOCK")}
             opts = {k: v for k, v in tcfg.items() if k.startswith("num_")}
             for t_type in ("i64", "i32", "fp32"):
-                label = (f"{dt} t:{t_type} {ce['BLOCK_B']}x{ce['BLOCK_O']}x{ce['BLOCK_K']} "
-                         f"w{opts['num_warps']} s{opts['num_stages']}")
-                out.append((name, fn, label, dt, dict(ce, IEEE=dt == "float32"),
-                            dict(opts, arg_types={"t_ptr": "*" + t_type})))
+                for ieee, tag in precisions(dt):
+                    label = (f"{dt} t:{t_type} {ce['BLOCK_B']}x{ce['BLOCK_O']}x{ce['BLOCK_K']} "
+                             f"w{opts['num_warps']} s{opts['num_stages']}{tag}")
+                    out.append((name, fn, label, dt, dict(ce, IEEE=ieee),
+                                dict(opts, arg_types={"t_ptr": "*" + t_type})))
     return out
