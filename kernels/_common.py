@@ -64,6 +64,25 @@ def precisions(dtype_name):
     return [(True, ""), (False, " tf32")] if dtype_name == "float32" else [(False, "")]
 
 
+def with_ones(builds, ones):
+    """``builds`` plus, for the first build of each kernel label, one build per int argument in ``ones``
+    (those that are 1 at inputs the launchers take: a batch of one, a 1x1 image, one channel...) with that
+    argument specialised to the constant 1, and one with all of them at 1, as the JIT does on a GPU
+    (``triton.jit`` turns an int argument equal to 1 into a constexpr): code that only compiles when an
+    argument is a tensor (``(C * HW).to(...)`` with both at 1; a variable that is a constant on one branch
+    and a tensor on the other) fails there. The label gets `` <name>=1`` for each."""
+    out = list(builds)
+    first = {}
+    for b in builds:
+        first.setdefault(b[0], b)
+    for name, fn, label, dtype, ce, opts in first.values():
+        args = [a for a in sorted(ones) if a in fn.arg_names and a not in ce]
+        for subset in [[a] for a in args] + ([args] if len(args) > 1 else []):
+            out.append((name, fn, label + "".join(f" {a}=1" for a in subset), dtype,
+                        dict(ce, **{a: 1 for a in subset}), dict(opts)))
+    return out
+
+
 @triton.jit
 def dot(a, b, IEEE: tl.constexpr):
     """tl.dot(a, b) with float32 accumulation; ``IEEE``: exact float32 products; otherwise float32 operands

@@ -24,7 +24,7 @@ import math
 import triton
 import triton.language as tl
 
-from ._common import DTYPE_NAMES, DTYPES
+from ._common import DTYPE_NAMES, DTYPES, with_ones
 from ._common import dot as _dot
 from ._common import matmul_ieee, precisions
 from ._common import max_nan as _max_nan
@@ -280,6 +280,8 @@ WRITES = {
 AOT_FP32_POINTERS = {"lse_ptr", "delta_ptr"}
 AOT_FLOAT_ARGS = {"qk_scale", "sm_scale"}
 AOT_ALIGNED_INTS = {"stride_b", "stride_n", "stride_t", "stride_h"}
+# Ints that are 1 at inputs the launchers take (heads = 1; N = 1 token (a 1x1 image)): the JIT specialises them to constants.
+AOT_ONE_INTS = {"N", "H"}
 
 
 def aot_builds():
@@ -298,4 +300,4 @@ def aot_builds():
             bm, _, warps, _ = config("preprocess", d, dt)
             out.append(("attn_bwd_preprocess", _attn_bwd_preprocess, f"{dt} d={d} {bm} w{warps}", dt,
                         dict(D=d, BLOCK_M=bm), dict(num_warps=warps)))
-    return out
+    return with_ones(out, AOT_ONE_INTS)

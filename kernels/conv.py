@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import group_norm as _gn
-from ._common import DTYPE_NAMES, DTYPES
+from ._common import DTYPE_NAMES, DTYPES, with_ones
 from ._common import conv_ieee, precisions
 from ._common import dot as _dot
 from ._common import maximum as _maximum
@@ -261,6 +261,8 @@ WRITES = {
 AOT_FP32_POINTERS = {"part_ptr", "pin_ptr"}
 AOT_FLOAT_ARGS = {"eps"}
 AOT_ALIGNED_INTS = {"C1", "C_in", "stride_xb", "stride_xh", "stride_xw", "stride_x2b", "stride_x2h", "stride_x2w"}
+# Ints that are 1 at inputs the launchers take (a 1-pixel side, one input channel, one partial): the JIT specialises them to constants.
+AOT_ONE_INTS = {"H", "W", "C1", "C_in", "P_in"}
 
 
 def aot_builds():
@@ -283,4 +285,4 @@ def aot_builds():
                             dict(dict(POOL_IN=False), **ce_x, stride_wc=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                  IEEE=ieee, NORM_IN=norm_in, HAS_X2=has_x2, BLOCK_P=NORM_BLOCK_P),
                             dict(num_warps=warps, num_stages=stages)))
-    return out
+    return with_ones(out, AOT_ONE_INTS)

@@ -42,7 +42,7 @@ import itertools
 import triton
 import triton.language as tl
 
-from ._common import DTYPE_NAMES, DTYPES
+from ._common import DTYPE_NAMES, DTYPES, with_ones
 from ._common import dot as _dot
 from ._common import matmul_ieee, precisions
 from ._common import relu as _relu
@@ -349,6 +349,8 @@ WRITES = {
 AOT_FP32_POINTERS = {"part_ptr", "mean_ptr", "rstd_ptr"}
 AOT_FLOAT_ARGS = {"ln_eps", "gn_eps"}
 AOT_ALIGNED_INTS = {"K", "N_out", "stride_wo"}
+# Ints that are 1 at inputs the launchers take (one token per group, one feature in or out, one partial): the JIT specialises them to constants.
+AOT_ONE_INTS = {"M_grp", "K", "N_out", "P"}
 
 
 def aot_builds():
@@ -370,4 +372,4 @@ def aot_builds():
                           BLOCK_K=bk, BLOCK_P=BLOCK_P)
                 out.append((name, _linear_kernel, f"{dt} {bm}x{bn}x{bk} w{warps} s{stages}{tag}{ptag}", dt,
                             ce, dict(num_warps=warps, num_stages=stages)))
-    return out
+    return with_ones(out, AOT_ONE_INTS)

@@ -29,7 +29,7 @@ import math
 import triton
 import triton.language as tl
 
-from ._common import DTYPE_NAMES
+from ._common import DTYPE_NAMES, with_ones
 from ._common import dot as _dot
 from ._common import matmul_ieee, precisions
 from ._common import to_dtype as _to
@@ -210,6 +210,8 @@ WRITES = {
 AOT_FP32_POINTERS = {"dlw_ptr", "dlb_ptr", "pw_ptr", "pb_ptr", "ow_ptr", "ob_ptr"}
 AOT_FLOAT_ARGS = {"eps"}
 AOT_ALIGNED_INTS = {"K", "N_out", "stride_wo"}
+# Ints that are 1 at inputs the launchers take (one row, one feature in or out, one row of partials): the JIT specialises them to constants.
+AOT_ONE_INTS = {"M", "K", "N_out", "R"}
 
 
 def aot_builds():
@@ -228,4 +230,4 @@ def aot_builds():
     br, bk = REDUCE_BLOCK
     out.append(("ln_param_partial_sum", _col_partial_sum_kernel, f"{br}x{bk} w4", "float32",
                 dict(BLOCK_R=br, BLOCK_K=bk), dict(num_warps=4)))
-    return out
+    return with_ones(out, AOT_ONE_INTS)

@@ -19,7 +19,7 @@ over the batch; the encoding is recomputed.
 import triton
 import triton.language as tl
 
-from ._common import DTYPE_NAMES, DTYPES
+from ._common import DTYPE_NAMES, DTYPES, with_ones
 from ._common import dot as _dot
 from ._common import matmul_ieee, precisions
 from ._common import relu as _relu
@@ -73,16 +73,17 @@ def _temb_fwd_kernel(
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     outs = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     which = tl.program_id(2)
+    # C as a tensor on both sides: an int argument equal to 1 is a constant on a GPU, and a variable that is a
+    # constant on one branch and a tensor on the other does not compile with every Triton
+    C = tl.where(which == 0, C_down, C_up)
     if which == 0:
         w_ptr = rw_ptr
         b_ptr = rb_ptr
         o_ptr = down_ptr
-        C = C_down
     else:
         w_ptr = sw_ptr
         b_ptr = sb_ptr
         o_ptr = up_ptr
-        C = C_up
     if tl.program_id(1) * BLOCK_O < C:
         half = dim // 2
         acc = tl.zeros([BLOCK_B, BLOCK_O], dtype=tl.float32)
@@ -109,16 +110,15 @@ def _temb_bwd_kernel(
     outs = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     which = tl.program_id(2)
+    C = tl.where(which == 0, C_down, C_up)  # a tensor on both sides (see _temb_fwd_kernel)
     if which == 0:
         g_ptr = gd_ptr
         dw_ptr = drw_ptr
         db_ptr = drb_ptr
-        C = C_down
     else:
         g_ptr = gu_ptr
         dw_ptr = dsw_ptr
         db_ptr = dsb_ptr
-        C = C_up
     if tl.program_id(0) * BLOCK_O < C:
         half = dim // 2
         dw = tl.zeros([BLOCK_O, BLOCK_K], dtype=tl.float32)
@@ -237,6 +237,8 @@ WRITES = {
 AOT_FP32_POINTERS = {"freq_ptr", "drw_ptr", "drb_ptr", "dsw_ptr", "dsb_ptr"}
 AOT_FLOAT_ARGS = set()
 AOT_ALIGNED_INTS = set()
+# Ints that are 1 at inputs the launchers take (a batch of one, one output channel, t's unit stride): the JIT specialises them to constants.
+AOT_ONE_INTS = {"B", "C_down", "C_up", "stride_t"}
 
 
 def aot_builds():
@@ -254,4 +256,4 @@ def aot_builds():
                              f"w{opts['num_warps']} s{opts['num_stages']}{tag}")
                     out.append((name, fn, label, dt, dict(ce, IEEE=ieee),
                                 dict(opts, arg_types={"t_ptr": "*" + t_type})))
-    return out
+    return with_ones(out, AOT_ONE_INTS)
