@@ -55,8 +55,8 @@ def _conv_k_loop(acc, x_base, stride_xc, w_tap, stride_wc, pix, pix_ok, w_noff, 
             a = m.to(a.dtype)
         if NORM_IN:
             scale = tl.load(gw_ptr + c, mask=c_ok, other=0.0).to(tl.float32) * rstd
-            shift = tl.load(gb_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-            v = _relu((a.to(tl.float32) - mean) * scale[None, :] + shift[None, :])  # group_norm._pre_relu
+            shift = tl.load(gb_ptr + c, mask=c_ok, other=0.0).to(tl.float32) - mean * scale
+            v = _relu(a.to(tl.float32) * scale[None, :] + shift[None, :])  # group_norm._pre_relu's formula
             # padding is applied after normalisation: padded pixels are zeros of the normalised input
             a = tl.where(a_mask, v, 0.0).to(a.dtype)
         wt = tl.load(w_tap + (c_lo + c)[:, None] * stride_wc + w_noff[None, :],

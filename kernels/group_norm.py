@@ -128,28 +128,27 @@ def _gn_combine_kernel(
 
 
 @triton.jit
-def _scale_shift(w_ptr, bias_ptr, c, c_mask, rstd):
-    """Per-channel (scale, shift) = (w * rstd, bias), float32: the pre-ReLU value is
-    ``_pre_relu(x, mean, scale, shift)``."""
+def _scale_shift(w_ptr, bias_ptr, c, c_mask, mean, rstd):
+    """Per-channel (scale, shift) = (w * rstd, bias - mean * scale), float32, as PyTorch's GroupNorm kernel
+    forms them: the pre-ReLU value is ``_pre_relu(x, scale, shift)``."""
     w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
     bb = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    return w * rstd, bb
+    scale = w * rstd
+    return scale, bb - mean * scale
 
 
 @triton.jit
-def _pre_relu(xv, mean, scale, shift):
-    """z = (x - mean) * scale + shift for a [BLOCK_C, BLOCK_HW] tile: the one formula (and order of
-    operations) of the forward's normalisation, which the backward recomputes for its ReLU mask. Centred
-    first, as eager computes it (addcmul(bias, x - mean, rstd * w)): no cancellation at a large mean, and an
-    infinite weight gives +-inf (not inf - inf = NaN) where eager does."""
-    return (xv - mean) * scale[:, None] + shift[:, None]
+def _pre_relu(xv, scale, shift):
+    """z = x * scale + shift for a [BLOCK_C, BLOCK_HW] tile: the one formula (and order of operations) of
+    the forward's normalisation, which the backward recomputes for its ReLU mask."""
+    return xv * scale[:, None] + shift[:, None]
 
 
 @triton.jit
-def _relu_mask_grad(xv, dy, mean, scale, shift, y_dtype: tl.constexpr):
+def _relu_mask_grad(xv, dy, scale, shift, y_dtype: tl.constexpr):
     """dz = threshold_backward(dy, y, 0) (dy where not y <= 0: NaN passes, as in PyTorch) with y = relu(z)
     in y's dtype (what an unfused ReLU stores), z recomputed exactly as the forward computed it."""
-    y = _relu(_pre_relu(xv, mean, scale, shift)).to(y_dtype)
+    y = _relu(_pre_relu(xv, scale, shift)).to(y_dtype)
     return tl.where(y <= 0.0, 0.0, dy)
 
 
@@ -169,10 +168,10 @@ def _apply_tile(x_ptr, y_ptr, w_ptr, bias_ptr, emb_ptr, mean, rstd, b, hwb, cb, 
     hw = hwb * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_mask = c < C
     mask = c_mask[:, None] & (hw < HW)[None, :]
-    scale, shift = _scale_shift(w_ptr, bias_ptr, c, c_mask, rstd)
+    scale, shift = _scale_shift(w_ptr, bias_ptr, c, c_mask, mean, rstd)
     offs = b.to(tl.int64) * C * HW + _tile_offsets(c, hw, C, HW, CHANNELS_LAST)
     xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _relu(_pre_relu(xv, mean, scale, shift))
+    y = _relu(_pre_relu(xv, scale, shift))
     if HAS_EMB:
         e = tl.load(emb_ptr + b.to(tl.int64) * stride_eb + c * stride_ec, mask=c_mask, other=0.0).to(tl.float32)
         y = y + e[:, None]
@@ -230,7 +229,7 @@ def _gn_bwd_reduce_kernel(
     c_mask = c < C
     mean = tl.load(mean_ptr + b)
     rstd = tl.load(rstd_ptr + b)
-    scale, shift = _scale_shift(w_ptr, bias_ptr, c, c_mask, rstd)
+    scale, shift = _scale_shift(w_ptr, bias_ptr, c, c_mask, mean, rstd)
     base = b.to(tl.int64) * C * HW
     s_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
     s_dzx = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -243,7 +242,7 @@ def _gn_bwd_reduce_kernel(
         xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x_hat = (xv - mean) * rstd
-        dz = _relu_mask_grad(xv, dy, mean, scale, shift, x_ptr.dtype.element_ty)
+        dz = _relu_mask_grad(xv, dy, scale, shift, x_ptr.dtype.element_ty)
         s_dy += tl.sum(dy, axis=1)
         s_dzx += tl.sum(dz * x_hat, axis=1)
         s_dz += tl.sum(dz, axis=1)
@@ -328,12 +327,12 @@ def _gn_bwd_dx_kernel(
     s1 = tl.load(sums_ptr + b * 2) * inv_m
     s2 = tl.load(sums_ptr + b * 2 + 1) * inv_m
     w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    scale, shift = _scale_shift(w_ptr, bias_ptr, c, c_mask, rstd)
+    scale, shift = _scale_shift(w_ptr, bias_ptr, c, c_mask, mean, rstd)
     offs = b.to(tl.int64) * C * HW + _tile_offsets(c, hw, C, HW, CHANNELS_LAST)
     xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x_hat = (xv - mean) * rstd
-    dz = _relu_mask_grad(xv, dy, mean, scale, shift, x_ptr.dtype.element_ty)
+    dz = _relu_mask_grad(xv, dy, scale, shift, x_ptr.dtype.element_ty)
     dx = rstd * (dz * w[:, None] - (s1 + x_hat * s2))
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 

@@ -66,7 +66,7 @@ def _a_tile(
         w = tl.load(gn_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
         b = tl.load(gn_b_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
         scale = w * gn_rstd
-        v = _relu((v - gn_mean) * scale[None, :] + b[None, :])  # group_norm._pre_relu's formula
+        v = _relu(v * scale[None, :] + (b - gn_mean * scale)[None, :])  # group_norm._pre_relu's formula
         if HAS_EMB:
             e = tl.load(emb_row + k * stride_ec, mask=k_ok, other=0.0).to(tl.float32)
             v = v + e[None, :]

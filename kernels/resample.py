@@ -29,27 +29,26 @@ from ._common import relu as _relu
 
 
 @triton.jit
-def _norm_load(ptr, mask, mean, scale, shift, NORM_IN: tl.constexpr):
+def _norm_load(ptr, mask, scale, shift, NORM_IN: tl.constexpr):
     """Load a (BLOCK_P, BLOCK_C) tile in float32, normalised on load (rounded to the dtype) if NORM_IN, with
     ``group_norm._pre_relu``'s formula."""
     v = tl.load(ptr, mask=mask, other=0.0)
     if NORM_IN:
-        v = _relu((v.to(tl.float32) - mean) * scale[None, :] + shift[None, :]).to(v.dtype)
+        v = _relu(v.to(tl.float32) * scale[None, :] + shift[None, :]).to(v.dtype)
     return v.to(tl.float32)
 
 
 @triton.jit
 def _scale_shift(pin_ptr, gw_ptr, gb_ptr, b, c, c_mask, P_in, eps, NORM_IN: tl.constexpr, BLOCK_P_IN: tl.constexpr):
-    """(mean, scale, shift) of the normalise on load: (x - mean) * scale + shift, then ReLU."""
+    """(scale, shift) of the normalise on load: x * scale + shift, then ReLU (group_norm._pre_relu)."""
     if NORM_IN:
         mean, rstd = _gn.partials_stats(pin_ptr, b, P_in, eps, BLOCK_P_IN)
         scale = tl.load(gw_ptr + c, mask=c_mask, other=0.0).to(tl.float32) * rstd
-        shift = tl.load(gb_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        shift = tl.load(gb_ptr + c, mask=c_mask, other=0.0).to(tl.float32) - mean * scale
     else:
-        mean = 0.0
         scale = tl.full(c.shape, 1.0, tl.float32)
         shift = tl.zeros(c.shape, tl.float32)
-    return mean, scale, shift
+    return scale, shift
 
 
 @triton.jit
@@ -70,7 +69,7 @@ def _gn_relu_pool_kernel(
     p_mask = p < HWo
     c_mask = c < C
     mask = p_mask[:, None] & c_mask[None, :]
-    mean, scale, shift = _scale_shift(pin_ptr, gw_ptr, gb_ptr, b, c, c_mask, P_in, eps, True, BLOCK_P_IN)
+    scale, shift = _scale_shift(pin_ptr, gw_ptr, gb_ptr, b, c, c_mask, P_in, eps, True, BLOCK_P_IN)
     oh = p // Wo
     ow = p % Wo
     base = b.to(tl.int64) * H * W * C
@@ -78,7 +77,7 @@ def _gn_relu_pool_kernel(
     for i in range(4):
         pix = (2 * oh + i // 2) * W + (2 * ow + i % 2)
         offs = base + pix[:, None] * C + c[None, :]
-        v = _norm_load(y_ptr + offs, mask, mean, scale, shift, True)
+        v = _norm_load(y_ptr + offs, mask, scale, shift, True)
         tl.store(x_ptr + offs, v.to(x_ptr.dtype.element_ty), mask=mask)
         best = _maximum(best, v)  # NaN wins, as in max_pool2d
     tl.store(pool_ptr + b.to(tl.int64) * HWo * C + p[:, None] * C + c[None, :],
@@ -103,7 +102,7 @@ def _upsample2x_kernel(
     p_mask = p < Ho * Wo
     c_mask = c < C
     mask = p_mask[:, None] & c_mask[None, :]
-    mean, scale, shift = _scale_shift(pin_ptr, gw_ptr, gb_ptr, b, c, c_mask, P_in, eps, NORM_IN, BLOCK_P_IN)
+    scale, shift = _scale_shift(pin_ptr, gw_ptr, gb_ptr, b, c, c_mask, P_in, eps, NORM_IN, BLOCK_P_IN)
     oh = p // Wo
     ow = p % Wo
     src_h = oh.to(tl.float32) * scale_h
@@ -117,10 +116,10 @@ def _upsample2x_kernel(
     h0l = 1.0 - h1l
     w0l = 1.0 - w1l
     base = x_ptr + b.to(tl.int64) * stride_xb + c[None, :] * stride_xc
-    v00 = _norm_load(base + (h0 * stride_xh + w0 * stride_xw)[:, None], mask, mean, scale, shift, NORM_IN)
-    v01 = _norm_load(base + (h0 * stride_xh + w1 * stride_xw)[:, None], mask, mean, scale, shift, NORM_IN)
-    v10 = _norm_load(base + (h1 * stride_xh + w0 * stride_xw)[:, None], mask, mean, scale, shift, NORM_IN)
-    v11 = _norm_load(base + (h1 * stride_xh + w1 * stride_xw)[:, None], mask, mean, scale, shift, NORM_IN)
+    v00 = _norm_load(base + (h0 * stride_xh + w0 * stride_xw)[:, None], mask, scale, shift, NORM_IN)
+    v01 = _norm_load(base + (h0 * stride_xh + w1 * stride_xw)[:, None], mask, scale, shift, NORM_IN)
+    v10 = _norm_load(base + (h1 * stride_xh + w0 * stride_xw)[:, None], mask, scale, shift, NORM_IN)
+    v11 = _norm_load(base + (h1 * stride_xh + w1 * stride_xw)[:, None], mask, scale, shift, NORM_IN)
     out = (h0l[:, None] * (w0l[:, None] * v00 + w1l[:, None] * v01)
            + h1l[:, None] * (w0l[:, None] * v10 + w1l[:, None] * v11))
     tl.store(out_ptr + b.to(tl.int64) * Ho * Wo * C + p[:, None] * C + c[None, :],

@@ -84,11 +84,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_relu_fwd_cpu(
       s2[i] = t2;
     }
   });
-  // y = relu((x - mean) * scale + shift) + emb, centred first as eager computes it (an infinite weight gives
-  // +-inf, not inf - inf); relu keeps NaN (at::vec::maximum and std::max(NaN, 0.f) both return the NaN).
+  std::vector<float> scale(B * C), shift(B * C);  // y = relu(x * scale + shift) + emb
   float* mp = mean.mutable_data_ptr<float>();
   float* rp = rstd.mutable_data_ptr<float>();
-  std::vector<float> scale(B * C), shift(B * C);
   for (int64_t bi = 0; bi < B; ++bi) {
     double t1 = 0, t2 = 0;
     for (int64_t ci = 0; ci < nchunk; ++ci) {
@@ -102,9 +100,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_relu_fwd_cpu(
     mp[bi] = float(mu);
     rp[bi] = float(r);
     for (int64_t c = 0; c < C; ++c) {
-      const float a = rp[bi] * wp[c];  // float rstd * w: the product the backward recomputes
+      const float a = float(r * wp[c]);
       scale[bi * C + c] = a;
-      shift[bi * C + c] = bp[c];
+      shift[bi * C + c] = bp[c] - float(mu) * a;
     }
   }
 
@@ -121,27 +119,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_relu_fwd_cpu(
         const float* e = ep ? ep + bi * C : zeros.data();
         const float* xr = xp + r * C;
         float* yr = yp + r * C;
-        const float m = mp[bi];
-        const Vec mv(m);
         int64_t c = 0;
         for (; c + kVec <= C; c += kVec) {
-          Vec v = at::vec::fmadd(Vec::loadu(xr + c) - mv, Vec::loadu(sc + c), Vec::loadu(sh + c));
+          Vec v = at::vec::fmadd(Vec::loadu(xr + c), Vec::loadu(sc + c), Vec::loadu(sh + c));
           (at::vec::maximum(v, zero) + Vec::loadu(e + c)).store(yr + c);
         }
-        for (; c < C; ++c) yr[c] = std::max(std::fma(xr[c] - m, sc[c], sh[c]), 0.f) + e[c];
+        for (; c < C; ++c) yr[c] = std::max(xr[c] * sc[c] + sh[c], 0.f) + e[c];
       }
     });
   } else {
     at::parallel_for(0, B * C, grain(HW), [&](int64_t begin, int64_t end) {
       for (int64_t pc = begin; pc < end; ++pc) {
-        const float a = scale[pc], s = shift[pc], e = ep ? ep[pc] : 0.f, m = mp[pc / C];
-        const Vec av(a), sv(s), ev(e), mv(m);
+        const float a = scale[pc], s = shift[pc], e = ep ? ep[pc] : 0.f;
+        const Vec av(a), sv(s), ev(e);
         const float* xr = xp + pc * HW;
         float* yr = yp + pc * HW;
         int64_t j = 0;
         for (; j + kVec <= HW; j += kVec)
-          (at::vec::maximum(at::vec::fmadd(Vec::loadu(xr + j) - mv, av, sv), zero) + ev).store(yr + j);
-        for (; j < HW; ++j) yr[j] = std::max(std::fma(xr[j] - m, a, s), 0.f) + e;
+          (at::vec::maximum(at::vec::fmadd(Vec::loadu(xr + j), av, sv), zero) + ev).store(yr + j);
+        for (; j < HW; ++j) yr[j] = std::max(xr[j] * a + s, 0.f) + e;
       }
     });
   }
@@ -172,17 +168,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
   auto dx = at::empty_like(x, fmt);
   float* dxp = dx.mutable_data_ptr<float>();
 
-  // Per-sample affine of the forward, recomputed as the forward computed it: z = fma(x - mean, sc[c], sh[c])
-  // with sc = float(rstd * w) as the forward rounds it (its rstd is the double behind the saved float; the
-  // product is recomputed from the saved float here, so it matches up to that rounding); xhat = (x - mean) * rstd.
+  // Per-sample affine of the forward: z = x * sc[c] + sh[c]; xhat = (x - mean) * rstd.
   std::vector<float> sc(B * C), sh(B * C);
   for (int64_t bi = 0; bi < B; ++bi)
     for (int64_t c = 0; c < C; ++c) {
       sc[bi * C + c] = rp[bi] * wp[c];
-      sh[bi * C + c] = bp[c];
+      sh[bi * C + c] = bp[c] - mp[bi] * sc[bi * C + c];
     }
-  // 1. per (sample, channel): sum dy, sum dz, sum dz * xhat, with dz = threshold_backward(dy, z, 0): dy where
-  // not z <= 0 (NaN passes, as in PyTorch's ReLU backward).
+  // 1. per (sample, channel): sum dy, sum dz, sum dz * xhat, with dz = threshold_backward(dy, z, 0): dy
+  // unless z <= 0 (NaN passes, as in PyTorch's ReLU backward). The forward's ReLU keeps NaN too
+  // (at::vec::maximum propagates it; std::max(NaN, 0.f) returns the NaN).
   std::vector<double> sdy(B * C, 0.0), sdz(B * C, 0.0), sdzx(B * C, 0.0);
   const Vec zero(0.f);
   if (nhwc) {
@@ -206,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
           int64_t c = 0;
           for (; c + kVec <= C; c += kVec) {
             Vec xv = Vec::loadu(xr + c), g = Vec::loadu(gr + c);
-            Vec z = at::vec::fmadd(xv - mv, Vec::loadu(scb + c), Vec::loadu(shb + c));
+            Vec z = at::vec::fmadd(xv, Vec::loadu(scb + c), Vec::loadu(shb + c));
             Vec dz = Vec::blendv(g, zero, z <= zero);
             Vec xh = (xv - mv) * rv;
             (Vec::loadu(a_dy + c) + g).store(a_dy + c);
@@ -214,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
             at::vec::fmadd(dz, xh, Vec::loadu(a_dzx + c)).store(a_dzx + c);
           }
           for (; c < C; ++c) {
-            const float z = std::fma(xr[c] - mp[bi], scb[c], shb[c]);
+            const float z = xr[c] * scb[c] + shb[c];
             const float dz = z <= 0.f ? 0.f : gr[c];
             a_dy[c] += gr[c];
             a_dz[c] += dz;
@@ -243,14 +238,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
         int64_t j = 0;
         for (; j + kVec <= HW; j += kVec) {
           Vec xv = Vec::loadu(xr + j), g = Vec::loadu(gr + j);
-          Vec dz = Vec::blendv(g, zero, at::vec::fmadd(xv - mv, scv, shv) <= zero);
+          Vec dz = Vec::blendv(g, zero, at::vec::fmadd(xv, scv, shv) <= zero);
           a_dy = a_dy + g;
           a_dz = a_dz + dz;
           a_dzx = at::vec::fmadd(dz, (xv - mv) * rv, a_dzx);
         }
         double t_dy = hsum(a_dy), t_dz = hsum(a_dz), t_dzx = hsum(a_dzx);
         for (; j < HW; ++j) {
-          const float dz = std::fma(xr[j] - mp[bi], sc[pc], sh[pc]) <= 0.f ? 0.f : gr[j];
+          const float dz = xr[j] * sc[pc] + sh[pc] <= 0.f ? 0.f : gr[j];
           t_dy += gr[j];
           t_dz += dz;
           t_dzx += dz * (xr[j] - mp[bi]) * rp[bi];
@@ -300,13 +295,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
         int64_t c = 0;
         for (; c + kVec <= C; c += kVec) {
           Vec xv = Vec::loadu(xr + c);
-          Vec z = at::vec::fmadd(xv - mv, Vec::loadu(scb + c), Vec::loadu(shb + c));
+          Vec z = at::vec::fmadd(xv, Vec::loadu(scb + c), Vec::loadu(shb + c));
           Vec dz = Vec::blendv(Vec::loadu(gr + c), zero, z <= zero);
           Vec xh = (xv - mv) * rv;
           (rv * (dz * Vec::loadu(wp + c) - c1v - xh * c2v)).store(dr + c);
         }
         for (; c < C; ++c) {
-          const float dz = std::fma(xr[c] - m, scb[c], shb[c]) <= 0.f ? 0.f : gr[c];
+          const float dz = xr[c] * scb[c] + shb[c] <= 0.f ? 0.f : gr[c];
           dr[c] = rs * (dz * wp[c] - c1 - (xr[c] - m) * rs * c2);
         }
       }
@@ -323,11 +318,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
         int64_t j = 0;
         for (; j + kVec <= HW; j += kVec) {
           Vec xv = Vec::loadu(xr + j);
-          Vec dz = Vec::blendv(Vec::loadu(gr + j), zero, at::vec::fmadd(xv - mv, scv, shv) <= zero);
+          Vec dz = Vec::blendv(Vec::loadu(gr + j), zero, at::vec::fmadd(xv, scv, shv) <= zero);
           (rv * (dz * wv - c1v - (xv - mv) * rv * c2v)).store(dr + j);
         }
         for (; j < HW; ++j) {
-          const float dz = std::fma(xr[j] - m, sc[pc], sh[pc]) <= 0.f ? 0.f : gr[j];
+          const float dz = xr[j] * sc[pc] + sh[pc] <= 0.f ? 0.f : gr[j];
           dr[j] = rs * (dz * wc - c1 - (xr[j] - m) * rs * c2);
         }
       }

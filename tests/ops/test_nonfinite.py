@@ -1,14 +1,15 @@
 """NaN and Inf propagate as PyTorch propagates them, forward and backward, on every backend (issue 10).
 
 A NaN or an Inf is planted in one input of one op (the activation x, a weight, the timestep t); the op
-runs on the forced backend and eager PyTorch (``fast_unet.eager``, the unfused composition) runs on the
-same float32 inputs. Outputs and the gradients of every floating input must be NaN exactly where eager's
+runs on the forced backend and eager PyTorch (the unfused composition: ``fast_unet.eager``'s, with
+PyTorch's own ``F.group_norm`` + ReLU for the normalisation) runs on the same float32 inputs. Outputs and the gradients of every floating input must be NaN exactly where eager's
 are NaN, +-Inf exactly where eager's are, and close elsewhere. (On a GPU ``tl.maximum`` compiles to a
 NaN-dropping ``max.f32``, and under the interpreter to ``np.fmax``: a ReLU, max-pool or running max
 written with it turns a NaN into a finite number, which these tests catch.)
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fast_unet import eager, ops
 from helpers import assert_close, run_or_skip
@@ -17,7 +18,10 @@ NAN, INF = float("nan"), float("inf")
 
 
 def _gn(y, gw, gb, eps, emb, partials):
-    return eager.group_norm_relu(y, gw, gb, eps, emb)
+    """relu(GroupNorm(1, C)(y)) + emb as PyTorch computes it (F.group_norm: x * (rstd * w) + (b - mean * rstd * w),
+    the formula of the kernels' normalisation too)."""
+    out = torch.relu(F.group_norm(y, 1, gw, gb, eps))
+    return out if emb is None else out + emb[:, :, None, None]
 
 
 def _cl(t):
@@ -35,13 +39,13 @@ CASES = {
         "group_norm_relu",
         lambda: dict(x=_r(2, 16, 5, 6), w=_r(16), b=_r(16), emb=_r(2, 16)),
         lambda x, w, b, emb: ops.group_norm_relu(x, w, b, 1e-5, emb),
-        lambda x, w, b, emb: eager.group_norm_relu(x, w, b, 1e-5, emb),
+        lambda x, w, b, emb: _gn(x, w, b, 1e-5, emb, None),
     ),
     "group_norm_relu-nhwc": (
         "group_norm_relu",
         lambda: dict(x=_cl(_r(2, 16, 5, 6)), w=_r(16), b=_r(16), emb=_r(2, 16)),
         lambda x, w, b, emb: ops.group_norm_relu(x, w, b, 1e-5, emb),
-        lambda x, w, b, emb: eager.group_norm_relu(x, w, b, 1e-5, emb),
+        lambda x, w, b, emb: _gn(x, w, b, 1e-5, emb, None),
     ),
     "conv3x3": (
         "conv3x3",
@@ -136,6 +140,9 @@ CASES = {
     ),
 }
 
+# The plants in a GroupNorm weight.
+GN_WEIGHTS = {("group_norm_relu", "w"), ("conv3x3-norm", "gw"), ("upsample2x-norm", "gw"), ("gn_ln_linear", "gw")}
+
 # (case, planted input, flat index into it): the activation everywhere, each op's weights, t.
 PLANTS = [
     ("group_norm_relu", "x", 7), ("group_norm_relu", "w", 3), ("group_norm_relu", "emb", 5),
@@ -180,8 +187,12 @@ def _run(fn, inputs, device, gouts_seed=3):
 
 
 @pytest.mark.parametrize("case,name,idx,value", _params())
-def test_nonfinite_propagates_as_in_eager(backend, case, name, idx, value):
+def test_nonfinite_propagates_as_in_eager(request, backend, case, name, idx, value):
     _, make, fused, unfused = CASES[case]
+    if backend.name == "eager" and value in (INF, -INF) and (case, name) in GN_WEIGHTS:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "fast_unet.eager's GroupNorm computes (x - mean) * (rstd * w) + b, centred first: an infinite weight "
+            "gives +-inf where PyTorch's GroupNorm, x * (rstd * w) + (b - mean * rstd * w), gives inf - inf = NaN")))
     if case.endswith("-weight") and backend.name == "eager":
         pytest.skip("the eager backend is PyTorch's CPU convolution, which skips the padded taps (the reference "
                     "here multiplies them, as the explicitly padded convolution and an implicit GEMM do)")
