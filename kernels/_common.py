@@ -76,7 +76,8 @@ def with_ones(builds, ones):
     for b in builds:
         first.setdefault(b[0], b)
     for name, fn, label, dtype, ce, opts in first.values():
-        args = [a for a in sorted(ones) if a in fn.arg_names and a not in ce]
+        skip = {p.name for p in getattr(fn, "params", ()) if getattr(p, "do_not_specialize", False)}
+        args = [a for a in sorted(ones) if a in fn.arg_names and a not in ce and a not in skip]
         for subset in [[a] for a in args] + ([args] if len(args) > 1 else []):
             out.append((name, fn, label + "".join(f" {a}=1" for a in subset), dtype,
                         dict(ce, **{a: 1 for a in subset}), dict(opts)))
