@@ -89,7 +89,7 @@ def compile_one(fn, dtype, constexprs, options, arch):
     sig = _signature(fn, dtype, constexprs, options.pop("arg_types", {}))
     aligned_ints = _hints(fn)[2]
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-               if sig[n].startswith("*") or n in aligned_ints}
+               if sig[n] != "constexpr" and (sig[n].startswith("*") or n in aligned_ints)}
     target = GPUTarget("cuda", arch, 32)
     try:
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned)

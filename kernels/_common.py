@@ -14,9 +14,81 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _UPCAST_DOT = tl.constexpr(INTERPRET)
 
 
+def _fp32_precision(*chain):
+    """The first ``fp32_precision`` other than "none" along ``chain`` (leaf first: op, backend, global)."""
+    for obj in chain:
+        p = getattr(obj, "fp32_precision", "none")
+        if p != "none":
+            return p
+    return "none"
+
+
+def conv_tf32():
+    """True when PyTorch would run a float32 convolution with TF32: ``torch.backends.cudnn.conv.fp32_precision``
+    (then cudnn's, then the global one) is "tf32". That API is the authoritative one since torch 2.9: the legacy
+    ``torch.backends.cudnn.allow_tf32`` sets it (False -> "none", True -> "tf32", the default), while reading
+    the legacy flag after the new API was used raises. Older torch: ``allow_tf32``."""
+    b = torch.backends
+    conv = getattr(b.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return _fp32_precision(conv, b.cudnn, b) == "tf32"
+    return bool(b.cudnn.allow_tf32)
+
+
+def matmul_tf32():
+    """True when PyTorch would run a float32 matmul with TF32: ``torch.backends.cuda.matmul.fp32_precision``
+    (then the global one) is "tf32", which ``torch.set_float32_matmul_precision("high"/"medium")`` and the
+    legacy ``torch.backends.cuda.matmul.allow_tf32 = True`` set; "highest" (the default) leaves it "none".
+    Older torch: ``torch.get_float32_matmul_precision() != "highest"``."""
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision"):
+        return _fp32_precision(b.cuda.matmul, b.cuda, b) == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def conv_ieee(dtype):
+    """The ``IEEE`` constexpr of a convolution's dots: exact float32 products unless PyTorch allows TF32 for
+    convolutions (``conv_tf32``); False for bf16/fp16. Read by the launcher, at launch."""
+    return dtype == torch.float32 and not conv_tf32()
+
+
+def matmul_ieee(dtype):
+    """The ``IEEE`` constexpr of a matmul's (linear, attention) dots: exact float32 products unless PyTorch
+    allows TF32 for matmuls (``matmul_tf32``); False for bf16/fp16. Read by the launcher, at launch."""
+    return dtype == torch.float32 and not matmul_tf32()
+
+
+def precisions(dtype_name):
+    """[(IEEE, config label suffix)] of the builds a launcher can pick for a dtype (the compile report):
+    float32 exact and, where PyTorch allows TF32, " tf32"; bf16/fp16 their tensor cores."""
+    return [(True, ""), (False, " tf32")] if dtype_name == "float32" else [(False, "")]
+
+
+def with_ones(builds, ones):
+    """``builds`` plus, for the first build of each kernel label, one build per int argument in ``ones``
+    (those that are 1 at inputs the launchers take: a batch of one, a 1x1 image, one channel...) with that
+    argument specialised to the constant 1, and one with all of them at 1, as the JIT does on a GPU
+    (``triton.jit`` turns an int argument equal to 1 into a constexpr): code that only compiles when an
+    argument is a tensor (``(C * HW).to(...)`` with both at 1; a variable that is a constant on one branch
+    and a tensor on the other) fails there. The label gets `` <name>=1`` for each."""
+    out = list(builds)
+    first = {}
+    for b in builds:
+        first.setdefault(b[0], b)
+    for name, fn, label, dtype, ce, opts in first.values():
+        skip = {p.name for p in getattr(fn, "params", ()) if getattr(p, "do_not_specialize", False)}
+        args = [a for a in sorted(ones) if a in fn.arg_names and a not in ce and a not in skip]
+        for subset in [[a] for a in args] + ([args] if len(args) > 1 else []):
+            out.append((name, fn, label + "".join(f" {a}=1" for a in subset), dtype,
+                        dict(ce, **{a: 1 for a in subset}), dict(opts)))
+    return out
+
+
 @triton.jit
 def dot(a, b, IEEE: tl.constexpr):
-    """tl.dot(a, b) with float32 accumulation; ``IEEE``: exact float32 products (no TF32).
+    """tl.dot(a, b) with float32 accumulation; ``IEEE``: exact float32 products; otherwise float32 operands
+    take TF32 tensor cores (tl.dot's default input precision) and bf16/fp16 operands their own. The
+    launchers set IEEE from PyTorch's TF32 settings (``conv_ieee``, ``matmul_ieee``).
 
     Triton 3.8's interpreter computes tl.dot of bfloat16 operands wrongly; it computes every dot in
     float32 anyway, so under the interpreter the (already rounded) operands are upcast first: the
@@ -27,6 +99,25 @@ def dot(a, b, IEEE: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def relu(x):
+    """max(x, 0) that keeps NaN, as torch.relu does (``tl.maximum``'s default, ``max.f32`` on a GPU and
+    ``np.fmax`` under the interpreter, turns NaN into 0)."""
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def maximum(a, b):
+    """Elementwise max that propagates NaN from either side (max-pool, running maxima), as PyTorch does."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def max_nan(x, axis):
+    """``tl.max(x, axis)`` that propagates NaN (``tl.max`` combines with a NaN-dropping maximum)."""
+    return tl.reduce(x, axis, maximum)
 
 
 @triton.jit

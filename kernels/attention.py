@@ -16,15 +16,19 @@ dQ, dK, dV are written straight into dqkv (B, N, 3, heads, D), the gradient of t
 No atomics: the result is deterministic.
 
 Any N: rows and columns past N are masked (loads return 0, scores -inf, probabilities 0).
-float32 inputs use ``input_precision="ieee"`` dots (no TF32), bf16/fp16 the tensor cores.
+float32 inputs follow PyTorch's matmul TF32 setting (``_common.matmul_ieee``: ``input_precision="ieee"``
+dots at "highest", the default; TF32 at "high"/"medium"), bf16/fp16 the tensor cores.
 """
 import math
 
 import triton
 import triton.language as tl
 
-from ._common import DTYPE_NAMES, DTYPES
+from ._common import DTYPE_NAMES, DTYPES, with_ones
 from ._common import dot as _dot
+from ._common import matmul_ieee, precisions
+from ._common import max_nan as _max_nan
+from ._common import maximum as _maximum
 
 LOG2E = 1.4426950408889634
 
@@ -59,7 +63,7 @@ def _attn_fwd(
         kt = tl.load(k_base + offs_n[None, :] * stride_n + offs_d[:, None] * stride_d, mask=n_mask[None, :], other=0.0)
         s = _dot(q, kt, IEEE) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = _maximum(m_i, _max_nan(s, 1))  # NaN propagates, as in SDPA (masked columns are -inf)
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -186,18 +190,21 @@ import torch  # noqa: E402
 HEAD_DIMS = (16, 32, 64)
 
 
-def config(kernel, D, dtype):
+def config(kernel, D, dtype, ieee=True):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher uses for ``kernel`` at head dim D.
 
     ``dtype``: a torch dtype or its name. Chosen from the compile report (``python -m fast_unet.info
     --compile sm_80,sm_90``) so that no build spills on sm_80 or sm_90 and the half-precision builds
     use wgmma on sm_90 (the dots' M side, the outer tile, stays 64). float32 uses exact (FMA) dots,
-    whose register tiles are larger: 32x32 tiles from head dim 32 up."""
+    whose register tiles are larger: 32x32 tiles from head dim 32 up; ``ieee=False`` (float32 with TF32
+    allowed) the same tiles, but the forward at head dim 16 takes 2 stages (3 spilled 16 bytes on sm_80)."""
     fp32 = str(dtype).endswith("float32")
     if kernel == "preprocess":
         return 64, 0, 4, 1
     if fp32 and D >= 32:
         return 32, 32, 4, 2
+    if fp32 and not ieee and kernel == "fwd":
+        return 64, 64, 4, 2
     if kernel == "fwd":
         return 64, 64, 4, 3
     if kernel == "dkdv":
@@ -224,11 +231,12 @@ def attention_fwd(qkv):
     lse = torch.empty((B, H, N), device=qkv.device, dtype=torch.float32)
     if B * N * H == 0:
         return o, lse
-    bm, bn, warps, stages = config("fwd", D, qkv.dtype)
+    ieee = matmul_ieee(qkv.dtype)
+    bm, bn, warps, stages = config("fwd", D, qkv.dtype, ieee)
     sm_scale = 1.0 / math.sqrt(D)
     _attn_fwd[(triton.cdiv(N, bm), B * H)](
         qkv, o, lse, sm_scale * LOG2E, N, H, *qkv.stride(),
-        D=D, BLOCK_M=bm, BLOCK_N=bn, IEEE=qkv.dtype == torch.float32, num_warps=warps, num_stages=stages)
+        D=D, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -241,15 +249,15 @@ def attention_bwd(do, qkv, o, lse):
     if B * N * H == 0:
         return dqkv
     delta = torch.empty_like(lse)
-    ieee = qkv.dtype == torch.float32
+    ieee = matmul_ieee(qkv.dtype)
     sm_scale = 1.0 / math.sqrt(D)
     bm, _, warps, _ = config("preprocess", D, qkv.dtype)
     _attn_bwd_preprocess[(triton.cdiv(N, bm), B * H)](o, do, delta, N, H, D=D, BLOCK_M=bm, num_warps=warps)
-    bm, bn, warps, stages = config("dkdv", D, qkv.dtype)
+    bm, bn, warps, stages = config("dkdv", D, qkv.dtype, ieee)
     _attn_bwd_dkdv[(triton.cdiv(N, bn), B * H)](
         qkv, do, lse, delta, dqkv, sm_scale, sm_scale * LOG2E, N, H, *qkv.stride(),
         D=D, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, num_warps=warps, num_stages=stages)
-    bm, bn, warps, stages = config("dq", D, qkv.dtype)
+    bm, bn, warps, stages = config("dq", D, qkv.dtype, ieee)
     _attn_bwd_dq[(triton.cdiv(N, bm), B * H)](
         qkv, do, lse, delta, dqkv, sm_scale, sm_scale * LOG2E, N, H, *qkv.stride(),
         D=D, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, num_warps=warps, num_stages=stages)
@@ -272,6 +280,8 @@ WRITES = {
 AOT_FP32_POINTERS = {"lse_ptr", "delta_ptr"}
 AOT_FLOAT_ARGS = {"qk_scale", "sm_scale"}
 AOT_ALIGNED_INTS = {"stride_b", "stride_n", "stride_t", "stride_h"}
+# Ints that are 1 at inputs the launchers take (heads = 1; N = 1 token (a 1x1 image)): the JIT specialises them to constants.
+AOT_ONE_INTS = {"N", "H"}
 
 
 def aot_builds():
@@ -280,14 +290,14 @@ def aot_builds():
     out = []
     for dt in DTYPE_NAMES:
         for d in HEAD_DIMS:
-            ieee = dt == "float32"
-            for name, fn, key in (("attn_fwd", _attn_fwd, "fwd"), ("attn_bwd_dkdv", _attn_bwd_dkdv, "dkdv"),
-                                  ("attn_bwd_dq", _attn_bwd_dq, "dq")):
-                bm, bn, warps, stages = config(key, d, dt)
-                ce = dict(stride_d=1, D=d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee)
-                out.append((name, fn, f"{dt} d={d} {bm}x{bn} w{warps} s{stages}", dt, ce,
-                            dict(num_warps=warps, num_stages=stages)))
+            for ieee, tag in precisions(dt):
+                for name, fn, key in (("attn_fwd", _attn_fwd, "fwd"), ("attn_bwd_dkdv", _attn_bwd_dkdv, "dkdv"),
+                                      ("attn_bwd_dq", _attn_bwd_dq, "dq")):
+                    bm, bn, warps, stages = config(key, d, dt, ieee)
+                    ce = dict(stride_d=1, D=d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee)
+                    out.append((name, fn, f"{dt} d={d} {bm}x{bn} w{warps} s{stages}{tag}", dt, ce,
+                                dict(num_warps=warps, num_stages=stages)))
             bm, _, warps, _ = config("preprocess", d, dt)
             out.append(("attn_bwd_preprocess", _attn_bwd_preprocess, f"{dt} d={d} {bm} w{warps}", dt,
                         dict(D=d, BLOCK_M=bm), dict(num_warps=warps)))
-    return out
+    return with_ones(out, AOT_ONE_INTS)

@@ -14,16 +14,22 @@ and normalises y as it loads it, so y is never re-read for its statistics.
 x: (B, C_in, H, W) channels_last (NHWC in memory); weight: (C_out, C_in, 3, 3) read in place through its
 strides (no copy): the model keeps it channels_last, which is (C_out, 3, 3, C_in) in memory, so each
 output channel's K = 9 * C_in weights are contiguous in the GEMM's K order; y: (B, C_out, H, W)
-channels_last, x's dtype. Padding: masked loads (zeros). bf16/fp16 use the tensor cores with float32 accumulation; float32 uses exact
-(``input_precision="ieee"``) dots, to match eager float32. The statistics are those of y as stored
+channels_last, x's dtype. Padding: masked loads (zeros). bf16/fp16 use the tensor cores with float32 accumulation; float32 follows PyTorch's
+cuDNN convolution TF32 setting (``_common.conv_ieee``): TF32 tensor cores where eager's cuDNN would use them
+(PyTorch's default), exact (``input_precision="ieee"``) dots where it is off. The statistics are those of y as stored
 (rounded to its dtype), which is what an unfused GroupNorm reading y sees.
 """
+import itertools
+
 import triton
 import triton.language as tl
 
 from . import group_norm as _gn
-from ._common import DTYPE_NAMES, DTYPES
+from ._common import DTYPE_NAMES, DTYPES, with_ones
+from ._common import conv_ieee, precisions
 from ._common import dot as _dot
+from ._common import maximum as _maximum
+from ._common import relu as _relu
 
 
 @triton.jit
@@ -42,15 +48,15 @@ def _conv_k_loop(acc, x_base, stride_xc, w_tap, stride_wc, pix, pix_ok, w_noff, 
         a_mask = pix_ok[:, None] & c_ok[None, :]
         a_ptr = x_base + pix[:, None] + c[None, :] * stride_xc
         a = tl.load(a_ptr, mask=a_mask, other=0.0)
-        if POOL_IN:  # the max in float32 (exact: it picks one of the values), back to the input dtype
-            m = tl.maximum(a.to(tl.float32), tl.load(a_ptr + off_w, mask=a_mask, other=0.0).to(tl.float32))
-            m = tl.maximum(m, tl.load(a_ptr + off_h, mask=a_mask, other=0.0).to(tl.float32))
-            m = tl.maximum(m, tl.load(a_ptr + off_h + off_w, mask=a_mask, other=0.0).to(tl.float32))
+        if POOL_IN:  # the max in float32 (exact: it picks one of the values; NaN wins, as in max_pool2d)
+            m = _maximum(a.to(tl.float32), tl.load(a_ptr + off_w, mask=a_mask, other=0.0).to(tl.float32))
+            m = _maximum(m, tl.load(a_ptr + off_h, mask=a_mask, other=0.0).to(tl.float32))
+            m = _maximum(m, tl.load(a_ptr + off_h + off_w, mask=a_mask, other=0.0).to(tl.float32))
             a = m.to(a.dtype)
         if NORM_IN:
             scale = tl.load(gw_ptr + c, mask=c_ok, other=0.0).to(tl.float32) * rstd
             shift = tl.load(gb_ptr + c, mask=c_ok, other=0.0).to(tl.float32) - mean * scale
-            v = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+            v = _relu(a.to(tl.float32) * scale[None, :] + shift[None, :])  # group_norm._pre_relu's formula
             # padding is applied after normalisation: padded pixels are zeros of the normalised input
             a = tl.where(a_mask, v, 0.0).to(a.dtype)
         wt = tl.load(w_tap + (c_lo + c)[:, None] * stride_wc + w_noff[None, :],
@@ -210,6 +216,9 @@ def conv3x3_stats(x, weight, bias, x2=None, norm=None, pool=False):
 
     Returns (y (B, C_out, H, W) channels_last in x's dtype, partials (B, P, 3) float32 of y)."""
     check_conv(x, weight, bias, x2, norm, pool)
+    bias, = _gn.dense(bias)  # read as ptr + n
+    if norm is not None:
+        norm = (norm[0], *_gn.dense(norm[1], norm[2]), norm[3])
     B, C1, H, W = x.shape
     if pool:
         H, W = H // 2, W // 2
@@ -232,7 +241,7 @@ def conv3x3_stats(x, weight, bias, x2=None, norm=None, pool=False):
     _conv3x3_kernel[grid](x, x2 if x2 is not None else x, weight, bias, y, partials, pin, gw, gb,
                           H, W, C1, C_in, C_out, pin.shape[1] if norm is not None else 0, float(eps),
                           xs[0], xs[2], xs[3], xs[1], x2s[0], x2s[2], x2s[3], *weight.stride(),
-                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=x.dtype == torch.float32,
+                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=conv_ieee(x.dtype),
                           NORM_IN=norm is not None, HAS_X2=x2 is not None, BLOCK_P=NORM_BLOCK_P, POOL_IN=bool(pool),
                           num_warps=warps, num_stages=stages)
     return y, partials
@@ -252,6 +261,8 @@ WRITES = {
 AOT_FP32_POINTERS = {"part_ptr", "pin_ptr"}
 AOT_FLOAT_ARGS = {"eps"}
 AOT_ALIGNED_INTS = {"C1", "C_in", "stride_xb", "stride_xh", "stride_xw", "stride_x2b", "stride_x2h", "stride_x2w"}
+# Ints that are 1 at inputs the launchers take (a 1-pixel side, one input channel, one partial): the JIT specialises them to constants.
+AOT_ONE_INTS = {"H", "W", "C1", "C_in", "P_in"}
 
 
 def aot_builds():
@@ -268,10 +279,10 @@ def aot_builds():
                         ("pool-on-load", False, False, dict(stride_xc=1, POOL_IN=True)))
             if kind == "float32":  # float32 pool-on-load has its own config ("pool"), the others share one
                 variants = [v for v in variants if (v[0] == "pool-on-load") == is_pool]
-            for variant, norm_in, has_x2, ce_x in variants:
+            for (variant, norm_in, has_x2, ce_x), (ieee, tag) in itertools.product(variants, precisions(dt)):
                 out.append(("conv3x3_gn", _conv3x3_kernel,
-                            f"{dt} {variant} {bm}x{bn}x{bk} w{warps} s{stages}", dt,
+                            f"{dt} {variant} {bm}x{bn}x{bk} w{warps} s{stages}{tag}", dt,
                             dict(dict(POOL_IN=False), **ce_x, stride_wc=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                 IEEE=dt == "float32", NORM_IN=norm_in, HAS_X2=has_x2, BLOCK_P=NORM_BLOCK_P),
+                                 IEEE=ieee, NORM_IN=norm_in, HAS_X2=has_x2, BLOCK_P=NORM_BLOCK_P),
                             dict(num_warps=warps, num_stages=stages)))
-    return out
+    return with_ones(out, AOT_ONE_INTS)

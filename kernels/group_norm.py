@@ -8,16 +8,18 @@ it: NCHW ``c * HW + hw``, channels_last ``hw * C + c``. weight, bias: (C,); emb:
 strides (the model passes column slices of one (B, sum C) tensor). Statistics are float32.
 
 Forward, three launches:
-1. ``_gn_stats_kernel``, grid (B, cdiv(C, BLOCK_C), S): each program folds its (BLOCK_C x HW/S) part
+1. ``_gn_stats_kernel``, grid (B * S, cdiv(C, BLOCK_C)): each program folds its (BLOCK_C x HW/S) part
    of one sample into a partial (count, mean, M2) (Welford/Chan, float32) and stores it in
    ``partials`` (B, P, 3), P = cdiv(C, BLOCK_C) * S. Any producer that writes that layout (for example
    a conv epilogue writing one partial per output tile) can replace this kernel.
 2. ``_gn_combine_kernel``, grid (B,): Chan's parallel formula over the P partials -> mean, rstd (B,).
-3. ``_gn_apply_kernel``, grid (B, cdiv(C, BLOCK_C), cdiv(HW, BLOCK_HW)): normalise, affine, ReLU, + emb.
+3. ``_gn_apply_kernel``, grid (B * cdiv(HW, BLOCK_HW), cdiv(C, BLOCK_C)): normalise, affine, ReLU, + emb.
+(The big dimensions are on grid axis 0, whose limit is 2^31 - 1: axes 1 and 2 stop at 65535.)
 
 Backward, three launches (recomputing x_hat and the ReLU mask from the saved mean/rstd):
 1. ``_gn_bwd_reduce_kernel``, same grid as the stats: per (b, split, c) partial sums of dy (-> d emb),
-   dz * x_hat (-> d weight) and dz (-> d bias), where dz = dy * (z > 0), z the pre-ReLU value.
+   dz * x_hat (-> d weight) and dz (-> d bias), where dz = dy where not y <= 0 (threshold_backward: NaN
+   passes), y = relu(z) as the forward stored it, z recomputed with the forward's formula (``_pre_relu``).
 2. ``_gn_bwd_combine_kernel``, grid (B,): sums the splits into per-(b, c) d_emb, d_weight_b, d_bias_b
    and the two per-sample sums dx needs, s1 = sum(w * dz), s2 = sum(w * dz * x_hat).
    (d weight and d bias are then the sum over b, done by the launcher.)
@@ -26,7 +28,9 @@ Backward, three launches (recomputing x_hat and the ReLU mask from the saved mea
 import triton
 import triton.language as tl
 
-from ._common import DTYPE_NAMES, DTYPES
+from ._common import DTYPE_NAMES, DTYPES, with_ones
+from ._common import maximum as _maximum
+from ._common import relu as _relu
 
 
 @triton.jit
@@ -45,11 +49,11 @@ def _gn_stats_kernel(
     C, HW, HW_PER_PROG,  # HW_PER_PROG: a multiple of BLOCK_HW; S = cdiv(HW, HW_PER_PROG)
     CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    n_sp = tl.cdiv(HW, HW_PER_PROG)
+    b = tl.program_id(0) // n_sp  # grid (B * S, n_cb): the big dimensions on axis 0 (dims 1, 2 stop at 65535)
+    sp = tl.program_id(0) % n_sp
     cb = tl.program_id(1)
-    sp = tl.program_id(2)
     n_cb = tl.num_programs(1)
-    n_sp = tl.num_programs(2)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     x_base = x_ptr + b.to(tl.int64) * C * HW
@@ -106,7 +110,7 @@ def partials_stats(part_ptr, b, P, eps, BLOCK_P: tl.constexpr):
         m2_i = tl.load(base + p * 3 + 2, mask=m, other=0.0)
         d = mu_i - mean
         acc += m2_i + n_i * d * d
-    var = tl.maximum(tl.sum(acc, axis=0) / n, 0.0)
+    var = _maximum(tl.sum(acc, axis=0) / n, 0.0)  # NaN stays NaN
     return mean, 1.0 / tl.sqrt(var + eps)
 
 
@@ -124,20 +128,50 @@ def _gn_combine_kernel(
 
 
 @triton.jit
-def _apply_tile(x_ptr, y_ptr, w_ptr, bias_ptr, emb_ptr, mean, rstd, b, C, HW, stride_eb, stride_ec,
-                HAS_EMB: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """Normalise, affine, ReLU, + emb for this program's (BLOCK_C x BLOCK_HW) tile of sample b."""
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    c_mask = c < C
-    mask = c_mask[:, None] & (hw < HW)[None, :]
+def _scale_shift(w_ptr, bias_ptr, c, c_mask, mean, rstd):
+    """Per-channel (scale, shift) = (w * rstd, bias - mean * scale), float32, as PyTorch's GroupNorm kernel
+    forms them: the pre-ReLU value is ``_pre_relu(x, scale, shift)``."""
     w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
     bb = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
     scale = w * rstd
-    shift = bb - mean * scale
+    return scale, bb - mean * scale
+
+
+@triton.jit
+def _pre_relu(xv, scale, shift):
+    """z = x * scale + shift for a [BLOCK_C, BLOCK_HW] tile: the one formula (and order of operations) of
+    the forward's normalisation, which the backward recomputes for its ReLU mask."""
+    return xv * scale[:, None] + shift[:, None]
+
+
+@triton.jit
+def _relu_mask_grad(xv, dy, scale, shift, y_dtype: tl.constexpr):
+    """dz = threshold_backward(dy, y, 0) (dy where not y <= 0: NaN passes, as in PyTorch) with y = relu(z)
+    in y's dtype (what an unfused ReLU stores), z recomputed exactly as the forward computed it."""
+    y = _relu(_pre_relu(xv, scale, shift)).to(y_dtype)
+    return tl.where(y <= 0.0, 0.0, dy)
+
+
+@triton.jit
+def _tile_ids(HW, BLOCK_HW: tl.constexpr):
+    """(b, hw block, c block) of a tiled program: grid (B * cdiv(HW, BLOCK_HW), cdiv(C, BLOCK_C)), the big
+    dimensions on axis 0 (grid dims 1 and 2 stop at 65535)."""
+    n_hw = tl.cdiv(HW, BLOCK_HW)
+    return tl.program_id(0) // n_hw, tl.program_id(0) % n_hw, tl.program_id(1)
+
+
+@triton.jit
+def _apply_tile(x_ptr, y_ptr, w_ptr, bias_ptr, emb_ptr, mean, rstd, b, hwb, cb, C, HW, stride_eb, stride_ec,
+                HAS_EMB: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Normalise, affine, ReLU, + emb for the (BLOCK_C x BLOCK_HW) tile (cb, hwb) of sample b."""
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw = hwb * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    c_mask = c < C
+    mask = c_mask[:, None] & (hw < HW)[None, :]
+    scale, shift = _scale_shift(w_ptr, bias_ptr, c, c_mask, mean, rstd)
     offs = b.to(tl.int64) * C * HW + _tile_offsets(c, hw, C, HW, CHANNELS_LAST)
     xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = tl.maximum(xv * scale[:, None] + shift[:, None], 0.0)
+    y = _relu(_pre_relu(xv, scale, shift))
     if HAS_EMB:
         e = tl.load(emb_ptr + b.to(tl.int64) * stride_eb + c * stride_ec, mask=c_mask, other=0.0).to(tl.float32)
         y = y + e[:, None]
@@ -153,12 +187,12 @@ def _gn_apply_kernel(
     C, HW, stride_eb, stride_ec,
     HAS_EMB: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    _apply_tile(x_ptr, y_ptr, w_ptr, bias_ptr, emb_ptr, tl.load(mean_ptr + b), tl.load(rstd_ptr + b), b, C, HW,
-                stride_eb, stride_ec, HAS_EMB, CHANNELS_LAST, BLOCK_C, BLOCK_HW)
+    b, hwb, cb = _tile_ids(HW, BLOCK_HW)
+    _apply_tile(x_ptr, y_ptr, w_ptr, bias_ptr, emb_ptr, tl.load(mean_ptr + b), tl.load(rstd_ptr + b), b, hwb, cb,
+                C, HW, stride_eb, stride_ec, HAS_EMB, CHANNELS_LAST, BLOCK_C, BLOCK_HW)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])  # P = 1 (one partial) made a constant: 8 bytes of stack on sm_90
 def _gn_apply_partials_kernel(
     x_ptr, y_ptr,  # (B, C, H, W), same layout
     w_ptr, bias_ptr,  # (C,)
@@ -171,13 +205,13 @@ def _gn_apply_partials_kernel(
 ):
     """The apply pass with the combine folded into its prologue: each program folds its sample's partials
     (``partials_stats``), and the sample's first program stores mean and rstd for a backward."""
-    b = tl.program_id(0)
+    b, hwb, cb = _tile_ids(HW, BLOCK_HW)
     mean, rstd = partials_stats(pin_ptr, b, P, eps, BLOCK_P)
-    if (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+    if (cb == 0) & (hwb == 0):
         tl.store(mean_ptr + b, mean)
         tl.store(rstd_ptr + b, rstd)
-    _apply_tile(x_ptr, y_ptr, w_ptr, bias_ptr, emb_ptr, mean, rstd, b, C, HW, stride_eb, stride_ec, HAS_EMB,
-                CHANNELS_LAST, BLOCK_C, BLOCK_HW)
+    _apply_tile(x_ptr, y_ptr, w_ptr, bias_ptr, emb_ptr, mean, rstd, b, hwb, cb, C, HW, stride_eb, stride_ec,
+                HAS_EMB, CHANNELS_LAST, BLOCK_C, BLOCK_HW)
 
 
 @triton.jit
@@ -188,15 +222,14 @@ def _gn_bwd_reduce_kernel(
     B, C, HW, HW_PER_PROG,
     CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    n_sp = tl.cdiv(HW, HW_PER_PROG)
+    b = tl.program_id(0) // n_sp  # grid (B * S, n_cb), as the stats kernel's
+    sp = tl.program_id(0) % n_sp
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    sp = tl.program_id(2)
-    n_sp = tl.num_programs(2)
     c_mask = c < C
     mean = tl.load(mean_ptr + b)
     rstd = tl.load(rstd_ptr + b)
-    w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    bb = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    scale, shift = _scale_shift(w_ptr, bias_ptr, c, c_mask, mean, rstd)
     base = b.to(tl.int64) * C * HW
     s_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
     s_dzx = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -209,8 +242,7 @@ def _gn_bwd_reduce_kernel(
         xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x_hat = (xv - mean) * rstd
-        z = x_hat * w[:, None] + bb[:, None]
-        dz = tl.where(z > 0.0, dy, 0.0)
+        dz = _relu_mask_grad(xv, dy, scale, shift, x_ptr.dtype.element_ty)
         s_dy += tl.sum(dy, axis=1)
         s_dzx += tl.sum(dz * x_hat, axis=1)
         s_dz += tl.sum(dz, axis=1)
@@ -284,24 +316,23 @@ def _gn_bwd_dx_kernel(
     C, HW,
     CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    b, hwb, cb = _tile_ids(HW, BLOCK_HW)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw = hwb * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_mask = c < C
     mask = c_mask[:, None] & (hw < HW)[None, :]
     mean = tl.load(mean_ptr + b)
     rstd = tl.load(rstd_ptr + b)
-    inv_m = 1.0 / (C * HW).to(tl.float32)
+    inv_m = 1.0 / (C * HW * 1.0)  # float32; not (C * HW).to(): C and HW are constants when both are 1
     s1 = tl.load(sums_ptr + b * 2) * inv_m
     s2 = tl.load(sums_ptr + b * 2 + 1) * inv_m
     w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    bb = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    scale, shift = _scale_shift(w_ptr, bias_ptr, c, c_mask, mean, rstd)
     offs = b.to(tl.int64) * C * HW + _tile_offsets(c, hw, C, HW, CHANNELS_LAST)
     xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x_hat = (xv - mean) * rstd
-    z = x_hat * w[:, None] + bb[:, None]
-    dz = tl.where(z > 0.0, dy, 0.0)
+    dz = _relu_mask_grad(xv, dy, scale, shift, x_ptr.dtype.element_ty)
     dx = rstd * (dz * w[:, None] - (s1 + x_hat * s2))
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -347,6 +378,12 @@ def layout_of(x):
     raise ValueError(f"x must be NCHW-contiguous or channels_last, got strides {tuple(x.stride())}")
 
 
+def dense(*params):
+    """The (C,) parameters as the kernels read them, ``ptr + c``: contiguous (a copy only for a strided view,
+    such as ``w[::2]``; the shapes alone are checked)."""
+    return tuple(p.contiguous() for p in params)
+
+
 def check_group_norm(x, weight, bias, emb):
     """Validate x (B, C, H, W), weight and bias (C,), emb (B, C) or None; errors name the argument.
     Returns x's layout (``layout_of``)."""
@@ -389,7 +426,7 @@ def partials(x):
     S, hw_per_prog = _split(HW, block_hw, n_cb)
     out = torch.empty((B, n_cb * S, 3), device=x.device, dtype=torch.float32)  # P = 0 when the sample is empty
     if B and C and HW:
-        _gn_stats_kernel[(B, n_cb, S)](x, out, C, HW, hw_per_prog, CHANNELS_LAST=channels_last,
+        _gn_stats_kernel[(B * S, n_cb)](x, out, C, HW, hw_per_prog, CHANNELS_LAST=channels_last,
                                        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
     return out
 
@@ -397,6 +434,7 @@ def partials(x):
 def apply(x, mean, rstd, weight, bias, emb=None, out=None):
     """relu((x - mean) * rstd * weight + bias) + emb with given (B,) statistics: one ``_gn_apply_kernel``."""
     channels_last = check_group_norm(x, weight, bias, emb)
+    weight, bias = dense(weight, bias)
     B, C, H, W = x.shape
     HW = H * W
     block_c, block_hw = tile_config(C, HW, channels_last)
@@ -404,7 +442,7 @@ def apply(x, mean, rstd, weight, bias, emb=None, out=None):
     if x.numel() == 0:
         return y
     e = emb if emb is not None else mean  # a dummy pointer when there is no embedding
-    grid = (B, triton.cdiv(C, block_c), triton.cdiv(HW, block_hw))
+    grid = (B * triton.cdiv(HW, block_hw), triton.cdiv(C, block_c))  # the big dimensions on axis 0
     _gn_apply_kernel[grid](x, y, weight, bias, e, mean, rstd, C, HW,
                            emb.stride(0) if emb is not None else 0, emb.stride(1) if emb is not None else 0,
                            HAS_EMB=emb is not None, CHANNELS_LAST=channels_last,
@@ -430,6 +468,7 @@ def apply_from_partials(x, partials, eps, weight, bias, emb=None):
     """(relu((x - mean) * rstd * weight + bias) + emb, mean, rstd) with x's statistics folded from its
     (B, P, 3) partials inside the apply kernel: one launch (``_gn_apply_partials_kernel``)."""
     channels_last = check_group_norm(x, weight, bias, emb)
+    weight, bias = dense(weight, bias)
     B, C, H, W = x.shape
     HW = H * W
     block_c, block_hw = tile_config(C, HW, channels_last)
@@ -439,7 +478,7 @@ def apply_from_partials(x, partials, eps, weight, bias, emb=None):
     if x.numel() == 0:
         return y, mean, rstd
     e = emb if emb is not None else weight  # a dummy pointer when there is no embedding
-    grid = (B, triton.cdiv(C, block_c), triton.cdiv(HW, block_hw))
+    grid = (B * triton.cdiv(HW, block_hw), triton.cdiv(C, block_c))  # the big dimensions on axis 0
     _gn_apply_partials_kernel[grid](x, y, weight, bias, e, partials, mean, rstd, C, HW, partials.shape[1], float(eps),
                                     emb.stride(0) if emb is not None else 0, emb.stride(1) if emb is not None else 0,
                                     HAS_EMB=emb is not None, CHANNELS_LAST=channels_last, BLOCK_C=block_c,
@@ -469,6 +508,7 @@ def group_norm_relu_bwd(dy, x, weight, bias, mean, rstd):
 
     dy may have any strides; it is brought to x's memory format first."""
     channels_last = check_group_norm(x, weight, bias, None)
+    weight, bias = dense(weight, bias)
     B, C, H, W = x.shape
     HW = H * W
     dy = dy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -487,11 +527,11 @@ def group_norm_relu_bwd(dy, x, weight, bias, mean, rstd):
     if B == 0 or C == 0 or HW == 0:
         z = torch.zeros((C,), device=dev, dtype=weight.dtype)
         return dx.zero_(), z, z.clone(), demb.zero_()
-    _gn_bwd_reduce_kernel[(B, n_cb, S)](x, dy, weight, bias, mean, rstd, part, B, C, HW, hw_per_prog,
+    _gn_bwd_reduce_kernel[(B * S, n_cb)](x, dy, weight, bias, mean, rstd, part, B, C, HW, hw_per_prog,
                                         CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_HW=block_hw,
                                         num_warps=NUM_WARPS)
     _gn_bwd_combine_kernel[(B,)](part, weight, demb, dwb, dbb, sums, B, C, S, BLOCK_C=128, num_warps=4)
-    grid = (B, n_cb, triton.cdiv(HW, block_hw))
+    grid = (B * triton.cdiv(HW, block_hw), n_cb)
     _gn_bwd_dx_kernel[grid](x, dy, dx, weight, bias, mean, rstd, sums, C, HW, CHANNELS_LAST=channels_last,
                             BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
     _gn_bwd_param_kernel[(triton.cdiv(C, 128),)](dwb, dbb, dw, db, B, C, BLOCK_C=128, num_warps=4)
@@ -518,6 +558,8 @@ WRITES = {
 AOT_FP32_POINTERS = {"part_ptr", "pin_ptr", "mean_ptr", "rstd_ptr", "dwb_ptr", "dbb_ptr", "sums_ptr"}
 AOT_FLOAT_ARGS = {"eps"}
 AOT_ALIGNED_INTS = {"C"}
+# Ints that are 1 at inputs the launchers take (a batch of one, one channel, a 1x1 image, one partial or split): the JIT specialises them to constants.
+AOT_ONE_INTS = {"B", "C", "HW", "P", "S"}
 
 
 def aot_builds():
@@ -547,4 +589,4 @@ def aot_builds():
         out.append(("gn_bwd_combine", _gn_bwd_combine_kernel, f"{dt} 128 w4", dt, dict(BLOCK_C=128),
                     dict(num_warps=4)))
     out.append(("gn_combine", _gn_combine_kernel, "128 w4", "float32", dict(BLOCK_P=128), dict(num_warps=4)))
-    return out
+    return with_ones(out, AOT_ONE_INTS)

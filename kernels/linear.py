@@ -21,7 +21,8 @@ The LayerNorm row statistics are float32 and two-pass over K chunks of the row t
 centred sum of squares): three sweeps over A's [BLOCK_M, K] tile in all, the third feeding tl.dot; the
 re-reads hit L1/L2 (K <= 512). Epilogue: + bias, then exact-erf GELU if ``GELU`` (F.gelu's default),
 then + residual[r, n] (M, N_out) if ``RESIDUAL``, all in float32 on the accumulator, one rounding to the
-output dtype. float32 inputs use exact (``input_precision="ieee"``) dots, bf16/fp16 the tensor cores with
+output dtype. float32 inputs follow PyTorch's matmul TF32 setting (``_common.matmul_ieee``: exact
+(``input_precision="ieee"``) dots at "highest", the default, TF32 at "high"/"medium"), bf16/fp16 the tensor cores with
 float32 accumulation (``_common.dot``).
 
 Grid: (cdiv(N_out, BLOCK_N) * cdiv(rows per group, BLOCK_M), groups). With the GroupNorm prologue a
@@ -36,11 +37,15 @@ bf16 (M = 65536, C = 128, N_out = 384): 6.4 GFLOP, 17 MB of y read, 50 MB of qkv
 about 20 us at the H200's 4.3 TB/s against 8 us of bf16 matmul: these GEMMs are bandwidth-bound, which
 is why the norms ride in their prologues instead of making their own round trips.
 """
+import itertools
+
 import triton
 import triton.language as tl
 
-from ._common import DTYPE_NAMES, DTYPES
+from ._common import DTYPE_NAMES, DTYPES, with_ones
 from ._common import dot as _dot
+from ._common import matmul_ieee, precisions
+from ._common import relu as _relu
 from ._common import to_dtype as _to
 from .group_norm import partials_stats as _partials_stats
 
@@ -61,8 +66,7 @@ def _a_tile(
         w = tl.load(gn_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
         b = tl.load(gn_b_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
         scale = w * gn_rstd
-        shift = b - gn_mean * scale
-        v = tl.maximum(v * scale[None, :] + shift[None, :], 0.0)
+        v = _relu(v * scale[None, :] + (b - gn_mean * scale)[None, :])  # group_norm._pre_relu's formula
         if HAS_EMB:
             e = tl.load(emb_row + k * stride_ec, mask=k_ok, other=0.0).to(tl.float32)
             v = v + e[None, :]
@@ -259,6 +263,10 @@ def _launch(x2, weight, bias, out, M_grp, groups, *, residual=None, ln=None, gn=
     n_out = weight.shape[0]
     if out.numel() == 0:
         return
+    # the (N_out,) and (K,) parameters are read as ptr + index: contiguous (a copy only for a strided view)
+    bias = bias.contiguous()
+    ln = (ln[0].contiguous(), ln[1].contiguous(), ln[2]) if ln is not None else None
+    gn = (gn[0], gn[1].contiguous(), gn[2].contiguous(), *gn[3:]) if gn is not None else None
     bm, bn, bk, warps, stages = config(x2.dtype, n_out)
     ln_w, ln_b, ln_eps = ln if ln is not None else (bias, bias, 0.0)
     prologue = 0 if ln is None else (2 if gn is not None else 1)
@@ -278,7 +286,7 @@ def _launch(x2, weight, bias, out, M_grp, groups, *, residual=None, ln=None, gn=
                          M_grp, K, n_out, P, weight.stride(0), weight.stride(1), se[0], se[1],
                          float(ln_eps), float(gn_eps),
                          PROLOGUE=prologue, HAS_EMB=gn is not None and gn[4] is not None, GELU=bool(gelu),
-                         RESIDUAL=residual is not None, IEEE=x2.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn,
+                         RESIDUAL=residual is not None, IEEE=matmul_ieee(x2.dtype), BLOCK_M=bm, BLOCK_N=bn,
                          BLOCK_K=bk, BLOCK_P=BLOCK_P, num_warps=warps, num_stages=stages)
 
 
@@ -341,6 +349,8 @@ WRITES = {
 AOT_FP32_POINTERS = {"part_ptr", "mean_ptr", "rstd_ptr"}
 AOT_FLOAT_ARGS = {"ln_eps", "gn_eps"}
 AOT_ALIGNED_INTS = {"K", "N_out", "stride_wo"}
+# Ints that are 1 at inputs the launchers take (one token per group, one feature in or out, one partial): the JIT specialises them to constants.
+AOT_ONE_INTS = {"M_grp", "K", "N_out", "P"}
 
 
 def aot_builds():
@@ -357,9 +367,9 @@ def aot_builds():
     for dt in DTYPE_NAMES:
         kind = "float32" if dt == "float32" else "half"
         for bm, bn, bk, warps, stages in sorted({c for (k, _), c in CONFIGS.items() if k == kind}):
-            for name, flags, tag in ops:
-                ce = dict(flags, stride_wi=1, stride_ec=1, IEEE=dt == "float32", BLOCK_M=bm, BLOCK_N=bn,
+            for (name, flags, tag), (ieee, ptag) in itertools.product(ops, precisions(dt)):
+                ce = dict(flags, stride_wi=1, stride_ec=1, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn,
                           BLOCK_K=bk, BLOCK_P=BLOCK_P)
-                out.append((name, _linear_kernel, f"{dt} {bm}x{bn}x{bk} w{warps} s{stages}{tag}", dt,
+                out.append((name, _linear_kernel, f"{dt} {bm}x{bn}x{bk} w{warps} s{stages}{tag}{ptag}", dt,
                             ce, dict(num_warps=warps, num_stages=stages)))
-    return out
+    return with_ones(out, AOT_ONE_INTS)

@@ -14,16 +14,24 @@ reductions of the LayerNorm backward happen in registers on the GEMM's accumulat
 written to memory (unfused, it is written by a GEMM and read back by ``native_layer_norm_backward``).
 mu_r and rs_r are recomputed from x (two passes over the row in float32, as the forward kernel computes
 them). Each program writes its rows' partial d ln_w, d ln_b sums (float32, (programs, K)); they are summed
-over programs by ``group_norm._gn_bwd_param_kernel`` (a column sum stored in the weight's dtype).
+over programs in parallel over rows (``column_sums``): when there are more than ``REDUCE_ROWS`` of them,
+``_col_partial_sum_kernel`` (grid (cdiv(K, 64), chunks)) first sums each slice of about sqrt(programs) rows
+into one row of column partials, then ``group_norm._gn_bwd_param_kernel`` (a column sum stored in the
+weight's dtype) sums those chunks: no program loops over more than about sqrt(programs) rows. (Summed by ``_gn_bwd_param_kernel`` alone, one or two
+programs looped over 4096 rows serially at the model's largest block.)
 
 Grid (cdiv(M, BLOCK_M),). Bytes per call: read d (M*N_out), W, x (M*K); write dx (M*K) and the
-partials; FLOPs 2*M*N_out*K. float32 inputs use exact dots, bf16/fp16 the tensor cores (``_common.dot``).
+partials; FLOPs 2*M*N_out*K. float32 inputs use exact dots (TF32 where PyTorch's
+matmul setting allows it, ``_common.matmul_ieee``), bf16/fp16 the tensor cores (``_common.dot``).
 """
+import math
+
 import triton
 import triton.language as tl
 
-from ._common import DTYPE_NAMES
+from ._common import DTYPE_NAMES, with_ones
 from ._common import dot as _dot
+from ._common import matmul_ieee, precisions
 from ._common import to_dtype as _to
 
 
@@ -70,6 +78,31 @@ def _ln_linear_bwd_kernel(
     tl.store(dlb_ptr + pid * K + k, tl.sum(acc, axis=0), mask=k_ok)
 
 
+@triton.jit
+def _col_partial_sum_kernel(
+    pw_ptr, pb_ptr,  # (R, K) float32: rows to sum (the per-program partial d ln_w, d ln_b)
+    ow_ptr, ob_ptr,  # (cdiv(R, ROWS_PER_PROG), K) float32: the column sums of each slice of rows
+    R, K, ROWS_PER_PROG,  # ROWS_PER_PROG: a multiple of BLOCK_R
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Stage 1 of the column sums of two (R, K) arrays: program (kb, s) sums rows [s * ROWS_PER_PROG,
+    (s + 1) * ROWS_PER_PROG) of columns [kb * BLOCK_K, (kb + 1) * BLOCK_K), BLOCK_R rows at a time."""
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    s = tl.program_id(1)
+    k_ok = k < K
+    acc_w = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    r0 = s * ROWS_PER_PROG
+    for i in range(0, ROWS_PER_PROG, BLOCK_R):
+        r = r0 + i + tl.arange(0, BLOCK_R)
+        m = (r < R)[:, None] & k_ok[None, :]
+        offs = r.to(tl.int64)[:, None] * K + k[None, :]
+        acc_w += tl.load(pw_ptr + offs, mask=m, other=0.0)
+        acc_b += tl.load(pb_ptr + offs, mask=m, other=0.0)
+    tl.store(ow_ptr + s.to(tl.int64) * K + k, tl.sum(acc_w, axis=0), mask=k_ok)
+    tl.store(ob_ptr + s.to(tl.int64) * K + k, tl.sum(acc_b, axis=0), mask=k_ok)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Launcher. Validates, allocates and launches; no autograd here (the glue in fast_unet/ops/).
 
@@ -89,6 +122,35 @@ CONFIGS = {
     ("float32", 64): (32, 32, 4, 1), ("float32", 128): (32, 32, 4, 1), ("float32", 256): (16, 32, 4, 1),
     ("float32", 512): (16, 16, 8, 1),
 }
+
+
+REDUCE_ROWS = 32  # up to this many rows of partials, one launch of _gn_bwd_param_kernel sums them
+REDUCE_BLOCK = (16, 64)  # (BLOCK_R, BLOCK_K) of _col_partial_sum_kernel
+
+
+def rows_per_program(R):
+    """Rows each program of the first stage sums: about sqrt(R), a multiple of BLOCK_R (so the second
+    stage's serial loop over the chunks is about as long as the first's)."""
+    br = REDUCE_BLOCK[0]
+    return max(br, triton.cdiv(math.isqrt(R - 1) + 1, br) * br)
+
+
+def column_sums(part_w, part_b, dlw, dlb):
+    """dlw, dlb (K,) in their dtype = the column sums of the (R, K) float32 partials, parallel over rows:
+    where R > REDUCE_ROWS, ``_col_partial_sum_kernel`` folds slices of ``rows_per_program(R)`` rows, then
+    ``group_norm._gn_bwd_param_kernel`` sums the remaining rows of each column."""
+    R, K = part_w.shape
+    if R > REDUCE_ROWS:
+        per_prog = rows_per_program(R)
+        chunks = triton.cdiv(R, per_prog)
+        pw = torch.empty((chunks, K), device=part_w.device, dtype=torch.float32)
+        pb = torch.empty_like(pw)
+        br, bk = REDUCE_BLOCK
+        _col_partial_sum_kernel[(triton.cdiv(K, bk), chunks)](part_w, part_b, pw, pb, R, K, per_prog,
+                                                              BLOCK_R=br, BLOCK_K=bk, num_warps=4)
+        part_w, part_b, R = pw, pb, chunks
+    _gn._gn_bwd_param_kernel[(triton.cdiv(K, 128),)](part_w, part_b, dlw, dlb, R, K, BLOCK_C=128, num_warps=4)
+    return dlw, dlb
 
 
 def config(dtype, k):
@@ -114,6 +176,7 @@ def ln_linear_bwd(d, x, ln_weight, ln_eps, weight):
             raise TypeError(f"{name} ({t.dtype}, {t.device}) must match x ({x.dtype}, {x.device})")
     x = x.contiguous()
     d = d.contiguous()
+    ln_weight = ln_weight.contiguous()  # read as ptr + k
     bm, bn, warps, stages = config(x.dtype, K)
     programs = triton.cdiv(M, bm)
     dx = torch.empty_like(x)
@@ -126,9 +189,8 @@ def ln_linear_bwd(d, x, ln_weight, ln_eps, weight):
     _ln_linear_bwd_kernel[(programs,)](d, weight, x, ln_weight, dx, part_w, part_b, M, K, d.shape[1],
                                        weight.stride(0), weight.stride(1), float(ln_eps), BLOCK_M=bm, BLOCK_N=bn,
                                        BLOCK_KF=max(64, triton.next_power_of_2(K)),
-                                       IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages)
-    _gn._gn_bwd_param_kernel[(triton.cdiv(K, 128),)](part_w, part_b, dlw, dlb, programs, K, BLOCK_C=128,
-                                                      num_warps=4)
+                                       IEEE=matmul_ieee(x.dtype), num_warps=warps, num_stages=stages)
+    column_sums(part_w, part_b, dlw, dlb)
     return dx, dlw, dlb
 
 
@@ -139,14 +201,17 @@ def ln_linear_bwd(d, x, ln_weight, ln_eps, weight):
 
 WRITES = {
     "_ln_linear_bwd_kernel": {"dx_ptr", "dlw_ptr", "dlb_ptr"},
+    "_col_partial_sum_kernel": {"ow_ptr", "ob_ptr"},
 }
 
 # Signature hints: float32 pointers (other pointers take the build's dtype), float scalars (other
 # scalars are i32), and integers that are multiples of 16 at the model's shapes (K = C in 64, 128, 256;
 # N_out in C, 3C; the weight's row stride K).
-AOT_FP32_POINTERS = {"dlw_ptr", "dlb_ptr"}
+AOT_FP32_POINTERS = {"dlw_ptr", "dlb_ptr", "pw_ptr", "pb_ptr", "ow_ptr", "ob_ptr"}
 AOT_FLOAT_ARGS = {"eps"}
 AOT_ALIGNED_INTS = {"K", "N_out", "stride_wo"}
+# Ints that are 1 at inputs the launchers take (one row, one feature in or out, one row of partials): the JIT specialises them to constants.
+AOT_ONE_INTS = {"M", "K", "N_out", "R"}
 
 
 def aot_builds():
@@ -155,8 +220,14 @@ def aot_builds():
     out = []
     for dt in DTYPE_NAMES:
         for (kind, kf), (bm, bn, warps, stages) in sorted(CONFIGS.items()):
-            if (kind == "float32") == (dt == "float32"):
-                out.append(("ln_linear_bwd", _ln_linear_bwd_kernel, f"{dt} K<={kf} {bm}x{bn} w{warps} s{stages}",
-                            dt, dict(stride_wi=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KF=kf, IEEE=dt == "float32"),
+            if (kind == "float32") != (dt == "float32"):
+                continue
+            for ieee, tag in precisions(dt):
+                out.append(("ln_linear_bwd", _ln_linear_bwd_kernel,
+                            f"{dt} K<={kf} {bm}x{bn} w{warps} s{stages}{tag}",
+                            dt, dict(stride_wi=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KF=kf, IEEE=ieee),
                             dict(num_warps=warps, num_stages=stages)))
-    return out
+    br, bk = REDUCE_BLOCK
+    out.append(("ln_param_partial_sum", _col_partial_sum_kernel, f"{br}x{bk} w4", "float32",
+                dict(BLOCK_R=br, BLOCK_K=bk), dict(num_warps=4)))
+    return with_ones(out, AOT_ONE_INTS)

@@ -8,11 +8,11 @@ from the partials in the prologue (``group_norm.partials_stats``): no separate c
 
 1. ``_gn_relu_pool_kernel``: the normalise + 2x2 max-pool pass in one. It writes the normalised tensor
    (the UNet keeps it as a skip connection) and its 2x2 max-pool (the next Down block's input), so y is
-   read once and the normalised tensor is not read back. Grid (B, cdiv(H/2 * W/2, BLOCK_P),
-   cdiv(C, BLOCK_C)); each program owns BLOCK_P pooled pixels x BLOCK_C channels and their 4 source
+   read once and the normalised tensor is not read back. Grid (B * cdiv(H/2 * W/2, BLOCK_P),
+   cdiv(C, BLOCK_C)) (the big dimensions on axis 0: axes 1 and 2 stop at 65535); each program owns BLOCK_P pooled pixels x BLOCK_C channels and their 4 source
    pixels. Bytes per call: read B*H*W*C, write 1.25 * B*H*W*C elements.
 2. ``_upsample2x_kernel``: bilinear 2x upsampling with align_corners=True (nn.Upsample in the Up
-   blocks), optionally normalising on load. Grid (B, cdiv(2h * 2w, BLOCK_P), cdiv(C, BLOCK_C)). The
+   blocks), optionally normalising on load. Grid (B * cdiv(2h * 2w, BLOCK_P), cdiv(C, BLOCK_C)). The
    interpolation follows ATen's order of operations in float32: ``h0l * (w0l * v00 + w1l * v01) +
    h1l * (w0l * v10 + w1l * v11)`` with ``src = dst * (in - 1) / (out - 1)``. Bytes: read B*h*w*C
    (each source pixel is gathered by up to 9 programs' lanes, from L1/L2), write 4 * B*h*w*C.
@@ -23,20 +23,24 @@ import triton
 import triton.language as tl
 
 from . import group_norm as _gn
-from ._common import DTYPE_NAMES, DTYPES
+from ._common import DTYPE_NAMES, DTYPES, with_ones
+from ._common import maximum as _maximum
+from ._common import relu as _relu
 
 
 @triton.jit
 def _norm_load(ptr, mask, scale, shift, NORM_IN: tl.constexpr):
-    """Load a (BLOCK_P, BLOCK_C) tile in float32, normalised on load (rounded to the dtype) if NORM_IN."""
+    """Load a (BLOCK_P, BLOCK_C) tile in float32, normalised on load (rounded to the dtype) if NORM_IN, with
+    ``group_norm._pre_relu``'s formula."""
     v = tl.load(ptr, mask=mask, other=0.0)
     if NORM_IN:
-        v = tl.maximum(v.to(tl.float32) * scale[None, :] + shift[None, :], 0.0).to(v.dtype)
+        v = _relu(v.to(tl.float32) * scale[None, :] + shift[None, :]).to(v.dtype)
     return v.to(tl.float32)
 
 
 @triton.jit
 def _scale_shift(pin_ptr, gw_ptr, gb_ptr, b, c, c_mask, P_in, eps, NORM_IN: tl.constexpr, BLOCK_P_IN: tl.constexpr):
+    """(scale, shift) of the normalise on load: x * scale + shift, then ReLU (group_norm._pre_relu)."""
     if NORM_IN:
         mean, rstd = _gn.partials_stats(pin_ptr, b, P_in, eps, BLOCK_P_IN)
         scale = tl.load(gw_ptr + c, mask=c_mask, other=0.0).to(tl.float32) * rstd
@@ -56,11 +60,12 @@ def _gn_relu_pool_kernel(
     H, W, C, P_in, eps,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P_IN: tl.constexpr,
 ):
-    b = tl.program_id(0)
     Wo = W // 2
     HWo = (H // 2) * Wo
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_p = tl.cdiv(HWo, BLOCK_P)
+    b = tl.program_id(0) // n_p  # grid (B * n_p, n_c): the big dimensions on axis 0 (dims 1, 2 stop at 65535)
+    p = (tl.program_id(0) % n_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p_mask = p < HWo
     c_mask = c < C
     mask = p_mask[:, None] & c_mask[None, :]
@@ -74,7 +79,7 @@ def _gn_relu_pool_kernel(
         offs = base + pix[:, None] * C + c[None, :]
         v = _norm_load(y_ptr + offs, mask, scale, shift, True)
         tl.store(x_ptr + offs, v.to(x_ptr.dtype.element_ty), mask=mask)
-        best = tl.maximum(best, v)
+        best = _maximum(best, v)  # NaN wins, as in max_pool2d
     tl.store(pool_ptr + b.to(tl.int64) * HWo * C + p[:, None] * C + c[None, :],
              best.to(pool_ptr.dtype.element_ty), mask=mask)
 
@@ -88,11 +93,12 @@ def _upsample2x_kernel(
     stride_xb, stride_xc, stride_xh, stride_xw,
     NORM_IN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P_IN: tl.constexpr,
 ):
-    b = tl.program_id(0)
     Ho = 2 * h
     Wo = 2 * w
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_p = tl.cdiv(Ho * Wo, BLOCK_P)
+    b = tl.program_id(0) // n_p  # grid (B * n_p, n_c), as the pool pass's
+    p = (tl.program_id(0) % n_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p_mask = p < Ho * Wo
     c_mask = c < C
     mask = p_mask[:, None] & c_mask[None, :]
@@ -157,12 +163,13 @@ def gn_relu_maxpool(y, partials, gn_weight, gn_bias, eps):
     if H % 2 or W % 2:
         raise ValueError(f"y's height and width must be even for the 2x2 max-pool, got {H}x{W}")
     y = y.contiguous(memory_format=torch.channels_last)
+    gn_weight, gn_bias = _gn.dense(gn_weight, gn_bias)  # read as ptr + c
     x = torch.empty_like(y)
     pooled = torch.empty((B, C, H // 2, W // 2), device=y.device, dtype=y.dtype, memory_format=torch.channels_last)
     if y.numel() == 0:
         return x, pooled
     bp, bc, warps = CONFIG
-    grid = (B, triton.cdiv((H // 2) * (W // 2), bp), triton.cdiv(C, bc))
+    grid = (B * triton.cdiv((H // 2) * (W // 2), bp), triton.cdiv(C, bc))
     _gn_relu_pool_kernel[grid](y, x, pooled, partials, gn_weight, gn_bias, H, W, C, partials.shape[1], float(eps),
                                BLOCK_P=bp, BLOCK_C=bc, BLOCK_P_IN=BLOCK_P_IN, num_warps=warps)
     return x, pooled
@@ -175,13 +182,14 @@ def upsample2x(x, norm=None):
     check_input("x", x)
     if norm is not None:
         check_norm(x, *norm[:3])
+        norm = (norm[0], *_gn.dense(norm[1], norm[2]), norm[3])  # read as ptr + c
     B, C, h, w = x.shape
     out = torch.empty((B, C, 2 * h, 2 * w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     if out.numel() == 0:
         return out
     pin, gw, gb, eps = norm if norm is not None else (x, x, x, 0.0)  # unused placeholders (not NORM_IN)
     bp, bc, warps = CONFIG
-    grid = (B, triton.cdiv(4 * h * w, bp), triton.cdiv(C, bc))
+    grid = (B * triton.cdiv(4 * h * w, bp), triton.cdiv(C, bc))
     scale_h = (h - 1) / (2 * h - 1)
     scale_w = (w - 1) / (2 * w - 1)
     _upsample2x_kernel[grid](x, out, pin, gw, gb, h, w, C, pin.shape[1] if norm is not None else 0, float(eps),
@@ -205,6 +213,8 @@ WRITES = {
 AOT_FP32_POINTERS = {"pin_ptr"}
 AOT_FLOAT_ARGS = {"eps", "scale_h", "scale_w"}
 AOT_ALIGNED_INTS = {"C", "stride_xb", "stride_xh", "stride_xw"}
+# Ints that are 1 at inputs the launchers take (one partial, a 1-pixel side to upsample): the JIT specialises them to constants.
+AOT_ONE_INTS = {"P_in", "h", "w"}
 
 
 def aot_builds():
@@ -221,4 +231,4 @@ def aot_builds():
                         f"{dt} {'norm-on-load ' if norm_in else ''}{bp}x{bc} w{warps}", dt,
                         dict(stride_xc=1, NORM_IN=norm_in, BLOCK_P=bp, BLOCK_C=bc, BLOCK_P_IN=BLOCK_P_IN),
                         dict(num_warps=warps)))
-    return out
+    return with_ones(out, AOT_ONE_INTS)

@@ -19,8 +19,10 @@ over the batch; the encoding is recomputed.
 import triton
 import triton.language as tl
 
-from ._common import DTYPE_NAMES, DTYPES
+from ._common import DTYPE_NAMES, DTYPES, with_ones
 from ._common import dot as _dot
+from ._common import matmul_ieee, precisions
+from ._common import relu as _relu
 
 
 @triton.jit
@@ -55,7 +57,7 @@ def _activated_encoding(t_ptr, stride_t, freq_ptr, rows, cols, B, dim, half, SIL
     k = tl.floor(arg * 0.15915494309189535 + 0.5)
     r = (arg - k * 6.28125) - k * 0.0019353071795864769  # 2*pi = 6.28125 + 0.00193530717958647...
     enc = _sin_reduced(r + tl.where(cols < half, 0.0, 1.5707963267948966)[None, :])
-    a = tl.where(SILU, enc / (1.0 + tl.exp(-enc)), tl.maximum(enc, 0.0))
+    a = tl.where(SILU, enc / (1.0 + tl.exp(-enc)), _relu(enc))
     return tl.where((rows < B)[:, None] & (cols < dim)[None, :], a, 0.0)
 
 
@@ -71,16 +73,17 @@ def _temb_fwd_kernel(
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     outs = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     which = tl.program_id(2)
+    # C as a tensor on both sides: an int argument equal to 1 is a constant on a GPU, and a variable that is a
+    # constant on one branch and a tensor on the other does not compile with every Triton
+    C = tl.where(which == 0, C_down, C_up)
     if which == 0:
         w_ptr = rw_ptr
         b_ptr = rb_ptr
         o_ptr = down_ptr
-        C = C_down
     else:
         w_ptr = sw_ptr
         b_ptr = sb_ptr
         o_ptr = up_ptr
-        C = C_up
     if tl.program_id(1) * BLOCK_O < C:
         half = dim // 2
         acc = tl.zeros([BLOCK_B, BLOCK_O], dtype=tl.float32)
@@ -107,16 +110,15 @@ def _temb_bwd_kernel(
     outs = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     which = tl.program_id(2)
+    C = tl.where(which == 0, C_down, C_up)  # a tensor on both sides (see _temb_fwd_kernel)
     if which == 0:
         g_ptr = gd_ptr
         dw_ptr = drw_ptr
         db_ptr = drb_ptr
-        C = C_down
     else:
         g_ptr = gu_ptr
         dw_ptr = dsw_ptr
         db_ptr = dsb_ptr
-        C = C_up
     if tl.program_id(0) * BLOCK_O < C:
         half = dim // 2
         dw = tl.zeros([BLOCK_O, BLOCK_K], dtype=tl.float32)
@@ -147,12 +149,16 @@ _FREQ = {}
 
 
 def freq_table(dim, device):
-    """f_j = 10000 ** (-2j / dim), j < dim/2, float32 correctly rounded (computed in float64, cached)."""
-    key = (dim, str(device))
-    if key not in _FREQ:
-        j = torch.arange(0, dim, 2, dtype=torch.float64)
-        _FREQ[key] = (1.0 / 10000.0 ** (j / dim)).to(torch.float32).to(device)
-    return _FREQ[key]
+    """f_j = 10000 ** (-2j / dim), j < dim/2, float32 correctly rounded (computed in float64), cached per
+    (dim, device). Built on the device itself by torch ops, so no CPU tensor and no host-device copy is
+    made, even on the first call; after it nothing is (CUDA-graph capture after a warm-up sees no copy)."""
+    device = torch.device(device)
+    key = (dim, device)
+    table = _FREQ.get(key)
+    if table is None:
+        j = torch.arange(0, dim, 2, dtype=torch.float64, device=device)
+        table = _FREQ[key] = torch.reciprocal(torch.pow(10000.0, j / dim)).to(torch.float32)
+    return table
 
 
 def check_time_embedding(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
@@ -192,7 +198,7 @@ def time_embedding_fwd(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
     cfg = FWD_CONFIG
     grid = (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(max(cd, cu), cfg["BLOCK_O"]), 2)
     _temb_fwd_kernel[grid](t, freq_table(dim, t.device), rw, rb, down, sw, sb, up, B, dim, cd, cu, t.stride(0),
-                           IEEE=rw.dtype == torch.float32, **cfg)
+                           IEEE=matmul_ieee(rw.dtype), **cfg)
     return down, up
 
 
@@ -212,7 +218,7 @@ def time_embedding_bwd(g_down, g_up, t, dim, relu_weight, silu_weight):
     cfg = BWD_CONFIG
     grid = (triton.cdiv(max(cd, cu), cfg["BLOCK_O"]), triton.cdiv(dim, cfg["BLOCK_K"]), 2)
     _temb_bwd_kernel[grid](t, freq_table(dim, t.device), g_down, g_up, drw, drb, dsw, dsb, B, dim, cd, cu, t.stride(0),
-                           IEEE=relu_weight.dtype == torch.float32, **cfg)
+                           IEEE=matmul_ieee(relu_weight.dtype), **cfg)
     return drw, drb, dsw, dsb
 
 
@@ -231,6 +237,8 @@ WRITES = {
 AOT_FP32_POINTERS = {"freq_ptr", "drw_ptr", "drb_ptr", "dsw_ptr", "dsb_ptr"}
 AOT_FLOAT_ARGS = set()
 AOT_ALIGNED_INTS = set()
+# Ints that are 1 at inputs the launchers take (a batch of one, one output channel, t's unit stride): the JIT specialises them to constants.
+AOT_ONE_INTS = {"B", "C_down", "C_up", "stride_t"}
 
 
 def aot_builds():
@@ -243,8 +251,9 @@ def aot_builds():
             ce = {k: v for k, v in tcfg.items() if k.startswith("BLOCK")}
             opts = {k: v for k, v in tcfg.items() if k.startswith("num_")}
             for t_type in ("i64", "i32", "fp32"):
-                label = (f"{dt} t:{t_type} {ce['BLOCK_B']}x{ce['BLOCK_O']}x{ce['BLOCK_K']} "
-                         f"w{opts['num_warps']} s{opts['num_stages']}")
-                out.append((name, fn, label, dt, dict(ce, IEEE=dt == "float32"),
-                            dict(opts, arg_types={"t_ptr": "*" + t_type})))
-    return out
+                for ieee, tag in precisions(dt):
+                    label = (f"{dt} t:{t_type} {ce['BLOCK_B']}x{ce['BLOCK_O']}x{ce['BLOCK_K']} "
+                             f"w{opts['num_warps']} s{opts['num_stages']}{tag}")
+                    out.append((name, fn, label, dt, dict(ce, IEEE=ieee),
+                                dict(opts, arg_types={"t_ptr": "*" + t_type})))
+    return with_ones(out, AOT_ONE_INTS)

@@ -11,3 +11,19 @@ os.environ.pop("FAST_UNET_BACKEND", None)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """Float32 parity tests compare exact float32 products: TF32 is off for convolutions and matmuls while a
+    test runs (the launchers follow PyTorch's TF32 settings, as eager does), and the settings are restored.
+    Set through the legacy flags, which the new ``fp32_precision`` API reflects, so that reading either
+    stays valid; a test that needs TF32 sets it itself (tests/ops/test_tf32.py)."""
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = conv
+        torch.set_float32_matmul_precision(matmul)

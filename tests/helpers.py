@@ -163,3 +163,40 @@ def grads_in(fn, inputs, dtype, gout):
     out = fn(*leaves)
     torch.autograd.backward(out, gout if isinstance(gout, (list, tuple)) else [gout])
     return out, [t.grad for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+class launches:
+    """Context manager recording every Triton launch ``kernel[grid](*args, **kwargs)`` as a dict (name, grid,
+    args by name, kwargs); ``dry=True`` skips the kernel (its outputs stay as allocated), so launchers can
+    be driven with huge shapes on ``meta`` tensors or without a GPU. The idea of bench/kernels.py's
+    TritonRecorder, kept small here: it hooks ``triton.runtime.jit.KernelInterface.__getitem__``."""
+
+    def __init__(self, dry=False):
+        self.dry = dry
+        self.records = []
+
+    def __enter__(self):
+        from triton.runtime.jit import KernelInterface
+
+        self._cls, self._orig = KernelInterface, KernelInterface.__getitem__
+        orig, records, dry = self._orig, self.records, self.dry
+
+        def getitem(kernel, grid):
+            run = orig(kernel, grid)
+
+            def launch(*args, **kwargs):
+                fn = getattr(kernel, "fn", kernel)
+                names = list(getattr(kernel, "arg_names", []))
+                named = dict(zip(names, args))
+                g = grid(dict(named, **kwargs)) if callable(grid) else grid
+                records.append(dict(name=getattr(fn, "__name__", str(fn)), grid=tuple(g), args=named, kwargs=kwargs))
+                return None if dry else run(*args, **kwargs)
+
+            return launch
+
+        KernelInterface.__getitem__ = getitem
+        return self.records
+
+    def __exit__(self, *exc):
+        self._cls.__getitem__ = self._orig
+        return False

@@ -80,7 +80,7 @@ def test_signature_hints_name_arguments_of_the_modules_kernels():
         args = set()
         for b in m.aot_builds():
             args |= set(b[1].arg_names)
-        for hint in ("AOT_FP32_POINTERS", "AOT_FLOAT_ARGS", "AOT_ALIGNED_INTS"):
+        for hint in ("AOT_FP32_POINTERS", "AOT_FLOAT_ARGS", "AOT_ALIGNED_INTS", "AOT_ONE_INTS"):
             extra = set(getattr(m, hint, ())) - args
             assert not extra, f"{m.__name__}.{hint}: {sorted(extra)} are not arguments of its kernels"
         assert all(p.endswith("_ptr") for p in getattr(m, "AOT_FP32_POINTERS", ())), m.__name__
@@ -153,3 +153,37 @@ def test_layernorm_backward_gemm_compiles_without_spills():
             assert r["tensor_cores"] in ("mma", "wgmma"), r
             if r["arch"] == "sm_90" and " 64x" in r["config"]:
                 assert r["tensor_cores"] == "wgmma", r
+
+
+def test_int_arguments_equal_to_one_compile():
+    """On a GPU the JIT turns an int argument equal to 1 into a constant: each module declares the ints that
+    are 1 at inputs its launchers take (``AOT_ONE_INTS``: a batch of one, a 1x1 image, one channel, one
+    partial...), and its ``aot_builds()`` holds, per kernel, a build with each of them at 1 and one with all
+    of them at 1 (``_common.with_ones``). They all compile for sm_90, without spills."""
+    from fast_unet import aot
+
+    ones = [b for b in aot.builds() if "=1" in b[2]]
+    for m in aot.kernel_modules():
+        declared = getattr(m, "AOT_ONE_INTS", None)
+        assert declared, f"{m.__name__} declares no AOT_ONE_INTS"
+    kernels = {b[0] for b in aot.builds()}
+    assert {b[0] for b in ones} == kernels  # every kernel takes at least one of them
+    script = (
+        "import json; from fast_unet import aot\n"
+        "rows = []\n"
+        "for name, fn, label, dt, ce, opts in aot.builds():\n"
+        "    if '=1' not in label: continue\n"
+        "    row = dict(kernel=name, config=label)\n"
+        "    try: row.update(aot.resources(aot.compile_one(fn, dt, ce, opts, 90)))\n"
+        "    except Exception as e: row['error'] = type(e).__name__ + ': ' + str(e)[-300:]\n"
+        "    rows.append(row)\n"
+        "print(json.dumps(rows))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == len(ones)
+    bad = [r for r in rows if r.get("error") or r.get("spill_bytes")]
+    assert not bad, bad

@@ -54,10 +54,11 @@ inline VF vmul(VF a, VF b) { return _mm512_mul_ps(a, b); }
 inline VF vmax(VF a, VF b) { return _mm512_max_ps(a, b); }
 inline float hmax(VF a) { return _mm512_reduce_max_ps(a); }
 inline float hsum(VF a) { return _mm512_reduce_add_ps(a); }
-// 2^x for x <= 0 (softmax arguments); exactly 0 below 2^-126 (no denormals reach the FMAs).
+// 2^x for x <= 0 (softmax arguments); exactly 0 below 2^-126 (no denormals reach the FMAs); NaN stays NaN
+// (an unordered compare keeps it, as exp2 in SDPA propagates a NaN score).
 // x = n + f, f in [-1/2, 1/2]; 2^f by a degree-5 Chebyshev fit (max rel. error 1.04e-7); 2^n by vscalefps.
 inline VF vexp2(VF x) {
-  const __mmask16 ok = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
+  const __mmask16 ok = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 p = _mm512_set1_ps(1.3400432165577227e-3f);
@@ -95,12 +96,12 @@ inline float hsum(VF a) {
 inline VF vexp2(VF x) {
   alignas(64) float t[VS];
   x.store(t);
-  for (int i = 0; i < VS; ++i) t[i] = t[i] >= -126.f ? std::exp2(t[i]) : 0.f;
+  for (int i = 0; i < VS; ++i) t[i] = t[i] < -126.f ? 0.f : std::exp2(t[i]);
   return Vec::loadu(t);
 }
 #endif
 
-inline float exp2_scalar(float x) { return x >= -126.f ? std::exp2(x) : 0.f; }
+inline float exp2_scalar(float x) { return x < -126.f ? 0.f : std::exp2(x); }
 
 // S[r, 0:NV*VS] = sum_k A[r, k] * Bt[k, 0:NV*VS] for the G rows of A; optionally rmax[r] = max(rmax[r], S[r, :]).
 template <int D, int NV, bool MAX>

@@ -175,7 +175,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
       sc[bi * C + c] = rp[bi] * wp[c];
       sh[bi * C + c] = bp[c] - mp[bi] * sc[bi * C + c];
     }
-  // 1. per (sample, channel): sum dy, sum dz, sum dz * xhat, with dz = dy * (z > 0).
+  // 1. per (sample, channel): sum dy, sum dz, sum dz * xhat, with dz = threshold_backward(dy, z, 0): dy
+  // unless z <= 0 (NaN passes, as in PyTorch's ReLU backward). The forward's ReLU keeps NaN too
+  // (at::vec::maximum propagates it; std::max(NaN, 0.f) returns the NaN).
   std::vector<double> sdy(B * C, 0.0), sdz(B * C, 0.0), sdzx(B * C, 0.0);
   const Vec zero(0.f);
   if (nhwc) {
@@ -200,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
           for (; c + kVec <= C; c += kVec) {
             Vec xv = Vec::loadu(xr + c), g = Vec::loadu(gr + c);
             Vec z = at::vec::fmadd(xv, Vec::loadu(scb + c), Vec::loadu(shb + c));
-            Vec dz = Vec::blendv(zero, g, z > zero);
+            Vec dz = Vec::blendv(g, zero, z <= zero);
             Vec xh = (xv - mv) * rv;
             (Vec::loadu(a_dy + c) + g).store(a_dy + c);
             (Vec::loadu(a_dz + c) + dz).store(a_dz + c);
@@ -208,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
           }
           for (; c < C; ++c) {
             const float z = xr[c] * scb[c] + shb[c];
-            const float dz = z > 0.f ? gr[c] : 0.f;
+            const float dz = z <= 0.f ? 0.f : gr[c];
             a_dy[c] += gr[c];
             a_dz[c] += dz;
             a_dzx[c] += dz * (xr[c] - mp[bi]) * rp[bi];
@@ -236,14 +238,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
         int64_t j = 0;
         for (; j + kVec <= HW; j += kVec) {
           Vec xv = Vec::loadu(xr + j), g = Vec::loadu(gr + j);
-          Vec dz = Vec::blendv(zero, g, at::vec::fmadd(xv, scv, shv) > zero);
+          Vec dz = Vec::blendv(g, zero, at::vec::fmadd(xv, scv, shv) <= zero);
           a_dy = a_dy + g;
           a_dz = a_dz + dz;
           a_dzx = at::vec::fmadd(dz, (xv - mv) * rv, a_dzx);
         }
         double t_dy = hsum(a_dy), t_dz = hsum(a_dz), t_dzx = hsum(a_dzx);
         for (; j < HW; ++j) {
-          const float dz = xr[j] * sc[pc] + sh[pc] > 0.f ? gr[j] : 0.f;
+          const float dz = xr[j] * sc[pc] + sh[pc] <= 0.f ? 0.f : gr[j];
           t_dy += gr[j];
           t_dz += dz;
           t_dzx += dz * (xr[j] - mp[bi]) * rp[bi];
@@ -294,12 +296,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
         for (; c + kVec <= C; c += kVec) {
           Vec xv = Vec::loadu(xr + c);
           Vec z = at::vec::fmadd(xv, Vec::loadu(scb + c), Vec::loadu(shb + c));
-          Vec dz = Vec::blendv(zero, Vec::loadu(gr + c), z > zero);
+          Vec dz = Vec::blendv(Vec::loadu(gr + c), zero, z <= zero);
           Vec xh = (xv - mv) * rv;
           (rv * (dz * Vec::loadu(wp + c) - c1v - xh * c2v)).store(dr + c);
         }
         for (; c < C; ++c) {
-          const float dz = xr[c] * scb[c] + shb[c] > 0.f ? gr[c] : 0.f;
+          const float dz = xr[c] * scb[c] + shb[c] <= 0.f ? 0.f : gr[c];
           dr[c] = rs * (dz * wp[c] - c1 - (xr[c] - m) * rs * c2);
         }
       }
@@ -316,11 +318,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
         int64_t j = 0;
         for (; j + kVec <= HW; j += kVec) {
           Vec xv = Vec::loadu(xr + j);
-          Vec dz = Vec::blendv(zero, Vec::loadu(gr + j), at::vec::fmadd(xv, scv, shv) > zero);
+          Vec dz = Vec::blendv(Vec::loadu(gr + j), zero, at::vec::fmadd(xv, scv, shv) <= zero);
           (rv * (dz * wv - c1v - (xv - mv) * rv * c2v)).store(dr + j);
         }
         for (; j < HW; ++j) {
-          const float dz = xr[j] * sc[pc] + sh[pc] > 0.f ? gr[j] : 0.f;
+          const float dz = xr[j] * sc[pc] + sh[pc] <= 0.f ? 0.f : gr[j];
           dr[j] = rs * (dz * wc - c1 - (xr[j] - m) * rs * c2);
         }
       }

@@ -9,7 +9,7 @@
 //              floats), then y = relu(x * rstd * w[c] + (b[c] - mean * rstd * w[c])) + emb[b, c], 16-byte
 //              loads/stores where the layout allows (NHWC: C % VEC == 0; NCHW: HW % VEC == 0).
 // Backward, four launches:
-//   gn_bwd_reduce_{nhwc,nchw}: per (sample, channel) sums of dy, dz and dz * xhat (dz = dy * [z > 0]),
+//   gn_bwd_reduce_{nhwc,nchw}: per (sample, channel) sums of dy, dz and dz * xhat (dz = dy unless z <= 0: NaN passes, as in PyTorch),
 //              NHWC over row slices (partials), NCHW one plane per block;
 //   gn_bwd_sample:  per sample: demb, and k1 = sum_c w dz / M, k2 = sum_c w dz xhat / M;
 //   gn_bwd_param:   dweight, dbias (sums over samples);
@@ -103,7 +103,8 @@ __device__ __forceinline__ void sample_stats(const float* __restrict__ partial, 
   __shared__ float st[2];
   if (threadIdx.x == 0) {
     const float dm = s[0] / float(M);
-    const float var = fmaxf(s[1] / float(M) - dm * dm, 0.f);
+    const float v = s[1] / float(M) - dm * dm;
+    const float var = v < 0.f ? 0.f : v;  // NaN stays NaN (fmaxf would drop it)
     st[0] = shift + dm;
     st[1] = rsqrtf(var + eps);
   }
@@ -141,7 +142,7 @@ __global__ void __launch_bounds__(kThreads) gn_apply(const T* __restrict__ x, co
       const int64_t c = NHWC ? c0 + k : c0;
       const float sc = rstd * to_f(w[c]);
       const float z = fmaf(to_f(p.v[k]), sc, to_f(bias[c]) - mean * sc);
-      o.v[k] = from_f<T>(fmaxf(z, 0.f) + (emb ? to_f(emb[b * C + c]) : 0.f));
+      o.v[k] = from_f<T>((z <= 0.f ? 0.f : z) + (emb ? to_f(emb[b * C + c]) : 0.f));  // ReLU keeping NaN
     }
     reinterpret_cast<Pack<T, VEC>*>(ys)[i] = o;
   }
@@ -173,7 +174,7 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_reduce_nhwc(const T* __restri
       for (int64_t r = r0 + tr; r < r1; r += TR) {
         const int64_t idx = (b * HW + r) * C + c;
         const float xv = to_f(x[idx]), g = to_f(dy[idx]);
-        const float dz = fmaf(xv, sc, shf) > 0.f ? g : 0.f;
+        const float dz = fmaf(xv, sc, shf) <= 0.f ? 0.f : g  /* threshold_backward: NaN passes */;
         a_dy += g;
         a_dz += dz;
         a_dzx = fmaf(dz, (xv - m) * rs, a_dzx);
@@ -217,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_reduce_nchw(const T* __restri
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const float xv = to_f(xp.v[k]), g = to_f(gp.v[k]);
-      const float dz = fmaf(xv, sc, shf) > 0.f ? g : 0.f;
+      const float dz = fmaf(xv, sc, shf) <= 0.f ? 0.f : g  /* threshold_backward: NaN passes */;
       s[0] += g;
       s[1] += dz;
       s[2] = fmaf(dz, (xv - m) * rs, s[2]);
@@ -298,7 +299,7 @@ __global__ void __launch_bounds__(kThreads) gn_bwd_dx(const T* __restrict__ dy, 
       const int64_t c = NHWC ? c0 + q : c0;
       const float wc = to_f(w[c]), sc = rs * wc;
       const float xv = to_f(xp.v[q]);
-      const float dz = fmaf(xv, sc, to_f(bias[c]) - m * sc) > 0.f ? to_f(gp.v[q]) : 0.f;
+      const float dz = fmaf(xv, sc, to_f(bias[c]) - m * sc) <= 0.f ? 0.f : to_f(gp.v[q]);  // NaN passes
       o.v[q] = from_f<T>(rs * (dz * wc - k1 - (xv - m) * rs * k2));
     }
     reinterpret_cast<Pack<T, VEC>*>(dx + b * M)[i] = o;

@@ -14,15 +14,11 @@ FLOOR = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 @pytest.fixture(autouse=True)
-def exact_float32(monkeypatch):
-    """A float32 reference without TF32; the setting restored afterwards."""
+def compiled_backends(monkeypatch):
+    """The automatic choice, compiled Triton; the float32 references are exact (tests/conftest.py turns TF32 off)."""
     if __import__("os").environ.get("TRITON_INTERPRET", "0") == "1":
         pytest.skip("GPU tests run with TRITON_INTERPRET unset")
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     monkeypatch.setenv("FAST_UNET_BACKEND", "auto")
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def _rule(name, out, out_eager, ref, dtype):

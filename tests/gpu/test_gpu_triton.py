@@ -61,8 +61,6 @@ def test_unet_b64_64x64_bf16_forward(monkeypatch, fused):
 @pytest.mark.parametrize("fused", list(SETTINGS))
 def test_unet_gradients_float32(monkeypatch, fused):
     monkeypatch.setenv("FAST_UNET_BACKEND", SETTINGS[fused])
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     model, ref = _models(32)
     x = torch.randn(4, 3, 32, 32, device="cuda")
     t = torch.randint(0, 1000, (4,), device="cuda")

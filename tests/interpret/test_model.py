@@ -178,3 +178,50 @@ def test_torch_compile_traces_the_model_in_one_graph(fast_conv_config):
         y_ac_eager = model(x, t)
     assert y_ac.dtype == torch.bfloat16
     torch.testing.assert_close(y_ac, y_ac_eager, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("where,value", [("x", float("nan")), ("t", float("inf")), ("gn_weight", float("nan")),
+                                         ("attention_weight", float("nan"))],
+                         ids=["x-nan", "t-inf", "gn_weight-nan", "attention_weight-nan"])  # ~1 min each here
+def test_nonfinite_propagates_as_in_eager(monkeypatch, fast_conv_config, where, value):
+    """A NaN or Inf planted in the input x, the timestep t (float timesteps), a GroupNorm weight or an
+    attention projection weight: the Triton model's output and every gradient are NaN exactly where the
+    eager model's are (Inf: non-finite exactly where eager's are, the forward NaN/Inf exactly), and close
+    elsewhere. Sample 1 carries no planted value in x and t, so its output must stay finite there."""
+    from helpers import assert_close
+
+    model, _ = model_pair(16)
+    x = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([3.0, 517.0])
+    dy = torch.randn(2, 3, 16, 16)
+    if where == "x":
+        x[0, 1, 5, 7] = value
+    elif where == "t":
+        t[0] = value
+    else:
+        name = "down1.down.1.conv1.1.weight" if where == "gn_weight" else "sa1.mha.in_proj_weight"
+        with torch.no_grad():
+            dict(model.named_parameters())[name].view(-1)[5] = value
+
+    def run(backend):
+        monkeypatch.setenv("FAST_UNET_BACKEND", backend)
+        model.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(True)
+        y = model(xx, t)
+        y.backward(dy)
+        return y.detach(), [("x", xx.grad)] + [(n, p.grad) for n, p in model.named_parameters()]
+
+    y, grads = run("triton")
+    y_e, grads_e = run("eager")
+    assert not torch.isfinite(y_e).all(), "the planted value must reach the output"
+    if where in ("x", "t"):
+        assert torch.isfinite(y_e[1]).all()
+    assert_close(y, y_e, atol=1e-4, rtol=1e-3, what="output")
+    for (name, g), (_, ge) in zip(grads, grads_e):
+        fin = torch.isfinite(ge)
+        atol = 1e-4 * max([1.0] + ([ge[fin].abs().max().item()] if fin.any() else []))
+        if value != value:
+            assert_close(g, ge, atol=atol, rtol=1e-3, what=f"grad {name}")
+        else:  # sums of both infinite signs: NaN or Inf by the reduction's order (tests/ops/test_nonfinite.py)
+            assert torch.equal(torch.isfinite(g), fin), f"grad {name}: non-finite elements differ"
+            assert_close(g[fin], ge[fin], atol=atol, rtol=1e-3, what=f"grad {name} (finite part)")

@@ -409,3 +409,32 @@ def test_ext_cuda_group_norm_relu(ext_cuda, dtype, fmt, shape):
         eager_err = (eag.double() - want).abs().max().item()
         assert err <= max(2 * eager_err, atol * max(scale, 1.0), rtol * scale), \
             f"{name}: err {err:.3g} vs eager {eager_err:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
+def test_backward_relu_mask_is_the_forwards(channels_last):
+    """The backward's ReLU mask is recomputed with the forward's formula: biases are planted so that
+    x_hat * w + b is exactly 0 at one element per channel while the forward's (x - mean) * (w * rstd) + b
+    (another rounding) is a tiny positive or negative number there. With dy = 1, d bias[c] must be the
+    number of positive outputs of channel c: a mask built from another formula miscounts."""
+    from fast_unet import backends
+
+    K = backends.kernel_module("group_norm")
+    torch.manual_seed(3)
+    B, C, H, W = 2, 16, 4, 4
+    x = torch.randn(B, C, H, W) * 1.7 + 0.3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(C) * 0.9 + 0.2
+    _, mean, rstd = K.group_norm_relu_fwd(x, w, torch.zeros(C), 1e-5)  # the statistics do not depend on w, b
+    x_hat = (x - mean[:, None, None, None]) * rstd[:, None, None, None]  # float32, as the kernels compute it
+    b = -(x_hat[0, :, 1, 2] * w)  # x_hat * w + b == 0 exactly at (0, c, 1, 2)
+    assert ((x_hat[0, :, 1, 2] * w + b) == 0).all()
+    y, mean, rstd = K.group_norm_relu_fwd(x, w, b, 1e-5)
+    planted = y[0, :, 1, 2]
+    assert (planted > 0).any(), "the plant must put the forward's pre-ReLU value above zero somewhere"
+    dy = torch.ones_like(x)
+    _, dw, db, _ = K.group_norm_relu_bwd(dy, x, w, b, mean, rstd)
+    torch.testing.assert_close(db, (y > 0).sum(dim=(0, 2, 3)).float(), rtol=0, atol=0)

@@ -9,6 +9,8 @@ the custom ops; bad inputs; the heaviest prologue compiled for sm_90. The extens
 The parity tests through the dispatched op run on every CPU backend (eager, ext: skipped, it has no
 implementation, triton under the interpreter); the kernel-level tests on triton only.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -409,10 +411,16 @@ def test_gn_ln_linear_compiles_for_sm90_without_spills():
                            "--json"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(proc.stdout)
-    assert len(rows) == 2 * 5, rows  # (emb, no emb) x (1 float32 + 2 bfloat16 + 2 float16 configs)
-    for r in rows:
+    # (emb, no emb) x (1 float32 exact + 1 float32 TF32 + 2 bfloat16 + 2 float16 configs), and the ints-equal-
+    # to-1 specialisations of the first build (4 singly + all together)
+    ones = [r for r in rows if "=1" in r["config"]]
+    rows = [r for r in rows if "=1" not in r["config"]]
+    assert len(rows) == 2 * 6 and len(ones) == 5, rows + ones
+    for r in rows + ones:
         assert r["spill_bytes"] == 0, r
-        assert r["tensor_cores"] == ("no" if r["config"].startswith("float32") else "wgmma"), r
+    for r in rows:  # float32 exact: FMA; TF32 and half precision: wgmma
+        exact = r["config"].startswith("float32") and not r["config"].endswith("tf32")
+        assert r["tensor_cores"] == ("no" if exact else "wgmma"), r
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -488,3 +496,37 @@ def test_registration_and_bad_inputs():
         L.ln_linear_bwd(torch.randn(2, 3), torch.randn(2, 520), torch.randn(520), 1e-5, torch.randn(3, 520))
     with pytest.raises(TypeError, match="ln_weight"):
         L.ln_linear_bwd(args[0], args[1], args[2].double(), 1e-5, args[4])
+
+
+@pytest.mark.op("ln_linear")
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
+def test_ln_parameter_gradients_reduce_in_parallel_over_rows():
+    """Many row blocks (M = 4160 rows: 130 programs of partial d ln_w, d ln_b): the parameter gradients
+    are right (float64 reference) and their reduction runs on many programs, not one or two looping over
+    every row block (the grids of the launches after the GEMM, recorded)."""
+    from fast_unet.kernels import ln_backward as L
+    from helpers import launches
+
+    torch.manual_seed(0)
+    M, K, N = 4160, 64, 64
+    x = torch.randn(M, K) * 1.3 + 0.5
+    lw, w, d = torch.randn(K) * 0.5 + 1.0, torch.randn(N, K) * 0.2, torch.randn(M, N)
+    with launches() as rec:
+        dx, dlw, dlb = L.ln_linear_bwd(d, x, lw, 1e-5, w)
+    x64 = x.double()
+    x_hat = (x64 - x64.mean(1, keepdim=True)) / torch.sqrt(x64.var(1, unbiased=False, keepdim=True) + 1e-5)
+    dh = d.double() @ w.double()
+    torch.testing.assert_close(dlw.double(), (dh * x_hat).sum(0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dlb.double(), dh.sum(0), rtol=1e-5, atol=1e-4)
+    gemm, *reduction = rec
+    assert gemm["name"] == "_ln_linear_bwd_kernel"
+    programs = gemm["grid"][0]
+    assert programs >= 128
+    # no program of the reduction loops over more than ~sqrt(programs) rows of partials (the batch-sum
+    # kernel alone looped over all of them, on cdiv(K, 128) = 1 program), and one launch has many programs
+    bound = 2 * math.isqrt(programs) + 16
+    for r in reduction:
+        serial = r["args"]["ROWS_PER_PROG"] if "ROWS_PER_PROG" in r["args"] else r["args"]["B"]
+        assert serial <= bound, (r["name"], r["grid"], serial, bound)
+    assert max(math.prod(r["grid"]) for r in reduction) >= 8, [(r["name"], r["grid"]) for r in reduction]

@@ -122,3 +122,40 @@ def test_time_embedding_b64(dtype):
         assert_close_rule(name, a, e, r, dtype)
     for name, a, e, r in zip(("drw", "drb", "dsw", "dsb"), g, g_e, g_r):
         assert_close_rule(name, a, e, r, dtype)
+
+
+def test_frequency_table_is_built_on_the_device_without_copies():
+    """kernels/time_embedding.freq_table builds its table on the target device (here ``meta``, which
+    stands for a GPU: a CPU tensor or a host-device copy shows up as a CPU argument or a ``_to_copy``),
+    once per (dim, device); a second call runs no torch op at all (graph capture after warm-up)."""
+    pytest.importorskip("triton")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fast_unet import backends
+
+    if backends.load_error("triton"):
+        pytest.skip(backends.load_error("triton"))
+    K = backends.kernel_module("time_embedding")
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            devs = {a.device.type for a in torch.utils._pytree.tree_leaves((args, kwargs, out))
+                    if isinstance(a, torch.Tensor)}
+            self.calls.append((str(func), devs))
+            return out
+
+    dim = 94  # a dim no other test uses: the first call builds the table
+    K._FREQ.pop((dim, torch.device("meta")), None)
+    with Log() as first:
+        table = K.freq_table(dim, torch.device("meta"))
+    assert table.device.type == "meta" and table.dtype == torch.float32 and table.shape == (dim // 2,)
+    assert first.calls, "the first call builds the table"
+    assert all(devs == {"meta"} for _, devs in first.calls), first.calls  # no CPU tensor, no copy from one
+    with Log() as second:
+        assert K.freq_table(dim, "meta") is table
+    assert second.calls == []
