@@ -247,7 +247,7 @@ def main(argv=None):
         if args.cell_limit is None:
             args.cell_limit = 60.0 if torch.device(device).type == "cuda" else 120.0
         if "--warmup" not in (argv or sys.argv):
-            args.warmup = 1 if torch.device(device).type == "cpu" else 3
+            args.warmup = 2 if torch.device(device).type == "cpu" else 3
         if "--repeats" not in (argv or sys.argv):
             args.repeats = 3 if torch.device(device).type == "cpu" else 10
         return sweep.main(args, _progress(args.quiet))

@@ -1,4 +1,6 @@
-"""The pieces of the benchmark: the models compared, the timed steps, FLOP counts, peak memory.
+"""The pieces of the benchmark (no command of its own; ``python -m bench``, ``--sweep`` and
+``python -m bench.estimate`` use them): the models compared, the timed steps, FLOP counts, peak memory,
+and the device's reference rates (best measured matmul rate and copy bandwidth).
 
 Every speed figure is a median of interleaved runs (one round times every model once, in turn), so
 that the noise of a shared machine falls on all of them alike; ratios are taken within one run.
@@ -247,6 +249,16 @@ def measure_memory_here(name, mode, batch, height, width, dtype, device, limit_b
     return _rss_bytes("VmHWM") - before
 
 
+def _child_env():
+    """The memory child's environment: glibc's mmap threshold fixed at 128 KiB (setting it turns off the
+    dynamic threshold), so every tensor of 128 KiB or more is its own mapping, returned to the system when
+    freed: the resident high-water mark then follows the live tensors, not what malloc kept from earlier
+    frees (with the dynamic threshold the same step measured anywhere from 7 to 54 MB)."""
+    env = dict(os.environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    return env
+
+
 def measure_memory(name, mode, batch, height, width, dtype_name, device, limit_bytes=None, timeout=None):
     """``measure_memory_here`` in a fresh Python process: (bytes, None), or (None, why not): "out of
     memory" (past ``limit_bytes``), "time limit" (past ``timeout`` seconds) or the child's error."""
@@ -254,7 +266,7 @@ def measure_memory(name, mode, batch, height, width, dtype_name, device, limit_b
     if limit_bytes:
         cmd.append(str(int(limit_bytes)))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=timeout)
     except subprocess.TimeoutExpired:
         return None, "time limit"
     lines = proc.stdout.strip().splitlines()

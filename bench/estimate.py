@@ -208,7 +208,7 @@ def kernel_table(row, model, step):
 
 
 def constants_text():
-    return "\n".join([f"H200 ceilings used (bench/estimate.py H200):"] +
+    return "\n".join(["H200 ceilings used (bench/estimate.py H200):"] +
                      [f"- {k} = {v:.4g}: {SOURCES[k]}" for k, v in H200.items()])
 
 

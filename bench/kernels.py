@@ -1,6 +1,9 @@
 """``python -m bench.kernels``: how many kernels fast_unet and the eager models launch, and the bytes
 each kernel reads and writes, without timing anything.
 
+Run: ``python -m bench.kernels`` (B=64, 64x64, bfloat16; per-kernel tables), ``--summary`` for the
+summary alone, ``--batch/--size/--dtype/--variants`` to choose; no GPU needed.
+
 What is counted, per model:
 - one forward (``torch.no_grad``, as the benchmark times it) and one training step: forward, MSE loss,
   backward; the optimizer step is NOT included;

@@ -73,7 +73,7 @@ def measure_point(names, modes, batch, h, w, dtype_name, device, state, args, mm
     cuda = torch.device(device).type == "cuda"
     cells = {n: {m: {} for m in modes} for n in names}
     flops = dict(zip(("forward", "train"), core.count_flops(h, w, batch)))
-    if not cuda:
+    if not cuda and args.memory:
         for n in names:
             for m in modes:
                 if n == "compiled":
@@ -101,7 +101,7 @@ def measure_point(names, modes, batch, h, w, dtype_name, device, state, args, mm
             if "error" in cells[n][m]:
                 continue
             fn = core.forward_fn(model, x, t) if m == "forward" else core.train_fn(model, x, t, noise)
-            if cuda:
+            if cuda and args.memory:
                 peak, err = _cuda_memory(fn, model, args.cell_limit)
                 if err:
                     cells[n][m]["error"] = err
@@ -186,8 +186,9 @@ def run(args, say):
         "dtype": args.dtype, "warmup": args.warmup, "repeats": args.repeats, "models": names, "modes": modes,
         "cell_limit_s": args.cell_limit, "mem_limit_gib": None if cuda else args.mem_limit_gib,
         "size_batch": batches[0], "sweep_size": args.sweep_size, "points": [],
-        "memory_method": ("max_memory_allocated of one step after a warm-up step" if cuda else
-                          "resident-set growth of a fresh process running one step"),
+        "memory_method": ("not measured (--no-memory)" if not args.memory else
+                          "max_memory_allocated of one step after a warm-up step" if cuda else
+                          "resident-set growth of a fresh process running one step (after a B=1 8x8 warm-up)"),
     }
     for b, (h, w), axes in pts:
         p = measure_point(names, modes, b, h, w, args.dtype, device, state, args, mm, say)
