@@ -3,7 +3,7 @@ eager twin, over a range of sizes: achieved GB/s and TFLOP/s and the fraction of
 peak, printed as a table and plotted (in the style of Triton's ``perf_report`` tutorials).
 
 Run: ``python -m bench.ops`` (CPU: B=1 at 16, 32, 64; GPU: B=64 at 16, 32, 64, 128, bfloat16), or e.g.
-``python -m bench.ops --batch 4 --sizes 32,64 --directions fwd``. ``--dry``: run every case once on every
+``python -m bench.ops --batch 4 --sizes 32,64 --directions fwd``. ``--dry``: run each op's code paths once on every
 backend, no timing (how it is checked without a GPU, under ``TRITON_INTERPRET=1``).
 
 The cases are the model's own: one forward of ``fast_unet.UNet`` at each size records every top-level
@@ -120,6 +120,17 @@ def _leaves(args):
                  for a in args)
 
 
+def _variants(calls):
+    """One call per code path: the first call of each pattern of None arguments and non-tensor values
+    (the conv plain, normalising on load, pooling on load, reading a concatenation...). ``--dry`` runs
+    these, not every shape."""
+    out = {}
+    for args in calls:
+        key = tuple("T" if isinstance(a, torch.Tensor) else repr(a) for a in args)
+        out.setdefault(key, args)
+    return list(out.values())
+
+
 def runner(op, backend, calls, direction):
     """A closure running every call of ``op`` on ``backend`` once (the op's impl called directly, its inner
     dispatched pieces under FAST_UNET_BACKEND=backend)."""
@@ -218,6 +229,7 @@ def run(sizes, batch, dtype_name, device, directions, backends, repeats, warmup,
                         continue
                     fns[b] = runner(op, b, cs, d)
                 if dry:
+                    fns = {b: runner(op, b, _variants(cs), d) for b in fns}
                     for b, fn in fns.items():
                         fn()
                         row["results"].setdefault(b, {})[d] = {"ran": True}
@@ -303,7 +315,7 @@ def main(argv=None):
     p.add_argument("--backends", default="eager,ext,triton")
     p.add_argument("--repeats", type=int, default=None, help="default 5 on a CPU, 20 on a GPU")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--dry", action="store_true", help="run every case once on every backend, no timing")
+    p.add_argument("--dry", action="store_true", help="run each op's code paths once on every backend, no timing")
     p.add_argument("--json", default=os.path.join("bench_results", "ops.json"), help="'' for none")
     p.add_argument("--out", default=None, help="also one JSON object per row, one per line (JSONL)")
     p.add_argument("--plot", default=os.path.join("bench_results", "ops.png"), help="'' for none")
