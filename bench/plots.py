@@ -76,7 +76,8 @@ def sweep_plots(result, outdir):
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
-    if result.get("copy_gbs") and result.get("matmul_gflops"):
+    if result.get("copy_gbs") and result.get("matmul_gflops") and any(
+            "flops_per_byte" in c for p in result["points"] for cells in p["cells"].values() for c in cells.values()):
         paths.append(_roofline(plt, result, os.path.join(outdir, "sweep_roofline.png")))
     return paths
 

@@ -17,7 +17,7 @@ memory and the limits come first, per cell (model, step):
   at ``--cell-limit`` seconds (past it: "time limit"); such a cell is reported and not timed, and the
   sweep goes on. ``compiled`` has no memory figure on a CPU (compiling again in a child would dominate).
 - CUDA: in this process, ``max_memory_allocated`` of one step after a warm-up step; an out-of-memory
-  error, or a warm-up step past ``--cell-limit``, marks the cell.
+  error, or that step past ``--cell-limit``, marks the cell.
 Fitted exponents: least squares of log(peak memory) and log(time) against log(tokens) over the sizes at
 one batch (and against log(batch) over the batches): 2 means quadratic growth, 1 linear.
 """
@@ -47,19 +47,19 @@ def points(sizes, batches, sweep_size):
 
 
 def _cuda_memory(fn, model, limit_s):
-    """(peak bytes, None) of one step after a warm-up step, or (None, why not)."""
+    """(peak bytes, None) of one step after a warm-up step (compilation, autotuning, cuDNN's search), or
+    (None, why not): out of memory, or the measured step past ``limit_s``."""
     try:
+        fn()
         torch.cuda.synchronize()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         fn()
         torch.cuda.synchronize()
         if time.perf_counter() - t0 > limit_s:
             return None, "time limit"
-        model.zero_grad(set_to_none=True)
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before, None
     except torch.cuda.OutOfMemoryError:
         model.zero_grad(set_to_none=True)
