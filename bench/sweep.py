@@ -19,7 +19,9 @@ memory and the limits come first, per cell (model, step):
 - CUDA: in this process, ``max_memory_allocated`` of one step after a warm-up step; an out-of-memory
   error, or that step past ``--cell-limit``, marks the cell.
 Fitted exponents: least squares of log(peak memory) and log(time) against log(tokens) over the sizes at
-one batch (and against log(batch) over the batches): 2 means quadratic growth, 1 linear.
+one batch (and against log(batch) over the batches): 2 means quadratic growth, 1 linear; and, since a
+constant part (the weights' gradients in a training step, ~90 MB) flattens the log-log slope at small
+sizes, the exponent k of the best fit memory = c + a * tokens^k.
 """
 import datetime
 import math
@@ -140,6 +142,29 @@ def fit_exponent(xs, ys):
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sum((p[0] - mx) ** 2 for p in pts)
 
 
+def fit_offset_exponent(xs, ys):
+    """k of the best fit y = c + a * x^k (c, a >= 0; k on a 0.01 grid from 0.3 to 3, relative residuals):
+    the exponent of the part that grows, with a constant part (weights' gradients, buffers) fitted
+    alongside. None with fewer than three distinct x."""
+    import numpy as np
+
+    pts = [(x, y) for x, y in zip(xs, ys) if x and y and x > 0 and y > 0]
+    if len({x for x, _ in pts}) < 3:
+        return None
+    x = np.array([p[0] for p in pts], dtype=float)
+    y = np.array([p[1] for p in pts], dtype=float)
+    best = None
+    for k in np.arange(0.3, 3.0 + 1e-9, 0.01):
+        a = np.stack([np.ones_like(x), x**k], 1) / y[:, None]
+        sol = np.linalg.lstsq(a, np.ones_like(y), rcond=None)[0]
+        if sol[0] < 0 or sol[1] <= 0:
+            continue
+        r = float(((a @ sol - 1) ** 2).sum())
+        if best is None or r < best[0]:
+            best = (r, float(k))
+    return None if best is None else round(best[1], 2)
+
+
 def axis_series(result, axis, name, mode, key):
     """[(x, value)] of one model's ``key`` along ``axis`` ("size": x = tokens, "batch": x = batch)."""
     out = []
@@ -153,7 +178,8 @@ def axis_series(result, axis, name, mode, key):
 
 
 def exponents(result):
-    """{(axis, model, mode, quantity): fitted exponent}."""
+    """{(axis, model, mode, quantity): fitted exponent}; quantity "memory" and "time" (log-log slopes) and
+    "memory_above_constant" (``fit_offset_exponent``)."""
     out = {}
     for axis in ("size", "batch"):
         for n in result["models"]:
@@ -161,6 +187,8 @@ def exponents(result):
                 for q, key in (("memory", "peak_mib"), ("time", "median_ms")):
                     s = axis_series(result, axis, n, m, key)
                     out[(axis, n, m, q)] = fit_exponent([a for a, _ in s], [b for _, b in s]) if len(s) > 1 else None
+                s = axis_series(result, axis, n, m, "peak_mib")
+                out[(axis, n, m, "memory_above_constant")] = fit_offset_exponent([a for a, _ in s], [b for _, b in s])
     return out
 
 
@@ -251,15 +279,18 @@ def table(result):
             for n in names:
                 cells += list(_cell_text(p["cells"][n][m]))
         lines.append(f"| {p['batch']} | {p['height']}x{p['width']} | {p['tokens']} | " + " | ".join(cells) + " |")
-    lines += ["", "Fitted exponents (least squares, log-log): memory or time ~ tokens^a over the sizes at "
-              f"B={result['size_batch']}, ~ batch^a over the batches at {result['sweep_size']}:", "",
-              "| model | step | memory vs tokens | time vs tokens | memory vs batch | time vs batch |",
-              "|---|---|---:|---:|---:|---:|"]
+    lines += ["", "Fitted exponents: memory or time ~ tokens^a over the sizes at "
+              f"B={result['size_batch']}, ~ batch^a over the batches at {result['sweep_size']} (least squares, "
+              "log-log); 'above a constant': k of memory = c + a * tokens^k, the growing part alone (>= 3 sizes):", "",
+              "| model | step | memory vs tokens | memory above a constant vs tokens | time vs tokens | memory vs batch "
+              "| time vs batch |",
+              "|---|---|---:|---:|---:|---:|---:|"]
     ex = {(e["axis"], e["model"], e["mode"], e["quantity"]): e["exponent"] for e in result["exponents"]}
     f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for n in names:
         for m in modes:
-            lines.append(f"| {n} | {m} | {f(ex.get(('size', n, m, 'memory')))} | {f(ex.get(('size', n, m, 'time')))} | "
+            lines.append(f"| {n} | {m} | {f(ex.get(('size', n, m, 'memory')))} | "
+                         f"{f(ex.get(('size', n, m, 'memory_above_constant')))} | {f(ex.get(('size', n, m, 'time')))} | "
                          f"{f(ex.get(('batch', n, m, 'memory')))} | {f(ex.get(('batch', n, m, 'time')))} |")
     if result.get("roofline_error"):
         lines.append(f"\nroofline: not drawn ({result['roofline_error']})")
