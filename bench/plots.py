@@ -59,7 +59,8 @@ def sweep_plots(result, outdir):
             ax.legend(fontsize=7)
             if axis == "size":
                 ticks = sorted({(p["tokens"], f"{p['height']}x{p['width']}") for p in pts})
-                ax.set_xticks([t for t, _ in ticks], [f"{lbl}\n{t}" for t, lbl in ticks], fontsize=7)
+                ax.set_xticks([t for t, _ in ticks], [f"{lbl} ({t})" for t, lbl in ticks], fontsize=7, rotation=35,
+                              ha="right")
                 ax.minorticks_off()
             else:
                 ax.set_xticks(sorted({p["batch"] for p in pts}), [str(b) for b in sorted({p["batch"] for p in pts})])
