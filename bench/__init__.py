@@ -1,1 +1,12 @@
-"""fast_unet's benchmark suite: ``python -m bench`` (see bench/__main__.py) and ``pytest bench/``."""
+"""fast_unet's benchmark suite, one module per concern (each module's docstring says what it measures and
+how to run it):
+
+- ``python -m bench`` (bench/__main__.py): one point, every model side by side; ``--sweep`` (bench/sweep.py):
+  sizes and batches, with plots (bench/plots.py); ``--sample`` (bench/sample.py): sampling throughput;
+- ``python -m bench.ops`` (bench/ops.py): every dispatched op per backend, GB/s and FLOP/s;
+- ``python -m bench.kernels`` (bench/kernels.py): kernel launches and bytes per kernel, recorded by
+  bench/recorder.py into the records of bench/traffic.py, with the FLOPs of bench/work.py;
+- ``python -m bench.estimate`` (bench/estimate.py): the H200 time on paper of every kernel;
+- bench/core.py: the shared pieces (models, timers, FLOP counts, memory, reference rates);
+- ``pytest bench/`` (bench/test_bench.py): the single-point cases as a pytest-benchmark suite.
+"""

@@ -3,8 +3,8 @@ torch.compile of that baseline, side by side in one run.
 
 For each model: the forward time (no grad; training mode, see run()) and the training-step time (forward, MSE loss,
 backward; train mode), medians of interleaved runs after warm-up; the peak memory of each step; the
-ratios against the reference and the baseline; achieved GFLOP/s against the device's measured matmul
-rate. Prints a table, and writes everything as JSON (``--json``, default bench_results/latest.json).
+ratios against the reference and the baseline; achieved GFLOP/s against the device's best measured matmul
+rate (the fastest of several 2048^3 torch.mm, one per timing round, interleaved with the models). Prints a table, and writes everything as JSON (``--json``, default bench_results/latest.json).
 Then a short section of kernel-launch counts and forward memory traffic per model, from
 ``python -m bench.kernels`` (``--no-kernel-count`` leaves it out). ``--sample``: sampling and training
 throughput instead (``python -m bench.sample``).
@@ -60,6 +60,7 @@ def run(args):
     flops = dict(zip(("forward", "train"), core.count_flops(height, width, args.batch)))
     say("measuring the device's matmul rate")
     mm_rate = core.matmul_rate(dtype, device)
+    mm = core.matmul_fn(dtype, device)
 
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -67,7 +68,6 @@ def run(args):
         "torch": torch.__version__,
         "batch": args.batch, "height": height, "width": width, "dtype": args.dtype,
         "warmup": args.warmup, "repeats": args.repeats,
-        "matmul_gflops": mm_rate / 1e9,
         "model_gflop": {m: f / 1e9 for m, f in flops.items()},
         "models": {n: {"description": core.DESCRIPTIONS[n]} for n in names},
     }
@@ -81,12 +81,13 @@ def run(args):
             model.train(True)
             fns[n] = core.forward_fn(model, x, t) if mode == "forward" else core.train_fn(model, x, t, noise)
         say(f"timing {mode}")
-        times = core.time_interleaved(fns, device, args.warmup, args.repeats, progress=say)
+        times, rate = core.time_interleaved(fns, device, args.warmup, args.repeats, progress=say, rate=mm)
+        mm_rate = max(mm_rate, rate)
         for n, ts in times.items():
             med = statistics.median(ts)
             result["models"][n][mode] = {
                 "median_ms": med * 1e3, "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3,
-                "gflops": flops[mode] / med / 1e9, "of_matmul_rate": flops[mode] / med / mm_rate,
+                "gflops": flops[mode] / med / 1e9,
             }
         if args.memory:
             for n in names:
@@ -97,6 +98,12 @@ def run(args):
                 result["models"][n][mode]["peak_mib"] = None if peak is None else peak / 2**20
                 if err:
                     result["models"][n][mode]["peak_error"] = err
+    # The best matmul rate over every sample of the run (before it, and one per timing round).
+    result["matmul_gflops"] = mm_rate / 1e9
+    result["matmul_samples"] = 5 + len(modes) * args.repeats
+    for mode in modes:
+        for n in names:
+            result["models"][n][mode]["of_matmul_rate"] = result["models"][n][mode]["gflops"] * 1e9 / mm_rate
     if "fast_unet" in names:
         from fast_unet import dispatch
 
@@ -172,11 +179,12 @@ def table(result):
         f"fast_unet benchmark: {result['device']}, torch {result['torch']}",
         f"B={result['batch']}, {result['height']}x{result['width']}, {result['dtype']}; medians of {result['repeats']} "
         f"interleaved runs after {result['warmup']} warm-up; model {result['model_gflop']['forward']:.1f} GFLOP forward, "
-        f"{result['model_gflop']['train']:.1f} GFLOP training step; measured matmul rate "
-        f"{result['matmul_gflops']:.0f} GFLOP/s",
+        f"{result['model_gflop']['train']:.1f} GFLOP training step; best measured {result['dtype']} "
+        f"matmul rate {result['matmul_gflops']:.0f} GFLOP/s (fastest of {result['matmul_samples']} 2048^3 torch.mm, "
+        f"one per timing round, interleaved with the models)",
         f"fast_unet ran its ops on: {result.get('fast_unet_backends', '-')}",
         "",
-        "| model | mode | median ms | vs reference | vs baseline | GFLOP/s | of matmul rate | peak MiB | memory vs reference |",
+        "| model | mode | median ms | vs reference | vs baseline | GFLOP/s | of best matmul rate | peak MiB | memory vs reference |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode in ("forward", "train"):
@@ -211,6 +219,20 @@ def main(argv=None):
                    help="skip the kernel-launch counts (python -m bench.kernels)")
     p.add_argument("--json", default=os.path.join("bench_results", "latest.json"), help="where to write the JSON")
     p.add_argument("--quiet", action="store_true")
+    g = p.add_argument_group("sweep (--sweep; python -m bench.sweep's docstring)")
+    g.add_argument("--sweep", action="store_true", help="instead: time and peak memory over sizes and batches, "
+                   "JSON and PNG plots")
+    g.add_argument("--sizes", default=None, help="sweep sizes, e.g. 32,64,128,48x80 (default: 32,64,128,48x80 on "
+                   "a CPU, 32,64,128,256,48x80 on a GPU), at the first of --batches")
+    g.add_argument("--batches", default=None, help="sweep batches, e.g. 1,4,16 (default: 1,4,16 on a CPU, "
+                   "1,4,16,64 on a GPU), at --sweep-size")
+    g.add_argument("--sweep-size", default="64", help="the resolution of the batch sweep")
+    g.add_argument("--cell-limit", type=float, default=None, help="seconds one step of one cell may take "
+                   "(default 120 on a CPU, 60 on a GPU); past it the cell is reported as 'time limit'")
+    g.add_argument("--mem-limit-gib", type=float, default=8.0, help="CPU: the address space one step may add "
+                   "(default 8); past it the cell is reported as 'out of memory'")
+    g.add_argument("--plots", default="bench_results", help="where the sweep's PNGs go ('' for none)")
+    g.add_argument("--no-roofline", dest="roofline", action="store_false", help="GPU: no roofline plot")
     p.add_argument("--sample", action="store_true", help="instead: sampling (1000-step DDPM, 50-step DDIM) and "
                    "training throughput at B=16, 64x64 (python -m bench.sample, which takes more options)")
     args = p.parse_args(argv)
@@ -218,6 +240,17 @@ def main(argv=None):
         from . import sample
 
         return sample.main((["--device", args.device] if args.device else []) + (["--compile"] if args.compile else []))
+    if args.sweep:
+        from . import sweep
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if args.cell_limit is None:
+            args.cell_limit = 60.0 if torch.device(device).type == "cuda" else 120.0
+        if "--warmup" not in (argv or sys.argv):
+            args.warmup = 2 if torch.device(device).type == "cpu" else 3
+        if "--repeats" not in (argv or sys.argv):
+            args.repeats = 3 if torch.device(device).type == "cpu" else 10
+        return sweep.main(args, _progress(args.quiet))
     if args.batch < 1:
         p.error("--batch must be >= 1")
     result = run(args)

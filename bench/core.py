@@ -1,11 +1,12 @@
-"""The pieces of the benchmark: the models compared, the timed steps, FLOP counts, peak memory.
+"""The pieces of the benchmark (no command of its own; ``python -m bench``, ``--sweep`` and
+``python -m bench.estimate`` use them): the models compared, the timed steps, FLOP counts, peak memory,
+and the device's reference rates (best measured matmul rate and copy bandwidth).
 
 Every speed figure is a median of interleaved runs (one round times every model once, in turn), so
 that the noise of a shared machine falls on all of them alike; ratios are taken within one run.
 """
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -96,8 +97,16 @@ def time_once(fn, device):
     return time.perf_counter() - t0
 
 
-def time_interleaved(fns, device, warmup, repeats, progress=None):
-    """{name: [seconds]} for each fn in ``fns`` ({name: fn}), round-robin after ``warmup`` calls each."""
+RATE_KEY = "__reference_rate__"
+
+
+def time_interleaved(fns, device, warmup, repeats, progress=None, rate=None):
+    """{name: [seconds]} for each fn in ``fns`` ({name: fn}), round-robin after ``warmup`` calls each.
+
+    ``rate=(fn, flops)``: also time ``fn`` once per round, interleaved with the others, and return
+    ``(times, best FLOP/s of fn)``: the reference rate measured under the same load as the models."""
+    if rate is not None:
+        fns = {**fns, RATE_KEY: rate[0]}
     for name, fn in fns.items():
         for i in range(warmup):
             if progress:
@@ -110,6 +119,8 @@ def time_interleaved(fns, device, warmup, repeats, progress=None):
             progress(f"round {r + 1}/{repeats}")
         for name, fn in fns.items():
             times[name].append(time_once(fn, device))
+    if rate is not None:
+        return times, rate[1] / min(times.pop(RATE_KEY))
     return times
 
 
@@ -136,15 +147,40 @@ def count_flops(height, width, batch):
     return forward, counter.get_total_flops()
 
 
-def matmul_rate(dtype, device, n=2048, repeats=5):
-    """The device's measured dense matmul rate in FLOP/s for ``dtype`` (median of ``repeats``)."""
+MATMUL_N = 2048
+
+
+def matmul_fn(dtype, device, n=MATMUL_N):
+    """(fn, flops): one n x n x n ``torch.mm`` in ``dtype``, the device's reference rate."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    run = lambda: torch.mm(a, b)  # noqa: E731
+    return (lambda: torch.mm(a, b)), 2 * n**3
+
+
+def matmul_rate(dtype, device, n=MATMUL_N, repeats=5):
+    """The best measured dense matmul rate in FLOP/s for ``dtype``: the fastest of ``repeats`` runs.
+
+    The best, not the median: on a shared machine a slow run measures the neighbours, and an
+    underestimated rate would flatter every "fraction of peak" computed from it. Where models are timed,
+    ``time_interleaved(..., rate=(fn, flops))`` takes one more sample per round, interleaved with them."""
+    run, flops = matmul_fn(dtype, device, n)
     for _ in range(2):
         run()
     _sync(device)
-    return 2 * n**3 / statistics.median(time_once(run, device) for _ in range(repeats))
+    return flops / min(time_once(run, device) for _ in range(repeats))
+
+
+def copy_bandwidth(device, nbytes=None, repeats=5):
+    """The best measured copy bandwidth in bytes/s (read + write) of one large ``copy_``: the memory
+    ceiling of the roofline and the per-op benchmarks. 64 MiB on a CPU, 1 GiB on a GPU."""
+    n = (nbytes or (2**30 if torch.device(device).type == "cuda" else 2**26)) // 4
+    a = torch.empty(n, device=device).fill_(1.0)
+    b = torch.empty_like(a)
+    run = lambda: b.copy_(a)  # noqa: E731
+    for _ in range(2):
+        run()
+    _sync(device)
+    return 2 * 4 * n / min(time_once(run, device) for _ in range(repeats))
 
 
 def device_name(device):
@@ -163,13 +199,20 @@ def _rss_bytes(field):
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def measure_memory_here(name, mode, batch, height, width, dtype, device):
+def _is_oom(e):
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def measure_memory_here(name, mode, batch, height, width, dtype, device, limit_bytes=None):
     """Peak bytes one ``mode`` step adds over the model, weights and inputs, in this (fresh) process.
 
     CUDA: ``max_memory_allocated`` above what was allocated before the step. CPU: the process's
     resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) above its resident set
-    before the step; so run it in a fresh process (``measure_memory``) for an allocator with no
-    cached memory of an earlier step.
+    before the step, after a warm-up at B=1, 8x8 (one-time set-up out of the figure); so run it in a fresh
+    process (``measure_memory``) for an allocator with no cached memory of an earlier large step. ``limit_bytes`` (CPU): the step may grow the process's address
+    space by at most this much (RLIMIT_AS), so that a step that would not fit fails with an
+    allocation error instead of pushing the machine into swap or the OOM killer.
     """
     torch.manual_seed(0)
     model = build_model(name, height, width, dtype, device)
@@ -185,7 +228,20 @@ def measure_memory_here(name, mode, batch, height, width, dtype, device):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    torch.mm(torch.ones(64, 64), torch.ones(64, 64))  # start the thread pool before the baseline
+    # One-time work out of the figure: the thread pool, lazy imports and first-call set-up of every op, by
+    # one forward and one training step of the same kind of model at B=1, 8x8 (tensors of a few KiB, so
+    # the allocator has nothing large cached for the measured step).
+    torch.mm(torch.ones(64, 64), torch.ones(64, 64))
+    tiny = build_model(name, 8, 8, dtype, device)
+    tx, tt, tn = make_inputs(1, 8, 8, dtype, device)
+    forward_fn(tiny, tx, tt)()
+    train_fn(tiny, tx, tt, tn)()
+    del tiny, tx, tt, tn
+    if limit_bytes:
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (_rss_bytes("VmSize") + int(limit_bytes), hard))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _rss_bytes("VmRSS")
@@ -193,10 +249,30 @@ def measure_memory_here(name, mode, batch, height, width, dtype, device):
     return _rss_bytes("VmHWM") - before
 
 
-def measure_memory(name, mode, batch, height, width, dtype_name, device):
-    """``measure_memory_here`` in a fresh Python process; returns bytes or None with the error."""
+def _child_env():
+    """The memory child's environment: glibc's mmap threshold fixed at 128 KiB (setting it turns off the
+    dynamic threshold), so every tensor of 128 KiB or more is its own mapping, returned to the system when
+    freed: the resident high-water mark then follows the live tensors, not what malloc kept from earlier
+    frees (with the dynamic threshold the same step measured anywhere from 7 to 54 MB)."""
+    env = dict(os.environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    return env
+
+
+def measure_memory(name, mode, batch, height, width, dtype_name, device, limit_bytes=None, timeout=None):
+    """``measure_memory_here`` in a fresh Python process: (bytes, None), or (None, why not): "out of
+    memory" (past ``limit_bytes``), "time limit" (past ``timeout`` seconds) or the child's error."""
     cmd = [sys.executable, "-m", "bench._memory", name, mode, str(batch), f"{height}x{width}", dtype_name, device]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-    if proc.returncode != 0:
-        return None, proc.stderr.strip().splitlines()[-1:] or ["failed"]
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"], None
+    if limit_bytes:
+        cmd.append(str(int(limit_bytes)))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, "time limit"
+    lines = proc.stdout.strip().splitlines()
+    out = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+    if proc.returncode != 0 or "peak_bytes" not in out:
+        if out.get("error") == "out of memory" or (limit_bytes and proc.returncode < 0):
+            return None, "out of memory"
+        return None, (proc.stderr.strip().splitlines()[-1:] or ["failed"])[0]
+    return out["peak_bytes"], None

@@ -1,0 +1,273 @@
+"""``python -m bench.estimate``: a GPU time estimate on paper, kernel by kernel, for fast_unet and the
+eager baseline, checked against measured times when a GPU is at hand.
+
+Run: ``python -m bench.estimate`` (B=64, 64x64, bfloat16, forward and training step, then the sweep's
+sizes and batches); ``--per-kernel`` adds each kernel's row; ``--json`` where to write it all. No GPU
+needed: the launches are those ``python -m bench.kernels`` records (fast_unet's Triton launches under the
+interpreter, dry, plus the aten ops outside them; the baseline's aten ops on the meta device), each with
+its compulsory bytes (bench/traffic.py), FLOPs and exponentials (bench/work.py).
+
+Each launch's time at an H200's ceilings is the largest of bytes / HBM bandwidth, FLOPs / the rate of the
+unit its dtype gets (bf16/fp16 tensor cores, tf32 for float32 convolutions, fp32 CUDA cores) and
+exponentials / the SFU rate, plus a fixed per-launch overhead; a step's estimate is the sum over its
+launches (no overlap between kernels). It is a floor for each kernel (perfect overlap of memory and math
+inside it, compulsory traffic only) plus an assumed launch cost: a model, not a measurement. On a CUDA
+machine the same table shows the measured medians (CUDA events, interleaved) beside it, so the model is
+checked rather than trusted. Eager ops are aten ops (a lower bound on the baseline's kernels: see
+``python -m bench.kernels``), so its launch overhead is if anything under-counted.
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+from collections import OrderedDict
+
+import torch
+
+# The ceilings of one NVIDIA H200 (SXM, 141 GB), each with its source.
+H200 = OrderedDict(
+    # NVIDIA H200 datasheet: 4.8 TB/s HBM3e. Taken as 4.3 TB/s, about 90% of it: the sustained streaming
+    # rate a copy kernel reaches on HBM3/HBM3e parts (an assumption, the same figure docs/triton.md uses).
+    hbm_bytes_per_s=4.3e12,
+    # NVIDIA H200 datasheet: BF16/FP16 tensor core 1,979 TFLOPS "with sparsity": 989.4 dense.
+    mma16_flops_per_s=989.4e12,
+    # NVIDIA H200 datasheet: TF32 tensor core 989 TFLOPS with sparsity: 494.7 dense.
+    tf32_flops_per_s=494.7e12,
+    # NVIDIA H200 datasheet: FP32 67 TFLOPS (CUDA cores).
+    fp32_flops_per_s=67e12,
+    # NVIDIA H100 architecture whitepaper: 132 SMs (SXM5), 16 SFUs per SM (4 per SM sub-partition), at the
+    # 1.98 GHz boost clock: 132 * 16 * 1.98e9 = 4.18e12 exponentials (ex2) per second. The H200 is the
+    # same GH100 chip with more and faster memory.
+    sfu_exps_per_s=132 * 16 * 1.98e9,
+    # Per-launch overhead, back to back without CUDA graphs: an assumption (a few microseconds of launch
+    # latency and tail per kernel), not a datasheet figure; the measured column is what checks it.
+    launch_s=3e-6,
+)
+SOURCES = {
+    "hbm_bytes_per_s": "NVIDIA H200 datasheet 4.8 TB/s; 4.3 TB/s (~90%) taken as sustained",
+    "mma16_flops_per_s": "NVIDIA H200 datasheet, BF16/FP16 tensor core, dense (1,979 TFLOPS sparse / 2)",
+    "tf32_flops_per_s": "NVIDIA H200 datasheet, TF32 tensor core, dense (989 TFLOPS sparse / 2)",
+    "fp32_flops_per_s": "NVIDIA H200 datasheet, FP32 (CUDA cores)",
+    "sfu_exps_per_s": "NVIDIA H100 whitepaper: 132 SMs x 16 SFUs x 1.98 GHz",
+    "launch_s": "assumed per-launch overhead without CUDA graphs (checked by the measured column)",
+}
+_RATE = {"mma16": "mma16_flops_per_s", "tf32": "tf32_flops_per_s", "fp32": "fp32_flops_per_s"}
+MODELS = ("fast_unet", "baseline")
+SWEEP_SIZES = ("32", "64", "128", "256", "48x80")
+SWEEP_BATCHES = (1, 4, 16, 64)
+
+
+def launch_time(ln, c=H200):
+    """(seconds, what bounds it) of one recorded launch at the ceilings ``c``."""
+    parts = {"memory": (ln["read_bytes"] + ln["write_bytes"]) / c["hbm_bytes_per_s"]}
+    if ln["flops"] and ln["unit"] in _RATE:
+        parts[ln["unit"]] = ln["flops"] / c[_RATE[ln["unit"]]]
+    if ln["exps"]:
+        parts["exp"] = ln["exps"] / c["sfu_exps_per_s"]
+    bound = max(parts, key=parts.get)
+    return parts[bound] + c["launch_s"], bound
+
+
+def _launch_dicts(trace):
+    return [dict(kind=x.kind, name=x.name, read_bytes=x.read_bytes, write_bytes=x.write_bytes, flops=x.flops,
+                 unit=x.unit, exps=x.exps, known=x.known) for x in trace.launches]
+
+
+def estimate_step(launches, c=H200):
+    """Totals of one step's launches: counts, bytes, FLOPs, exponentials, the estimate and its parts, and
+    per kernel name: calls, time, and what bounds most of its time."""
+    per = OrderedDict()
+    tot = dict(launches=0, bytes=0, flops=0, exps=0, est_s=0.0, launch_s=0.0,
+               bound_s={"memory": 0.0, "mma16": 0.0, "tf32": 0.0, "fp32": 0.0, "exp": 0.0}, unknown=set())
+    for ln in launches:
+        t, bound = launch_time(ln, c)
+        tot["launches"] += 1
+        tot["bytes"] += ln["read_bytes"] + ln["write_bytes"]
+        tot["flops"] += ln["flops"]
+        tot["exps"] += ln["exps"]
+        tot["est_s"] += t
+        tot["launch_s"] += c["launch_s"]
+        tot["bound_s"][bound] += t - c["launch_s"]
+        if not ln["known"]:
+            tot["unknown"].add(ln["name"])
+        k = per.setdefault(ln["name"], dict(kind=ln["kind"], calls=0, bytes=0, flops=0, exps=0, est_s=0.0,
+                                           bound_s={}))
+        k["calls"] += 1
+        k["bytes"] += ln["read_bytes"] + ln["write_bytes"]
+        k["flops"] += ln["flops"]
+        k["exps"] += ln["exps"]
+        k["est_s"] += t
+        k["bound_s"][bound] = k["bound_s"].get(bound, 0.0) + t
+    for k in per.values():
+        k["bound"] = max(k["bound_s"], key=k["bound_s"].get)
+        del k["bound_s"]
+    tot["unknown"] = sorted(tot["unknown"])
+    tot["kernels"] = sorted(per.items(), key=lambda kv: -kv[1]["est_s"])
+    return tot
+
+
+def step_fns(model_name, batch, height, width, dtype):
+    """{step: fn}: the forward and the training step of one model on CUDA, for the interleaved timer."""
+    from . import core
+
+    model = core.build_model(model_name, height, width, dtype, "cuda")
+    model.train(True)
+    x, t, noise = core.make_inputs(batch, height, width, dtype, "cuda")
+    return {"forward": core.forward_fn(model, x, t), "train": core.train_fn(model, x, t, noise)}
+
+
+def run(points, dtype_name, models=MODELS, measure_gpu=False, say=lambda m: None):
+    from . import core, kernels
+
+    dtype = core.DTYPES[dtype_name]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    why = kernels.fast_unet_unavailable(device)
+    rows = []
+    for batch, (h, w) in points:
+        row = {"batch": batch, "height": h, "width": w, "models": OrderedDict()}
+        for m in models:
+            if m == "fast_unet" and why:
+                row["models"][m] = {"unavailable": why}
+                continue
+            say(f"tracing {m} at B={batch}, {h}x{w}")
+            dev = device if m == "fast_unet" else "meta"
+            row["models"][m] = {step: estimate_step(_launch_dicts(
+                kernels.trace_step(m, step, batch, h, w, dtype, dev))) for step in kernels.STEPS}
+        if measure_gpu and device == "cuda":
+            say(f"measuring at B={batch}, {h}x{w}")
+            fns = {}
+            for m in models:
+                try:
+                    for step, fn in step_fns(m, batch, h, w, dtype).items():
+                        fns[(m, step)] = fn
+                except torch.cuda.OutOfMemoryError:
+                    row["models"][m]["measured_error"] = "out of memory"
+            try:
+                times = core.time_interleaved(fns, "cuda", 3, 10)
+                for (m, step), ts in times.items():
+                    row["models"][m][step]["measured_s"] = statistics.median(ts)
+            except torch.cuda.OutOfMemoryError:
+                row["measured_error"] = "out of memory"
+            fns.clear()
+            torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
+def _ms(s):
+    return f"{s * 1e3:,.3f}"
+
+
+def summary_table(rows, dtype_name):
+    lines = [f"Estimated time at H200 ceilings ({dtype_name}; training step = forward + MSE loss + backward, no "
+             f"optimizer step; per launch max(bytes/HBM, FLOPs/unit rate, exps/SFU) + {H200['launch_s'] * 1e6:.0f} µs)",
+             "", "| B | size | model | step | launches | GB | GFLOP | G exp | memory-bound ms | math-bound ms | "
+             "exp-bound ms | launch ms | estimate ms | vs baseline | measured ms | measured / estimate |",
+             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        base = row["models"].get("baseline", {})
+        for m, r in row["models"].items():
+            if "unavailable" in r:
+                lines.append(f"| {row['batch']} | {row['height']}x{row['width']} | {m} | - | unavailable: "
+                             f"{r['unavailable']} |" + " |" * 11)
+                continue
+            for step in ("forward", "train"):
+                s = r[step]
+                b = base.get(step)
+                ratio = "-" if not b or m == "baseline" else f"{b['est_s'] / s['est_s']:.2f}x"
+                meas = s.get("measured_s")
+                math = sum(v for k, v in s["bound_s"].items() if k in _RATE)
+                lines.append(
+                    f"| {row['batch']} | {row['height']}x{row['width']} | {m} | {step} | {s['launches']} | "
+                    f"{s['bytes'] / 1e9:,.2f} | {s['flops'] / 1e9:,.1f} | {s['exps'] / 1e9:.3f} | "
+                    f"{_ms(s['bound_s']['memory'])} | {_ms(math)} | {_ms(s['bound_s']['exp'])} | "
+                    f"{_ms(s['launch_s'])} | {_ms(s['est_s'])} | {ratio} | "
+                    f"{'-' if meas is None else _ms(meas)} | {'-' if meas is None else format(meas / s['est_s'], '.2f')} |")
+    lines.append("")
+    lines.append("vs baseline: the baseline's estimate over this model's (above 1: this model is estimated "
+                 "faster). measured: CUDA-event medians of interleaved runs (only on a GPU).")
+    unknown = sorted({k for row in rows for r in row["models"].values() if "unavailable" not in r
+                      for s in ("forward", "train") for k in r[s]["unknown"]})
+    if unknown:
+        lines.append(f"Triton kernels without a FLOP formula in bench/work.py (counted as memory only): "
+                     f"{', '.join(unknown)}")
+    return "\n".join(lines)
+
+
+def kernel_table(row, model, step):
+    s = row["models"][model][step]
+    lines = [f"{model}, {step}, B={row['batch']}, {row['height']}x{row['width']}: estimate {_ms(s['est_s'])} ms",
+             "", "| kernel / op | kind | calls | MB | GFLOP | M exp | estimate µs | bound by |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for name, k in s["kernels"]:
+        lines.append(f"| {name} | {k['kind']} | {k['calls']} | {k['bytes'] / 1e6:,.1f} | {k['flops'] / 1e9:,.2f} | "
+                     f"{k['exps'] / 1e6:,.2f} | {k['est_s'] * 1e6:,.1f} | {k['bound']} |")
+    return "\n".join(lines)
+
+
+def constants_text():
+    return "\n".join(["H200 ceilings used (bench/estimate.py H200):"] +
+                     [f"- {k} = {v:.4g}: {SOURCES[k]}" for k, v in H200.items()])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.estimate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--size", default="64", help="the main point's resolution: 64 or HxW")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--sizes", default=",".join(SWEEP_SIZES),
+                   help="the sweep's sizes, at --batch ('' for none)")
+    p.add_argument("--batches", default=",".join(str(b) for b in SWEEP_BATCHES),
+                   help="the sweep's batches, at --size ('' for none)")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: fast_unet, baseline, reference")
+    p.add_argument("--per-kernel", action="store_true", help="each kernel's row at the main point")
+    p.add_argument("--no-measure", dest="measure", action="store_false",
+                   help="on a GPU: leave out the measured times")
+    p.add_argument("--json", default=os.path.join("bench_results", "estimate.json"), help="'' for none")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available() and "fast_unet.kernels._common" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # fast_unet's launches are recorded under the interpreter
+    from . import core
+
+    main_pt = (args.batch, core.parse_size(args.size))
+    points = [main_pt]
+    for s in [s for s in args.sizes.split(",") if s]:
+        pt = (args.batch, core.parse_size(s))
+        if pt not in points:
+            points.append(pt)
+    for b in [int(b) for b in args.batches.split(",") if b]:
+        pt = (b, main_pt[1])
+        if pt not in points:
+            points.append(pt)
+    points = [points[0]] + sorted(points[1:], key=lambda q: (q[0], q[1][0] * q[1][1]))
+    models = [m for m in args.models.split(",") if m]
+    say = (lambda m: None) if args.quiet else (lambda m: print(f"[bench.estimate] {m}", file=sys.stderr, flush=True))
+    rows = run(points, args.dtype, models, args.measure, say)
+    device = core.device_name("cuda" if torch.cuda.is_available() else "cpu")
+    head = (f"GPU estimate on paper: {', '.join(models)}; traced on {device}, torch {torch.__version__}, "
+            f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
+    parts = [head, constants_text(), "Main point:", summary_table(rows[:1], args.dtype)]
+    if len(rows) > 1:
+        parts += ["Over the sweep's sizes and batches:", summary_table(rows[1:], args.dtype)]
+    if args.per_kernel:
+        for m in models:
+            if "unavailable" not in rows[0]["models"][m]:
+                for step in ("forward", "train"):
+                    parts.append(kernel_table(rows[0], m, step))
+    text = "\n\n".join(parts)
+    print(text)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"constants": H200, "sources": SOURCES, "dtype": args.dtype, "device": device,
+                       "rows": rows, "table": text}, f, indent=1, default=list)
+        say(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
