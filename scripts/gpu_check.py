@@ -20,7 +20,10 @@ First what decides the defaults, then correctness:
    baseline's, fast_unet's ``sample_fast``).
 5. ``tests``: ``pytest tests/gpu tests/ops -m gpu`` (the op tests' odd shapes on CUDA, the extension's CUDA
    kernels, the whole model's bf16/fp16 backward against eager, autocast, a second GPU where there is one).
-6. ``sweep``: ``python -m bench --sweep`` at B=64 up to 256x256 when that command exists.
+6. ``ops``: ``python -m bench.ops``: every dispatched op at the model's shapes (B=64, bf16) on each backend
+   against its eager twin, GB/s and fraction of the roofline; a table, JSON and a plot.
+7. ``sweep``: ``python -m bench --sweep``: time and peak memory at B=64 from 32x32 to 256x256, JSON and
+   plots.
 
 Each step runs in its own process with a time limit; its results go to DIR/<step>.json and its output to
 DIR/<step>.log. DIR/gpu_check.json holds every step (status ``ok``, ``failed``, ``timeout`` or ``skipped``
@@ -45,7 +48,7 @@ UNFUSED = "triton,conv3x3=eager,gn_relu_maxpool=eager,upsample2x=eager,gn_ln_lin
 
 # step -> its time limit in seconds on a GPU (cut to what is left of the budget)
 STEPS = {"install": 110, "env": 30, "defaults": 60, "compiled": 100, "graphs": 30, "sampling": 40, "tests": 150,
-         "sweep": 120}
+         "ops": 60, "sweep": 120}
 TOTAL_S = 420  # 7 minutes; --budget changes it
 
 
@@ -314,26 +317,69 @@ def step_tests(dry):
     return result
 
 
-def step_sweep(dry):
-    """``python -m bench --sweep`` at B=64 up to 256x256 (dry: B=1, 16x16), where that command exists."""
-    import importlib.util
-
-    sys.path.insert(0, ROOT)
-    if importlib.util.find_spec("bench.sweep") is None:
-        return {"status": "skipped", "reason": "this checkout has no bench.sweep"}
-    out = os.path.join(os.environ["GPU_CHECK_OUT"], "sweep.json")
-    sizes, batches = ("16", "1") if dry else ("32,64,128,256", "64")
-    cmd = [sys.executable, "-m", "bench", "--sweep", "--sizes", sizes, "--batches", batches, "--json", out]
-    if dry:
-        cmd += ["--models", "baseline,fast_unet"]
+def _bench(cmd, dry):
+    """Run a ``python -m bench...`` command (CPU without the interpreter's kernels only where it says)."""
     env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # a sweep measures: on the CPU fast_unet runs on ext/eager there
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if not dry:
+        env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m"] + cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     sys.stdout.write(proc.stdout[-20000:])
     sys.stderr.write(proc.stderr[-5000:])
     if proc.returncode:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}")
-    return {"command": " ".join(cmd[1:]), "json": out}
+        raise AssertionError(f"python -m {' '.join(cmd)} exited {proc.returncode}: {proc.stderr[-1500:]}")
+    return "python -m " + " ".join(cmd)
+
+
+def _ops_best(rows):
+    """For each row of ``bench.ops``, its fastest non-eager backend: speed-up over eager, fraction of the roofline."""
+    best = {}
+    for r in rows:
+        d = r["direction"]
+        fast = {b: v[d] for b, v in r["results"].items() if b != "eager" and "ms" in v.get(d, {})}
+        if fast:
+            b, v = max(fast.items(), key=lambda kv: kv[1].get("vs_eager", 0))
+            best[f"{r['op']} {d} {r['x']}"] = f"{b} {v.get('vs_eager', 0):.2f}x, {v['of_roofline']:.0%} of roofline"
+    return best
+
+
+def step_ops(dry):
+    """``python -m bench.ops`` (dry: each op's code paths once on every backend, Triton under the interpreter;
+    every op must have run on Triton and on eager)."""
+    out = os.environ["GPU_CHECK_OUT"]
+    path = os.path.join(out, "bench_ops.json")
+    if dry:
+        cmd = ["bench.ops", "--dry", "--batch", "1", "--sizes", "8", "--quiet", "--json", path, "--plot", ""]
+    else:
+        cmd = ["bench.ops", "--device", "cuda", "--sizes", "32,64", "--repeats", "10", "--quiet", "--json", path,
+               "--out", os.path.join(out, "bench_ops.jsonl"), "--plot", os.path.join(out, "ops.png")]
+    command = _bench(cmd, dry)
+    rows = json.load(open(path))["rows"]
+    from fast_unet import dispatch
+
+    missing = set(dispatch.OPS) - {r["op"] for r in rows}
+    if missing:
+        raise AssertionError(f"bench.ops left out {sorted(missing)}")
+    if dry:
+        bad = [(r["op"], r["direction"], b) for r in rows for b in ("triton", "eager")
+               if r["results"].get(b, {}).get(r["direction"]) != {"ran": True}]
+        if bad:
+            raise AssertionError(f"did not run: {bad}")
+        return {"command": command, "rows": len(rows)}
+    return {"command": command, "rows": len(rows), "best_vs_eager": _ops_best(rows)}
+
+
+def step_sweep(dry):
+    """``python -m bench --sweep`` at B=64 from 32x32 to 256x256 (dry: B=1, 16x16, baseline and fast_unet,
+    on ext/eager: a sweep measures, so the dry run does not interpret Triton)."""
+    out = os.environ["GPU_CHECK_OUT"]
+    path = os.path.join(out, "bench_sweep.json")
+    if dry:
+        cmd = ["bench", "--sweep", "--device", "cpu", "--sizes", "16", "--batches", "1", "--sweep-size", "16", "--models",
+               "baseline,fast_unet", "--repeats", "1", "--warmup", "1", "--json", path, "--plots", ""]
+    else:
+        cmd = ["bench", "--sweep", "--device", "cuda", "--sizes", "32,64,128,256", "--batches", "64", "--sweep-size", "64",
+               "--repeats", "5", "--json", path, "--plots", out]
+    return {"command": _bench(cmd, False), "json": path}
 
 
 # --- the driver ----------------------------------------------------------------------------------------
@@ -389,6 +435,8 @@ def _summary(report):
                              f"1000 steps {r['ddpm_1000_s']:.1f} s")
         if name == "tests" and rec["status"] == "ok":
             lines.append(f"    {rec['counts']}; skipped for: {rec['skip_reasons'][:6]}")
+        if name == "ops" and rec["status"] == "ok":
+            lines.extend(f"    {k}: {v}" for k, v in rec.get("best_vs_eager", {}).items())
         if rec["status"] in ("failed", "timeout"):
             lines.append("    " + str(rec.get("log_tail", rec))[-600:].replace("\n", "\n    "))
     lines.append("all steps passed" if report["passed"] else "SOME STEPS DID NOT PASS")

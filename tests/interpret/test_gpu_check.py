@@ -16,7 +16,7 @@ def test_gpu_check_dry_runs_every_step(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["install", "env", "defaults", "compiled", "graphs", "sampling", "tests", "sweep"]
+    assert list(steps) == ["install", "env", "defaults", "compiled", "graphs", "sampling", "tests", "ops", "sweep"]
     assert all(s["status"] == "ok" for s in steps.values()), summary
     ms = steps["defaults"]["ms"]
     for precision in ("autocast", "bf16"):
@@ -32,4 +32,8 @@ def test_gpu_check_dry_runs_every_step(tmp_path):
     # on the CPU every GPU test skips, and the report says why
     counts = steps["tests"]["counts"]
     assert counts["tests"] > 50 and counts["skipped"] == counts["tests"] and steps["tests"]["skip_reasons"]
+    assert steps["ops"]["rows"] >= 18  # every op, forward and forward+backward, each on triton and eager
+    sweep = json.loads((tmp_path / "bench_sweep.json").read_text())
+    cells = sweep["points"][0]["cells"]
+    assert set(cells) == {"baseline", "fast_unet"} and cells["fast_unet"]["train"]["median_ms"] > 0, cells
     assert "defaults:" in summary and "all steps passed" in summary
