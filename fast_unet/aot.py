@@ -10,7 +10,8 @@ kernels cannot be compiled.
 
 The builds come from the kernel modules: each module of ``fast_unet.kernels`` declares ``aot_builds()``
 and the signature hints of its kernels (``AOT_FP32_POINTERS``, ``AOT_FLOAT_ARGS``, ``AOT_ALIGNED_INTS``;
-see kernels/__init__.py); ``builds()`` concatenates them.
+see kernels/__init__.py; a bf16/fp16 build with its (C,) parameters in float32, as under autocast, sets
+their types in the option ``arg_types``: ``_common.with_fp32_params``); ``builds()`` concatenates them.
 
 The ``triton.compile`` call form used here is the one that works on Triton 3.6, 3.8 and 3.9; keep
 every use of it in ``compile_one``.

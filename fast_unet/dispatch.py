@@ -16,11 +16,14 @@ usual, but the conv on its eager twin: an A/B switch for one fused op) or ``conv
   (``FAST_UNET_BACKEND=ext`` runs the extension's ops on the extension and the others on eager); an
   override that names such a backend is an error.
 
-Autocast: in a ``torch.autocast`` region the compiled backends take the op's floating-point tensors cast
-to the autocast dtype (activations and parameters alike; float32 parameters get their gradients through
-the cast), except the arguments an op declares with ``autocast_keep`` (float32 statistics, timesteps);
-their reasons are asked of those cast arguments. ``eager`` takes the arguments as they are and runs under
-autocast's own per-op rules, as the reference does. ``autocast_args`` is the one statement of the cast.
+Autocast: in a ``torch.autocast`` region the compiled backends take the op's floating-point tensors of two
+or more dimensions (activations, weight matrices) cast to the autocast dtype (float32 weights get their
+gradients through the cast); 1-D tensors (the (C,) parameters: norm weights and biases, biases) stay as
+they are, float32 on a float32 model, and every op takes them so (its kernels read them in float32 and
+give their gradients in their dtype); so do the arguments an op declares with ``autocast_keep`` (float32
+statistics, timesteps). Their reasons are asked of those cast arguments. ``eager`` takes the arguments as
+they are and runs under autocast's own per-op rules, as the reference does. ``_cast`` is the one statement
+of the cast (``autocast_args`` and ``register_autocast`` use it).
 
 ``explain(op, *args)`` says why each backend would not take an input; ``python -m fast_unet.info`` says
 which backends load, and which implementation each op has.
@@ -69,7 +72,7 @@ _DEVICES = {}
 
 def autocast_keep(op, *positions):
     """Declare the positional arguments of ``op`` that autocast leaves in their dtype (float32 statistics,
-    timesteps); every other floating-point tensor is cast (see ``autocast_args``)."""
+    timesteps); every other floating-point tensor of two or more dimensions is cast (see ``_cast``)."""
     _KEEP[op] = frozenset(positions)
 
 
@@ -86,16 +89,24 @@ def autocast_dtype(args):
 
 
 def autocast_args(op, args, dtype):
-    """``args`` as the compiled backends take them in an autocast region of ``dtype``: every floating-point
-    tensor (float64 excepted, as autocast does) cast to ``dtype``, except the positions ``autocast_keep``
-    declared for ``op``. A tensor already in ``dtype`` is passed through (no copy)."""
+    """``args`` as the compiled backends take them in an autocast region of ``dtype`` (``_cast``, with the
+    positions ``autocast_keep`` declared for ``op`` kept)."""
     return _cast(args, _KEEP.get(op, ()), dtype)
 
 
+def _casts(a):
+    """True for the tensors autocast casts: floating point (float64 excepted, as autocast does) with two or
+    more dimensions (activations, weight matrices). A 1-D tensor, a (C,) parameter (norm weight or bias, a
+    bias), stays in its dtype: the kernels compute normalisations and epilogues in float32 anyway (as eager
+    autocast runs group_norm and layer_norm in float32), and a float32 parameter gets a float32 gradient
+    with no cast launch."""
+    return isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64 and a.dim() >= 2
+
+
 def _cast(args, keep, dtype):
-    return tuple(a.to(dtype) if (i not in keep and isinstance(a, torch.Tensor) and a.is_floating_point()
-                                 and a.dtype != torch.float64) else a
-                 for i, a in enumerate(args))
+    """``args`` with every tensor ``_casts`` selects cast to ``dtype``, except the positions in ``keep``. A
+    tensor already in ``dtype`` is passed through (no copy)."""
+    return tuple(a.to(dtype) if i not in keep and _casts(a) else a for i, a in enumerate(args))
 
 
 _AUTOCAST_LIB = None
@@ -103,8 +114,9 @@ _AUTOCAST_LIB = None
 
 def register_autocast(custom_op, keep=(), devices=("cpu", "cuda")):
     """The same rule on a ``torch.library`` custom op, for a direct call of ``torch.ops.fast_unet.<op>`` and
-    for ``torch.compile``: an Autocast{CPU,CUDA} kernel that casts its floating-point tensor arguments to the
-    autocast dtype in effect, except those named in ``keep``, then runs the op with autocast off for it;
+    for ``torch.compile``: an Autocast{CPU,CUDA} kernel that casts the op's tensor arguments to the autocast
+    dtype in effect as ``_cast`` does (not the 1-D ones nor those named in ``keep``), then runs the op with
+    autocast off for it;
     ``devices``: the device types whose autocast it follows (those where the op runs in low precision).
     (``torch.library.register_autocast`` casts every floating-point argument, float32 statistics too, to a
     dtype fixed at registration.)"""

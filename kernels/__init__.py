@@ -19,7 +19,9 @@ Each kernel module declares, next to its kernels:
 - ``aot_builds()``: the builds of the ahead-of-time compile report (``python -m fast_unet.info
   --compile``), one per kernel and config its launchers can pick, as (kernel label, jit function, config
   label, dtype name, constexprs, options); and the signature hints of those builds, ``AOT_FP32_POINTERS``,
-  ``AOT_FLOAT_ARGS``, ``AOT_ALIGNED_INTS`` (see ``fast_unet/aot.py``).
+  ``AOT_FLOAT_ARGS``, ``AOT_ALIGNED_INTS`` (see ``fast_unet/aot.py``), and ``AOT_PARAM_POINTERS``: the
+  (C,) parameter pointers (and their gradients'), float32 or the activations' dtype (float32 under
+  autocast); ``_common.with_fp32_params`` adds the bf16/fp16 builds with them float32.
 
 A new kernel module needs nothing else here: ``fast_unet/aot.py`` finds every module whose name does not
 start with ``_``. The autograd / custom-op glue lives in ``fast_unet/ops/``. Set ``TRITON_INTERPRET=1``

@@ -9,6 +9,15 @@ import triton.language as tl
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DTYPE_NAMES = tuple(str(dt).removeprefix("torch.") for dt in DTYPES)  # "float32", ...: the compile report's
 
+
+def check_param(name, p, x, x_name="the input"):
+    """A 1-D parameter (a norm's weight or bias, a bias: shape (C,)) may be float32 or ``x``'s dtype (under
+    autocast the (C,) parameters stay float32: ``fast_unet.dispatch``); the kernels load it and convert to
+    float32. TypeError naming the argument otherwise."""
+    if p.dtype != x.dtype and p.dtype != torch.float32:
+        raise TypeError(f"{name} has dtype {p.dtype}; a (C,) parameter must be float32 or {x_name}'s dtype "
+                        f"{x.dtype}")
+
 # Decided when kernels/ is imported, like triton.jit itself (which reads TRITON_INTERPRET at decoration).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _UPCAST_DOT = tl.constexpr(INTERPRET)
@@ -81,6 +90,21 @@ def with_ones(builds, ones):
         for subset in [[a] for a in args] + ([args] if len(args) > 1 else []):
             out.append((name, fn, label + "".join(f" {a}=1" for a in subset), dtype,
                         dict(ce, **{a: 1 for a in subset}), dict(opts)))
+    return out
+
+
+def with_fp32_params(builds, params):
+    """``builds`` plus, for each bf16/fp16 build of a kernel that takes some of the (C,) parameter pointers
+    ``params`` (a module's ``AOT_PARAM_POINTERS``), the same build with those pointers ``*fp32``: the
+    signature of a launch under autocast, where the (C,) parameters stay float32 (``fast_unet.dispatch``).
+    The label gets `` fp32-params``."""
+    out = list(builds)
+    for name, fn, label, dtype, ce, opts in builds:
+        names = [a for a in fn.arg_names if a in params and a not in ce]
+        if dtype == "float32" or not names:
+            continue
+        types = dict(opts.get("arg_types", {}), **{a: "*fp32" for a in names})
+        out.append((name, fn, label + " fp32-params", dtype, dict(ce), dict(opts, arg_types=types)))
     return out
 
 

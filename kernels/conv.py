@@ -14,7 +14,8 @@ and normalises y as it loads it, so y is never re-read for its statistics.
 x: (B, C_in, H, W) channels_last (NHWC in memory); weight: (C_out, C_in, 3, 3) read in place through its
 strides (no copy): the model keeps it channels_last, which is (C_out, 3, 3, C_in) in memory, so each
 output channel's K = 9 * C_in weights are contiguous in the GEMM's K order; y: (B, C_out, H, W)
-channels_last, x's dtype. Padding: masked loads (zeros). bf16/fp16 use the tensor cores with float32 accumulation; float32 follows PyTorch's
+channels_last, x's dtype; bias and the normalise-on-load gn_weight, gn_bias (C,) float32 or x's dtype, read
+in float32. Padding: masked loads (zeros). bf16/fp16 use the tensor cores with float32 accumulation; float32 follows PyTorch's
 cuDNN convolution TF32 setting (``_common.conv_ieee``): TF32 tensor cores where eager's cuDNN would use them
 (PyTorch's default), exact (``input_precision="ieee"``) dots where it is off. The statistics are those of y as stored
 (rounded to its dtype), which is what an unfused GroupNorm reading y sees.
@@ -25,8 +26,8 @@ import triton
 import triton.language as tl
 
 from . import group_norm as _gn
-from ._common import DTYPE_NAMES, DTYPES, with_ones
-from ._common import conv_ieee, precisions
+from ._common import DTYPE_NAMES, DTYPES, with_fp32_params, with_ones
+from ._common import check_param, conv_ieee, precisions
 from ._common import dot as _dot
 from ._common import maximum as _maximum
 from ._common import relu as _relu
@@ -201,9 +202,11 @@ def check_conv(x, weight, bias, x2=None, norm=None, pool=False):
         partials, gn_weight, gn_bias, _eps = norm
         _gn.check_partials(x, partials, gn_weight, gn_bias, prefix="norm ", x_name="x")
         params += [("norm gn_weight", gn_weight), ("norm gn_bias", gn_bias)]
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but x is {x.dtype}")
     for name, p in params:
-        if p.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {p.dtype} but x is {x.dtype}")
+        if p.dim() == 1:
+            check_param(name, p, x, "x")
         if p.device != x.device:
             raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
 
@@ -259,6 +262,9 @@ WRITES = {
 # scalars are i32), and integers that are multiples of 16 at the model's shapes (x's strides are those
 # of channels_last activations with C_in >= 64).
 AOT_FP32_POINTERS = {"part_ptr", "pin_ptr"}
+# (C,) parameter pointers (and their gradients'): float32 or the build's dtype; the builds take both
+# (``_common.with_fp32_params``: float32 is autocast's case).
+AOT_PARAM_POINTERS = {"bias_ptr", "gw_ptr", "gb_ptr"}
 AOT_FLOAT_ARGS = {"eps"}
 AOT_ALIGNED_INTS = {"C1", "C_in", "stride_xb", "stride_xh", "stride_xw", "stride_x2b", "stride_x2h", "stride_x2w"}
 # Ints that are 1 at inputs the launchers take (a 1-pixel side, one input channel, one partial): the JIT specialises them to constants.
@@ -285,4 +291,4 @@ def aot_builds():
                             dict(dict(POOL_IN=False), **ce_x, stride_wc=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                  IEEE=ieee, NORM_IN=norm_in, HAS_X2=has_x2, BLOCK_P=NORM_BLOCK_P),
                             dict(num_warps=warps, num_stages=stages)))
-    return with_ones(out, AOT_ONE_INTS)
+    return with_ones(with_fp32_params(out, AOT_PARAM_POINTERS), AOT_ONE_INTS)

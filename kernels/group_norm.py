@@ -5,7 +5,8 @@
 Layouts: x, y, dy, dx are (B, C, H, W) and either NCHW-contiguous or channels_last (NHWC in memory);
 every kernel sees one sample as a (C, HW) tile grid and takes ``CHANNELS_LAST`` (constexpr) to address
 it: NCHW ``c * HW + hw``, channels_last ``hw * C + c``. weight, bias: (C,); emb: (B, C) with any
-strides (the model passes column slices of one (B, sum C) tensor). Statistics are float32.
+strides (the model passes column slices of one (B, sum C) tensor). weight and bias are float32 or x's dtype
+(read in float32; their gradients come in their dtype). Statistics are float32.
 
 Forward, three launches:
 1. ``_gn_stats_kernel``, grid (B * S, cdiv(C, BLOCK_C)): each program folds its (BLOCK_C x HW/S) part
@@ -28,7 +29,7 @@ Backward, three launches (recomputing x_hat and the ReLU mask from the saved mea
 import triton
 import triton.language as tl
 
-from ._common import DTYPE_NAMES, DTYPES, with_ones
+from ._common import DTYPE_NAMES, DTYPES, check_param, with_fp32_params, with_ones
 from ._common import maximum as _maximum
 from ._common import relu as _relu
 
@@ -257,7 +258,7 @@ def _gn_bwd_reduce_kernel(
 def _gn_bwd_combine_kernel(
     part_ptr,  # (3, B, S, C) float32 from _gn_bwd_reduce_kernel
     w_ptr,  # (C,)
-    demb_ptr,  # (B, C) in the weight's dtype: d emb
+    demb_ptr,  # (B, C) in x's dtype: d emb
     dwb_ptr, dbb_ptr,  # (B, C) float32: per-sample d weight, per-sample d bias
     sums_ptr,  # (B, 2) float32: s1 = sum_c w * dbb, s2 = sum_c w * dwb
     B, C, S,
@@ -385,7 +386,8 @@ def dense(*params):
 
 
 def check_group_norm(x, weight, bias, emb):
-    """Validate x (B, C, H, W), weight and bias (C,), emb (B, C) or None; errors name the argument.
+    """Validate x (B, C, H, W), weight and bias (C,) (float32 or x's dtype), emb (B, C) or None; errors name
+    the argument.
     Returns x's layout (``layout_of``)."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
@@ -395,6 +397,7 @@ def check_group_norm(x, weight, bias, emb):
     for name, p in (("weight", weight), ("bias", bias)):
         if p.shape != (C,):
             raise ValueError(f"{name} must have shape ({C},) to match x's channels, got {tuple(p.shape)}")
+        check_param(name, p, x, "x")
         if p.device != x.device:
             raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
     if emb is not None:
@@ -441,7 +444,7 @@ def apply(x, mean, rstd, weight, bias, emb=None, out=None):
     y = torch.empty_like(x) if out is None else out
     if x.numel() == 0:
         return y
-    e = emb if emb is not None else mean  # a dummy pointer when there is no embedding
+    e = emb if emb is not None else x  # a dummy pointer when there is no embedding (of emb's dtype)
     grid = (B * triton.cdiv(HW, block_hw), triton.cdiv(C, block_c))  # the big dimensions on axis 0
     _gn_apply_kernel[grid](x, y, weight, bias, e, mean, rstd, C, HW,
                            emb.stride(0) if emb is not None else 0, emb.stride(1) if emb is not None else 0,
@@ -477,7 +480,7 @@ def apply_from_partials(x, partials, eps, weight, bias, emb=None):
     rstd = torch.empty_like(mean)
     if x.numel() == 0:
         return y, mean, rstd
-    e = emb if emb is not None else weight  # a dummy pointer when there is no embedding
+    e = emb if emb is not None else x  # a dummy pointer when there is no embedding (of emb's dtype)
     grid = (B * triton.cdiv(HW, block_hw), triton.cdiv(C, block_c))  # the big dimensions on axis 0
     _gn_apply_partials_kernel[grid](x, y, weight, bias, e, partials, mean, rstd, C, HW, partials.shape[1], float(eps),
                                     emb.stride(0) if emb is not None else 0, emb.stride(1) if emb is not None else 0,
@@ -504,7 +507,7 @@ def group_norm_relu_fwd(x, weight, bias, eps, emb=None):
 
 
 def group_norm_relu_bwd(dy, x, weight, bias, mean, rstd):
-    """Returns (dx like x, d_weight (C,), d_bias (C,), d_emb (B, C)), the last three in weight's dtype.
+    """Returns (dx like x, d_weight (C,), d_bias (C,) in weight's dtype, d_emb (B, C) in x's dtype).
 
     dy may have any strides; it is brought to x's memory format first."""
     channels_last = check_group_norm(x, weight, bias, None)
@@ -517,7 +520,7 @@ def group_norm_relu_bwd(dy, x, weight, bias, mean, rstd):
     S, hw_per_prog = _split(HW, block_hw, n_cb)
     dev = x.device
     part = torch.empty((3, B, S, C), device=dev, dtype=torch.float32)
-    demb = torch.empty((B, C), device=dev, dtype=weight.dtype)
+    demb = torch.empty((B, C), device=dev, dtype=x.dtype)
     dwb = torch.empty((B, C), device=dev, dtype=torch.float32)
     dbb = torch.empty_like(dwb)
     dw = torch.empty((C,), device=dev, dtype=weight.dtype)
@@ -556,6 +559,9 @@ WRITES = {
 # Signature hints: float32 pointers (other pointers take the build's dtype), float scalars (other
 # scalars are i32), and integers that are multiples of 16 at the model's shapes (the channels).
 AOT_FP32_POINTERS = {"part_ptr", "pin_ptr", "mean_ptr", "rstd_ptr", "dwb_ptr", "dbb_ptr", "sums_ptr"}
+# (C,) parameter pointers (and their gradients'): float32 or the build's dtype; the builds take both
+# (``_common.with_fp32_params``: float32 is autocast's case).
+AOT_PARAM_POINTERS = {"w_ptr", "bias_ptr", "dw_ptr", "db_ptr"}
 AOT_FLOAT_ARGS = {"eps"}
 AOT_ALIGNED_INTS = {"C"}
 # Ints that are 1 at inputs the launchers take (a batch of one, one channel, a 1x1 image, one partial or split): the JIT specialises them to constants.
@@ -589,4 +595,4 @@ def aot_builds():
         out.append(("gn_bwd_combine", _gn_bwd_combine_kernel, f"{dt} 128 w4", dt, dict(BLOCK_C=128),
                     dict(num_warps=4)))
     out.append(("gn_combine", _gn_combine_kernel, "128 w4", "float32", dict(BLOCK_P=128), dict(num_warps=4)))
-    return with_ones(out, AOT_ONE_INTS)
+    return with_ones(with_fp32_params(out, AOT_PARAM_POINTERS), AOT_ONE_INTS)

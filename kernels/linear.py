@@ -5,7 +5,8 @@ epilogues (Triton).
 
 x rows are tokens: (M, K) with K = C channels contiguous (a channels_last (B, C, H, W) activation is
 (B*H*W, C) in memory, so the token view costs nothing); weight (N_out, K) as nn.Linear stores it, read
-through its strides; out (M, N_out) contiguous in x's dtype. A, by ``PROLOGUE``:
+through its strides; out (M, N_out) contiguous in x's dtype; bias and the LayerNorm and GroupNorm weights and
+biases (the (C,) parameters) float32 or x's dtype, read in float32. A, by ``PROLOGUE``:
 
 - 0 (``linear_residual``): A = x.
 - 1 (``ln_linear``): A = LayerNorm(x) = (x - mu_r) * rs_r * ln_w[k] + ln_b[k], rounded to x's dtype.
@@ -42,9 +43,9 @@ import itertools
 import triton
 import triton.language as tl
 
-from ._common import DTYPE_NAMES, DTYPES, with_ones
+from ._common import DTYPE_NAMES, DTYPES, with_fp32_params, with_ones
 from ._common import dot as _dot
-from ._common import matmul_ieee, precisions
+from ._common import check_param, matmul_ieee, precisions
 from ._common import relu as _relu
 from ._common import to_dtype as _to
 from .group_norm import partials_stats as _partials_stats
@@ -209,6 +210,17 @@ def _same(name, p, x, shape):
         raise ValueError(f"{name} is on {p.device} but the input is on {x.device}")
 
 
+def _param(name, p, x, shape):
+    """A (C,) parameter: shape, device, and dtype float32 or x's (``_common.check_param``)."""
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(p).__name__}")
+    if tuple(p.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(p.shape)}")
+    check_param(name, p, x)
+    if p.device != x.device:
+        raise ValueError(f"{name} is on {p.device} but the input is on {x.device}")
+
+
 def _check_x(name, x):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
@@ -225,7 +237,7 @@ def check_linear(x, weight, bias, residual=None, name="x"):
         raise ValueError(f"weight must have shape (N_out, {x.shape[-1]}) for {name} with {x.shape[-1]} features, got "
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
     _same("weight", weight, x, weight.shape)
-    _same("bias", bias, x, (weight.shape[0],))
+    _param("bias", bias, x, (weight.shape[0],))
     if residual is not None:
         _same("residual", residual, x, (*x.shape[:-1], weight.shape[0]))
 
@@ -234,8 +246,8 @@ def check_ln(x, ln_weight, ln_bias, name="x"):
     k = x.shape[-1]
     if k > MAX_LN_K:
         raise ValueError(f"{name} has {k} features; the LayerNorm prologue takes at most {MAX_LN_K}")
-    _same("ln_weight", ln_weight, x, (k,))
-    _same("ln_bias", ln_bias, x, (k,))
+    _param("ln_weight", ln_weight, x, (k,))
+    _param("ln_bias", ln_bias, x, (k,))
 
 
 def check_gn(y, partials, gn_weight, gn_bias, emb):
@@ -251,8 +263,8 @@ def check_gn(y, partials, gn_weight, gn_bias, emb):
         raise TypeError(f"partials must be float32, got {partials.dtype}")
     if partials.device != y.device:
         raise ValueError(f"partials is on {partials.device} but y is on {y.device}")
-    _same("gn_weight", gn_weight, y, (C,))
-    _same("gn_bias", gn_bias, y, (C,))
+    _param("gn_weight", gn_weight, y, (C,))
+    _param("gn_bias", gn_bias, y, (C,))
     if emb is not None:
         _same("emb", emb, y, (B, C))
 
@@ -273,12 +285,12 @@ def _launch(x2, weight, bias, out, M_grp, groups, *, residual=None, ln=None, gn=
     if gn is not None:
         partials, gn_w, gn_b, gn_eps, emb, tok, mean, rstd = gn
         P = partials.shape[1]
-        e = emb if emb is not None else gn_w
+        e = emb if emb is not None else x2  # a placeholder of emb's dtype
         se = emb.stride() if emb is not None else (0, 0)
     else:
         # unused placeholders: read-only ones alias inputs, written ones the output, so no placeholder
         # aliases a tensor the kernel writes unless it is declared written (``WRITES`` below)
-        partials, gn_w, gn_b, gn_eps, e, tok, mean, rstd = (x2, bias, bias, 0.0, bias, out, out, out)
+        partials, gn_w, gn_b, gn_eps, e, tok, mean, rstd = (x2, bias, bias, 0.0, x2, out, out, out)
         P, se = 1, (0, 0)
     res = residual if residual is not None else x2
     grid = (triton.cdiv(n_out, bn) * triton.cdiv(M_grp, bm), groups)
@@ -347,6 +359,9 @@ WRITES = {
 # scalars are i32), and integers that are multiples of 16 at the model's shapes (K = C in 64, 128, 256;
 # N_out in C, 3C; the weight's row stride K).
 AOT_FP32_POINTERS = {"part_ptr", "mean_ptr", "rstd_ptr"}
+# (C,) parameter pointers (and their gradients'): float32 or the build's dtype; the builds take both
+# (``_common.with_fp32_params``: float32 is autocast's case).
+AOT_PARAM_POINTERS = {"bias_ptr", "ln_w_ptr", "ln_b_ptr", "gn_w_ptr", "gn_b_ptr"}
 AOT_FLOAT_ARGS = {"ln_eps", "gn_eps"}
 AOT_ALIGNED_INTS = {"K", "N_out", "stride_wo"}
 # Ints that are 1 at inputs the launchers take (one token per group, one feature in or out, one partial): the JIT specialises them to constants.
@@ -372,4 +387,4 @@ def aot_builds():
                           BLOCK_K=bk, BLOCK_P=BLOCK_P)
                 out.append((name, _linear_kernel, f"{dt} {bm}x{bn}x{bk} w{warps} s{stages}{tag}{ptag}", dt,
                             ce, dict(num_warps=warps, num_stages=stages)))
-    return with_ones(out, AOT_ONE_INTS)
+    return with_ones(with_fp32_params(out, AOT_PARAM_POINTERS), AOT_ONE_INTS)

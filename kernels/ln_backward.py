@@ -29,9 +29,9 @@ import math
 import triton
 import triton.language as tl
 
-from ._common import DTYPE_NAMES, with_ones
+from ._common import DTYPE_NAMES, with_fp32_params, with_ones
 from ._common import dot as _dot
-from ._common import matmul_ieee, precisions
+from ._common import check_param, matmul_ieee, precisions
 from ._common import to_dtype as _to
 
 
@@ -160,7 +160,8 @@ def config(dtype, k):
 
 def ln_linear_bwd(d, x, ln_weight, ln_eps, weight):
     """(dx (M, K) in x's dtype, d ln_weight (K,), d ln_bias (K,) in ln_weight's dtype) for the gradient d
-    (M, N_out) of LayerNorm(x) @ weight^T (+ bias). x (M, K) contiguous rows, K <= 512."""
+    (M, N_out) of LayerNorm(x) @ weight^T (+ bias). x (M, K) contiguous rows, K <= 512; d and weight in x's
+    dtype; ln_weight float32 or x's dtype."""
     if x.dim() != 2 or d.dim() != 2 or d.shape[0] != x.shape[0]:
         raise ValueError(f"d (M, N_out) and x (M, K) must be 2-D with the same M, got {tuple(d.shape)} and "
                          f"{tuple(x.shape)}")
@@ -172,8 +173,9 @@ def ln_linear_bwd(d, x, ln_weight, ln_eps, weight):
     if ln_weight.shape != (K,):
         raise ValueError(f"ln_weight must have shape ({K},), got {tuple(ln_weight.shape)}")
     for name, t in (("d", d), ("weight", weight), ("ln_weight", ln_weight)):
-        if t.dtype != x.dtype or t.device != x.device:
+        if (t.dtype != x.dtype and name != "ln_weight") or t.device != x.device:
             raise TypeError(f"{name} ({t.dtype}, {t.device}) must match x ({x.dtype}, {x.device})")
+    check_param("ln_weight", ln_weight, x, "x")
     x = x.contiguous()
     d = d.contiguous()
     ln_weight = ln_weight.contiguous()  # read as ptr + k
@@ -208,6 +210,9 @@ WRITES = {
 # scalars are i32), and integers that are multiples of 16 at the model's shapes (K = C in 64, 128, 256;
 # N_out in C, 3C; the weight's row stride K).
 AOT_FP32_POINTERS = {"dlw_ptr", "dlb_ptr", "pw_ptr", "pb_ptr", "ow_ptr", "ob_ptr"}
+# (C,) parameter pointers (and their gradients'): float32 or the build's dtype; the builds take both
+# (``_common.with_fp32_params``: float32 is autocast's case).
+AOT_PARAM_POINTERS = {"ln_w_ptr"}
 AOT_FLOAT_ARGS = {"eps"}
 AOT_ALIGNED_INTS = {"K", "N_out", "stride_wo"}
 # Ints that are 1 at inputs the launchers take (one row, one feature in or out, one row of partials): the JIT specialises them to constants.
@@ -230,4 +235,4 @@ def aot_builds():
     br, bk = REDUCE_BLOCK
     out.append(("ln_param_partial_sum", _col_partial_sum_kernel, f"{br}x{bk} w4", "float32",
                 dict(BLOCK_R=br, BLOCK_K=bk), dict(num_warps=4)))
-    return with_ones(out, AOT_ONE_INTS)
+    return with_ones(with_fp32_params(out, AOT_PARAM_POINTERS), AOT_ONE_INTS)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import group_norm as _gn
-from ._common import DTYPE_NAMES, DTYPES, with_ones
+from ._common import DTYPE_NAMES, DTYPES, check_param, with_fp32_params, with_ones
 from ._common import maximum as _maximum
 from ._common import relu as _relu
 
@@ -139,11 +139,12 @@ BLOCK_P_IN = 32
 
 def check_norm(y, partials, gn_weight, gn_bias):
     """Validate the GroupNorm arguments of a lazily normalised input y (``group_norm.check_partials``),
-    and gn_weight, gn_bias in y's dtype on y's device; errors name the argument."""
+    and gn_weight, gn_bias float32 or y's dtype, on y's device; errors name the argument."""
     _gn.check_partials(y, partials, gn_weight, gn_bias)
     for name, p in (("gn_weight", gn_weight), ("gn_bias", gn_bias)):
-        if p.dtype != y.dtype or p.device != y.device:
-            raise TypeError(f"{name} ({p.dtype}, {p.device}) must match the input ({y.dtype}, {y.device})")
+        check_param(name, p, y)
+        if p.device != y.device:
+            raise ValueError(f"{name} is on {p.device} but the input is on {y.device}")
 
 
 def check_input(name, x):
@@ -211,6 +212,9 @@ WRITES = {
 # scalars are i32), and integers that are multiples of 16 at the model's shapes (the channels, and the
 # strides of a channels_last input with C >= 64).
 AOT_FP32_POINTERS = {"pin_ptr"}
+# (C,) parameter pointers (and their gradients'): float32 or the build's dtype; the builds take both
+# (``_common.with_fp32_params``: float32 is autocast's case).
+AOT_PARAM_POINTERS = {"gw_ptr", "gb_ptr"}
 AOT_FLOAT_ARGS = {"eps", "scale_h", "scale_w"}
 AOT_ALIGNED_INTS = {"C", "stride_xb", "stride_xh", "stride_xw"}
 # Ints that are 1 at inputs the launchers take (one partial, a 1-pixel side to upsample): the JIT specialises them to constants.
@@ -231,4 +235,4 @@ def aot_builds():
                         f"{dt} {'norm-on-load ' if norm_in else ''}{bp}x{bc} w{warps}", dt,
                         dict(stride_xc=1, NORM_IN=norm_in, BLOCK_P=bp, BLOCK_C=bc, BLOCK_P_IN=BLOCK_P_IN),
                         dict(num_warps=warps)))
-    return with_ones(out, AOT_ONE_INTS)
+    return with_ones(with_fp32_params(out, AOT_PARAM_POINTERS), AOT_ONE_INTS)

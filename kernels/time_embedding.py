@@ -5,7 +5,8 @@
     down[b, o] = sum_j relu(enc[b, j]) * relu_weight[o, j] + relu_bias[o]    (the Down blocks, stacked)
     up[b, o]   = sum_j silu(enc[b, j]) * silu_weight[o, j] + silu_bias[o]    (the Up blocks, stacked)
 
-t: (B,) integer or float timesteps (any stride); weights (C_*, dim) contiguous, biases (C_*,); outputs
+t: (B,) integer or float timesteps (any stride); weights (C_*, dim) contiguous, biases (C_*,) float32 or
+the weights' dtype (both the same), read in float32; outputs
 (B, C_*) contiguous in the weights' dtype. The frequencies f_j come from a cached float32 table
 (``freq_table``); t * f_j is rounded to float32 as in the eager op. As in the eager op the activated
 encoding is rounded to the weights' dtype before the product, which accumulates in float32.
@@ -19,9 +20,9 @@ over the batch; the encoding is recomputed.
 import triton
 import triton.language as tl
 
-from ._common import DTYPE_NAMES, DTYPES, with_ones
+from ._common import DTYPE_NAMES, DTYPES, with_fp32_params, with_ones
 from ._common import dot as _dot
-from ._common import matmul_ieee, precisions
+from ._common import check_param, matmul_ieee, precisions
 from ._common import relu as _relu
 
 
@@ -177,9 +178,11 @@ def check_time_embedding(t, dim, relu_weight, relu_bias, silu_weight, silu_bias)
             raise ValueError(f"{bname} must have shape ({w.shape[0]},) to match {name}, got {tuple(bias.shape)}")
         if w.dtype not in DTYPES:
             raise TypeError(f"{name} must be float32, bfloat16 or float16, got {w.dtype}")
-        if w.dtype != relu_weight.dtype or bias.dtype != w.dtype:
-            raise TypeError(f"{name} and {bname} must share relu_weight's dtype {relu_weight.dtype}, "
-                            f"got {w.dtype} and {bias.dtype}")
+        if w.dtype != relu_weight.dtype:
+            raise TypeError(f"{name} must share relu_weight's dtype {relu_weight.dtype}, got {w.dtype}")
+        check_param(bname, bias, w, name)
+        if bias.dtype != relu_bias.dtype:  # one kernel reads either through one pointer type
+            raise TypeError(f"{bname} must share relu_bias's dtype {relu_bias.dtype}, got {bias.dtype}")
         for n, p in ((name, w), (bname, bias)):
             if p.device != t.device:
                 raise ValueError(f"{n} is on {p.device} but t is on {t.device}")
@@ -235,6 +238,9 @@ WRITES = {
 # build), float scalars (other scalars are i32), integers that are multiples of 16 at the model's shapes
 # (none: the only stride, t's, is 1).
 AOT_FP32_POINTERS = {"freq_ptr", "drw_ptr", "drb_ptr", "dsw_ptr", "dsb_ptr"}
+# (C,) parameter pointers (and their gradients'): float32 or the build's dtype; the builds take both
+# (``_common.with_fp32_params``: float32 is autocast's case).
+AOT_PARAM_POINTERS = {"rb_ptr", "sb_ptr"}
 AOT_FLOAT_ARGS = set()
 AOT_ALIGNED_INTS = set()
 # Ints that are 1 at inputs the launchers take (a batch of one, one output channel, t's unit stride): the JIT specialises them to constants.
@@ -256,4 +262,4 @@ def aot_builds():
                              f"w{opts['num_warps']} s{opts['num_stages']}{tag}")
                     out.append((name, fn, label, dt, dict(ce, IEEE=ieee),
                                 dict(opts, arg_types={"t_ptr": "*" + t_type})))
-    return with_ones(out, AOT_ONE_INTS)
+    return with_ones(with_fp32_params(out, AOT_PARAM_POINTERS), AOT_ONE_INTS)

@@ -80,10 +80,11 @@ def test_signature_hints_name_arguments_of_the_modules_kernels():
         args = set()
         for b in m.aot_builds():
             args |= set(b[1].arg_names)
-        for hint in ("AOT_FP32_POINTERS", "AOT_FLOAT_ARGS", "AOT_ALIGNED_INTS", "AOT_ONE_INTS"):
+        for hint in ("AOT_FP32_POINTERS", "AOT_PARAM_POINTERS", "AOT_FLOAT_ARGS", "AOT_ALIGNED_INTS", "AOT_ONE_INTS"):
             extra = set(getattr(m, hint, ())) - args
             assert not extra, f"{m.__name__}.{hint}: {sorted(extra)} are not arguments of its kernels"
         assert all(p.endswith("_ptr") for p in getattr(m, "AOT_FP32_POINTERS", ())), m.__name__
+        assert all(p.endswith("_ptr") for p in getattr(m, "AOT_PARAM_POINTERS", ())), m.__name__
 
 
 def test_summary_line():

@@ -57,18 +57,25 @@ def _(x, x2, partials_in, gn_weight, gn_bias, eps, weight, bias, pool):
     return y, x.new_empty((b, p, 3), dtype=torch.float32)
 
 
-def _conv_backward(dy, x, weight):
-    """(dx, dweight, dbias) of the 3x3, stride 1, padding 1 convolution (cuDNN on a GPU)."""
-    return torch.ops.aten.convolution_backward(
-        dy.to(x.dtype), x, weight, [weight.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, True])
+def _conv_backward(dy, x, weight, bias_dtype):
+    """(dx, dweight, dbias) of the 3x3, stride 1, padding 1 convolution (cuDNN on a GPU); dbias in
+    ``bias_dtype`` (a float32 bias of a lower-precision conv: summed in float32, not rounded to x's dtype)."""
+    dy = dy.to(x.dtype)
+    if bias_dtype == x.dtype:
+        return torch.ops.aten.convolution_backward(
+            dy, x, weight, [weight.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, True])
+    dx, dw, _ = torch.ops.aten.convolution_backward(
+        dy, x, weight, [weight.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+    return dx, dw, dy.sum((0, 2, 3), dtype=bias_dtype)
 
 
 def _conv3x3_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
-    x, x2, partials_in, gn_weight, gn_bias, eps, weight, _bias, pool = inputs
+    x, x2, partials_in, gn_weight, gn_bias, eps, weight, bias, pool = inputs
     ctx.save_for_backward(x, x2, partials_in, gn_weight, gn_bias, weight)
     ctx.eps = eps
     ctx.pool = pool
+    ctx.bias_dtype = bias.dtype
     ctx.mark_non_differentiable(output[1])
 
 
@@ -76,20 +83,20 @@ def _conv3x3_backward(ctx, dy, _dpartials):
     x, x2, pin, gw, gb, weight = ctx.saved_tensors
     if pin is not None:
         xn, mean, rstd = recompute(x, pin, gw, gb, ctx.eps)
-        dxn, dw, db = _conv_backward(dy, xn, weight)
+        dxn, dw, db = _conv_backward(dy, xn, weight, ctx.bias_dtype)
         dx, dgw, dgb, _ = norm_backward(dxn, x, gw, gb, mean, rstd)
         return dx, None, None, dgw, dgb, None, dw, db, None
     if x2 is not None:
-        dcat, dw, db = _conv_backward(dy, torch.cat([x, x2], dim=1), weight)
+        dcat, dw, db = _conv_backward(dy, torch.cat([x, x2], dim=1), weight, ctx.bias_dtype)
         dx, dx2 = dcat.split([x.shape[1], x2.shape[1]], dim=1)
         return dx, dx2, None, None, None, None, dw, db, None
     if ctx.pool:
         # the pool's gradient goes to the first maximum of each window, as in max_pool2d's backward
         xp, idx = torch.ops.aten.max_pool2d_with_indices(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
-        dxp, dw, db = _conv_backward(dy, xp, weight)
+        dxp, dw, db = _conv_backward(dy, xp, weight, ctx.bias_dtype)
         dx = torch.ops.aten.max_pool2d_with_indices_backward(dxp, x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
         return dx, None, None, None, None, None, dw, db, None
-    dx, dw, db = _conv_backward(dy, x, weight)
+    dx, dw, db = _conv_backward(dy, x, weight, ctx.bias_dtype)
     return dx, None, None, None, None, None, dw, db, None
 
 

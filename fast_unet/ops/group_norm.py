@@ -71,7 +71,7 @@ def _gn_relu_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: T
 @_gn_relu_bwd_op.register_fake
 def _(dy, x, weight, bias, mean, rstd):
     c = x.new_empty((x.shape[1],), dtype=weight.dtype)
-    return torch.empty_like(x), c, torch.empty_like(c), x.new_empty(x.shape[:2], dtype=weight.dtype)
+    return torch.empty_like(x), c, torch.empty_like(c), x.new_empty(x.shape[:2])
 
 
 @torch.library.custom_op("fast_unet::gn_partials", mutates_args=())
@@ -184,9 +184,10 @@ def triton_reasons(x, weight, bias, eps=1e-5, emb=None, partials=None):
 @torch.library.custom_op("fast_unet::group_norm_relu_fwd_ext", mutates_args=())
 def _ext_fwd(x: Tensor, weight: Tensor, bias: Tensor, emb: Optional[Tensor],
              eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """x (B, C, H, W) NCHW or channels_last; weight, bias (C,); emb (B, C) or None.
+    """x (B, C, H, W) NCHW or channels_last; weight, bias (C,) (float32 or x's dtype: the extension's kernels
+    take them in x's dtype, cast here); emb (B, C) or None.
     Returns (y like x, mean (B,) float32, rstd (B,) float32)."""
-    return tuple(backends.ext().gn_relu_fwd(x, weight, bias, emb, eps))
+    return tuple(backends.ext().gn_relu_fwd(x, weight.to(x.dtype), bias.to(x.dtype), emb, eps))
 
 
 @_ext_fwd.register_fake
@@ -198,8 +199,9 @@ def _(x, weight, bias, emb, eps):
 @torch.library.custom_op("fast_unet::group_norm_relu_bwd_ext", mutates_args=())
 def _ext_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
              rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx like x, dweight (C,), dbias (C,), demb (B, C))."""
-    return tuple(backends.ext().gn_relu_bwd(dy, x, weight, bias, mean, rstd, True))
+    """Returns (dx like x, dweight (C,) in weight's dtype, dbias (C,) in bias's dtype, demb (B, C))."""
+    dx, dw, db, demb = backends.ext().gn_relu_bwd(dy, x, weight.to(x.dtype), bias.to(x.dtype), mean, rstd, True)
+    return dx, dw.to(weight.dtype), db.to(bias.dtype), demb
 
 
 @_ext_bwd.register_fake
@@ -253,8 +255,9 @@ def ext_reasons(x, weight, bias, eps=1e-5, emb=None, partials=None):
     for name, t in (("weight", weight), ("bias", bias)):
         if not isinstance(t, torch.Tensor):
             why.append(f"{name} must be a tensor (GroupNorm with affine=True), got {type(t).__name__}")
-        elif t.shape != (c,) or t.dtype != x.dtype or t.device != x.device:
-            why.append(f"{name} must be ({c},) {x.dtype} on {x.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+        elif t.shape != (c,) or t.dtype not in (x.dtype, torch.float32) or t.device != x.device:
+            why.append(f"{name} must be ({c},) float32 or {x.dtype} on {x.device}, got {tuple(t.shape)} {t.dtype} "
+                       f"on {t.device}")
     if emb is not None and (emb.shape != (x.shape[0], c) or emb.dtype != x.dtype or emb.device != x.device):
         why.append(f"emb must be ({x.shape[0]}, {c}) {x.dtype} on {x.device}, got {tuple(emb.shape)} {emb.dtype}")
     return why

@@ -62,8 +62,9 @@ def _(x, weight, bias, residual):
 
 
 def _linear_residual_setup(ctx, inputs, output):
-    x, weight, _bias, _residual = inputs
+    x, weight, bias, _residual = inputs
     ctx.save_for_backward(x, weight)
+    ctx.bias_dtype = bias.dtype
 
 
 def _linear_residual_backward(ctx, dout):
@@ -72,7 +73,7 @@ def _linear_residual_backward(ctx, dout):
     d2 = dout.reshape(-1, weight.shape[0])
     dx = (d2 @ weight).view(x.shape) if need[0] else None
     dw = d2.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
-    db = d2.sum(0) if need[2] else None
+    db = d2.sum(0, dtype=ctx.bias_dtype) if need[2] else None
     return dx, dw, db, dout if need[3] else None
 
 
@@ -120,13 +121,18 @@ def _ln_linear_grads(d2, x2, ln_weight, ln_bias, ln_eps, weight, bias, gelu, nee
     (dx2, d ln_w, d ln_b, dw, db). The normalised input (needed for dw, and the pre-activation for GELU)
     is recomputed with ATen's LayerNorm; dx2 and the LayerNorm's parameter gradients come from one Triton
     GEMM with the LayerNorm backward in its epilogue (kernels/ln_backward.py), so d(normalised input) is
-    never written."""
+    never written. The (C,) parameters may be float32 with x2 in a lower precision (autocast): the
+    LayerNorm is then recomputed in float32 and rounded to x2's dtype, as the forward kernel computes it,
+    and d bias is summed in float32; every parameter gradient comes in its parameter's dtype."""
     k = x2.shape[-1]
-    h = torch.native_layer_norm(x2, [k], ln_weight, ln_bias, ln_eps)[0]
+    if ln_weight.dtype == ln_bias.dtype == x2.dtype:
+        h = torch.native_layer_norm(x2, [k], ln_weight, ln_bias, ln_eps)[0]
+    else:
+        h = torch.native_layer_norm(x2.float(), [k], ln_weight.float(), ln_bias.float(), ln_eps)[0].to(x2.dtype)
     if gelu:
-        d2 = torch.ops.aten.gelu_backward(d2, torch.nn.functional.linear(h, weight, bias))
+        d2 = torch.ops.aten.gelu_backward(d2, torch.nn.functional.linear(h, weight, bias.to(h.dtype)))
     dw = d2.t() @ h
-    db = d2.sum(0)
+    db = d2.sum(0, dtype=bias.dtype)
     dx2 = dlw = dlb = None
     if need_x or need_ln:
         dx2, dlw, dlb = torch.ops.fast_unet.ln_linear_backward(d2, x2, ln_weight, float(ln_eps), weight)

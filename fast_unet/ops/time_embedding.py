@@ -56,9 +56,10 @@ def _(g_down, g_up, t, dim, relu_weight, silu_weight):
 
 def _temb_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
-    t, dim, relu_weight, _rb, silu_weight, _sb = inputs
+    t, dim, relu_weight, relu_bias, silu_weight, silu_bias = inputs
     ctx.save_for_backward(t, relu_weight, silu_weight)
     ctx.dim = dim
+    ctx.bias_dtypes = (relu_bias.dtype, silu_bias.dtype)
 
 
 def _temb_backward(ctx, g_down, g_up):
@@ -69,7 +70,8 @@ def _temb_backward(ctx, g_down, g_up):
         g_up = sw.new_zeros((t.shape[0], sw.shape[0]))
     drw, drb, dsw, dsb = torch.ops.fast_unet.time_embedding_backward(g_down, g_up, t, ctx.dim, rw, sw)
     # t holds integer (or non-differentiable) timesteps: no gradient for it, nor for dim.
-    return None, None, drw.to(rw.dtype), drb.to(rw.dtype), dsw.to(sw.dtype), dsb.to(sw.dtype)
+    rb_dtype, sb_dtype = ctx.bias_dtypes
+    return None, None, drw.to(rw.dtype), drb.to(rb_dtype), dsw.to(sw.dtype), dsb.to(sb_dtype)
 
 
 torch.library.register_autograd("fast_unet::time_embedding", _temb_backward, setup_context=_temb_setup)

@@ -1,13 +1,16 @@
 """The GPU path as people run it, on CPU tensors under the interpreter: mixed precision
 (``torch.autocast("cpu", dtype=torch.bfloat16)`` on a float32 model: the Triton launches take bf16
-activations, the float32 parameters get float32 gradients, and the output and gradients pass the
-flash-attention rule against a float32 reference, judged by eager autocast's own error), the device guard
-around every Triton custom op, and a forward that makes no tensor from host data.
+activations and weight matrices with the float32 (C,) parameters, the forward casts only the weight
+matrices and its input, the float32 parameters get float32 gradients, and the output and gradients pass
+the flash-attention rule against a float32 reference, judged by eager autocast's own error), the device
+guard around every Triton custom op, and a forward that makes no tensor from host data.
 
-The autocast path: ``fast_unet.dispatch`` casts an op's arguments for the compiled backends
-(``autocast_args``); each forward custom op also has an Autocast kernel (``dispatch.register_autocast``)."""
+The autocast path: ``fast_unet.dispatch`` casts an op's tensors of two or more dimensions for the compiled
+backends (``autocast_args``); each forward custom op also has an Autocast kernel
+(``dispatch.register_autocast``)."""
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from fast_unet import backends, dispatch
 from helpers import inputs, model_pair
@@ -27,8 +30,9 @@ def fast_conv_config(monkeypatch):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Every Triton launch while the test runs: (kernel name, {pointer argument: dtype}, float32 pointers the
-    kernel's module declares float32 by design (statistics, partial sums))."""
+    """Every Triton launch while the test runs: (kernel name, {pointer argument: dtype}, pointers the kernel's
+    module declares float32 by design (statistics, partial sums) or (C,) parameters (float32 under
+    autocast))."""
     import sys
 
     from triton.runtime.jit import KernelInterface
@@ -42,7 +46,8 @@ def launches(monkeypatch):
         while not hasattr(fn, "__code__"):
             fn = fn.fn
         names = list(getattr(kernel, "arg_names", []))
-        fp32 = getattr(sys.modules[fn.__module__], "AOT_FP32_POINTERS", set())
+        module = sys.modules[fn.__module__]
+        fp32 = set(getattr(module, "AOT_FP32_POINTERS", ())) | set(getattr(module, "AOT_PARAM_POINTERS", ()))
 
         def launch(*args, **kwargs):
             named = dict(zip(names, args), **kwargs)
@@ -57,7 +62,8 @@ def launches(monkeypatch):
 
 
 def _takes_bf16(record):
-    """A launch whose floating-point tensors are all bf16, but for those float32 by design."""
+    """A launch whose floating-point tensors are all bf16, but for those float32 by design and the (C,)
+    parameters."""
     _name, dtypes, fp32 = record
     act = {n: dt for n, dt in dtypes.items() if n not in fp32}
     return bool(act) and all(dt == torch.bfloat16 for dt in act.values())
@@ -67,10 +73,25 @@ def _grads(model):
     return {n: p.grad for n, p in model.named_parameters()}
 
 
+class _CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ``aten._to_copy`` calls (dtype casts) below it."""
+
+    def __init__(self):
+        super().__init__()
+        self.casts = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default:
+            self.casts.append((tuple(args[0].shape), args[0].dtype, (kwargs or {}).get("dtype")))
+        return func(*args, **(kwargs or {}))
+
+
 def test_autocast_model_runs_bf16_kernels_and_passes_the_rule(monkeypatch, fast_conv_config, launches):
-    """Under CPU autocast (bf16) a float32 model's forward takes >= 90% of its Triton launches in bf16; the
-    output is bf16 as eager autocast's is; output and every parameter gradient (float32, on the float32
-    parameters) are within 2x eager autocast's error of the float32 reference, plus the bf16 floor."""
+    """Under CPU autocast (bf16) a float32 model's forward takes >= 90% of its Triton launches in bf16 (the
+    (C,) parameters float32); it casts the weight matrices and its input, never a (C,) parameter that a
+    Triton op takes; the output is bf16 as eager autocast's is; output and every parameter gradient
+    (float32, on the float32 parameters) are within 2x eager autocast's error of the float32 reference, plus
+    the bf16 floor."""
     model, _ref = model_pair(16, 16)
     eager_model, _ = model_pair(16, 16)
     x, t = inputs(2, 16, 16)
@@ -87,9 +108,19 @@ def test_autocast_model_runs_bf16_kernels_and_passes_the_rule(monkeypatch, fast_
     grads_eager = _grads(eager_model)
 
     monkeypatch.setenv("FAST_UNET_BACKEND", "triton")
-    with torch.autocast(**AUTOCAST):
+    with torch.autocast(**AUTOCAST), _CountCasts() as counter:
         y = model(x, t)
     forward_launches = list(launches)
+
+    params = dict(model.named_parameters())
+    n_matrix = sum(p.dim() >= 2 for p in params.values())
+    n_emb = sum(p.dim() >= 2 for n, p in params.items() if ".emb_layer." in n)
+    # Each weight matrix once, but the blocks' time-embedding Linear weights, stacked into two matrices
+    # (Down and Up) before their one cast; + 1 the model's input; + 1 outc's bias (the final 1x1
+    # nn.Conv2d runs eagerly, and eager autocast casts a conv's bias). No other (C,) parameter is cast.
+    expected = n_matrix - n_emb + 2 + 1 + 1
+    assert len(counter.casts) <= expected, (len(counter.casts), expected, counter.casts)
+    assert sum(len(shape) < 2 for shape, _, _ in counter.casts) <= 1, counter.casts
     (y.double() * g).sum().backward()
 
     assert len(forward_launches) > 10
@@ -123,13 +154,19 @@ def test_autocast_reasons_see_the_cast_arguments():
         assert dispatch.reasons("linear_residual", "triton", x, w, b, x) == []
         y = torch.randn(2, 16, 4, 4)
         backend, _fn, args = dispatch.choose("group_norm_relu", (y, b, b, 1e-5, None, torch.zeros(2, 1, 3)))
+        _b, _fn, largs = dispatch.choose("linear_residual", (x, w, b, x))
     assert backend == "triton"
-    assert [a.dtype for a in args[:3]] == [torch.bfloat16] * 3 and args[5].dtype == torch.float32
+    # the activation is cast; the (C,) weight and bias and the partials stay float32
+    assert [a.dtype for a in args[:3]] == [torch.bfloat16, torch.float32, torch.float32]
+    assert args[5].dtype == torch.float32
+    assert [a.dtype for a in largs] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16]
+    assert largs[2] is b  # not copied
 
 
 def test_autocast_on_a_direct_custom_op_call():
-    """``torch.ops.fast_unet.conv3x3`` called directly under autocast casts its activations and weights,
-    not its float32 partials, and returns the autocast dtype (its Autocast kernel, the torch.library way)."""
+    """``torch.ops.fast_unet.conv3x3`` called directly under autocast casts its activation and weight matrix,
+    not its (C,) parameters nor its float32 partials, and returns the autocast dtype (its Autocast kernel,
+    the torch.library way)."""
     import fast_unet.ops  # noqa: F401
 
     from fast_unet.ops.group_norm import partials_of
@@ -138,9 +175,10 @@ def test_autocast_on_a_direct_custom_op_call():
     pin = partials_of(x, None)
     w, b = torch.randn(16, 16, 3, 3), torch.randn(16)
     gw, gb = torch.ones(16), torch.zeros(16)
-    with torch.autocast(**AUTOCAST):
+    with torch.autocast(**AUTOCAST), _CountCasts() as counter:
         y, part = torch.ops.fast_unet.conv3x3(x, None, pin, gw, gb, 1e-5, w, b, False)
     assert y.dtype == torch.bfloat16 and part.dtype == torch.float32
+    assert sorted(shape for shape, _, _ in counter.casts) == sorted([w.shape, x.shape])  # not b, gw, gb
 
 
 def test_every_triton_op_runs_under_the_device_guard(monkeypatch, fast_conv_config):

@@ -411,11 +411,12 @@ def test_gn_ln_linear_compiles_for_sm90_without_spills():
                            "--json"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(proc.stdout)
-    # (emb, no emb) x (1 float32 exact + 1 float32 TF32 + 2 bfloat16 + 2 float16 configs), and the ints-equal-
-    # to-1 specialisations of the first build (4 singly + all together)
+    # (emb, no emb) x (1 float32 exact + 1 float32 TF32 + 2 bfloat16 + 2 float16 configs, the bf16/fp16 ones
+    # also with float32 (C,) parameters), and the ints-equal-to-1 specialisations of the first build (4 singly
+    # + all together)
     ones = [r for r in rows if "=1" in r["config"]]
     rows = [r for r in rows if "=1" not in r["config"]]
-    assert len(rows) == 2 * 6 and len(ones) == 5, rows + ones
+    assert len(rows) == 2 * (6 + 4) and len(ones) == 5, rows + ones
     for r in rows + ones:
         assert r["spill_bytes"] == 0, r
     for r in rows:  # float32 exact: FMA; TF32 and half precision: wgmma

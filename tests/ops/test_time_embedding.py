@@ -98,8 +98,12 @@ def test_bad_inputs_name_the_argument():
         ops.time_embedding(t, 128, rw, rb, sw, sb[:-1])
     with pytest.raises(RuntimeError, match="t must be 1-D"):
         ops.time_embedding(t[None], 128, rw, rb, sw, sb)
-    with pytest.raises(RuntimeError, match="silu_weight and silu_bias must share"):
+    with pytest.raises(RuntimeError, match="silu_weight must share relu_weight's dtype"):
         ops.time_embedding(t, 128, rw, rb, sw.half(), sb.half())
+    with pytest.raises(RuntimeError, match="silu_bias has dtype torch.float16; a \\(C,\\) parameter must be float32"):
+        ops.time_embedding(t, 128, rw.bfloat16(), rb, sw.bfloat16(), sb.half())
+    with pytest.raises(RuntimeError, match="silu_bias must share relu_bias's dtype"):
+        ops.time_embedding(t, 128, rw.bfloat16(), rb, sw.bfloat16(), sb.bfloat16())
 
 
 # the Triton kernels on CUDA at the model's batch
