@@ -267,9 +267,7 @@ def main(argv=None):
         text += "\n\n" + kernel_table(result)
     print(text)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({**result, "table": text}, f, indent=2)
+        core.write_json(args.json, {**result, "table": text}, indent=2)
         print(f"\nwrote {args.json}", file=sys.stderr)
     return 0
 

@@ -5,6 +5,7 @@ and the device's reference rates (best measured matmul rate and copy bandwidth).
 Every speed figure is a median of interleaved runs (one round times every model once, in turn), so
 that the noise of a shared machine falls on all of them alike; ratios are taken within one run.
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -181,6 +182,30 @@ def copy_bandwidth(device, nbytes=None, repeats=5):
         run()
     _sync(device)
     return 2 * 4 * n / min(time_once(run, device) for _ in range(repeats))
+
+
+@contextlib.contextmanager
+def backend_env(value):
+    """FAST_UNET_BACKEND=``value`` while the block runs (dispatch reads it at each call); restored after."""
+    saved = os.environ.get("FAST_UNET_BACKEND")
+    os.environ["FAST_UNET_BACKEND"] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("FAST_UNET_BACKEND", None)
+        else:
+            os.environ["FAST_UNET_BACKEND"] = saved
+
+
+def write_json(path, obj, **kwargs):
+    """``obj`` as JSON at ``path`` (its folder made first; ``json.dump`` keyword arguments, indent 1 unless
+    given); returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    kwargs.setdefault("indent", 1)
+    with open(path, "w") as f:
+        json.dump(obj, f, **kwargs)
+    return path
 
 
 def device_name(device):

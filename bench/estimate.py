@@ -18,7 +18,6 @@ checked rather than trusted. Eager ops are aten ops (a lower bound on the baseli
 """
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -261,10 +260,10 @@ def main(argv=None):
     text = "\n\n".join(parts)
     print(text)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"constants": H200, "sources": SOURCES, "dtype": args.dtype, "device": device,
-                       "rows": rows, "table": text}, f, indent=1, default=list)
+        from .core import write_json
+
+        write_json(args.json, {"constants": H200, "sources": SOURCES, "dtype": args.dtype, "device": device,
+                               "rows": rows, "table": text}, default=list)
         say(f"wrote {args.json}")
     return 0
 

@@ -33,7 +33,6 @@ launch counts, from torch.profiler's CUDA kernel events (``cuda_kernel_counts``)
 """
 import argparse
 import contextlib
-import json
 import os
 import sys
 from collections import OrderedDict
@@ -42,7 +41,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from .core import DTYPES
+from .core import DTYPES, write_json
 # The pieces live by concern; their names stay importable from here (tests and older scripts use them).
 from .recorder import (OpCounter, TritonRecorder, _kernel_function, declared_writes,  # noqa: F401
                        fused_sdpa_on_meta, kernel_name)
@@ -361,9 +360,7 @@ def main(argv=None):
             for r in result["models"].values():
                 for step in STEPS:
                     r.get(step, {}).pop("launch_list", None)
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({**result, "table": text}, f, indent=1)
+        write_json(args.json, {**result, "table": text})
         say(f"wrote {args.json}")
     return 0
 

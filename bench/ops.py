@@ -28,7 +28,6 @@ best measured matmul rate in the dtype; "of roofline" is the time at those ceili
 bandwidth and FLOPs / matmul rate) over the measured time.
 """
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -36,6 +35,8 @@ import statistics
 import sys
 
 import torch
+
+from .core import backend_env, write_json
 
 
 # The fused ops on their eager twins (as bench.kernels' fast_unet+unfused): where the unfused ops run.
@@ -82,19 +83,6 @@ def capture(batch, size, dtype, device):
     for d, op, _ in calls:
         top[op] = min(d, top.get(op, d))
     return [(op, args) for d, op, args in calls if d == top[op]]
-
-
-@contextlib.contextmanager
-def backend_env(value):
-    saved = os.environ.get("FAST_UNET_BACKEND")
-    os.environ["FAST_UNET_BACKEND"] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("FAST_UNET_BACKEND", None)
-        else:
-            os.environ["FAST_UNET_BACKEND"] = saved
 
 
 def _tensors(obj):
@@ -341,9 +329,7 @@ def main(argv=None):
         with open(args.out, "w") as f:
             f.write("".join(json.dumps(r) + "\n" for r in result["rows"]))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({**result, "table": text}, f, indent=1)
+        write_json(args.json, {**result, "table": text})
         say(f"wrote {args.json}")
     return 0
 

@@ -300,8 +300,6 @@ def table(result):
 
 def main(args, say):
     """Run the sweep, print its tables, write the JSON and the plots; 0."""
-    import json
-
     from . import plots
 
     result = run(args, say)
@@ -315,8 +313,6 @@ def main(args, say):
         for path in result["plots"]:
             print(f"wrote {path}")
     if out_json:
-        os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-        with open(out_json, "w") as fh:
-            json.dump(result, fh, indent=1)
+        core.write_json(out_json, result)
         print(f"wrote {out_json}")
     return 0

@@ -106,27 +106,16 @@ def step_env(dry):
             "ext_build": backends.build_info(), "interpreting": backends.triton_interpreting()}
 
 
-@contextlib.contextmanager
-def _backend(setting):
-    old = os.environ.get("FAST_UNET_BACKEND")
-    os.environ["FAST_UNET_BACKEND"] = setting
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FAST_UNET_BACKEND", None)
-        else:
-            os.environ["FAST_UNET_BACKEND"] = old
-
-
 def _case(fn, setting=None, autocast=None):
     """fn() under ``FAST_UNET_BACKEND=setting`` and ``torch.autocast`` of (device, dtype) when given."""
     import torch
 
+    from bench.core import backend_env
+
     def run():
         with contextlib.ExitStack() as stack:
             if setting is not None:
-                stack.enter_context(_backend(setting))
+                stack.enter_context(backend_env(setting))
             if autocast is not None:
                 stack.enter_context(torch.autocast(autocast[0], dtype=autocast[1]))
             return fn()
