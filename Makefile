@@ -7,7 +7,7 @@ PY ?= python3
 STAMP := build/.installed
 INSTALL_INPUTS := requirements.txt setup.py pyproject.toml $(shell find csrc -type f)
 
-.PHONY: install test test-eager test-interpret compile-report ptxas-report bench
+.PHONY: install test test-eager test-interpret test-cpu-isa compile-report ptxas-report bench
 install: $(STAMP)
 
 $(STAMP): $(INSTALL_INPUTS)
@@ -18,30 +18,45 @@ $(STAMP): $(INSTALL_INPUTS)
 	@mkdir -p $(@D)
 	@touch $@
 
+# `make test` runs every stage, even after one fails, and ends with one line per stage (scripts/test_stages.sh);
+# it fails when any stage failed.
 # 1. the main suite (eager, extension, dispatch, benchmark smoke; tests/ops on eager and ext); tests/interpret
 #    and the triton params of tests/ops skip themselves here
 # 2. the Triton kernels on CPU tensors through Triton's interpreter (its own process: triton.jit
-#    reads TRITON_INTERPRET at import): tests/interpret, and tests/ops' triton params only (-m triton)
-# 3. every Triton kernel compiled ahead of time for sm_80 and sm_90: fails on a compile error or a spill
-# 4. every CUDA kernel of csrc/ through ptxas -v for sm_80 and sm_90: fails on a spill (needs nvcc)
+#    reads TRITON_INTERPRET at import): tests/interpret, and tests/ops' triton params only (-m triton);
+#    the interpreter is single-threaded Python, so two pytest-xdist workers, one torch thread each
+# 3. the model's parity tests again with PyTorch's CPU kernels as other processors pick them: AVX2 (as on
+#    an AMD EPYC without AVX-512) and no vector ISA (oneDNN's and ATen's dispatch capped by environment)
+# 4. every Triton kernel compiled ahead of time for sm_80 and sm_90: fails on a compile error or a spill
+# 5. every CUDA kernel of csrc/ through ptxas -v for sm_80 and sm_90: fails on a spill (needs nvcc)
 test: install
-	$(MAKE) --no-print-directory test-eager test-interpret compile-report ptxas-report
+	@bash scripts/test_stages.sh
 
 test-eager:
-	@echo "stage 1/4: main suite (tests/interpret and the triton tests of tests/ops are skipped here, they run in stage 2 under the Triton interpreter)"
+	@echo "stage 1/5: main suite (tests/interpret and the triton tests of tests/ops are skipped here, they run in stage 2 under the Triton interpreter)"
 	$(PY) -m pytest -q tests
 
 test-interpret:
-	@echo "stage 2/4: the Triton kernels on CPU tensors under the Triton interpreter (tests/interpret, tests/ops -m triton)"
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/interpret tests/ops -m triton
+	@echo "stage 2/5: the Triton kernels on CPU tensors under the Triton interpreter (tests/interpret, tests/ops -m triton)"
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests/interpret tests/ops -m triton
+
+# The float32 parity tests, whose outcome must not depend on how PyTorch's CPU convolutions and GEMMs round
+# (the ISA oneDNN and ATen pick), and the interpreter's model tests at batch 1. Not the bf16/fp16 tests:
+# their yardstick is PyTorch's own error in that dtype on the machine that runs them.
+ISA_TESTS := tests/test_model.py -k "(falling_back or gradients or lazy_path) and not low_precision"
+test-cpu-isa:
+	@echo "stage 3/5: the model's parity tests with the CPU kernels of an AVX2 machine and of a machine without vector ISA"
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q $(ISA_TESTS)
+	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 $(PY) -m pytest -q $(ISA_TESTS)
+	TRITON_INTERPRET=1 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -n 2 tests/interpret/test_model.py -k "cannot_take and -1]"
 
 compile-report:
-	@echo "stage 3/4: every Triton kernel compiled ahead of time for sm_80 and sm_90 (fails on a compile error or a spill)"
+	@echo "stage 4/5: every Triton kernel compiled ahead of time for sm_80 and sm_90 (fails on a compile error or a spill)"
 	env -u TRITON_INTERPRET $(PY) -m fast_unet.info --compile sm_80,sm_90 > compile_report.txt
 	tail -n 1 compile_report.txt
 
 ptxas-report:
-	@echo "stage 4/4: every CUDA kernel of csrc/ through ptxas -v for sm_80 and sm_90 (fails on a spill)"
+	@echo "stage 5/5: every CUDA kernel of csrc/ through ptxas -v for sm_80 and sm_90 (fails on a spill)"
 	@if command -v nvcc >/dev/null; then bash scripts/ptxas_report.sh "80 90"; else echo "ptxas-report: no nvcc, skipped"; fi
 
 bench: install

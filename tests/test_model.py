@@ -9,7 +9,8 @@ from fast_unet import dispatch
 from fast_unet import UNet
 from fast_unet.reference import UNet as RefUNet, cast_reference
 
-from helpers import assert_close, inputs, max_err, model_pair, reference_copy
+from helpers import (ATTENTION_BLOCKS, assert_close, assert_matches_reference, conditioned_inputs, inputs, max_err,
+                     model_pair, reference_copy, with_head_dim_8)
 
 
 def test_state_dict_keys_and_shapes_match_reference():
@@ -82,30 +83,35 @@ def test_gradients_match_reference_float64(size, batch):
         assert _rel(got[name], g) < 1e-9, f"grad {name}: relative error {_rel(got[name], g):.2e}"
 
 
-@pytest.mark.parametrize("size,batch", [((32, 32), 3), ((64, 64), 1)], ids=["32x32-B3", "64x64-B1"])
+@pytest.mark.parametrize("size,batch", [((16, 16), 2), ((8, 16), 3)], ids=["16x16-B2", "8x16-B3"])
 def test_gradients_match_reference_float32(size, batch):
-    """float32 fast_unet against the float64 reference, judged by the float32 reference's own error.
+    """float32 fast_unet against the float64 reference at a well-conditioned point (every ReLU input and
+    max-pool gap at least KINK_MARGIN from its kink, ``helpers.conditioned_inputs``): the output, and every
+    gradient within 1e-4 of its largest element."""
+    fast, ref = model_pair(*size)
+    x, t = conditioned_inputs(ref, batch, *size)
+    assert_matches_reference(fast, ref, fast(x, t), x, t)
 
-    Max-abs checks do not work here: ReLU and max-pool are discontinuous, and where float32 rounding
-    flips one pre-activation's sign or one pooling window's argmax (in either model), that gradient
-    moves wholesale, and so does every gradient upstream of it (at 32x32 the float32 reference itself
-    is 4e-4 off float64 in the median parameter; at 64x64 fast_unet's eager path flips one window).
-    So, per gradient, the relative error in norm: each below 1% (a wrong formula is off by O(1)), and
-    the median parameter at most twice the float32 reference's median, plus 1e-5.
-    """
+
+@pytest.mark.parametrize("size,batch", [((32, 32), 3), ((64, 64), 1)], ids=["32x32-B3", "64x64-B1"])
+def test_gradients_at_larger_sizes_float32(size, batch):
+    """float32 fast_unet against the float64 reference where no point is well conditioned: with tens of
+    thousands of ReLU inputs, some lie within float32's rounding of 0 and fall on either side in any float32
+    model (the float32 reference is 4e-4 off float64 in the median parameter at 32x32 with oneDNN's AVX-512
+    convolutions, 4e-7 with its SSE4.1 ones), moving every gradient upstream of them wholesale. So, per
+    gradient, the relative error in norm: each below 1% (a wrong formula is off by O(1)), the median below
+    1e-3. The strict check is test_gradients_match_reference_float32's."""
     h, w = size
     fast, ref = model_pair(h, w)
     x, t = inputs(batch, h, w)
     noise = torch.randn_like(x)
-    ref64 = reference_copy(ref, torch.float64, h, w)
-    gold = _grads(ref64, x.double(), t, noise)
-    got, pt = _grads(fast, x, t, noise), _grads(ref, x, t, noise)
+    gold = _grads(reference_copy(ref, torch.float64, h, w), x.double(), t, noise)
+    got = _grads(fast, x, t, noise)
     errs = {name: _rel(got[name], g) for name, g in gold.items()}
     worst = max(errs, key=errs.get)
     assert errs[worst] < 1e-2, f"grad {worst}: relative error {errs[worst]:.2e}"
     median = sorted(errs.values())[len(errs) // 2]
-    pt_median = sorted(_rel(pt[name], g) for name, g in gold.items())[len(errs) // 2]
-    assert median <= 2 * pt_median + 1e-5, f"median relative gradient error {median:.2e} > 2 x {pt_median:.2e} + 1e-5"
+    assert median < 1e-3, f"median relative gradient error {median:.2e}"
 
 
 @pytest.mark.parametrize("backend", ["eager", "ext"])
@@ -143,24 +149,48 @@ def test_lazy_path_on_each_cpu_backend(monkeypatch, backend, size, batch):
         # the math without rounding: a float32 rounding flip of one ReLU or max-pool window moves the
         # gradients upstream of it wholesale (the eager path flips one at 48x80, B=1), hiding nothing here
         test_gradients_match_reference_float64(size, batch)
-    else:  # the extension's kernels are float32: every gradient within 1% in norm (a wrong formula is off
-        # by O(1)) and the median within 1e-3. The float32 rule of test_gradients_match_reference_float32
-        # (median at most twice the float32 reference's) does not hold through a rounding flip: at 48x80,
-        # B=1 the eager path and the extension's attention alone both flip one (median 1.5e-4), the
-        # extension's GroupNorm alone does not (4e-7); at 64x64, B=3 the whole ext path reaches 1.9e-4.
-        fast, ref = model_pair(*size)
-        x, t = inputs(batch, *size)
-        noise = torch.randn_like(x)
-        gold = _grads(reference_copy(ref, torch.float64, *size), x.double(), t, noise)
-        got = _grads(fast, x, t, noise)
-        errs = sorted((_rel(got[name], g), name) for name, g in gold.items())
-        assert errs[-1][0] < 1e-2, f"grad {errs[-1][1]}: relative error {errs[-1][0]:.2e}"
-        assert errs[len(errs) // 2][0] < 1e-3, f"median relative gradient error {errs[len(errs) // 2][0]:.2e}"
+    else:  # the extension's kernels are float32: the rule at sizes where rounding flips are certain
+        test_gradients_at_larger_sizes_float32(size, batch)
+
+
+@pytest.mark.parametrize("backend", ["eager", "ext"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("block", ATTENTION_BLOCKS)
+def test_attention_block_falling_back_on_each_cpu_backend(monkeypatch, backend, block, batch):
+    """One attention block at a time with head dim 8 (no kernel takes it) in both models, on a forced CPU
+    backend: the model matches the float64 reference, forward and every gradient, at a well-conditioned
+    point. ``ext``: ``auto`` on the CPU (no Triton here), which runs that block's attention on eager and
+    the other blocks' on the extension (a forced ``ext`` refuses head dim 8). The Triton path's twin is
+    tests/interpret/test_model.py::test_unet_with_an_attention_block_the_kernels_cannot_take."""
+    if backend == "ext":
+        from helpers import require_ext
+
+        require_ext()
+    monkeypatch.setenv("FAST_UNET_BACKEND", "auto" if backend == "ext" else backend)
+    calls = []
+    real_choose = dispatch.choose
+
+    def spy(op, args):
+        chosen = real_choose(op, args)
+        calls.append((op, chosen[0]))
+        return chosen
+
+    monkeypatch.setattr(dispatch, "choose", spy)
+    model, ref = model_pair(8)
+    with_head_dim_8(model, block), with_head_dim_8(ref, block)
+    x, t = conditioned_inputs(ref, batch, 8)
+    y = model(x, t)
+    attention = [b for op, b in calls if op == "attention"]
+    k = ATTENTION_BLOCKS.index(block)
+    assert attention[k] == "eager", attention
+    assert set(attention[:k] + attention[k + 1:]) == {backend}, attention
+    assert_matches_reference(model, ref, y, x, t)
 
 
 def test_eager_float32_gradients(monkeypatch):
     monkeypatch.setenv("FAST_UNET_BACKEND", "eager")
-    test_gradients_match_reference_float32((32, 32), 3)
+    test_gradients_match_reference_float32((16, 16), 2)
+    test_gradients_at_larger_sizes_float32((32, 32), 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
