@@ -171,11 +171,12 @@ def _tile(img):
     return Image.frombytes("RGB", (w, h), bytes(img.detach().cpu().permute(1, 2, 0).contiguous().view(-1).tolist()))
 
 
-def save_image(img, path):
-    """One (3, H, W) uint8 image, in the format of ``path``'s extension (atomic write)."""
-    fmt = image_format(path)
+def save_image(img, path, fmt=None):
+    """One (3, H, W) uint8 image, in ``fmt`` or the format of ``path``'s extension (written to ``.tmp`` and
+    renamed, no fsync: for many small files)."""
+    fmt = fmt or image_format(path)
     pil = _tile(img)
-    return atomic_write(path, lambda f: pil.save(f, format=fmt, **_save_options(fmt)))
+    return atomic_write(path, lambda f: pil.save(f, format=fmt, **_save_options(fmt)), sync=False)
 
 
 class Grid:

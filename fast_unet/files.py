@@ -126,9 +126,10 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
-def atomic_write(path, write, keep=None):
-    """Call ``write(f)`` on a binary file ``PATH.tmp``, flush and fsync it, then rename it to ``path``. With
-    ``keep``, an existing ``path`` is renamed to ``keep`` first (the one before stays readable). On any
+def atomic_write(path, write, keep=None, sync=True):
+    """Call ``write(f)`` on a binary file ``PATH.tmp``, flush and fsync it (``sync=False``: no fsync, for many
+    small files), then rename it to ``path``. With ``keep``, an existing ``path`` is renamed to ``keep`` first
+    (the one before stays readable). On any
     exception (a write error, KeyboardInterrupt) the ``.tmp`` is removed and ``path`` is untouched; an
     ``OSError`` becomes a one-line ``FileError``, ENOSPC as "no space left on device writing into FOLDER"."""
     path = os.fspath(path)
@@ -140,11 +141,13 @@ def atomic_write(path, write, keep=None):
         with io.BufferedWriter(f, buffer_size=1 << 20) as buffered:
             write(buffered)
             buffered.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         if keep is not None and os.path.exists(path):
             os.replace(path, keep)
         os.replace(tmp, path)
-        _fsync_dir(folder)
+        if sync:
+            _fsync_dir(folder)
     except BaseException as e:
         err = f.error if f is not None and f.error is not None else e
         if f is not None and not f.closed:
