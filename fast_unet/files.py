@@ -16,6 +16,7 @@ import os
 import pickle
 import socket
 import stat
+import warnings
 
 import torch
 
@@ -27,16 +28,27 @@ class FileError(RuntimeError):
     """A file that cannot be read or written, said in one line."""
 
 
-def _first_line(e):
+def _first_line(e, limit=160):
+    """The first sentence of an exception's message, at most ``limit`` characters."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    line = text.splitlines()[0]
+    cut = line.find(". ")
+    line = line[:cut + 1] if cut > 0 else line
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def _refusal(e):
-    """The line of a weights-only ``UnpicklingError`` that names what the file asked for."""
-    for line in str(e).splitlines():
-        if "GLOBAL" in line or "global" in line.lower() and "unsupported" in line.lower():
-            return line.strip()
+    """What a weights-only ``UnpicklingError`` stopped at (``GLOBAL posix.system ...``, ``Unsupported operand
+    110``), in one sentence."""
+    text = str(e).replace("WeightsUnpickler error:", "\n")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for key in ("GLOBAL", "Unsupported", "unsupported"):
+        for line in lines:
+            if key in line:
+                return _first_line(line[line.find("Unsupported global:"):] if "Unsupported global:" in line
+                                   else line)
     return _first_line(e)
 
 
@@ -68,14 +80,20 @@ def safe_load(path, what="file"):
     """``torch.load(path, map_location="cpu", weights_only=True)``. Raises ``UnsafeFileError`` for a file that
     holds anything beyond tensors and plain containers (nothing from it runs), ``FileError`` for a missing,
     empty, truncated or otherwise damaged file."""
+    path = os.fspath(path)
     _check_regular(path, what)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        why = _refusal(e)
+        if "GLOBAL" not in why:  # not a request for a Python object: an unknown opcode, i.e. not a torch file
+            raise FileError(f"{what} {path!r} is damaged or not a torch file (the safe loader stopped at: "
+                            f"{why}; nothing in it was run)") from None
         raise UnsafeFileError(
             f"{what} {path!r} was refused by the safe loader (weights_only=True), nothing in it was run: "
-            f"{_refusal(e)} Only tensors, numbers, strings, lists and dicts are loaded; re-save the weights as "
-            "a plain state_dict or as .safetensors") from None
+            f"{why} Only tensors, numbers, strings, lists and dicts are loaded") from None
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - truncated zip, bad header, ...: the file is damaged
@@ -85,7 +103,8 @@ def safe_load(path, what="file"):
 
 def load_state_dict_file(path, what="file"):
     """The tensors of a ``.safetensors`` file (safetensors.torch.load_file), else what ``safe_load`` reads."""
-    if not str(path).endswith(".safetensors"):
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
         return safe_load(path, what)
     _check_regular(path, what)
     from safetensors.torch import load_file
@@ -104,10 +123,11 @@ class _File(io.FileIO):
     """A file whose write errors are remembered: a writer that wraps the OSError (or swallows it) still lets
     ``atomic_write`` see a full disk."""
     error = None
+    _write = io.FileIO.write
 
     def write(self, b):
         try:
-            return super().write(b)
+            return self._write(b)
         except OSError as e:
             self.error = e
             raise
