@@ -117,7 +117,7 @@ class _DiskFull(files._File):
     def _write(self, b):
         if self.tell() + len(b) > self.room:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return files._File._write(self, b)
+        return super()._write(b)
 
 
 @pytest.mark.parametrize("writer", ["torch.save", "wrapping"])
