@@ -168,7 +168,8 @@ def _save_options(fmt):
 def _tile(img):
     """(3, H, W) uint8 tensor -> PIL RGB image."""
     _, h, w = img.shape
-    return Image.frombytes("RGB", (w, h), bytes(img.detach().cpu().permute(1, 2, 0).contiguous().view(-1).tolist()))
+    hwc = img.detach().cpu().permute(1, 2, 0).contiguous()
+    return Image.frombytes("RGB", (w, h), bytes(hwc.view(-1).tolist()))
 
 
 def save_image(img, path, fmt=None):

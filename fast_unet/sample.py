@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import UNet
 from .data import Grid, image_format, save_image
 from .diffusion import Diffusion
-from .files import FileError, load_state_dict_file
+from .files import FileError, UnsafeFileError, load_state_dict_file
 
 GRID_EVERY_S = 10.0
 
@@ -38,6 +38,9 @@ def load_weights(path):
     """The UNet state_dict held in ``path`` (.safetensors, or a .pt through the safe loader)."""
     try:
         obj = load_state_dict_file(path, "--weights")
+    except UnsafeFileError as e:
+        raise SampleError(f"{e} (a state_dict saved with torch.save(model.state_dict()), or a .safetensors "
+                          "file, loads)") from None
     except FileError as e:
         raise SampleError(str(e)) from None
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):

@@ -42,7 +42,8 @@ from tqdm import tqdm
 from . import UNet
 from .diffusion import Diffusion
 from .data import EmbeddedShapes, ImageFolder, save_grid
-from .files import FileError, RunLock, UnsafeFileError, atomic_torch_save, atomic_write, safe_load, save_safetensors
+from .files import (FileError, RunLock, UnsafeFileError, atomic_torch_save, atomic_write, safe_load,
+                    save_safetensors)
 
 CHECKPOINT = "checkpoint.pt"
 PREV_CHECKPOINT = "checkpoint.prev.pt"
@@ -218,8 +219,8 @@ def _optimizer_kind(opt_state):
 
 
 def _resolve_args(args, ckpt, world, log):
-    """Fill the run flags not given: the checkpoint's values on resume, else RUN_DEFAULTS. Returns the lr and
-    weight decay to apply to the loaded optimizer (None: keep the checkpoint's)."""
+    """Fill the run flags not given: the checkpoint's values on resume, else RUN_DEFAULTS. On resume, refuse
+    another optimizer and warn about the flags that change the run's trajectory."""
     given = {k for k in RUN_DEFAULTS if getattr(args, k) is not None}
     saved = dict(ckpt["args"]) if ckpt is not None else {}
     if ckpt is not None and "optimizer" not in saved:
@@ -279,12 +280,12 @@ def _cut_losses(csv_path, step, log):
             dropped += 1
     if not keep or keep[0][:1] != ["step"]:
         keep.insert(0, ["step", "loss", "lr", "seconds"])
-    if dropped or len(keep) != len(rows):
-        def write(f):
-            text = io.StringIO()
-            csv.writer(text).writerows(keep)
-            f.write(text.getvalue().encode())
-        atomic_write(csv_path, write)
+
+    def write(f):  # rewritten whole: a row cut short by a kill does not join the next one
+        text = io.StringIO()
+        csv.writer(text).writerows(keep)
+        f.write(text.getvalue().encode())
+    atomic_write(csv_path, write)
     if dropped:
         log(f"losses.csv: removed {dropped} row(s) after step {step}, the checkpoint's step")
 
@@ -424,6 +425,10 @@ def _train_locked(args, rank, world, device, on_step, log):
         except (RuntimeError, KeyError, ValueError) as e:
             raise TrainError(f"--resume: the checkpoint does not fit this model or optimizer: "
                              f"{str(e).strip().splitlines()[0]}") from None
+        step = ckpt["step"]
+        order.load_state_dict(ckpt["data"])
+        _set_rng_state(ckpt["rng"], noise_gen, device)
+        log(f"resumed from step {step}")
         # The optimizer's state holds the checkpoint's hyperparameters: the values given now replace them.
         for key in ("lr", "weight_decay") if args.optimizer == "adamw" else ("lr",):
             old, new = opt.param_groups[0].get(key), getattr(args, key)
@@ -431,10 +436,6 @@ def _train_locked(args, rank, world, device, on_step, log):
                 for g in opt.param_groups:
                     g[key] = new
                 log(f"{key} {old} -> {new}")
-        step = ckpt["step"]
-        order.load_state_dict(ckpt["data"])
-        _set_rng_state(ckpt["rng"], noise_gen, device)
-        log(f"resumed from step {step}")
     saved_step = step if ckpt is not None else None  # the step of the newest checkpoint on disk, and its file
     saved_path = ckpt_read
 

@@ -143,8 +143,8 @@ def test_batches_grid_as_they_finish_out_dir_and_progress(weights, tmp_path, cap
     monkeypatch.setattr(sample.Diffusion, "sample_fast", counting_sample)
     monkeypatch.setattr(Grid, "save", counting_save)
     monkeypatch.setattr(sample, "GRID_EVERY_S", 0.0)
-    argv = ["--weights", str(weights / "seed.pt"), "--n", "5", "--batch-size", "2", "--out", str(tmp_path / "g.png"),
-            "--out-dir", str(tmp_path / "imgs"), *[a for a in FAST if a != "--no-progress"]]
+    argv = ["--weights", str(weights / "seed.pt"), "--n", "5", "--batch-size", "2",
+            "--out", str(tmp_path / "g.png"), "--out-dir", str(tmp_path / "imgs"), *[a for a in FAST if a != "--no-progress"]]
     rc, out, err = _cli(capsys, *argv)
     assert rc == 0, err
     assert calls == [2, 2, 1] and saves == [2, 4, 5]
