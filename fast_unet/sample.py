@@ -38,6 +38,9 @@ def load_weights(path):
     """The UNet state_dict held in ``path`` (.safetensors, or a .pt through the safe loader)."""
     try:
         obj = load_state_dict_file(path, "--weights")
+    except ImportError:
+        raise SampleError(f"--weights {path!r}: reading .safetensors needs the safetensors package "
+                          "(pip install safetensors)") from None
     except UnsafeFileError as e:
         raise SampleError(f"{e} (a state_dict saved with torch.save(model.state_dict()), or a .safetensors "
                           "file, loads)") from None

@@ -340,6 +340,10 @@ def main(argv=None, on_step=None):
     there or by Ctrl-C writes a checkpoint that ``--resume`` continues."""
     args = build_parser().parse_args(argv)
     _check_args(args)
+    try:  # needed for model.safetensors / ema.safetensors: found missing now, not at the first save
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        raise TrainError("the safetensors package is not installed (pip install safetensors)") from None
     if args.resume is not None:
         path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume, CHECKPOINT)
         folder = os.path.dirname(path) or "."
