@@ -137,9 +137,17 @@ def check_args(args):
             (args.image_size >= 8 and args.image_size % 8 == 0,
              f"--image-size must be a positive multiple of 8, got {args.image_size}"),
             (math.isfinite(args.eta) and args.eta >= 0, f"--eta must be finite and >= 0, got {args.eta}"),
-            (args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}")):
+            (args.threads is None or args.threads >= 0,
+             f"--threads must be >= 0 (0: torch's default), got {args.threads}")):
         if not ok:
             raise SampleError(msg)
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise SampleError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise SampleError(f"--device {args.device}: CUDA is not available here")
     if os.path.isdir(args.out):
         raise SampleError(f"--out {args.out!r} is a folder; give a file name such as grid.png")
     try:

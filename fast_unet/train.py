@@ -117,7 +117,14 @@ def _check_args(args):
         bad(getattr(v, k) is not None and getattr(v, k) < 0, f"--{k.replace('_', '-')} must be >= 0")
     for k in ("sample_n", "sample_steps", "embedded_size"):
         bad(getattr(v, k) is not None and getattr(v, k) < 1, f"--{k.replace('_', '-')} must be >= 1")
-    bad(v.threads is not None and v.threads < 1, f"--threads must be >= 1, got {v.threads}")
+    if v.device is not None:
+        try:
+            dev = torch.device(v.device)
+        except (RuntimeError, ValueError):
+            raise TrainError(f"--device {v.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+        bad(dev.type == "cuda" and not torch.cuda.is_available(),
+            f"--device {v.device}: CUDA is not available here")
+    bad(v.threads is not None and v.threads < 0, f"--threads must be >= 0 (0: torch's default), got {v.threads}")
 
 
 # -- distributed ------------------------------------------------------------------------------------------------

@@ -107,6 +107,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(weights, tmp_path, cap
     (["--out", "{tmp}/grid"], "no image extension"),
     (["--out", "{tmp}"], "is a folder"),
     (["--out-dir", "{tmp}/file/sub"], "--out-dir '{tmp}/file/sub' cannot be created"),
+    (["--device", "gpu"], "--device 'gpu' is not a device"),
 ])
 def test_bad_flags_are_refused_before_any_work(tmp_path, capsys, monkeypatch, argv, message):
     def no_work(path):

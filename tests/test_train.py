@@ -144,6 +144,7 @@ def test_image_folder_skips_non_images(tmp_path):
     (["--steps", "-1"], "--steps must be >= 0"),
     (["--lr", "nan"], "--lr must be finite"),
     (["--noise-steps", "1"], "--noise-steps must be >= 2"),
+    (["--device", "gpu"], "--device 'gpu' is not a device"),
 ])
 def test_clear_errors(tmp_path, extra, message):
     (tmp_path / "file").write_text("x")
