@@ -130,7 +130,7 @@ setup(
     packages=["fast_unet", "fast_unet.kernels"],
     package_dir={"fast_unet.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "pillow", "tqdm"],
+    install_requires=["torch>=2.4", "pillow", "tqdm", "safetensors"],
     extras_require={"test": ["pytest", "pytest-benchmark", "numpy"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

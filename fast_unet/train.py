@@ -6,15 +6,25 @@ Single process, or several under ``torchrun`` (DistributedDataParallel; gloo on 
 batch, each rank taking its own samples) depend only on ``--seed`` and the step, so a run on W processes
 sees the same (image, t, noise) triples as a single process with the global batch.
 
-Files in ``--out`` (rank 0 only): ``checkpoint.pt`` (model, EMA, optimizer, step, RNG and data-order state;
-``--resume DIR`` continues it exactly), ``model.pt`` and ``ema.pt`` (plain state_dicts, load with
-``strict=True`` into ``fast_unet.UNet`` and ``fast_unet.reference.UNet``), ``losses.csv`` and
-``samples/step_XXXXXX.png``.
+Files in ``--out`` (rank 0 only): ``checkpoint.pt`` (model, EMA, optimizer, step, RNG and data-order state,
+the arguments; tensors and plain values only, read back with ``torch.load(weights_only=True)``),
+``checkpoint.prev.pt`` (the one before it), ``model.pt`` and ``ema.pt`` (plain state_dicts, load with
+``strict=True`` into ``fast_unet.UNet`` and ``fast_unet.reference.UNet``), ``model.safetensors`` and
+``ema.safetensors`` (the same tensors), ``losses.csv``, ``samples/step_XXXXXX.png`` and, while a run is on,
+``.lock`` (its PID: a second trainer on the same ``--out`` is refused; a lock whose process is gone is taken
+over). Every file is written to ``NAME.tmp`` and renamed, so a kill or a full disk leaves the last complete
+file in place.
+
+``--resume DIR`` continues the run exactly: the run's flags that are not given again are the checkpoint's;
+``--lr`` / ``--weight-decay`` given again are applied to the optimizer (and logged), another ``--optimizer``
+is refused. A damaged ``checkpoint.pt`` falls back to ``checkpoint.prev.pt``; ``losses.csv`` is cut back to
+the checkpoint's step. A non-finite loss stops the run without saving, the last checkpoint kept.
 """
 import argparse
 import contextlib
 import copy
 import csv
+import io
 import math
 import os
 import random
@@ -32,8 +42,20 @@ from tqdm import tqdm
 from . import UNet
 from .diffusion import Diffusion
 from .data import EmbeddedShapes, ImageFolder, save_grid
+from .files import (FileError, RunLock, UnsafeFileError, atomic_torch_save, atomic_write, safe_load,
+                    save_safetensors)
 
 CHECKPOINT = "checkpoint.pt"
+PREV_CHECKPOINT = "checkpoint.prev.pt"
+WEIGHT_FILES = ("model.pt", "ema.pt", "model.safetensors", "ema.safetensors")
+
+# The flags that define a run. Their parser default is None: a fresh run takes these values, ``--resume`` the
+# checkpoint's (falling back to these for a checkpoint that did not record one).
+RUN_DEFAULTS = {
+    "data": None, "image_size": 32, "batch_size": 16, "steps": 1000, "lr": 3e-4, "optimizer": "adamw",
+    "weight_decay": 0.01, "ema_decay": 0.999, "noise_steps": 1000, "sample_every": 0, "sample_n": 4,
+    "sample_steps": 10, "save_every": 500, "embedded_size": 512, "seed": 0,
+}
 
 
 class TrainError(RuntimeError):
@@ -41,31 +63,68 @@ class TrainError(RuntimeError):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m fast_unet.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=None, help="image folder (default: the embedded generated data set)")
-    p.add_argument("--image-size", type=int, default=32, help="multiple of 8")
-    p.add_argument("--batch-size", type=int, default=16, help="per process")
-    p.add_argument("--steps", type=int, default=1000, help="total optimizer steps")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
-                   help="sgd (no momentum) exists for tests: its update is linear in the gradient")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--noise-steps", type=int, default=1000)
+    p = argparse.ArgumentParser(prog="python -m fast_unet.train", description=__doc__.split("\n\n")[0],
+                                epilog="Flags marked * default to the checkpoint's value on --resume.")
+    d = RUN_DEFAULTS
+    p.add_argument("--data", default=None, help="image folder (default: the embedded generated data set) *")
+    p.add_argument("--image-size", type=int, default=None, help=f"multiple of 8 (default {d['image_size']}) *")
+    p.add_argument("--batch-size", type=int, default=None, help=f"per process (default {d['batch_size']}) *")
+    p.add_argument("--steps", type=int, default=None, help=f"total optimizer steps (default {d['steps']}) *")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"default {d['lr']} *; given on --resume, it replaces the checkpoint's")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default=None,
+                   help="adamw (default) or sgd (no momentum; it exists for tests: its update is linear in the "
+                        "gradient) *; --resume refuses a different one")
+    p.add_argument("--weight-decay", type=float, default=None, help=f"default {d['weight_decay']} *")
+    p.add_argument("--ema-decay", type=float, default=None, help=f"default {d['ema_decay']} *")
+    p.add_argument("--noise-steps", type=int, default=None, help=f"default {d['noise_steps']} *")
     p.add_argument("--out", default=None, help="output folder (default: --resume's folder, else runs/ddpm)")
-    p.add_argument("--resume", default=None, metavar="DIR", help="folder holding checkpoint.pt to continue")
-    p.add_argument("--sample-every", type=int, default=0, help="write a DDIM sample grid every N steps (0: off)")
-    p.add_argument("--sample-n", type=int, default=4)
-    p.add_argument("--sample-steps", type=int, default=10)
-    p.add_argument("--save-every", type=int, default=500, help="write checkpoint.pt every N steps")
-    p.add_argument("--embedded-size", type=int, default=512, help="images in the embedded data set")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="folder holding checkpoint.pt (or the .pt itself) to continue")
+    p.add_argument("--sample-every", type=int, default=None,
+                   help="write a DDIM sample grid every N steps (default 0: off) *")
+    p.add_argument("--sample-n", type=int, default=None, help=f"default {d['sample_n']} *")
+    p.add_argument("--sample-steps", type=int, default=None, help=f"default {d['sample_steps']} *")
+    p.add_argument("--save-every", type=int, default=None,
+                   help=f"write checkpoint.pt every N steps (default {d['save_every']}) *")
+    p.add_argument("--embedded-size", type=int, default=None,
+                   help=f"images in the embedded data set (default {d['embedded_size']}) *")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="default 0 *")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (torch.set_num_threads); default: torch's. On a machine shared with "
                         "other work, fewer threads than cores can be faster")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _check_args(args):
+    """The values that are set (None: not given, resolved later) are valid."""
+    def bad(cond, msg):
+        if cond:
+            raise TrainError(msg)
+    v = args
+    bad(v.image_size is not None and (v.image_size % 8 or v.image_size < 8),
+        f"--image-size must be a positive multiple of 8, got {v.image_size}")
+    bad(v.batch_size is not None and v.batch_size < 1, f"--batch-size must be >= 1, got {v.batch_size}")
+    bad(v.steps is not None and v.steps < 0, f"--steps must be >= 0, got {v.steps}")
+    bad(v.lr is not None and not (math.isfinite(v.lr) and v.lr >= 0), f"--lr must be finite and >= 0, got {v.lr}")
+    bad(v.weight_decay is not None and not (math.isfinite(v.weight_decay) and v.weight_decay >= 0),
+        f"--weight-decay must be finite and >= 0, got {v.weight_decay}")
+    bad(v.ema_decay is not None and not 0 <= v.ema_decay <= 1, f"--ema-decay must be in [0, 1], got {v.ema_decay}")
+    bad(v.noise_steps is not None and v.noise_steps < 2, f"--noise-steps must be >= 2, got {v.noise_steps}")
+    for k in ("sample_every", "save_every"):
+        bad(getattr(v, k) is not None and getattr(v, k) < 0, f"--{k.replace('_', '-')} must be >= 0")
+    for k in ("sample_n", "sample_steps", "embedded_size"):
+        bad(getattr(v, k) is not None and getattr(v, k) < 1, f"--{k.replace('_', '-')} must be >= 1")
+    if v.device is not None:
+        try:
+            dev = torch.device(v.device)
+        except (RuntimeError, ValueError):
+            raise TrainError(f"--device {v.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+        bad(dev.type == "cuda" and not torch.cuda.is_available(),
+            f"--device {v.device}: CUDA is not available here")
+    bad(v.threads is not None and v.threads < 0, f"--threads must be >= 0 (0: torch's default), got {v.threads}")
 
 
 # -- distributed ------------------------------------------------------------------------------------------------
@@ -98,6 +157,99 @@ def _barrier_any(flag, world, device):
 
 # -- files ------------------------------------------------------------------------------------------------------
 
+def _rng_state(noise_gen, device):
+    """Every RNG state as tensors (the checkpoint loads with weights_only=True)."""
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(), "noise": noise_gen.get_state(),
+             "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
+    if torch.cuda.is_available() and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state, noise_gen, device):
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    if isinstance(py, dict):
+        random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
+    else:  # a tuple, as random.getstate() returns it
+        random.setstate(py)
+    noise_gen.set_state(state["noise"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+_CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "data", "rng", "args")
+
+
+def load_checkpoint(resume, log=print):
+    """``(checkpoint, path read, fell_back)``: the checkpoint ``--resume`` names (a folder's checkpoint.pt, or a
+    .pt) read with the safe loader; ``fell_back`` when ``checkpoint.pt`` was damaged or missing and
+    ``checkpoint.prev.pt`` beside it was read instead."""
+    path = resume if resume.endswith(".pt") else os.path.join(resume, CHECKPOINT)
+    folder = os.path.dirname(path) or "."
+    prev = os.path.join(folder, PREV_CHECKPOINT)
+    can_fall_back = os.path.basename(path) == CHECKPOINT and os.path.isfile(prev)
+    if not os.path.lexists(path) and not can_fall_back:
+        raise TrainError(f"--resume {resume!r}: no {CHECKPOINT} there; nothing to resume")
+    try:
+        if not os.path.lexists(path):
+            raise FileError(f"--resume: {path} is missing (a save was interrupted between two renames)")
+        ckpt = safe_load(path, "--resume")
+    except UnsafeFileError as e:
+        raise TrainError(str(e)) from None
+    except FileError as e:
+        if not can_fall_back:
+            raise TrainError(f"{e}; there is no {PREV_CHECKPOINT} beside it to fall back to: start a new run "
+                             "(another --out)") from None
+        try:
+            ckpt = _check_checkpoint(safe_load(prev, "--resume"), prev)
+        except FileError as e2:
+            raise TrainError(f"{e}; {PREV_CHECKPOINT} cannot be used either: {e2}") from None
+        log(f"{e}; resuming from {prev} (step {ckpt['step']}) instead")
+        return ckpt, prev, True
+    return _check_checkpoint(ckpt, path), path, False
+
+
+def _check_checkpoint(ckpt, path):
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in _CHECKPOINT_KEYS):
+        have = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise TrainError(f"--resume {path!r} is not a checkpoint of fast_unet.train (it holds {have}; a "
+                         f"checkpoint has {', '.join(_CHECKPOINT_KEYS)})")
+    return ckpt
+
+
+def _optimizer_kind(opt_state):
+    groups = opt_state.get("param_groups") or [{}]
+    return "adamw" if "betas" in groups[0] else "sgd" if "momentum" in groups[0] else None
+
+
+def _resolve_args(args, ckpt, world, log):
+    """Fill the run flags not given: the checkpoint's values on resume, else RUN_DEFAULTS. On resume, refuse
+    another optimizer and warn about the flags that change the run's trajectory."""
+    given = {k for k in RUN_DEFAULTS if getattr(args, k) is not None}
+    saved = dict(ckpt["args"]) if ckpt is not None else {}
+    if ckpt is not None and "optimizer" not in saved:
+        saved["optimizer"] = _optimizer_kind(ckpt["optimizer"])
+    for k, default in RUN_DEFAULTS.items():
+        if k not in given:
+            setattr(args, k, saved[k] if saved.get(k) is not None else default)
+    if ckpt is None:
+        return
+    if saved.get("optimizer") is not None and args.optimizer != saved["optimizer"]:
+        raise TrainError(f"--optimizer {args.optimizer}: the checkpoint was trained with {saved['optimizer']}, "
+                         f"whose state cannot continue under {args.optimizer}; resume with --optimizer "
+                         f"{saved['optimizer']} (or without --optimizer), or start a new run in another --out")
+    for k in ("image_size", "noise_steps", "batch_size", "world_size", "seed", "data", "embedded_size"):
+        mine = world if k == "world_size" else getattr(args, k)
+        if k in saved and saved[k] != mine:
+            log(f"warning: resuming with {k}={mine}, the checkpoint was written with {saved[k]}: "
+                "the run will not be the exact continuation")
+    if "ema_decay" in given and "ema_decay" in saved and saved["ema_decay"] != args.ema_decay:
+        log(f"ema_decay {saved['ema_decay']} -> {args.ema_decay}")
+
+
 def _check_writable(out):
     try:
         os.makedirs(out, exist_ok=True)
@@ -107,25 +259,42 @@ def _check_writable(out):
         raise TrainError(f"--out {out!r} is not writable: {e}") from None
 
 
-def _atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _remove_partial_files(out, log):
+    """``NAME.tmp`` files a killed save left behind (the lock is held: no other trainer writes them)."""
+    for name in (CHECKPOINT, *WEIGHT_FILES, "losses.csv"):
+        tmp = os.path.join(out, name + ".tmp")
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+            log(f"removed {tmp}, left by an interrupted save")
 
 
-def _rng_state(noise_gen, device):
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "noise": noise_gen.get_state()}
-    if torch.cuda.is_available() and device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _cut_losses(csv_path, step, log):
+    """Keep losses.csv's header and its rows up to ``step`` (the checkpoint's): the rows after it belong to
+    steps the resumed run does again."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    keep, dropped = [], 0
+    for i, row in enumerate(rows):
+        try:
+            row_step = int(row[0])
+        except (IndexError, ValueError):
+            if i == 0:  # the header
+                keep.append(row)
+            continue
+        if row_step <= step:
+            keep.append(row)
+        else:
+            dropped += 1
+    if not keep or keep[0][:1] != ["step"]:
+        keep.insert(0, ["step", "loss", "lr", "seconds"])
 
-
-def _set_rng_state(state, noise_gen, device):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    noise_gen.set_state(state["noise"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state_all(state["cuda"])
+    def write(f):  # rewritten whole: a row cut short by a kill does not join the next one
+        text = io.StringIO()
+        csv.writer(text).writerows(keep)
+        f.write(text.getvalue().encode())
+    atomic_write(csv_path, write)
+    if dropped:
+        log(f"losses.csv: removed {dropped} row(s) after step {step}, the checkpoint's step")
 
 
 def _unwrap(model):
@@ -177,18 +346,19 @@ def main(argv=None, on_step=None):
     """Run training. ``on_step(step)`` (tests) is called after each completed step; KeyboardInterrupt raised
     there or by Ctrl-C writes a checkpoint that ``--resume`` continues."""
     args = build_parser().parse_args(argv)
-    if args.image_size % 8 or args.image_size < 8:
-        raise TrainError(f"--image-size must be a positive multiple of 8, got {args.image_size}")
-    if args.batch_size < 1 or args.steps < 0:
-        raise TrainError("--batch-size must be >= 1 and --steps >= 0")
-    ckpt = None
+    _check_args(args)
+    try:  # needed for model.safetensors / ema.safetensors: found missing now, not at the first save
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        raise TrainError("the safetensors package is not installed (pip install safetensors)") from None
     if args.resume is not None:
         path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume, CHECKPOINT)
-        if not os.path.isfile(path):
+        folder = os.path.dirname(path) or "."
+        if not os.path.lexists(path) and not (os.path.basename(path) == CHECKPOINT
+                                              and os.path.isfile(os.path.join(folder, PREV_CHECKPOINT))):
             raise TrainError(f"--resume {args.resume!r}: no {CHECKPOINT} there; nothing to resume")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         if args.out is None:
-            args.out = os.path.dirname(path) or "."
+            args.out = folder
     if args.out is None:
         args.out = os.path.join("runs", "ddpm")
 
@@ -197,28 +367,44 @@ def main(argv=None, on_step=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _train(args, ckpt, rank, world, device, on_step)
+        return _train(args, rank, world, device, on_step)
     finally:
         torch.set_num_threads(old_threads)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(args, ckpt, rank, world, device, on_step):
+def _train(args, rank, world, device, on_step):
+    """Rank 0 checks ``--out`` and takes its lock (every rank stops if that fails), then trains."""
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    problem = None
+    problem, lock = None, None
     if rank == 0:
         try:
             _check_writable(args.out)
-        except TrainError as e:
+            lock = RunLock(args.out, what="--out").acquire(log)
+            _remove_partial_files(args.out, log)
+        except (TrainError, FileError) as e:
             problem = e
-    if world > 1:  # every rank stops, not only rank 0 (the others would wait in the first all-reduce)
-        flag = [str(problem) if problem else None]
-        dist.broadcast_object_list(flag, src=0)
-        if flag[0] is not None:
-            raise TrainError(flag[0])
-    elif problem is not None:
-        raise problem
+    try:
+        if world > 1:  # every rank stops, not only rank 0 (the others would wait in the first all-reduce)
+            flag = [str(problem) if problem else None]
+            dist.broadcast_object_list(flag, src=0)
+            if flag[0] is not None:
+                raise TrainError(flag[0])
+        elif problem is not None:
+            raise TrainError(str(problem))
+        return _train_locked(args, rank, world, device, on_step, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(args, rank, world, device, on_step, log):
+    ckpt, ckpt_read, fell_back = None, None, False
+    if args.resume is not None:
+        ckpt, ckpt_read, fell_back = load_checkpoint(args.resume, log)
+    _resolve_args(args, ckpt, world, log)
+    _check_args(args)
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -228,7 +414,7 @@ def _train(args, ckpt, rank, world, device, on_step):
         except (FileNotFoundError, ValueError) as e:
             raise TrainError(str(e)) from None
         if data.skipped:
-            log(f"skipped {data.skipped} non-image file(s) in {args.data}")
+            log(f"skipped {data.skipped} non-image file(s) in {args.data}: {data.skip_summary()}")
     else:
         data = EmbeddedShapes(args.embedded_size, args.image_size, seed=args.seed)
     order = BatchOrder(len(data), args.batch_size, world, rank, args.seed)
@@ -243,19 +429,26 @@ def _train(args, ckpt, rank, world, device, on_step):
     noise_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     step = 0
     if ckpt is not None:
-        saved = ckpt["args"]
-        for k in ("image_size", "noise_steps", "batch_size", "world_size"):
-            mine = world if k == "world_size" else getattr(args, k)
-            if saved.get(k) != mine:
-                log(f"warning: resuming with {k}={mine}, the checkpoint was written with {saved.get(k)}: "
-                    "the run will not be the exact continuation")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise TrainError(f"--resume: the checkpoint does not fit this model or optimizer: "
+                             f"{str(e).strip().splitlines()[0]}") from None
         step = ckpt["step"]
         order.load_state_dict(ckpt["data"])
         _set_rng_state(ckpt["rng"], noise_gen, device)
         log(f"resumed from step {step}")
+        # The optimizer's state holds the checkpoint's hyperparameters: the values given now replace them.
+        for key in ("lr", "weight_decay") if args.optimizer == "adamw" else ("lr",):
+            old, new = opt.param_groups[0].get(key), getattr(args, key)
+            if old is not None and old != new:
+                for g in opt.param_groups:
+                    g[key] = new
+                log(f"{key} {old} -> {new}")
+    saved_step = step if ckpt is not None else None  # the step of the newest checkpoint on disk, and its file
+    saved_path = ckpt_read
 
     ddp = model
     if world > 1:
@@ -266,23 +459,39 @@ def _train(args, ckpt, rank, world, device, on_step):
     log(f"training on {device} x{world}: global batch {global_batch} ({world} x {args.batch_size}), "
         f"lr {args.lr}, {len(data)} images of {args.image_size}x{args.image_size}, steps {step}->{args.steps}")
 
+    ckpt_path = os.path.join(args.out, CHECKPOINT)
+    # A checkpoint.pt that resume found damaged is replaced, not kept as checkpoint.prev.pt.
+    rotate = {"ok": not (fell_back and os.path.samefile(os.path.dirname(ckpt_read) or ".", args.out))}
+    ckpt = None  # the loaded tensors are in the model and optimizer now
+
+    def kept():
+        if saved_step is None:
+            return "no checkpoint was written in this run"
+        return f"the last checkpoint, step {saved_step}, is kept in {saved_path}"
+
     def checkpoint():
+        nonlocal saved_step, saved_path
         if rank != 0:
             return
         m = _unwrap(ddp)
-        _atomic_save({"model": m.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                      "step": step, "data": order.state_dict(), "rng": _rng_state(noise_gen, device),
-                      "args": {"image_size": args.image_size, "noise_steps": args.noise_steps,
-                               "batch_size": args.batch_size, "world_size": world, "seed": args.seed,
-                               "lr": args.lr}},
-                     os.path.join(args.out, CHECKPOINT))
-        _atomic_save(m.state_dict(), os.path.join(args.out, "model.pt"))
-        _atomic_save(ema.state_dict(), os.path.join(args.out, "ema.pt"))
+        msd, esd = m.state_dict(), ema.state_dict()
+        atomic_torch_save({"model": msd, "ema": esd, "optimizer": opt.state_dict(), "step": step,
+                           "data": order.state_dict(), "rng": _rng_state(noise_gen, device),
+                           "args": dict(vars(args), world_size=world)},
+                          ckpt_path, keep=os.path.join(args.out, PREV_CHECKPOINT) if rotate["ok"] else None)
+        rotate["ok"] = True
+        saved_step, saved_path = step, ckpt_path
+        atomic_torch_save(msd, os.path.join(args.out, "model.pt"))
+        atomic_torch_save(esd, os.path.join(args.out, "ema.pt"))
+        save_safetensors(msd, os.path.join(args.out, "model.safetensors"))
+        save_safetensors(esd, os.path.join(args.out, "ema.safetensors"))
 
     csv_file = None
     if rank == 0:
         csv_path = os.path.join(args.out, "losses.csv")
-        new = ckpt is None or not os.path.exists(csv_path)
+        new = step == 0 or not os.path.exists(csv_path)
+        if not new:
+            _cut_losses(csv_path, step, log)
         csv_file = open(csv_path, "w" if new else "a", newline="")
         writer = csv.writer(csv_file)
         if new:
@@ -303,65 +512,70 @@ def _train(args, ckpt, rank, world, device, on_step):
     interrupted, in_step = False, False
     t_start = time.perf_counter()
     try:
-        ddp.train()
-        while step < args.steps:
-            t0 = time.perf_counter()
-            in_step = True
-            idx = order.next()
-            x = data.batch(idx).to(device, non_blocking=True)
-            # Noise for the whole global batch from the shared generator; this rank takes its samples.
-            t_all = torch.randint(1, args.noise_steps, (global_batch,), generator=noise_gen, device=device)
-            e_all = torch.randn((global_batch, 3, args.image_size, args.image_size), generator=noise_gen,
-                                device=device)
-            t, eps = t_all[rank::world], e_all[rank::world]
-            x_t = diffusion.q_sample(x, t, eps)
-            with autocast:
-                pred = ddp(x_t, t)
-            loss = F.mse_loss(pred.float(), eps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            # EMA with the usual warm-up, min(decay, (1 + n) / (10 + n)), so short runs' EMA is not the init.
-            decay = min(args.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for e, p in zip(ema_params, params):
-                    e.lerp_(p, 1 - decay)
-            step += 1
-            in_step = False
-            lv = loss.detach()
-            if world > 1:
-                dist.all_reduce(lv, op=dist.ReduceOp.SUM)
-                lv = lv / world
-            lv = lv.item()
-            if not math.isfinite(lv):
-                raise FloatingPointError(f"loss is {lv} at step {step}; the last checkpoint is kept")
-            if csv_file is not None:
-                writer.writerow([step, f"{lv:.6f}", args.lr, f"{time.perf_counter() - t0:.4f}"])
-                csv_file.flush()
-            bar.set_postfix(loss=f"{lv:.4f}")
-            bar.update(1)
-            if args.sample_every and step % args.sample_every == 0 and rank == 0:
-                _write_sample(ema, diffusion, args.out, step, args.sample_n, args.sample_steps, args.seed)
-            if args.save_every and step % args.save_every == 0 and step < args.steps:
-                checkpoint()
-            if on_step is not None:
-                on_step(step)
-            if _barrier_any(stop["flag"], world, device):
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        interrupted = True
+        try:
+            ddp.train()
+            while step < args.steps:
+                t0 = time.perf_counter()
+                in_step = True
+                idx = order.next()
+                x = data.batch(idx).to(device, non_blocking=True)
+                # Noise for the whole global batch from the shared generator; this rank takes its samples.
+                t_all = torch.randint(1, args.noise_steps, (global_batch,), generator=noise_gen, device=device)
+                e_all = torch.randn((global_batch, 3, args.image_size, args.image_size), generator=noise_gen,
+                                    device=device)
+                t, eps = t_all[rank::world], e_all[rank::world]
+                x_t = diffusion.q_sample(x, t, eps)
+                with autocast:
+                    pred = ddp(x_t, t)
+                loss = F.mse_loss(pred.float(), eps)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                # EMA with the usual warm-up, min(decay, (1 + n) / (10 + n)), so short runs' EMA is not the init.
+                decay = min(args.ema_decay, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for e, p in zip(ema_params, params):
+                        e.lerp_(p, 1 - decay)
+                step += 1
+                in_step = False
+                lv = loss.detach()
+                if world > 1:
+                    dist.all_reduce(lv, op=dist.ReduceOp.SUM)
+                    lv = lv / world
+                lv = lv.item()
+                if not math.isfinite(lv):
+                    raise TrainError(f"the loss is {lv} at step {step}: training stopped without saving that "
+                                     f"step; {kept()} (a lower --lr may help)")
+                if csv_file is not None:
+                    writer.writerow([step, f"{lv:.6f}", args.lr, f"{time.perf_counter() - t0:.4f}"])
+                    csv_file.flush()
+                bar.set_postfix(loss=f"{lv:.4f}")
+                bar.update(1)
+                if args.sample_every and step % args.sample_every == 0 and rank == 0:
+                    _write_sample(ema, diffusion, args.out, step, args.sample_n, args.sample_steps, args.seed)
+                if args.save_every and step % args.save_every == 0 and step < args.steps:
+                    checkpoint()
+                if on_step is not None:
+                    on_step(step)
+                if _barrier_any(stop["flag"], world, device):
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+        if world > 1 and not interrupted:
+            log(f"ranks' weights max |difference| from rank 0: {_rank_weight_diff(_unwrap(ddp)):.3g}")
+        if in_step:  # interrupted inside a step: the weights may be half-updated; keep the last checkpoint
+            log(f"interrupted inside step {step + 1}: the last checkpoint on disk is kept")
+        else:
+            checkpoint()
+    except FileError as e:  # a save failed (full disk, ...): the files before it are whole
+        raise TrainError(f"{e}; training stopped at step {step}; {kept()}") from None
     finally:
-        bar.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
-    if world > 1 and not interrupted:
-        log(f"ranks' weights max |difference| from rank 0: {_rank_weight_diff(_unwrap(ddp)):.3g}")
-    if in_step:  # interrupted inside a step: the weights may be half-updated; keep the last checkpoint
-        log(f"interrupted inside step {step + 1}: the last checkpoint on disk is kept")
-    else:
-        checkpoint()
-    if csv_file is not None:
-        csv_file.close()
+        if csv_file is not None:
+            csv_file.close()
     elapsed = time.perf_counter() - t_start
     if interrupted:
         log(f"interrupted: checkpoint at step {step} written to {args.out}; continue with --resume {args.out}")
@@ -390,7 +604,7 @@ def _main_thread():
 def cli(argv=None):
     try:
         result = main(argv)
-    except TrainError as e:
+    except (TrainError, FileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 130 if result["interrupted"] else 0

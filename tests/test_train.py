@@ -1,13 +1,19 @@
-"""python -m fast_unet.train on the CPU: exact resume, Ctrl-C, files, errors, torchrun (gloo). Tiny sizes."""
+"""python -m fast_unet.train on the CPU: exact resume, Ctrl-C, files, errors, torchrun (gloo); refused and
+damaged checkpoints, resume with other flags, a kill or a full disk during a save, two trainers on one folder,
+a non-finite loss. Tiny sizes."""
+import csv
+import errno
 import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from fast_unet import UNet
+from fast_unet import files
 from fast_unet import train
 from fast_unet.reference import UNet as RefUNet
 
@@ -19,8 +25,30 @@ def _run(out, steps, *extra, on_step=None):
     return train.main(TINY + ["--out", str(out), "--steps", str(steps), *extra], on_step=on_step)
 
 
-def _ckpt(d):
-    return torch.load(os.path.join(d, "checkpoint.pt"), weights_only=False)
+def _ckpt(d, name="checkpoint.pt"):
+    return torch.load(os.path.join(d, name), weights_only=True)
+
+
+def _steps(d):
+    with open(os.path.join(d, "losses.csv"), newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["step", "loss", "lr", "seconds"]
+    return rows[1:]
+
+
+def _cli(capsys, *argv):
+    """``train.cli``'s exit code, stdout, and its stderr, which must be one ``error:`` line when rc is 2."""
+    rc = train.cli(list(argv))
+    out, err = capsys.readouterr()
+    if rc == 2:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return rc, out, err.strip()
+
+
+def _leftovers(d):
+    """Partial writes and the lock: none may remain after a run ends, whatever ended it."""
+    return sorted(p.name for p in d.iterdir() if p.name.endswith(".tmp") or p.name == ".lock")
 
 
 def _same_state(a, b):
@@ -66,10 +94,22 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes(straight, tmp_path):
 
 
 def test_files_load_strict_into_both_models(straight):
-    for name in ("model.pt", "ema.pt"):
-        sd = torch.load(straight / name, weights_only=True)
-        UNet(device="cpu").load_state_dict(sd, strict=True)
-        RefUNet(device="cpu").load_state_dict(sd, strict=True)
+    from safetensors.torch import load_file
+    for name in ("model", "ema"):
+        sd = torch.load(straight / f"{name}.pt", weights_only=True)
+        st = load_file(straight / f"{name}.safetensors")
+        _same_state(sd, st)
+        for w in (sd, st):
+            UNet(device="cpu").load_state_dict(w, strict=True)
+            RefUNet(device="cpu").load_state_dict(w, strict=True)
+    assert _leftovers(straight) == []
+
+
+def test_checkpoint_holds_only_what_the_safe_loader_reads(straight):
+    c = _ckpt(straight)  # weights_only=True
+    assert c["step"] == 2 and isinstance(c["args"], dict)
+    assert c["args"]["lr"] == 3e-4 and c["args"]["optimizer"] == "adamw" and c["args"]["world_size"] == 1
+    assert all(isinstance(v, torch.Tensor) for v in (c["rng"]["torch"], c["rng"]["noise"], c["rng"]["python"]["state"]))
 
 
 def test_sample_grid_written(tmp_path):
@@ -90,7 +130,7 @@ def test_image_folder_skips_non_images(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fast_unet.train", *TINY, "--data", str(data), "--out", str(out),
                         "--steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "skipped 1 non-image file" in r.stdout
+    assert "skipped 1 non-image file(s) in " + str(data) + ": notes.txt (not an image)" in r.stdout
     assert "3 images of 16x16" in r.stdout
     assert (out / "model.pt").exists()
 
@@ -101,6 +141,10 @@ def test_image_folder_skips_non_images(tmp_path):
     (["--resume", "{tmp}"], "no checkpoint.pt"),
     (["--out", "{tmp}/file/sub"], "not writable"),
     (["--data", "{tmp}"], "no readable image"),
+    (["--steps", "-1"], "--steps must be >= 0"),
+    (["--lr", "nan"], "--lr must be finite"),
+    (["--noise-steps", "1"], "--noise-steps must be >= 2"),
+    (["--device", "gpu"], "--device 'gpu' is not a device"),
 ])
 def test_clear_errors(tmp_path, extra, message):
     (tmp_path / "file").write_text("x")
@@ -160,3 +204,178 @@ def test_sample_cli_refuses_other_architecture(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fast_unet.sample", "--weights", str(tmp_path / "nope.pt")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+# -- resume: refused, damaged, other flags -----------------------------------------------------------------
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_a_payload_checkpoint_without_running_it(tmp_path, capsys):
+    marker = tmp_path / "MARKER"
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": Payload(marker), "step": 1}, run / "checkpoint.pt")
+    rc, _, err = _cli(capsys, *TINY, "--resume", str(run), "--steps", "2")
+    assert rc == 2 and "refused by the safe loader" in err and "posix.system" in err
+    assert not marker.exists()
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"]
+
+
+def test_resume_applies_a_new_lr_and_keeps_it(tmp_path, capsys):
+    _run(tmp_path, 1)
+    capsys.readouterr()
+    _run(tmp_path, 2, "--resume", str(tmp_path), "--lr", "0.01")
+    out = capsys.readouterr().out
+    assert "lr 0.0003 -> 0.01" in out and "lr 0.01," in out
+    c = _ckpt(tmp_path)
+    assert c["args"]["lr"] == 0.01 and all(g["lr"] == 0.01 for g in c["optimizer"]["param_groups"])
+    _run(tmp_path, 3, "--resume", str(tmp_path))  # no --lr: the checkpoint's
+    out = capsys.readouterr().out
+    assert "lr 0.01 ->" not in out and "lr 0.01," in out
+    assert [r[2] for r in _steps(tmp_path)] == ["0.0003", "0.01", "0.01"]
+    assert all(g["lr"] == 0.01 for g in _ckpt(tmp_path)["optimizer"]["param_groups"])
+
+
+def test_resume_refuses_another_optimizer(straight, tmp_path, capsys):
+    rc, _, err = _cli(capsys, *TINY, "--resume", str(straight), "--optimizer", "sgd", "--out", str(tmp_path),
+                      "--steps", "3")
+    assert rc == 2 and "--optimizer sgd: the checkpoint was trained with adamw" in err
+    assert "resume with --optimizer adamw" in err
+    assert not (tmp_path / "checkpoint.pt").exists() and _leftovers(tmp_path) == []
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    _run(tmp_path, 2, "--save-every", "1")
+    assert _ckpt(tmp_path)["step"] == 2 and _ckpt(tmp_path, "checkpoint.prev.pt")["step"] == 1
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100_000])  # truncated, as by a copy cut short
+    capsys.readouterr()
+    r = _run(tmp_path, 3, "--resume", str(tmp_path), "--save-every", "0")
+    out = capsys.readouterr().out
+    assert re.search(r"checkpoint.pt' is damaged .*; resuming from \S*checkpoint.prev.pt \(step 1\) instead", out)
+    assert "losses.csv: removed 1 row(s) after step 1" in out
+    assert r["step"] == 3 and _ckpt(tmp_path)["step"] == 3
+    assert _ckpt(tmp_path, "checkpoint.prev.pt")["step"] == 1  # the damaged file was replaced, not kept
+    assert [r[0] for r in _steps(tmp_path)] == ["1", "2", "3"]
+    # A save killed between its two renames leaves checkpoint.prev.pt only.
+    ckpt.unlink()
+    _run(tmp_path, 2, "--resume", str(tmp_path))
+    assert "is missing" in capsys.readouterr().out and _ckpt(tmp_path)["step"] == 2
+
+
+def test_damaged_checkpoint_without_a_previous_one_says_so(tmp_path, capsys):
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    rc, _, err = _cli(capsys, *TINY, "--resume", str(tmp_path), "--steps", "2")
+    assert rc == 2 and "checkpoint.pt' is damaged: the file is empty; there is no checkpoint.prev.pt" in err
+
+
+def test_losses_csv_continues_from_the_checkpoint_step(tmp_path, capsys):
+    def killed(step):
+        if step == 3:
+            raise RuntimeError("killed")  # after step 3's row, before its checkpoint
+
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(tmp_path, 5, "--save-every", "2", on_step=killed)
+    first = _steps(tmp_path)
+    assert [r[0] for r in first] == ["1", "2", "3"] and _ckpt(tmp_path)["step"] == 2
+    assert _leftovers(tmp_path) == []
+    _run(tmp_path, 4, "--resume", str(tmp_path))
+    again = _steps(tmp_path)
+    assert [r[0] for r in again] == ["1", "2", "3", "4"]
+    assert [r[:2] for r in again[:3]] == [r[:2] for r in first]  # step 3 done again, the same loss
+
+
+# -- faults during a save, two trainers, a non-finite loss ------------------------------------------------
+
+class Killed(BaseException):
+    """Stands for a kill: nothing catches it."""
+
+
+def test_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    _run(tmp_path, 1)
+    before = os.stat(tmp_path / "checkpoint.pt")
+    real_save = torch.save
+
+    def killed_save(obj, f, *a, **k):
+        if isinstance(obj, dict) and "optimizer" in obj:
+            real_save({"half": torch.zeros(1000)}, f)
+            raise Killed
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", killed_save)
+    with pytest.raises(Killed):
+        _run(tmp_path, 2, "--resume", str(tmp_path))
+    monkeypatch.undo()
+    after = os.stat(tmp_path / "checkpoint.pt")
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert _ckpt(tmp_path)["step"] == 1 and not (tmp_path / "checkpoint.prev.pt").exists()
+    assert _leftovers(tmp_path) == []
+    # What kill -9 leaves: a partial .tmp and the lock of a process that is gone.
+    (tmp_path / "checkpoint.pt.tmp").write_bytes(b"partial")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(f"{dead.pid} {files.socket.gethostname()}\n")
+    capsys.readouterr()
+    assert _run(tmp_path, 2, "--resume", str(tmp_path))["step"] == 2
+    out = capsys.readouterr().out
+    assert f"taking over the lock {tmp_path}/.lock: its process PID {dead.pid} is not running" in out
+    assert "checkpoint.pt.tmp, left by an interrupted save" in out
+    assert _leftovers(tmp_path) == [] and _ckpt(tmp_path, "checkpoint.prev.pt")["step"] == 1
+
+
+def test_full_disk_during_a_save(tmp_path, monkeypatch, capsys):
+    _run(tmp_path, 1)
+
+    class DiskFull(files._File):
+        def _write(self, b):
+            if self.name.endswith("checkpoint.pt.tmp") and self.tell() + len(b) > 1 << 20:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super()._write(b)
+
+    monkeypatch.setattr(files, "_File", DiskFull)
+    rc, _, err = _cli(capsys, *TINY, "--resume", str(tmp_path), "--steps", "2")
+    monkeypatch.undo()
+    assert rc == 2
+    assert f"no space left on device writing into {tmp_path}: checkpoint.pt was not written" in err
+    assert f"training stopped at step 2; the last checkpoint, step 1, is kept in {tmp_path}/checkpoint.pt" in err
+    assert _ckpt(tmp_path)["step"] == 1 and _leftovers(tmp_path) == []
+
+
+def test_two_trainers_on_one_folder(tmp_path, capsys):
+    first = subprocess.Popen([sys.executable, "-m", "fast_unet.train", *TINY, "--steps", "100000",
+                              "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        lock = tmp_path / ".lock"
+        deadline = time.monotonic() + 120
+        while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline:
+            assert first.poll() is None, "the first trainer exited"
+            time.sleep(0.1)
+        assert lock.read_text().split()[0] == str(first.pid)
+        rc, _, err = _cli(capsys, *TINY, "--steps", "1", "--out", str(tmp_path))
+        assert rc == 2 and f"is in use by another run, PID {first.pid}" in err
+        assert lock.read_text().split()[0] == str(first.pid)
+    finally:
+        first.kill()  # kill -9: its lock stays behind
+        first.wait()
+    assert lock.exists()
+    r = _run(tmp_path, 1)
+    assert r["step"] == 1 and f"PID {first.pid} is not running" in capsys.readouterr().out
+    assert _leftovers(tmp_path) == [] and [row[0] for row in _steps(tmp_path)] == ["1"]
+
+
+def test_non_finite_loss_stops_in_one_line_keeping_the_checkpoint(tmp_path, capsys):
+    rc, _, err = _cli(capsys, *TINY, "--steps", "6", "--lr", "1e30", "--out", str(tmp_path / "fresh"))
+    assert rc == 2 and re.search(r"the loss is (nan|inf) at step \d: training stopped", err)
+    assert "no checkpoint was written in this run" in err and not (tmp_path / "fresh" / "checkpoint.pt").exists()
+    _run(tmp_path, 1)
+    rc, _, err = _cli(capsys, *TINY, "--resume", str(tmp_path), "--steps", "6", "--lr", "1e30")
+    assert rc == 2 and re.search(r"the loss is (nan|inf) at step \d: training stopped without saving", err)
+    assert f"the last checkpoint, step 1, is kept in {tmp_path}/checkpoint.pt" in err
+    assert _ckpt(tmp_path)["step"] == 1 and _leftovers(tmp_path) == []
