@@ -4,6 +4,8 @@ import os
 import pytest
 import torch
 
+from fast_unet import dispatch
+
 # The default suite runs with dispatch on auto; the Triton interpreter suite is tests/interpret.
 os.environ.pop("FAST_UNET_BACKEND", None)
 
@@ -27,3 +29,18 @@ def _exact_float32():
     finally:
         torch.backends.cudnn.allow_tf32 = conv
         torch.set_float32_matmul_precision(matmul)
+
+
+@pytest.fixture
+def choices(monkeypatch):
+    """Every (op, backend) dispatch picks while the test runs."""
+    calls = []
+    orig = dispatch.choose
+
+    def spy(op, args):
+        backend, fn, args = orig(op, args)
+        calls.append((op, backend))
+        return backend, fn, args
+
+    monkeypatch.setattr(dispatch, "choose", spy)
+    return calls

@@ -117,7 +117,7 @@ def test_gradients_at_larger_sizes_float32(size, batch):
 @pytest.mark.parametrize("backend", ["eager", "ext"])
 @pytest.mark.parametrize("size", [(64, 64), (48, 80)], ids=["64x64", "48x80"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_lazy_path_on_each_cpu_backend(monkeypatch, backend, size, batch):
+def test_lazy_path_on_each_cpu_backend(monkeypatch, choices, backend, size, batch):
     """The one forward (blocks passing Lazy tensors; convs that normalise, pool or concatenate their input)
     on a forced CPU backend: forward and every gradient against the reference. ``ext`` runs the ops the
     extension implements on it and the others on their eager twins."""
@@ -126,23 +126,14 @@ def test_lazy_path_on_each_cpu_backend(monkeypatch, backend, size, batch):
 
         require_ext()
     monkeypatch.setenv("FAST_UNET_BACKEND", backend)
-    calls = []
-    real_choose = dispatch.choose
-
-    def spy(op, args):
-        chosen = real_choose(op, args)
-        calls.append((op, chosen[0]))
-        return chosen
-
-    monkeypatch.setattr(dispatch, "choose", spy)
     h, w = size
     fast, ref = model_pair(h, w)
     x, t = inputs(batch, h, w)
     with torch.no_grad():
         assert_close(fast(x, t), ref(x, t), atol=2e-5, rtol=1e-4, what=f"{backend} forward B={batch} {h}x{w}")
-    ran = dict(calls)
+    ran = dict(choices)
     assert set(ran) >= {"conv3x3", "gn_relu_maxpool", "upsample2x", "gn_ln_linear", "group_norm_relu", "attention"}
-    for op, b in calls:
+    for op, b in choices:
         has_ext = "ext" in dispatch.implementations(op)
         assert b == ("ext" if backend == "ext" and has_ext else "eager"), (op, b)
     if backend == "eager":
@@ -156,7 +147,7 @@ def test_lazy_path_on_each_cpu_backend(monkeypatch, backend, size, batch):
 @pytest.mark.parametrize("backend", ["eager", "ext"])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("block", ATTENTION_BLOCKS)
-def test_attention_block_falling_back_on_each_cpu_backend(monkeypatch, backend, block, batch):
+def test_attention_block_falling_back_on_each_cpu_backend(monkeypatch, choices, backend, block, batch):
     """One attention block at a time with head dim 8 (no kernel takes it) in both models, on a forced CPU
     backend: the model matches the float64 reference, forward and every gradient, at a well-conditioned
     point. ``ext``: ``auto`` on the CPU (no Triton here), which runs that block's attention on eager and
@@ -167,20 +158,11 @@ def test_attention_block_falling_back_on_each_cpu_backend(monkeypatch, backend, 
 
         require_ext()
     monkeypatch.setenv("FAST_UNET_BACKEND", "auto" if backend == "ext" else backend)
-    calls = []
-    real_choose = dispatch.choose
-
-    def spy(op, args):
-        chosen = real_choose(op, args)
-        calls.append((op, chosen[0]))
-        return chosen
-
-    monkeypatch.setattr(dispatch, "choose", spy)
     model, ref = model_pair(8)
     with_head_dim_8(model, block), with_head_dim_8(ref, block)
     x, t = conditioned_inputs(ref, batch, 8)
     y = model(x, t)
-    attention = [b for op, b in calls if op == "attention"]
+    attention = [b for op, b in choices if op == "attention"]
     k = ATTENTION_BLOCKS.index(block)
     assert attention[k] == "eager", attention
     assert set(attention[:k] + attention[k + 1:]) == {backend}, attention

@@ -25,21 +25,6 @@ def fast_conv_config(monkeypatch):
     monkeypatch.setattr(K, "config", lambda dtype, c_in, hw, pool=False: (max(16, min(128, triton.next_power_of_2(hw))), 128, 64, 4, 1))
 
 
-@pytest.fixture
-def choices(monkeypatch):
-    """Every (op, backend) dispatch picks while the test runs."""
-    calls = []
-    orig = dispatch.choose
-
-    def spy(op, args):
-        backend, fn, args = orig(op, args)
-        calls.append((op, backend))
-        return backend, fn, args
-
-    monkeypatch.setattr(dispatch, "choose", spy)
-    return calls
-
-
 @pytest.mark.parametrize("setting", ["triton", "triton,conv3x3=eager", "triton,gn_ln_linear=eager,upsample2x=eager"])
 def test_unet_matches_reference(monkeypatch, fast_conv_config, choices, setting):
     """Float32, 16x16, batch 2, NCHW input (read in place by the first conv). ``triton``: every op on
