@@ -195,6 +195,22 @@ def with_head_dim_8(model, block):
     return model
 
 
+def assert_block_falls_back(choices, block, batch, backend):
+    """The model at 8x8 with ``block``'s attention at head dim 8 in both models (``with_head_dim_8``), at a
+    well-conditioned point: that block's attention runs on eager, every other block's on ``backend``, and
+    the model matches the float64 reference, forward and every gradient. ``choices``: the tests' fixture
+    of dispatch picks."""
+    model, ref = model_pair(8)
+    with_head_dim_8(model, block), with_head_dim_8(ref, block)
+    x, t = conditioned_inputs(ref, batch, 8)
+    y = model(x, t)
+    attention = [b for op, b in choices if op == "attention"]
+    k = ATTENTION_BLOCKS.index(block)
+    assert attention[k] == "eager", attention
+    assert set(attention[:k] + attention[k + 1:]) == {backend}, attention
+    assert_matches_reference(model, ref, y, x, t)
+
+
 def partials_of(y, pieces):
     """(B, P, 3) float32 (count, mean, M2) partials of each sample of y, in ``pieces`` uneven chunks of its
     flattened values: the layout a conv epilogue writes, built independently of the kernels."""

@@ -9,8 +9,8 @@ from fast_unet import dispatch
 from fast_unet import UNet
 from fast_unet.reference import UNet as RefUNet, cast_reference
 
-from helpers import (ATTENTION_BLOCKS, assert_close, assert_matches_reference, conditioned_inputs, inputs, max_err,
-                     model_pair, reference_copy, with_head_dim_8)
+from helpers import (ATTENTION_BLOCKS, assert_block_falls_back, assert_close, assert_matches_reference,
+                     conditioned_inputs, inputs, max_err, model_pair, reference_copy)
 
 
 def test_state_dict_keys_and_shapes_match_reference():
@@ -158,15 +158,7 @@ def test_attention_block_falling_back_on_each_cpu_backend(monkeypatch, choices, 
 
         require_ext()
     monkeypatch.setenv("FAST_UNET_BACKEND", "auto" if backend == "ext" else backend)
-    model, ref = model_pair(8)
-    with_head_dim_8(model, block), with_head_dim_8(ref, block)
-    x, t = conditioned_inputs(ref, batch, 8)
-    y = model(x, t)
-    attention = [b for op, b in choices if op == "attention"]
-    k = ATTENTION_BLOCKS.index(block)
-    assert attention[k] == "eager", attention
-    assert set(attention[:k] + attention[k + 1:]) == {backend}, attention
-    assert_matches_reference(model, ref, y, x, t)
+    assert_block_falls_back(choices, block, batch, backend)
 
 
 def test_eager_float32_gradients(monkeypatch):
