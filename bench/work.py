@@ -8,7 +8,8 @@ exponentials. Measures nothing; ``bench/recorder.py`` calls it for every launch 
 - Triton kernels of ``kernels/``: FLOPs and exponentials per kernel, derived here from the launch's
   arguments (``triton_work``): the conv as an implicit GEMM (2 * output elements * Cin * 9), the token
   GEMMs (2 * M * N * K), attention (forward 4 N^2 d and N^2 exponentials per head; the backward as
-  implemented, 8 N^2 d + N^2 exponentials in the dK/dV kernel and 6 N^2 d + N^2 in the dQ kernel).
+  implemented: the one-pass backward 10 N^2 d and N^2 exponentials; the deterministic path 8 N^2 d + N^2
+  exponentials in its dK/dV pass and 6 N^2 d + N^2 in its dQ kernel).
 - Elementwise and reduction kernels (GroupNorm, pooling, upsampling, the statistics): no FLOP term. At
   most ~16 scalar FLOPs per element on the CUDA cores never bind before memory does (an H200's fp32
   CUDA-core rate over its bandwidth: 67e12 / 4.3e12 = 15.6 FLOP per byte, and every element is >= 2 bytes).
@@ -61,10 +62,11 @@ def _attn_fwd(t):
     return 4 * bh * n * n * d, bh * n * n, t["qkv_ptr"]
 
 
-@_triton("_attn_bwd_dkdv")
-def _attn_bwd_dkdv(t):  # S = QK^T recomputed, dV += P^T dO, dP = dO V^T, dK += dS^T Q
+@_triton("_attn_bwd")
+def _attn_bwd(t):  # S^T = K Q^T recomputed, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q (+ dQ += dS K)
     bh, n, d = _attn_shape(t)
-    return 8 * bh * n * n * d, bh * n * n, t["qkv_ptr"]
+    add_dq = t["dq_ptr"].dim() == 4  # the one-pass backward's (B, H, N, D) dQ; the deterministic path passes delta
+    return (10 if add_dq else 8) * bh * n * n * d, bh * n * n, t["qkv_ptr"]
 
 
 @_triton("_attn_bwd_dq")
@@ -107,7 +109,7 @@ def triton_work(name, named):
 
 
 # Kernels known to be elementwise or reductions (no FLOP term), so that an unknown kernel stands out.
-_ELEMENTWISE_PREFIXES = ("_gn_", "_upsample", "_attn_bwd_preprocess", "_gn_relu_pool", "_pool", "_ln_bwd",
+_ELEMENTWISE_PREFIXES = ("_gn_", "_upsample", "_attn_bwd_preprocess", "_attn_bwd_dq_cast", "_gn_relu_pool", "_pool", "_ln_bwd",
                          "_stats", "_combine")
 
 _SOFTMAX = {"_softmax", "_log_softmax", "softmax", "log_softmax", "_safe_softmax"}

@@ -8,14 +8,20 @@ Softmax is online, in float32, in base 2: scores are multiplied by ``qk_scale = 
 exponentiated with exp2. The forward saves only ``lse`` (B, heads, N) float32, the row log-sum-exp in
 that base-2 domain (``lse = m + log2(l)``), so the backward recomputes P = exp2(S * qk_scale - lse).
 
-Backward, three kernels (the structure of Triton's fused-attention tutorial, split for simplicity):
-1. ``_attn_bwd_preprocess``: delta = rowsum(dO * O), (B, heads, N) float32;
-2. ``_attn_bwd_dkdv``: one program per (key tile, batch*head) loops over all query tiles;
-3. ``_attn_bwd_dq``: one program per (query tile, batch*head) loops over all key tiles.
-dQ, dK, dV are written straight into dqkv (B, N, 3, heads, D), the gradient of the packed input.
-No atomics: the result is deterministic.
+Backward (FlashAttention-2's structure), by default three launches:
+1. ``_attn_bwd_preprocess``: delta = rowsum(dO * O), (B, heads, N) float32, and a zeroed float32 dQ
+   (B, heads, N, D);
+2. ``_attn_bwd``: one program per (key tile, batch*head) loops over all query tiles, recomputes P once,
+   writes dK and dV and adds its share of dQ by relaxed atomic adds;
+3. ``_attn_bwd_dq_cast``: dQ scaled and cast into dqkv.
+Under ``torch.use_deterministic_algorithms(True)`` the backward takes the two-kernel path instead
+(``_attn_bwd`` without its dQ, then ``_attn_bwd_dq`` by query tile, recomputing P): no atomics,
+bit-reproducible. dQ, dK, dV land in dqkv (B, N, 3, heads, D), the gradient of the packed input.
 
-Any N: rows and columns past N are masked (loads return 0, scores -inf, probabilities 0).
+Any N. Every kernel with a loop over tiles takes ``EVEN_N`` (N a multiple of both tiles, the model's case
+at every size from 16x16 up: no load, score or store is masked); otherwise every tile is masked (loads
+return 0, scores -inf, probabilities 0). Peeling the last, partial tile off the loop instead doubles the
+loop body in the binary, and the float32 and d = 64 builds then spill (10 of them on sm_80/sm_90).
 float32 inputs follow PyTorch's matmul TF32 setting (``_common.matmul_ieee``: ``input_precision="ieee"``
 dots at "highest", the default; TF32 at "high"/"medium"), bf16/fp16 the tensor cores.
 """
@@ -34,14 +40,42 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, start_n, N, qk_scale, stride_n, stride_d,
+              D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of the online softmax. Scores stay unscaled: the running max m_i is in the scaled
+    base-2 domain (max(s) * qk_scale, qk_scale > 0), so p = exp2(s * qk_scale - m) is one FMA and one
+    exp2 per score. ``MASKED``: the tile reaches past N (columns past N load 0 and score -inf)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    kt_ptrs = k_base + offs_n[None, :] * stride_n + offs_d[:, None] * stride_d  # K^T tile (D, BLOCK_N)
+    v_ptrs = v_base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
+    if MASKED:
+        n_mask = offs_n < N
+        kt = tl.load(kt_ptrs, mask=n_mask[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=n_mask[:, None], other=0.0)
+        s = tl.where(n_mask[None, :], _dot(q, kt, IEEE), float("-inf"))
+    else:
+        kt = tl.load(kt_ptrs)
+        v = tl.load(v_ptrs)
+        s = _dot(q, kt, IEEE)
+    m_new = _maximum(m_i, _max_nan(s, 1) * qk_scale)  # NaN propagates, as in SDPA (masked columns are -inf)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attn_fwd(
     qkv_ptr,  # (B, N, 3, H, D), strides below
     o_ptr,  # (B, N, H * D) contiguous
     lse_ptr,  # (B, H, N) float32
     qk_scale, N, H,
     stride_b, stride_n, stride_t, stride_h, stride_d,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, EVEN_N: tl.constexpr,
 ):
+    """``EVEN_N``: N is a multiple of BLOCK_M and BLOCK_N, and no load or score is masked."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -50,38 +84,37 @@ def _attn_fwd(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     m_mask = offs_m < N
-    q = tl.load(base + offs_m[:, None] * stride_n + offs_d[None, :] * stride_d, mask=m_mask[:, None], other=0.0)
+    q_ptrs = base + offs_m[:, None] * stride_n + offs_d[None, :] * stride_d
+    if EVEN_N:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=m_mask[:, None], other=0.0)
     k_base = base + stride_t
     v_base = base + 2 * stride_t
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        # K^T tile loaded as (D, BLOCK_N)
-        kt = tl.load(k_base + offs_n[None, :] * stride_n + offs_d[:, None] * stride_d, mask=n_mask[None, :], other=0.0)
-        s = _dot(q, kt, IEEE) * qk_scale
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = _maximum(m_i, _max_nan(s, 1))  # NaN propagates, as in SDPA (masked columns are -inf)
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, mask=n_mask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, start_n, N, qk_scale, stride_n, stride_d,
+                                  D, BLOCK_N, IEEE, not EVEN_N)
     acc = acc / l_i[:, None]
     o_offs = (b.to(tl.int64) * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :]
-    tl.store(o_ptr + o_offs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
-    tl.store(lse_ptr + bh.to(tl.int64) * N + offs_m, m_i + tl.math.log2(l_i), mask=m_mask)
+    lse_offs = bh.to(tl.int64) * N + offs_m
+    if EVEN_N:
+        tl.store(o_ptr + o_offs, acc.to(o_ptr.dtype.element_ty))
+        tl.store(lse_ptr + lse_offs, m_i + tl.math.log2(l_i))
+    else:
+        tl.store(o_ptr + o_offs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None])
+        tl.store(lse_ptr + lse_offs, m_i + tl.math.log2(l_i), mask=m_mask)
 
 
 @triton.jit
 def _attn_bwd_preprocess(
     o_ptr, do_ptr,  # (B, N, H * D) contiguous
     delta_ptr,  # (B, H, N) float32
+    dq_ptr,  # (B, H, N, D) float32: zeroed here when ZERO_DQ (the one-pass backward adds into it)
     N, H,
-    D: tl.constexpr, BLOCK_M: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, ZERO_DQ: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -94,53 +127,143 @@ def _attn_bwd_preprocess(
     o = tl.load(o_ptr + offs, mask=m_mask[:, None], other=0.0).to(tl.float32)
     do = tl.load(do_ptr + offs, mask=m_mask[:, None], other=0.0).to(tl.float32)
     tl.store(delta_ptr + bh.to(tl.int64) * N + offs_m, tl.sum(o * do, axis=1), mask=m_mask)
+    if ZERO_DQ:
+        dq_offs = (bh.to(tl.int64) * N + offs_m[:, None]) * D + offs_d[None, :]
+        tl.store(dq_ptr + dq_offs, tl.zeros([BLOCK_M, D], dtype=tl.float32), mask=m_mask[:, None])
 
 
 @triton.jit
-def _attn_bwd_dkdv(
+def _bwd_tile(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_ptr, start_m, N, qk_scale, stride_n,
+              stride_d, HD, D: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
+              ADD_DQ: tl.constexpr):
+    """One query tile against the program's key tile: P^T recomputed once (one FMA and one exp2 per score),
+    dV += P^T dO, dK += dS^T Q, and with ``ADD_DQ`` the tile's dQ share dS K added into the float32 dQ
+    (relaxed atomics). Rows past N (``MASKED``) load as 0: their scores are 0, their dO, delta and dS
+    rows 0, so they add nothing; ``lse_ptr``, ``delta_ptr`` and ``dq_ptr`` are already at this (b, h)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    qt_ptrs = q_base + offs_m[None, :] * stride_n + offs_d[:, None] * stride_d  # Q^T tile (D, BLOCK_M)
+    do_ptrs = do_base + offs_m[:, None] * HD + offs_d[None, :]
+    if MASKED:
+        m_mask = offs_m < N
+        qt = tl.load(qt_ptrs, mask=m_mask[None, :], other=0.0)
+        do = tl.load(do_ptrs, mask=m_mask[:, None], other=0.0)
+        lse = tl.load(lse_ptr + offs_m, mask=m_mask, other=0.0)
+        delta = tl.load(delta_ptr + offs_m, mask=m_mask, other=0.0)
+    else:
+        qt = tl.load(qt_ptrs)
+        do = tl.load(do_ptrs)
+        lse = tl.load(lse_ptr + offs_m)
+        delta = tl.load(delta_ptr + offs_m)
+    st = _dot(k, qt, IEEE)  # S^T (BLOCK_N, BLOCK_M), unscaled
+    pt = tl.math.exp2(st * qk_scale - lse[None, :])
+    dv += _dot(pt.to(do.dtype), do, IEEE)
+    dpt = _dot(v, tl.trans(do), IEEE)
+    dst = pt * (dpt - delta[None, :])
+    dk += _dot(dst.to(qt.dtype), tl.trans(qt), IEEE)
+    if ADD_DQ:
+        dq = _dot(tl.trans(dst.to(k.dtype)), k, IEEE)  # (BLOCK_M, D), without the softmax scale
+        dq_ptrs = dq_ptr + offs_m[:, None] * D + offs_d[None, :]
+        if MASKED:
+            tl.atomic_add(dq_ptrs, dq, mask=m_mask[:, None], sem="relaxed")
+        else:
+            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd(
     qkv_ptr,  # (B, N, 3, H, D), strides below
     do_ptr,  # (B, N, H * D) contiguous
     lse_ptr, delta_ptr,  # (B, H, N) float32
     dqkv_ptr,  # (B, N, 3, H, D) contiguous; this kernel writes [:, :, 1] and [:, :, 2]
+    dq_ptr,  # (B, H, N, D) float32, zeroed; dS K added here without the softmax scale (ADD_DQ)
     sm_scale, qk_scale, N, H,
     stride_b, stride_n, stride_t, stride_h, stride_d,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, EVEN_N: tl.constexpr,
+    ADD_DQ: tl.constexpr,
 ):
+    """One program per (key tile, batch * head) loops over every query tile. With ``ADD_DQ`` this is the
+    one-pass backward (FlashAttention-2's): P is recomputed once and dQ accumulates by atomic adds, in an
+    order that varies from run to run. Without it, dK and dV only (the deterministic path, dQ by
+    ``_attn_bwd_dq``). ``EVEN_N``: N is a multiple of BLOCK_M and BLOCK_N, no load is masked."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    HD = H * D
     base = qkv_ptr + b.to(tl.int64) * stride_b + h * stride_h
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     n_mask = offs_n < N
-    k = tl.load(base + stride_t + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, mask=n_mask[:, None], other=0.0)
-    v = tl.load(base + 2 * stride_t + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, mask=n_mask[:, None], other=0.0)
+    k_ptrs = base + stride_t + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
+    v_ptrs = base + 2 * stride_t + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
+    if EVEN_N:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:  # key rows past N load 0: their dS K and P^T dO rows are not stored, their dQ share is 0
+        k = tl.load(k_ptrs, mask=n_mask[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=n_mask[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    row_base = bh.to(tl.int64) * N
-    do_base = do_ptr + b.to(tl.int64) * N * (H * D) + h * D
+    row = bh.to(tl.int64) * N
+    do_base = do_ptr + b.to(tl.int64) * N * HD + h * D
+    dq_base = dq_ptr + row * D
     for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < N
-        # Q^T and dO^T tiles loaded as (D, BLOCK_M)
-        qt = tl.load(base + offs_m[None, :] * stride_n + offs_d[:, None] * stride_d, mask=m_mask[None, :], other=0.0)
-        lse = tl.load(lse_ptr + row_base + offs_m, mask=m_mask, other=0.0)
-        st = _dot(k, qt, IEEE) * qk_scale  # (BLOCK_N, BLOCK_M) = S^T
-        pt = tl.math.exp2(st - lse[None, :])
-        pt = tl.where(m_mask[None, :], pt, 0.0)
-        do = tl.load(do_base + offs_m[:, None] * (H * D) + offs_d[None, :], mask=m_mask[:, None], other=0.0)
-        dv += _dot(pt.to(do.dtype), do, IEEE)
-        delta = tl.load(delta_ptr + row_base + offs_m, mask=m_mask, other=0.0)
-        dot_t = tl.load(do_base + offs_m[None, :] * (H * D) + offs_d[:, None], mask=m_mask[None, :], other=0.0)
-        dpt = _dot(v, dot_t, IEEE)
-        dst = pt * (dpt - delta[None, :])
-        dk += _dot(dst.to(qt.dtype), tl.trans(qt), IEEE)
+        dk, dv = _bwd_tile(dk, dv, k, v, base, do_base, lse_ptr + row, delta_ptr + row, dq_base, start_m, N,
+                           qk_scale, stride_n, stride_d, HD, D, BLOCK_M, IEEE, not EVEN_N, ADD_DQ)
     dk = dk * sm_scale
     # dqkv is contiguous (B, N, 3, H, D)
-    d_offs = ((b.to(tl.int64) * N + offs_n[:, None]) * 3) * (H * D) + h * D + offs_d[None, :]
-    tl.store(dqkv_ptr + d_offs + H * D, dk.to(dqkv_ptr.dtype.element_ty), mask=n_mask[:, None])
-    tl.store(dqkv_ptr + d_offs + 2 * H * D, dv.to(dqkv_ptr.dtype.element_ty), mask=n_mask[:, None])
+    d_offs = ((b.to(tl.int64) * N + offs_n[:, None]) * 3) * HD + h * D + offs_d[None, :]
+    if EVEN_N:
+        tl.store(dqkv_ptr + d_offs + HD, dk.to(dqkv_ptr.dtype.element_ty))
+        tl.store(dqkv_ptr + d_offs + 2 * HD, dv.to(dqkv_ptr.dtype.element_ty))
+    else:
+        tl.store(dqkv_ptr + d_offs + HD, dk.to(dqkv_ptr.dtype.element_ty), mask=n_mask[:, None])
+        tl.store(dqkv_ptr + d_offs + 2 * HD, dv.to(dqkv_ptr.dtype.element_ty), mask=n_mask[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_cast(
+    dq_ptr,  # (B, H, N, D) float32 from _attn_bwd
+    dqkv_ptr,  # (B, N, 3, H, D) contiguous; this kernel writes [:, :, 0]
+    sm_scale, N, H,
+    D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dQ = sm_scale * the accumulated dS K, cast into dqkv's Q third."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    m_mask = offs_m < N
+    dq = tl.load(dq_ptr + (bh.to(tl.int64) * N + offs_m[:, None]) * D + offs_d[None, :], mask=m_mask[:, None])
+    d_offs = ((b.to(tl.int64) * N + offs_m[:, None]) * 3) * (H * D) + h * D + offs_d[None, :]
+    tl.store(dqkv_ptr + d_offs, (dq * sm_scale).to(dqkv_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, N, qk_scale, stride_n, stride_d,
+             D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of the deterministic dQ: P recomputed (one FMA and one exp2 per score), dQ += dS K.
+    Key rows past N (``MASKED``) load as 0, and their probabilities are zeroed."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    k_ptrs = k_base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d  # K tile (BLOCK_N, D)
+    vt_ptrs = v_base + offs_n[None, :] * stride_n + offs_d[:, None] * stride_d  # V^T tile (D, BLOCK_N)
+    if MASKED:
+        n_mask = offs_n < N
+        k = tl.load(k_ptrs, mask=n_mask[:, None], other=0.0)
+        vt = tl.load(vt_ptrs, mask=n_mask[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        vt = tl.load(vt_ptrs)
+    p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
+    if MASKED:
+        p = tl.where(n_mask[None, :], p, 0.0)
+    ds = p * (_dot(do, vt, IEEE) - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k, IEEE)
 
 
 @triton.jit
@@ -149,8 +272,9 @@ def _attn_bwd_dq(
     dqkv_ptr,  # (B, N, 3, H, D) contiguous; this kernel writes [:, :, 0]
     sm_scale, qk_scale, N, H,
     stride_b, stride_n, stride_t, stride_h, stride_d,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, EVEN_N: tl.constexpr,
 ):
+    """The deterministic path's dQ: one program per (query tile, batch * head) over every key tile."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -167,16 +291,8 @@ def _attn_bwd_dq(
     delta = tl.load(delta_ptr + row_base + offs_m, mask=m_mask, other=0.0)
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        kt = tl.load(base + stride_t + offs_n[None, :] * stride_n + offs_d[:, None] * stride_d, mask=n_mask[None, :], other=0.0)
-        vt = tl.load(base + 2 * stride_t + offs_n[None, :] * stride_n + offs_d[:, None] * stride_d, mask=n_mask[None, :], other=0.0)
-        s = _dot(q, kt, IEEE) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        p = tl.where(n_mask[None, :], p, 0.0)
-        dp = _dot(do, vt, IEEE)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
+        dq = _dq_tile(dq, q, do, lse, delta, base + stride_t, base + 2 * stride_t, start_n, N, qk_scale, stride_n,
+                      stride_d, D, BLOCK_N, IEEE, not EVEN_N)
     dq = dq * sm_scale
     d_offs = ((b.to(tl.int64) * N + offs_m[:, None]) * 3) * (H * D) + h * D + offs_d[None, :]
     tl.store(dqkv_ptr + d_offs, dq.to(dqkv_ptr.dtype.element_ty), mask=m_mask[:, None])
@@ -190,28 +306,34 @@ import torch  # noqa: E402
 HEAD_DIMS = (16, 32, 64)
 
 
-def config(kernel, D, dtype, ieee=True):
+def config(kernel, D, dtype, ieee=True, even=True):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher uses for ``kernel`` at head dim D.
 
-    ``dtype``: a torch dtype or its name. Chosen from the compile report (``python -m fast_unet.info
-    --compile sm_80,sm_90``) so that no build spills on sm_80 or sm_90 and the half-precision builds
-    use wgmma on sm_90 (the dots' M side, the outer tile, stays 64). float32 uses exact (FMA) dots,
-    whose register tiles are larger: 32x32 tiles from head dim 32 up; ``ieee=False`` (float32 with TF32
-    allowed) the same tiles, but the forward at head dim 16 takes 2 stages (3 spilled 16 bytes on sm_80)."""
+    ``dtype``: a torch dtype or its name; ``even``: N a multiple of the tiles (the EVEN_N build).
+    ``kernel``: "fwd"; "bwd" (the one-pass backward, and the deterministic path's dK/dV: BLOCK_N is the
+    program's key tile, BLOCK_M the query tile of its loop); "dq" (the deterministic path's dQ: BLOCK_M its
+    query tile, BLOCK_N the loop's key tile); "preprocess" and "cast" (BLOCK_M rows). Chosen from the
+    compile report (``python -m fast_unet.info --compile sm_80,sm_90``) so that no build spills on sm_80 or
+    sm_90 and the half-precision builds use wgmma on sm_90. float32 uses exact (FMA) dots, whose register
+    tiles are larger: 32x32 tiles from head dim 32 up, 8 warps for the backward at d = 64; the forward takes
+    2 stages in float32 and, with masked tiles, in half precision (3 spilled 8 bytes on sm_80)."""
     fp32 = str(dtype).endswith("float32")
-    if kernel == "preprocess":
+    if kernel in ("preprocess", "cast"):
         return 64, 0, 4, 1
     if fp32 and D >= 32:
-        return 32, 32, 4, 2
-    if fp32 and not ieee and kernel == "fwd":
-        return 64, 64, 4, 2
+        return 32, 32, 8 if (D == 64 and kernel == "bwd") else 4, 2
     if kernel == "fwd":
-        return 64, 64, 4, 3
-    if kernel == "dkdv":
+        return 64, 64, 4, 2 if (fp32 or not even) else 3
+    if kernel == "bwd":
         return 64, 64, 4, 2
     if kernel == "dq":
         return (64, 32, 4, 2) if D == 64 else (64, 64, 4, 2)
     raise KeyError(kernel)
+
+
+def even_n(N, *blocks):
+    """Whether N is a multiple of every tile: the kernels' EVEN_N (no masked load or score)."""
+    return all(N % b == 0 for b in blocks)
 
 
 def check_qkv(qkv):
@@ -232,35 +354,54 @@ def attention_fwd(qkv):
     if B * N * H == 0:
         return o, lse
     ieee = matmul_ieee(qkv.dtype)
-    bm, bn, warps, stages = config("fwd", D, qkv.dtype, ieee)
+    bm, bn, _, _ = config("fwd", D, qkv.dtype, ieee)
+    even = even_n(N, bm, bn)
+    bm, bn, warps, stages = config("fwd", D, qkv.dtype, ieee, even)
     sm_scale = 1.0 / math.sqrt(D)
     _attn_fwd[(triton.cdiv(N, bm), B * H)](
         qkv, o, lse, sm_scale * LOG2E, N, H, *qkv.stride(),
-        D=D, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, num_warps=warps, num_stages=stages)
+        D=D, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, EVEN_N=even, num_warps=warps, num_stages=stages)
     return o, lse
 
 
-def attention_bwd(do, qkv, o, lse):
-    """Returns dqkv (B, N, 3, heads, D) contiguous, qkv's dtype."""
+def attention_bwd(do, qkv, o, lse, deterministic=None):
+    """Returns dqkv (B, N, 3, heads, D) contiguous, qkv's dtype.
+
+    The default is the one-pass backward (``_attn_bwd`` with ADD_DQ): P recomputed once per score, dQ
+    accumulated in float32 by atomic adds and then scaled and cast into dqkv (three launches: delta and
+    the zeroed dQ, the pass, the cast). Atomic float additions land in a varying order, so dQ can differ
+    in its last bits from run to run. ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()``,
+    PyTorch's convention) takes the two-kernel path instead: dK and dV by key tile, dQ by query tile, P
+    recomputed in each, no atomics, bit-reproducible; chosen over ordering the atomics with a per-tile
+    semaphore because it needs no spin-waiting and no dQ buffer."""
     check_qkv(qkv)
     B, N, _, H, D = qkv.shape
     do = do.contiguous()
     dqkv = torch.empty((B, N, 3, H, D), device=qkv.device, dtype=qkv.dtype)
     if B * N * H == 0:
         return dqkv
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     delta = torch.empty_like(lse)
     ieee = matmul_ieee(qkv.dtype)
     sm_scale = 1.0 / math.sqrt(D)
+    dq = delta if deterministic else torch.empty((B, H, N, D), device=qkv.device, dtype=torch.float32)
     bm, _, warps, _ = config("preprocess", D, qkv.dtype)
-    _attn_bwd_preprocess[(triton.cdiv(N, bm), B * H)](o, do, delta, N, H, D=D, BLOCK_M=bm, num_warps=warps)
-    bm, bn, warps, stages = config("dkdv", D, qkv.dtype, ieee)
-    _attn_bwd_dkdv[(triton.cdiv(N, bn), B * H)](
-        qkv, do, lse, delta, dqkv, sm_scale, sm_scale * LOG2E, N, H, *qkv.stride(),
-        D=D, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, num_warps=warps, num_stages=stages)
-    bm, bn, warps, stages = config("dq", D, qkv.dtype, ieee)
-    _attn_bwd_dq[(triton.cdiv(N, bm), B * H)](
-        qkv, do, lse, delta, dqkv, sm_scale, sm_scale * LOG2E, N, H, *qkv.stride(),
-        D=D, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, num_warps=warps, num_stages=stages)
+    _attn_bwd_preprocess[(triton.cdiv(N, bm), B * H)](o, do, delta, dq, N, H, D=D, BLOCK_M=bm,
+                                                      ZERO_DQ=not deterministic, num_warps=warps)
+    bm, bn, warps, stages = config("bwd", D, qkv.dtype, ieee)
+    _attn_bwd[(triton.cdiv(N, bn), B * H)](
+        qkv, do, lse, delta, dqkv, dq, sm_scale, sm_scale * LOG2E, N, H, *qkv.stride(),
+        D=D, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, EVEN_N=even_n(N, bm, bn), ADD_DQ=not deterministic,
+        num_warps=warps, num_stages=stages)
+    if deterministic:
+        bm, bn, warps, stages = config("dq", D, qkv.dtype, ieee)
+        _attn_bwd_dq[(triton.cdiv(N, bm), B * H)](
+            qkv, do, lse, delta, dqkv, sm_scale, sm_scale * LOG2E, N, H, *qkv.stride(),
+            D=D, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, EVEN_N=even_n(N, bm, bn), num_warps=warps, num_stages=stages)
+    else:
+        bm, _, warps, _ = config("cast", D, qkv.dtype)
+        _attn_bwd_dq_cast[(triton.cdiv(N, bm), B * H)](dq, dqkv, sm_scale, N, H, D=D, BLOCK_M=bm, num_warps=warps)
     return dqkv
 
 
@@ -270,14 +411,15 @@ def attention_bwd(do, qkv, o, lse):
 
 WRITES = {
     "_attn_fwd": {"o_ptr", "lse_ptr"},
-    "_attn_bwd_preprocess": {"delta_ptr"},
-    "_attn_bwd_dkdv": {"dqkv_ptr"},  # the K and V thirds of dqkv
-    "_attn_bwd_dq": {"dqkv_ptr"},  # the Q third of dqkv
+    "_attn_bwd_preprocess": {"delta_ptr", "dq_ptr"},  # dq_ptr: zeroed for the one-pass backward
+    "_attn_bwd": {"dqkv_ptr", "dq_ptr"},  # the K and V thirds of dqkv; dQ added into the float32 dq_ptr
+    "_attn_bwd_dq_cast": {"dqkv_ptr"},  # the Q third of dqkv
+    "_attn_bwd_dq": {"dqkv_ptr"},  # the Q third of dqkv (deterministic path)
 }
 
 # Signature hints: float32 pointers (other pointers take the build's dtype), float scalars (other
 # scalars are i32), and integers that are multiples of 16 at the model's shapes (qkv's strides but stride_d).
-AOT_FP32_POINTERS = {"lse_ptr", "delta_ptr"}
+AOT_FP32_POINTERS = {"lse_ptr", "delta_ptr", "dq_ptr"}
 AOT_FLOAT_ARGS = {"qk_scale", "sm_scale"}
 AOT_ALIGNED_INTS = {"stride_b", "stride_n", "stride_t", "stride_h"}
 # Ints that are 1 at inputs the launchers take (heads = 1; N = 1 token (a 1x1 image)): the JIT specialises them to constants.
@@ -286,18 +428,27 @@ AOT_ONE_INTS = {"N", "H"}
 
 def aot_builds():
     """[(kernel label, jit fn, config label, dtype name, constexprs, options)]: each config ``config``
-    can pick, per dtype and head dim; ``stride_d == 1`` specialised as the JIT does."""
+    can pick, per dtype and head dim, with N a multiple of the tiles (EVEN_N, the model's sizes) and not
+    (a partial last tile); ``stride_d == 1`` specialised as the JIT does."""
     out = []
     for dt in DTYPE_NAMES:
         for d in HEAD_DIMS:
             for ieee, tag in precisions(dt):
-                for name, fn, key in (("attn_fwd", _attn_fwd, "fwd"), ("attn_bwd_dkdv", _attn_bwd_dkdv, "dkdv"),
-                                      ("attn_bwd_dq", _attn_bwd_dq, "dq")):
-                    bm, bn, warps, stages = config(key, d, dt, ieee)
-                    ce = dict(stride_d=1, D=d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee)
-                    out.append((name, fn, f"{dt} d={d} {bm}x{bn} w{warps} s{stages}{tag}", dt, ce,
-                                dict(num_warps=warps, num_stages=stages)))
+                for name, fn, key, extra in (("attn_fwd", _attn_fwd, "fwd", {}),
+                                             ("attn_bwd", _attn_bwd, "bwd", dict(ADD_DQ=True)),
+                                             ("attn_bwd_dkdv", _attn_bwd, "bwd", dict(ADD_DQ=False)),
+                                             ("attn_bwd_dq", _attn_bwd_dq, "dq", {})):
+                    for even in (True, False):
+                        bm, bn, warps, stages = config(key, d, dt, ieee, even)
+                        ce = dict(stride_d=1, D=d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, EVEN_N=even, **extra)
+                        out.append((name, fn, f"{dt} d={d} {bm}x{bn} w{warps} s{stages}{tag}{'' if even else ' ragged'}",
+                                    dt, ce, dict(num_warps=warps, num_stages=stages)))
             bm, _, warps, _ = config("preprocess", d, dt)
-            out.append(("attn_bwd_preprocess", _attn_bwd_preprocess, f"{dt} d={d} {bm} w{warps}", dt,
+            for zero in (True, False):
+                out.append(("attn_bwd_preprocess", _attn_bwd_preprocess, f"{dt} d={d} {bm} w{warps}"
+                            f"{' zero dq' if zero else ''}", dt, dict(D=d, BLOCK_M=bm, ZERO_DQ=zero),
+                            dict(num_warps=warps)))
+            bm, _, warps, _ = config("cast", d, dt)
+            out.append(("attn_bwd_dq_cast", _attn_bwd_dq_cast, f"{dt} d={d} {bm} w{warps}", dt,
                         dict(D=d, BLOCK_M=bm), dict(num_warps=warps)))
     return with_ones(out, AOT_ONE_INTS)

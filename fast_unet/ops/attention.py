@@ -2,7 +2,7 @@
 
 | backend | implementation                                                           | devices, dtypes, head dims |
 |---------|--------------------------------------------------------------------------|----------------------------|
-| triton  | kernels/attention.py: flash attention, exp2 online softmax, LSE saved; recomputing backward (delta, dK/dV, dQ) | CUDA (CPU under the interpreter); fp32/bf16/fp16; 16, 32, 64 |
+| triton  | kernels/attention.py: flash attention, exp2 online softmax, LSE saved; one-pass backward (P recomputed once, dQ by atomic adds; the two-kernel path when deterministic algorithms are on) | CUDA (CPU under the interpreter); fp32/bf16/fp16; 16, 32, 64 |
 | ext     | csrc/cpu/attention.cpp: flash attention with AVX-512 register tiles       | CPU; fp32; 16, 32, 64      |
 | eager   | fast_unet/eager.py ``attention`` (SDPA on strided views)                  | any                        |
 

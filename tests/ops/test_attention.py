@@ -87,6 +87,73 @@ def test_vs_eager_and_float64(b, n, d, dtype):
     _check(b, n, 4, d, dtype)
 
 
+@pytest.fixture(params=["one-pass", "deterministic"])
+def bwd_path(request):
+    """The backward's two paths: the default one-pass kernel (dQ by atomic adds) and, under
+    ``torch.use_deterministic_algorithms(True)``, the two-kernel path."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(request.param == "deterministic")
+    try:
+        yield request.param
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [16, 32, 64])
+@pytest.mark.parametrize("n", [60, 128], ids=["n60-ragged", "n128-even"])
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
+def test_backward_paths(bwd_path, n, d, dtype):
+    """Both backward paths, every head dim and dtype, N a multiple of every tile (EVEN_N: no mask) and not
+    (a partial last tile in every loop and program): forward and dqkv against float64."""
+    _check(1, n, 2, d, dtype)
+
+
+@pytest.mark.parametrize("n", [1, 191, 192])
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
+def test_backward_paths_at_the_edges(bwd_path, n):
+    """One token, and three tiles with and without a partial last one (bf16, head dim 16). sa6's 4,096
+    tokens take about 10 minutes here (the interpreter runs the forward's NaN-propagating row max
+    element by element): they run on CUDA in test_attention_full_sizes."""
+    _check(2, n, 2, 16, torch.bfloat16)
+
+
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
+def test_backward_launches_per_path():
+    """The default backward is delta + the one-pass kernel (adding dQ) + the cast; the deterministic one
+    runs no atomics (dK/dV, then dQ by query tile) and gives bit-identical gradients run after run."""
+    from helpers import launches
+
+    qkv = torch.randn(2, 70, 3, 2, 16, requires_grad=True)
+    do = torch.randn(2, 70, 32)
+
+    def grad():
+        qkv.grad = None
+        ops.attention(qkv).backward(do)
+        return qkv.grad.clone()
+
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        with launches() as rec:
+            g_fast = grad()
+        assert [r["name"] for r in rec if r["name"].startswith("_attn_bwd")] == \
+            ["_attn_bwd_preprocess", "_attn_bwd", "_attn_bwd_dq_cast"]
+        assert rec[[r["name"] for r in rec].index("_attn_bwd")]["kwargs"]["ADD_DQ"] is True
+        torch.use_deterministic_algorithms(True)
+        with launches() as rec:
+            g_det = grad()
+        assert [r["name"] for r in rec if r["name"].startswith("_attn_bwd")] == \
+            ["_attn_bwd_preprocess", "_attn_bwd", "_attn_bwd_dq"]
+        assert rec[[r["name"] for r in rec].index("_attn_bwd")]["kwargs"]["ADD_DQ"] is False
+        assert torch.equal(grad(), g_det) and torch.equal(grad(), g_det)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    torch.testing.assert_close(g_fast, g_det, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("n", [1, 5, 17])
 @pytest.mark.backends("triton")
 @pytest.mark.usefixtures("backend")
@@ -164,15 +231,16 @@ def test_dispatch_needs_interpreter_for_cpu_tensors(monkeypatch):
 # (b) the Triton kernels on CUDA at the model's full sizes
 
 # (B, N, heads, d) of the six attention blocks at 64x64
-ATTN_SHAPES = [(4, 1024, 4, 32), (8, 256, 4, 64), (8, 64, 4, 64), (8, 256, 4, 32), (4, 1024, 4, 16), (2, 4096, 4, 16)]
+ATTN_SHAPES = [(4, 1024, 4, 32), (8, 256, 4, 64), (8, 64, 4, 64), (8, 256, 4, 32), (4, 1024, 4, 16), (2, 4096, 4, 16),
+               (2, 4095, 4, 16)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.backends("triton-cuda")
 @pytest.mark.usefixtures("backend")
-def test_attention_full_sizes(shape, dtype):
-    from fast_unet import eager, ops
+def test_attention_full_sizes(bwd_path, shape, dtype):
+    """The six blocks' shapes at 64x64 (and sa6's with a partial last tile), both backward paths."""
 
     b, n, h, d = shape
     qkv = torch.randn(b, n, 3, h, d, device="cuda").to(dtype)

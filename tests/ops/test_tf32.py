@@ -12,7 +12,7 @@ from helpers import launches
 pytest.importorskip("triton")
 
 CONV = {"_conv3x3_kernel"}
-MATMUL = {"_linear_kernel", "_ln_linear_bwd_kernel", "_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq",
+MATMUL = {"_linear_kernel", "_ln_linear_bwd_kernel", "_attn_fwd", "_attn_bwd", "_attn_bwd_dq",
           "_temb_fwd_kernel", "_temb_bwd_kernel"}
 
 
@@ -41,6 +41,7 @@ def _launch_all(dtype):
         lnb.ln_linear_bwd(torch.randn(18, 48, dtype=dtype), tok.reshape(18, 32), ln_w, 1e-5, w32)
         o, lse = attn.attention_fwd(qkv)
         attn.attention_bwd(torch.randn_like(o), qkv, o, lse)
+        attn.attention_bwd(torch.randn_like(o), qkv, o, lse, deterministic=True)
         temb.time_embedding_fwd(t, 32, w32, b32, w32, b32)
         temb.time_embedding_bwd(torch.randn(2, 48), torch.randn(2, 48), t, 32, w32, w32)
     ieee = {}
