@@ -10,10 +10,13 @@ The loop rule (``hot_loop``):
   padding after ``EXIT``) is not a loop;
 - loops that overlap without nesting do not occur in compiled structured code; nesting is by address
   range: a loop whose range holds another's is its outer loop (its depth is one less);
-- the hot loop is the one with the most tensor-core instructions in its body; among those, the deepest
-  (an inner K loop inside a loop over taps); among those, the longest body. A loop with more tensor-core
-  work than the loops inside it is the hot one (a spin loop of compare-and-swap inside an attention loop
-  does not take its place), and where no loop has tensor-core work the deepest, longest one is.
+- a retry loop of compare-and-swap (a body with an atomic ``CAS``, no tensor-core instruction and no loop
+  inside: the spin of an atomic the hardware has no instruction for) is not a work loop: it is left out unless the
+  kernel has no other loop;
+- the hot loop is an innermost tensor-core loop: among the loops with tensor-core instructions, those
+  that hold no other such loop (the K loop, not the loop over taps around it; an attention loop with a
+  retry loop inside it); of those, the one with the most tensor-core instructions, then the longest.
+  Where no loop has tensor-core work, the longest of the innermost loops (those holding no other).
 
 The count of a loop is static: every instruction of the body once, whether predicated off or skipped by
 a forward branch inside it (Triton's loops predicate rather than branch, so the two agree there).
@@ -117,6 +120,17 @@ def loop_counts(body):
             "ops": dict(ops.most_common())}
 
 
+def _holds(outer, inner):
+    return outer is not inner and outer["start"] <= inner["start"] and inner["end"] <= outer["end"]
+
+
+def is_retry(lp, found):
+    """A compare-and-swap retry loop: an atomic ``CAS`` in the body, no tensor-core instruction and no loop
+    inside (of ``found``)."""
+    return (lp["tensor_core"] == 0 and not any(_holds(lp, o) for o in found)
+            and any(".CAS" in op and family(op) in ("ATOM", "ATOMG", "ATOMS") for _, op, _ in lp["body"]))
+
+
 def hot_loop(instrs):
     """The hot loop of one function (the rule in the module docstring) with its ``loop_counts`` merged in
     and ``loops``, the number of loops found; None when the function has no loop."""
@@ -125,7 +139,11 @@ def hot_loop(instrs):
         return None
     for lp in found:
         lp.update(loop_counts(lp["body"]))
-    best = max(found, key=lambda lp: (lp["tensor_core"], lp["depth"], lp["insts"]))
+    work = [lp for lp in found if not is_retry(lp, found)] or found
+    tc = [lp for lp in work if lp["tensor_core"]]
+    pool = tc or work
+    innermost = [lp for lp in pool if not any(_holds(lp, o) for o in pool)]
+    best = max(innermost, key=lambda lp: (lp["tensor_core"], lp["insts"]))
     out = {k: v for k, v in best.items() if k != "body"}
     out["loops"] = len(found)
     return out

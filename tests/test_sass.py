@@ -65,28 +65,38 @@ def test_loops_on_a_synthetic_listing():
     assert sass.per_units(hot, 8, 128 * 64, per=1) == {"insts": 5 / 1024, "ex2": 2 / 1024, "tensor_core": 1 / 1024}
 
 
-def test_hot_loop_keeps_the_tensor_core_loop_around_a_spin_loop():
-    """A loop without tensor-core work inside one with it (an atomic's compare-and-swap retry inside an
-    attention loop) does not become the hot loop; with no tensor-core work anywhere, the deepest does;
-    no backward branch, no loop."""
-    def listing(ops):
-        return "\n".join(f"        /*{16 * i:04x}*/                   {op} ;" for i, op in enumerate(ops))
+def _listing(ops):
+    return "\n".join(f"        /*{16 * i:04x}*/                   {op} ;" for i, op in enumerate(ops))
 
-    outer = listing(["HGMMA.64x16x16.F32.BF16 R0, gdesc[UR4], R0", "FADD R1, R1, R2",
-                     "ATOMG.E.CAS.STRONG.GPU PT, R8, [R10], R8, R9", "@P2 BRA 0x20", "FMUL R3, R3, R3",
-                     "@P0 BRA 0x0", "EXIT", "BRA 0x70"])
+
+def test_hot_loop_keeps_the_tensor_core_loop_around_a_retry_loop():
+    """A compare-and-swap retry loop inside a tensor-core loop (an atomic the hardware has no instruction
+    for, inside an attention loop) does not become the hot loop, with or without tensor-core work around
+    it; no backward branch, no loop."""
+    outer = _listing(["HGMMA.64x16x16.F32.BF16 R0, gdesc[UR4], R0", "FADD R1, R1, R2",
+                      "ATOMG.E.CAS.STRONG.GPU PT, R8, [R10], R8, R9", "@P2 BRA 0x20", "FMUL R3, R3, R3",
+                      "@P0 BRA 0x0", "EXIT", "BRA 0x70"])
     hot = sass.hot_loop(sass.parse(outer)[""])
     assert (hot["start"], hot["end"], hot["insts"], hot["tensor_core"], hot["loops"]) == (0, 0x50, 6, 1, 2)
     plain = outer.replace("HGMMA.64x16x16.F32.BF16 R0, gdesc[UR4], R0", "FFMA R0, R0, R1, R2")
     hot = sass.hot_loop(sass.parse(plain)[""])
-    assert (hot["start"], hot["end"], hot["depth"]) == (0x20, 0x30, 1)
-    assert sass.hot_loop(sass.parse(listing(["FADD R1, R1, R2", "@P0 BRA 0x30", "EXIT"]))[""]) is None
+    assert (hot["start"], hot["end"], hot["tensor_core"]) == (0, 0x50, 0)
+    assert sass.hot_loop(sass.parse(_listing(["FADD R1, R1, R2", "@P0 BRA 0x30", "EXIT"]))[""]) is None
 
 
-def test_ptx_has_loop():
-    from fast_unet.sass import ptx_has_loop
-
-    loop = "$L__BB0_1:\n\tadd.s32 %r1, %r1, 1;\n\tsetp.lt.s32 %p1, %r1, %r2;\n\t@%p1 bra $L__BB0_1;\n\tret;"
-    assert ptx_has_loop(loop)
-    assert not ptx_has_loop("\t@%p1 bra $L__BB0_2;\n\tadd.s32 %r1, %r1, 1;\n$L__BB0_2:\n\tret;")
-    assert ptx_has_loop("$L__BB0_3:\n\tbra.uni $L__BB0_3;")
+def test_hot_loop_is_an_innermost_tensor_core_loop():
+    """Two K loops in a loop over taps (a concatenated input): the hot loop is the inner one with the most
+    tensor-core instructions, not the tap loop that holds both; without tensor-core work, the longest
+    innermost loop."""
+    taps = _listing(["IMAD R2, R3, R4, RZ",                                          # 0x00 tap loop
+                     "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24", "LDG.E R5, [R6]",  # 0x10 K loop 1
+                     "@P1 BRA 0x10",                                                 # 0x30
+                     "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24",                 # 0x40 K loop 2
+                     "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24", "@P2 BRA 0x40",  # 0x50, 0x60
+                     "@P0 BRA 0x0", "EXIT"])                                          # 0x70
+    hot = sass.hot_loop(sass.parse(taps)[""])
+    assert (hot["start"], hot["end"], hot["tensor_core"], hot["depth"], hot["loops"]) == (0x40, 0x60, 2, 1, 3)
+    plain = taps.replace("HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24", "FFMA R24, R25, R26, R24").replace(
+        "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24", "FFMA R24, R25, R26, R24")
+    hot = sass.hot_loop(sass.parse(plain)[""])
+    assert (hot["start"], hot["end"], hot["insts"]) == (0x10, 0x30, 3)  # longest innermost (ties: first)
