@@ -94,9 +94,12 @@ def TritonRecorder(trace, dry=False):
                 if any(n in updates for n in t.names):
                     reads.append(t)
             g = grid(dict(named)) if callable(grid) else grid
-            flops, exps, unit, known = work.triton_work(name, dict(tensors))
-            trace.launches.append(Launch("triton", name, trace.where(), list(g) if g is not None else None,
-                                         reads, written, declared, flops, unit, exps, known))
+            g = list(g) if g is not None else None
+            scalars = {n: a for n, a in named if isinstance(a, (bool, int, float)) and not isinstance(a, torch.Tensor)}
+            flops, exps, unit, known = work.triton_work(name, dict(tensors), scalars)
+            loop, l2 = work.triton_loop(name, dict(tensors), scalars, g)
+            trace.launches.append(Launch("triton", name, trace.where(), g, reads, written, declared, flops, unit,
+                                         exps, known, scalars, loop, l2))
             if dry:
                 return None
             with _disable_current_modes():
@@ -255,7 +258,8 @@ class OpCounter(TorchDispatchMode):
             return
         flops, exps, unit = work.aten_work(func, args, kwargs, out)
         self.trace.launches.append(Launch("torch", str(func), self.trace.where(), None,
-                                          touched(reads), touched(writes), True, flops, unit, exps))
+                                          touched(reads), touched(writes), True, flops, unit, exps,
+                                          loop=work.aten_loop(func, args)))
 
 
 @contextlib.contextmanager

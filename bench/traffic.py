@@ -46,6 +46,12 @@ class Launch:
     unit: str = None
     exps: int = 0
     known: bool = True  # a formula (or an elementwise kernel) accounts for its FLOPs
+    # Triton: the launch's other arguments (constexprs, scalars, num_warps, num_stages), by name
+    args: dict = None
+    # bench/work.py: the inner loop's work (Triton: its iterations; attention and SDPA: scores and head
+    # dim), and the bytes re-read from L2 inside it (tiles loaded once per program, dQ's atomic adds)
+    loop: dict = None
+    l2_bytes: int = 0
 
     @property
     def read_bytes(self):

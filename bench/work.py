@@ -8,11 +8,25 @@ exponentials. Measures nothing; ``bench/recorder.py`` calls it for every launch 
 - Triton kernels of ``kernels/``: FLOPs and exponentials per kernel, derived here from the launch's
   arguments (``triton_work``): the conv as an implicit GEMM (2 * output elements * Cin * 9), the token
   GEMMs (2 * M * N * K), attention (forward 4 N^2 d and N^2 exponentials per head; the backward as
-  implemented: the one-pass backward 10 N^2 d and N^2 exponentials; the deterministic path 8 N^2 d + N^2
-  exponentials in its dK/dV pass and 6 N^2 d + N^2 in its dQ kernel).
+  implemented: the one-pass backward ``_attn_bwd`` 10 N^2 d and N^2 exponentials; the deterministic path
+  8 N^2 d + N^2 exponentials in its dK/dV pass (``_attn_bwd`` without ADD_DQ) and 6 N^2 d + N^2 in its dQ
+  kernel).
+- The forward's running-max rescale, alpha = exp2(m_old - m_new): BLOCK_M more exponentials per
+  iteration of its loop (one per query row and key tile), from the launch's constexprs.
 - Elementwise and reduction kernels (GroupNorm, pooling, upsampling, the statistics): no FLOP term. At
   most ~16 scalar FLOPs per element on the CUDA cores never bind before memory does (an H200's fp32
-  CUDA-core rate over its bandwidth: 67e12 / 4.3e12 = 15.6 FLOP per byte, and every element is >= 2 bytes).
+  CUDA-core rate over its bandwidth: 67e12 / 4.3e12 = 15.6 FLOP per byte, and every element is >= 2 bytes);
+  the instructions around them can, which the estimate's issue term counts where the kernel has a loop.
+
+The inner loop of a Triton launch (``triton_loop``): how many iterations of the loop the compile report
+reads from the SASS (fast_unet/aot.py, fast_unet/sass.py: the hot loop) the launch runs, summed over its
+programs, so that ``python -m bench.estimate`` can count the instructions they issue; and the bytes the
+loop re-reads from L2: each tile a program loads inside its loop counts every time (the compulsory
+bytes above count each tensor once), and the one-pass backward's float32 atomic adds into dQ count as a
+read and a write per key tile (N / BLOCK_N x N x D x 4 bytes x 2 per batch and head). Any attention
+kernel (a name starting ``_attn`` with ``qkv_ptr``, ``BLOCK_M``, ``BLOCK_N``) visits every (query tile,
+key tile) pair once: B H cdiv(N, BLOCK_M) cdiv(N, BLOCK_N) iterations. SDPA's launches (``aten_loop``)
+carry their scores and head dim instead: their SASS is not here.
 
 Units: ``"mma16"`` (bf16/fp16 tensor cores), ``"tf32"`` (float32 convolutions: cuDNN's default
 ``torch.backends.cudnn.allow_tf32 = True``), ``"fp32"`` (float32 matmuls: PyTorch's default
@@ -21,7 +35,8 @@ memory-efficient attention), None (no FLOP term). GELU's erf is a polynomial, no
 """
 import torch
 
-# Triton kernel name -> formula(named tensors) -> (flops, exps, the tensor whose dtype picks the unit)
+# Triton kernel name -> formula(named tensors, other arguments) -> (flops, exps, the tensor whose dtype picks
+# the unit)
 _TRITON = {}
 
 
@@ -33,20 +48,24 @@ def _triton(*names):
     return register
 
 
+def _cdiv(a, b):
+    return -(-int(a) // int(b))
+
+
 @_triton("_conv3x3_kernel")
-def _conv(t):
+def _conv(t, a):
     w, y = t["w_ptr"], t["y_ptr"]
     return 2 * y.numel() * (w.numel() // w.shape[0]), 0, w
 
 
 @_triton("_linear_kernel")
-def _linear(t):
+def _linear(t, a):
     w, out = t["w_ptr"], t["out_ptr"]
     return 2 * out.numel() * w.shape[-1], 0, w
 
 
 @_triton("_ln_linear_bwd_kernel")
-def _ln_linear_bwd(t):
+def _ln_linear_bwd(t, a):
     d, w = t["d_ptr"], t["w_ptr"]
     return 2 * d.numel() * w.shape[-1], 0, w
 
@@ -56,34 +75,48 @@ def _attn_shape(t):
     return b * h, n, d
 
 
+def _attn_tile_pairs(t, a):
+    """B H cdiv(N, BLOCK_M) cdiv(N, BLOCK_N): the (query tile, key tile) pairs of one attention launch."""
+    bh, n, _ = _attn_shape(t)
+    return bh * _cdiv(n, a["BLOCK_M"]) * _cdiv(n, a["BLOCK_N"])
+
+
 @_triton("_attn_fwd")
-def _attn_fwd(t):
+def _attn_fwd(t, a):  # plus the rescale exp2(m_old - m_new): BLOCK_M per (query tile, key tile)
     bh, n, d = _attn_shape(t)
-    return 4 * bh * n * n * d, bh * n * n, t["qkv_ptr"]
+    rescale = _attn_tile_pairs(t, a) * a["BLOCK_M"] if a and "BLOCK_M" in a and "BLOCK_N" in a else 0
+    return 4 * bh * n * n * d, bh * n * n + rescale, t["qkv_ptr"]
 
 
 @_triton("_attn_bwd")
-def _attn_bwd(t):  # S^T = K Q^T recomputed, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q (+ dQ += dS K)
+def _attn_bwd(t, a):  # S^T = K Q^T recomputed, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q (+ dQ += dS K)
     bh, n, d = _attn_shape(t)
-    add_dq = t["dq_ptr"].dim() == 4  # the one-pass backward's (B, H, N, D) dQ; the deterministic path passes delta
-    return (10 if add_dq else 8) * bh * n * n * d, bh * n * n, t["qkv_ptr"]
+    return (10 if _adds_dq(t, a) else 8) * bh * n * n * d, bh * n * n, t["qkv_ptr"]
+
+
+def _adds_dq(t, a):
+    """Whether an ``_attn_bwd`` launch is the one-pass backward (ADD_DQ; without the constexpr at hand: its
+    dQ buffer is (B, H, N, D), where the deterministic path passes delta in its place)."""
+    if a and "ADD_DQ" in a:
+        return bool(a["ADD_DQ"])
+    return t["dq_ptr"].dim() == 4
 
 
 @_triton("_attn_bwd_dq")
-def _attn_bwd_dq(t):  # S recomputed, dP = dO V^T, dQ += dS K
+def _attn_bwd_dq(t, a):  # S recomputed, dP = dO V^T, dQ += dS K
     bh, n, d = _attn_shape(t)
     return 6 * bh * n * n * d, bh * n * n, t["qkv_ptr"]
 
 
 @_triton("_temb_fwd_kernel")
-def _temb_fwd(t):  # both projections of the encoding; SiLU/sin/cos counted as one exponential per output
+def _temb_fwd(t, a):  # both projections of the encoding; SiLU/sin/cos counted as one exponential per output
     k = t["rw_ptr"].shape[-1]
     outs = t["down_ptr"].numel() + t["up_ptr"].numel()
     return 2 * outs * k, outs, t["rw_ptr"]
 
 
 @_triton("_temb_bwd_kernel")
-def _temb_bwd(t):
+def _temb_bwd(t, a):
     k = t["drw_ptr"].shape[-1]
     outs = t["gd_ptr"].numel() + t["gu_ptr"].numel()
     return 2 * outs * k, outs, t["gd_ptr"]
@@ -95,21 +128,84 @@ def _mma_unit(dtype, fp32_unit="fp32"):
     return fp32_unit if dtype == torch.float32 else None
 
 
-def triton_work(name, named):
-    """(flops, exps, unit, known) of one Triton launch; ``named``: {argument name: tensor}. ``known`` is
-    False for a kernel this table has no formula for (counted as elementwise: no FLOP term)."""
+def triton_work(name, named, args=None):
+    """(flops, exps, unit, known) of one Triton launch; ``named``: {argument name: tensor}, ``args``: its
+    other arguments by name (constexprs, scalars). ``known`` is False for a kernel this table has no
+    formula for (counted as elementwise: no FLOP term)."""
     fn = _TRITON.get(name)
     if fn is None:
         return 0, 0, None, name.startswith(_ELEMENTWISE_PREFIXES)
     try:
-        flops, exps, like = fn(named)
-    except (KeyError, ValueError, IndexError):
+        flops, exps, like = fn(named, args or {})
+    except (KeyError, ValueError, IndexError, TypeError):
         return 0, 0, None, False  # a kernel whose arguments changed: reported as without a formula
     return int(flops), int(exps), _mma_unit(like.dtype) if flops else None, True
 
 
+# Triton kernel name -> trips(named tensors, other arguments) -> iterations of its hot loop per program
+# (the loop fast_unet/sass.py picks: the innermost loop with the most tensor-core work)
+_TRIPS = {
+    "_conv3x3_kernel": lambda t, a: 9 * (_cdiv(a["C1"], a["BLOCK_K"]) + (
+        _cdiv(a["C_in"] - a["C1"], a["BLOCK_K"]) if a["HAS_X2"] else 0)),
+    "_linear_kernel": lambda t, a: _cdiv(a["K"], a["BLOCK_K"]),
+    "_ln_linear_bwd_kernel": lambda t, a: _cdiv(a["N_out"], a["BLOCK_N"]),
+    "_col_partial_sum_kernel": lambda t, a: _cdiv(a["ROWS_PER_PROG"], a["BLOCK_R"]),
+    "_gn_stats_kernel": lambda t, a: _cdiv(a["HW_PER_PROG"], a["BLOCK_HW"]),
+    "_gn_bwd_reduce_kernel": lambda t, a: _cdiv(a["HW_PER_PROG"], a["BLOCK_HW"]),
+    "_gn_bwd_combine_kernel": lambda t, a: _cdiv(a["C"], a["BLOCK_C"]) * a["S"],  # the inner loop over S
+    "_gn_bwd_param_kernel": lambda t, a: a["B"],
+    "_gn_combine_kernel": lambda t, a: _cdiv(a["P"], a["BLOCK_P"]),
+    "_gn_apply_partials_kernel": lambda t, a: _cdiv(a["P"], a["BLOCK_P"]),  # one of its two passes over P
+    "_gn_relu_pool_kernel": lambda t, a: 4,  # the 2x2 window
+    "_upsample2x_kernel": lambda t, a: _cdiv(a["P_in"], a["BLOCK_P_IN"]) if a["NORM_IN"] else 0,
+    "_temb_fwd_kernel": lambda t, a: _cdiv(a["dim"], a["BLOCK_K"]),
+    "_temb_bwd_kernel": lambda t, a: _cdiv(a["B"], a["BLOCK_B"]),
+}
+
+
+def _is_attention(name, t, a):
+    return name.startswith("_attn") and "qkv_ptr" in t and "BLOCK_M" in a and "BLOCK_N" in a
+
+
+def _attn_l2(name, t, a):
+    """Bytes the attention kernel's loop loads from L2 (every tile at every load) and, for the one-pass
+    backward, dQ's float32 atomic read-modify-write per key tile."""
+    bh, n, d = _attn_shape(t)
+    bm, bn = a["BLOCK_M"], a["BLOCK_N"]
+    es = t["qkv_ptr"].element_size()
+    pairs = _attn_tile_pairs(t, a)
+    if name in ("_attn_bwd_dkdv", "_attn_bwd"):  # a key tile per program; Q, dO, lse, delta per query tile
+        l2 = pairs * bm * (2 * d * es + 2 * 4)
+        if name == "_attn_bwd" and _adds_dq(t, a):
+            l2 += pairs * bm * d * 4 * 2  # = B H cdiv(N, BLOCK_N) N D 4 bytes x 2 (N a multiple of BLOCK_M)
+        return l2
+    return pairs * bn * 2 * d * es  # a query tile per program; K and V per key tile
+
+
+def triton_loop(name, named, args, grid):
+    """(loop, l2_bytes) of one Triton launch: ``loop`` = {"iterations": of its hot loop over all programs}
+    (attention also "scores" and "head_dim"), None for a kernel without a formula here (no loop, or one
+    this table does not know); ``l2_bytes``: see the module docstring (0 where not modelled)."""
+    a = args or {}
+    programs = 1
+    for g in grid or ():
+        programs *= int(g)
+    try:
+        if _is_attention(name, named, a):
+            bh, n, d = _attn_shape(named)
+            return ({"iterations": _attn_tile_pairs(named, a), "scores": bh * n * n, "head_dim": d},
+                    int(_attn_l2(name, named, a)))
+        trips = _TRIPS.get(name)
+        if trips is None:
+            return None, 0
+        return {"iterations": programs * int(trips(named, a))}, 0
+    except (KeyError, ValueError, IndexError, TypeError, ZeroDivisionError):
+        return None, 0
+
+
 # Kernels known to be elementwise or reductions (no FLOP term), so that an unknown kernel stands out.
-_ELEMENTWISE_PREFIXES = ("_gn_", "_upsample", "_attn_bwd_preprocess", "_attn_bwd_dq_cast", "_gn_relu_pool", "_pool", "_ln_bwd",
+_ELEMENTWISE_PREFIXES = ("_gn_", "_upsample", "_attn_bwd_preprocess", "_attn_bwd_dq_cast", "_gn_relu_pool", "_pool",
+                         "_ln_bwd",
                          "_stats", "_combine")
 
 _SOFTMAX = {"_softmax", "_log_softmax", "softmax", "log_softmax", "_safe_softmax"}
@@ -127,6 +223,28 @@ def _first_tensor(args):
         if isinstance(a, torch.Tensor):
             return a
     return None
+
+
+def _sdpa_shapes(base, args):
+    """(batch * heads, query rows, key rows, head dim) of an SDPA op's arguments."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    q, k = tensors[:2] if "backward" not in base else tensors[1:3]
+    if base.startswith("_flash_attention") or base.startswith("_efficient_attention"):
+        return q.shape[0] * q.shape[2], q.shape[1], k.shape[1], q.shape[-1]  # (B, N, H, d) layout
+    return q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.shape[-1]  # (B, H, N, d)
+
+
+def aten_loop(func, args):
+    """{"scores", "head_dim", "sdpa": True} of a fused attention op (SDPA), None for any other op: what
+    ``python -m bench.estimate`` needs to give it an instruction-issue term."""
+    base = func._schema.name.split("::")[-1]
+    if base not in _SDPA:
+        return None
+    try:
+        bh, n, nk, d = _sdpa_shapes(base, args)
+    except (IndexError, ValueError):
+        return None
+    return {"scores": bh * n * nk, "head_dim": int(d), "sdpa": True}
 
 
 def aten_work(func, args, kwargs, out):
@@ -147,12 +265,7 @@ def aten_work(func, args, kwargs, out):
         o = out[0] if isinstance(out, (tuple, list)) else out
         exps = o.numel() if isinstance(o, torch.Tensor) else 0
     elif base in _SDPA:
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        q, k = tensors[:2] if "backward" not in base else tensors[1:3]
-        if base.startswith("_flash_attention") or base.startswith("_efficient_attention"):
-            bh, n, nk = q.shape[0] * q.shape[2], q.shape[1], k.shape[1]  # (B, N, H, d) layout
-        else:
-            bh, n, nk = q.shape[0] * q.shape[1], q.shape[2], k.shape[2]  # (B, H, N, d)
+        bh, n, nk, _ = _sdpa_shapes(base, args)
         exps = bh * n * nk
     unit = None
     if flops and first is not None:

@@ -8,6 +8,14 @@ signature the launcher's call produces at the model's shapes (pointers 16-byte a
 cores from the PTX (``wgmma`` / ``mma.sync``). TRITON_INTERPRET must be unset: the interpreter's
 kernels cannot be compiled.
 
+The inner loop of each build that has one (fast_unet/sass.py: the SASS of the cubin, ``cuobjdump -sass``;
+the hot loop is the innermost loop with the most tensor-core instructions, see its docstring): the
+instructions of one iteration (per warp), its ``MUFU.EX2`` and tensor-core instructions, and the same
+as warp instructions per 1,024 units of the work one iteration covers (x num_warps x 1024 / units):
+scores for attention (BLOCK_M x BLOCK_N), otherwise the tile elements of the loop, the product of the
+build's ``BLOCK_*`` constexprs unless the module's ``AOT_LOOP_TILES`` names the loop's own
+(``loop_tile``). Builds without a loop (no backward branch in their PTX) are not disassembled.
+
 The builds come from the kernel modules: each module of ``fast_unet.kernels`` declares ``aot_builds()``
 and the signature hints of its kernels (``AOT_FP32_POINTERS``, ``AOT_FLOAT_ARGS``, ``AOT_ALIGNED_INTS``;
 see kernels/__init__.py; a bf16/fp16 build with its (C,) parameters in float32, as under autocast, sets
@@ -116,6 +124,75 @@ def resources(kernel):
             "tensor_cores": "+".join(tc) if tc else "no"}
 
 
+def loop_tile(fn, constexprs):
+    """(units of work one iteration of ``fn``'s inner loop covers, their name) for a build's constexprs.
+    A module may declare ``AOT_LOOP_TILES = {kernel function name: ((constexpr names), unit)}``: the
+    product of those constexprs, in that unit (a GEMM's K loop: BLOCK_M x BLOCK_N x BLOCK_K "MACs").
+    Otherwise the product of every ``BLOCK_*`` constexpr, in "scores" for the attention module's kernels
+    (BLOCK_M x BLOCK_N: the query x key tile) and "elements" for the others."""
+    f = getattr(fn, "fn", fn)
+    module = importlib.import_module(f.__module__)
+    declared = getattr(module, "AOT_LOOP_TILES", {}).get(f.__name__)
+    if declared:
+        names, unit = declared
+    else:
+        names = sorted(k for k in constexprs if k.startswith("BLOCK_"))
+        unit = "scores" if module.__name__.rsplit(".", 1)[-1] == "attention" else "elements"
+    units = 1
+    for n in names:
+        units *= int(constexprs[n])
+    return units, unit
+
+
+LOOP_KEYS = ("loop_insts", "loop_ex2", "loop_tc", "loop_units", "loop_unit", "insts_per_1k", "ex2_per_1k",
+             "tc_per_1k", "loop_ops")
+
+
+def loop_columns(kernel, fn, constexprs, options):
+    """The inner-loop columns of one compiled build (see the module docstring): ``loop_insts``, ``loop_ex2``,
+    ``loop_tc`` per iteration per warp; ``loop_units`` and ``loop_unit`` (the work of one iteration);
+    ``insts_per_1k``, ``ex2_per_1k``, ``tc_per_1k`` (warp instructions per 1,024 units); ``loop_ops``
+    (opcode family -> count in the loop). All None for a build without a loop."""
+    from . import sass
+
+    out = dict.fromkeys(LOOP_KEYS)
+    if not sass.ptx_has_loop(kernel.asm["ptx"]):
+        return out
+    lp = sass.kernel_loop(kernel.asm["cubin"])
+    if lp is None:
+        return out
+    units, unit = loop_tile(fn, constexprs)
+    warps = int(options.get("num_warps", 4))
+    per = sass.per_units(lp, warps, units)
+    out.update(loop_insts=lp["insts"], loop_ex2=lp["ex2"], loop_tc=lp["tensor_core"], loop_units=units,
+               loop_unit=unit, insts_per_1k=round(per["insts"], 1), ex2_per_1k=round(per["ex2"], 1),
+               tc_per_1k=round(per["tensor_core"], 2), loop_ops=lp["ops"])
+    return out
+
+
+def analyse(fn, dtype, constexprs, options, arch):
+    """Compile one build and return its report columns: ``resources`` and ``loop_columns``."""
+    kernel = compile_one(fn, dtype, constexprs, options, arch)
+    row = resources(kernel)
+    row.update(loop_columns(kernel, fn, constexprs, options))
+    return row
+
+
+def select(all_builds, kernels=None, match=None, configs=None):
+    """The builds whose kernel label is in ``kernels`` (exact labels), contains one of the substrings
+    ``match``, and whose config label contains one of the substrings ``configs`` (each filter None: any)."""
+    out = []
+    for b in all_builds:
+        if kernels and b[0] not in kernels:
+            continue
+        if match and not any(m in b[0] for m in match):
+            continue
+        if configs and not any(c in b[2] for c in configs):
+            continue
+        out.append(b)
+    return out
+
+
 def parse_archs(text):
     """"sm_80,sm_90" -> [80, 90]."""
     archs = []
@@ -128,35 +205,55 @@ def parse_archs(text):
     return archs
 
 
-def report(archs, kernels=None, progress=None):
-    """One dict per (build, arch): kernel, config, arch, regs, spill_bytes, shared_bytes, tensor_cores."""
+def report(archs, kernels=None, progress=None, match=None, configs=None):
+    """One dict per (build, arch): kernel, config, arch, regs, spill_bytes, shared_bytes, tensor_cores and
+    the inner-loop columns (``loop_columns``). ``kernels``: exact kernel labels; ``match``: substrings of
+    kernel labels; ``configs``: substrings of config labels (``select``)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the compile report needs TRITON_INTERPRET unset (interpreted kernels cannot be compiled)")
     all_builds = builds()
     unknown = set(kernels or ()) - {b[0] for b in all_builds}
     if unknown:
         raise ValueError(f"unknown kernel(s) {sorted(unknown)}; known: {sorted({b[0] for b in all_builds})}")
+    chosen = select(all_builds, kernels, match, configs)
+    if not chosen:
+        raise ValueError(f"no build matches kernels={kernels} match={match} configs={configs}; kernels: "
+                         f"{sorted({b[0] for b in all_builds})}")
     rows = []
-    for name, fn, label, dtype, ce, opts in all_builds:
-        if kernels and name not in kernels:
-            continue
+    for name, fn, label, dtype, ce, opts in chosen:
         for arch in archs:
             row = {"kernel": name, "config": label, "arch": f"sm_{arch}"}
             try:
-                row.update(resources(compile_one(fn, dtype, ce, opts, arch)))
+                row.update(analyse(fn, dtype, ce, opts, arch))
             except Exception as e:  # report, do not stop: one failing build must not hide the others
                 row.update(regs=None, spill_bytes=None, shared_bytes=None, tensor_cores=None,
                            error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                row.update(dict.fromkeys(LOOP_KEYS))
             rows.append(row)
             if progress:
                 progress(row)
     return rows
 
 
+TABLE_HEAD = ("kernel", "config", "arch", "regs", "spill_bytes", "shared_bytes", "tensor_cores", "loop_insts",
+              "loop_ex2", "loop_tc", "insts_per_1k", "ex2_per_1k", "tc_per_1k", "loop_unit")
+
+
+def _cell(r, k):
+    if k == "regs" and r.get("error"):
+        return "ERROR: " + r["error"]
+    v = r.get(k)
+    if v is None and k in LOOP_KEYS:
+        return "-"
+    return "" if v is None else str(v)
+
+
 def format_table(rows):
-    head = ("kernel", "config", "arch", "regs", "spill_bytes", "shared_bytes", "tensor_cores")
-    cells = [head] + [tuple("ERROR: " + r["error"] if (k == "regs" and r.get("error")) else str(r.get(k, ""))
-                            for k in head) for r in rows]
+    """The report as a Markdown table. The loop columns: instructions, ``MUFU.EX2`` and tensor-core
+    instructions of one inner-loop iteration (per warp), then the same as warp instructions per 1,024
+    units (``loop_unit``: scores or tile elements); "-" for a build without a loop."""
+    head = TABLE_HEAD
+    cells = [head] + [tuple(_cell(r, k) for k in head) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     lines = ["| " + " | ".join(c[i].ljust(widths[i]) for i in range(len(head))) + " |" for c in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")

@@ -77,13 +77,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fast_unet.info", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--compile", metavar="ARCHS", help="compile every Triton kernel config ahead of time for "
-                        "these archs (e.g. sm_80,sm_90) and report registers, spills, shared memory, tensor cores")
+                        "these archs (e.g. sm_80,sm_90) and report registers, spills, shared memory, tensor cores "
+                        "and the SASS of each inner loop (instructions, exponentials, tensor-core instructions per "
+                        "iteration and per 1,024 scores or tile elements)")
     parser.add_argument("--kernel", action="append", help="with --compile: only this kernel (repeatable)")
+    parser.add_argument("--kernels", metavar="SUBSTRINGS", help="with --compile: only kernels whose label "
+                        "contains one of these comma-separated substrings (e.g. attn or attn_fwd,conv)")
+    parser.add_argument("--config", metavar="SUBSTRINGS", help="with --compile: only configs whose label contains "
+                        "one of these comma-separated substrings (e.g. 'bfloat16 d=16')")
     args = parser.parse_args(argv)
     if args.compile:
         from . import aot
 
-        rows = aot.report(aot.parse_archs(args.compile), args.kernel)
+        split = (lambda text: [t for t in text.split(",") if t] if text else None)
+        rows = aot.report(aot.parse_archs(args.compile), args.kernel, match=split(args.kernels),
+                          configs=split(args.config))
         print(json.dumps(rows, indent=1) if args.json else aot.format_table(rows))
         bad = [r for r in rows if r.get("error") or r.get("spill_bytes")]
         for r in bad:  # CI runs this: a compile error or a spill fails it

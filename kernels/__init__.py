@@ -21,7 +21,10 @@ Each kernel module declares, next to its kernels:
   label, dtype name, constexprs, options); and the signature hints of those builds, ``AOT_FP32_POINTERS``,
   ``AOT_FLOAT_ARGS``, ``AOT_ALIGNED_INTS`` (see ``fast_unet/aot.py``), and ``AOT_PARAM_POINTERS``: the
   (C,) parameter pointers (and their gradients'), float32 or the activations' dtype (float32 under
-  autocast); ``_common.with_fp32_params`` adds the bf16/fp16 builds with them float32.
+  autocast); ``_common.with_fp32_params`` adds the bf16/fp16 builds with them float32. Optionally
+  ``AOT_LOOP_TILES``: {kernel function name: ((constexpr names), unit)}, the work one iteration of the
+  kernel's inner loop covers, where it is not the product of all its ``BLOCK_*`` constexprs (the compile
+  report's per-1,024 instruction counts: ``fast_unet.aot.loop_tile``).
 
 A new kernel module needs nothing else here: ``fast_unet/aot.py`` finds every module whose name does not
 start with ``_``. The autograd / custom-op glue lives in ``fast_unet/ops/``. Set ``TRITON_INTERPRET=1``

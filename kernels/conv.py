@@ -269,6 +269,9 @@ AOT_FLOAT_ARGS = {"eps"}
 AOT_ALIGNED_INTS = {"C1", "C_in", "stride_xb", "stride_xh", "stride_xw", "stride_x2b", "stride_x2h", "stride_x2w"}
 # Ints that are 1 at inputs the launchers take (a 1-pixel side, one input channel, one partial): the JIT specialises them to constants.
 AOT_ONE_INTS = {"H", "W", "C1", "C_in", "P_in"}
+# The work of one iteration of each kernel's inner loop, for the compile report's per-1,024 figures
+# (fast_unet/aot.py loop_tile): the K loop's BLOCK_M x BLOCK_N x BLOCK_K multiply-adds.
+AOT_LOOP_TILES = {"_conv3x3_kernel": (("BLOCK_M", "BLOCK_N", "BLOCK_K"), "MACs")}
 
 
 def aot_builds():

@@ -566,6 +566,10 @@ AOT_FLOAT_ARGS = {"eps"}
 AOT_ALIGNED_INTS = {"C"}
 # Ints that are 1 at inputs the launchers take (a batch of one, one channel, a 1x1 image, one partial or split): the JIT specialises them to constants.
 AOT_ONE_INTS = {"B", "C", "HW", "P", "S"}
+# The work of one iteration of each kernel's inner loop, for the compile report's per-1,024 figures
+# (fast_unet/aot.py loop_tile), where it is not the product of all BLOCK_* constexprs: the loop over the
+# partials (BLOCK_P of them) in the apply pass's prologue.
+AOT_LOOP_TILES = {"_gn_apply_partials_kernel": (("BLOCK_P",), "partials")}
 
 
 def aot_builds():

@@ -366,6 +366,9 @@ AOT_FLOAT_ARGS = {"ln_eps", "gn_eps"}
 AOT_ALIGNED_INTS = {"K", "N_out", "stride_wo"}
 # Ints that are 1 at inputs the launchers take (one token per group, one feature in or out, one partial): the JIT specialises them to constants.
 AOT_ONE_INTS = {"M_grp", "K", "N_out", "P"}
+# The work of one iteration of each kernel's inner loop, for the compile report's per-1,024 figures
+# (fast_unet/aot.py loop_tile): the K loop's BLOCK_M x BLOCK_N x BLOCK_K multiply-adds.
+AOT_LOOP_TILES = {"_linear_kernel": (("BLOCK_M", "BLOCK_N", "BLOCK_K"), "MACs")}
 
 
 def aot_builds():

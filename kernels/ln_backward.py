@@ -217,6 +217,9 @@ AOT_FLOAT_ARGS = {"eps"}
 AOT_ALIGNED_INTS = {"K", "N_out", "stride_wo"}
 # Ints that are 1 at inputs the launchers take (one row, one feature in or out, one row of partials): the JIT specialises them to constants.
 AOT_ONE_INTS = {"M", "K", "N_out", "R"}
+# The work of one iteration of each kernel's inner loop, for the compile report's per-1,024 figures
+# (fast_unet/aot.py loop_tile): the N_out loop's BLOCK_M x BLOCK_N x BLOCK_KF multiply-adds.
+AOT_LOOP_TILES = {"_ln_linear_bwd_kernel": (("BLOCK_M", "BLOCK_N", "BLOCK_KF"), "MACs")}
 
 
 def aot_builds():

@@ -219,6 +219,11 @@ AOT_FLOAT_ARGS = {"eps", "scale_h", "scale_w"}
 AOT_ALIGNED_INTS = {"C", "stride_xb", "stride_xh", "stride_xw"}
 # Ints that are 1 at inputs the launchers take (one partial, a 1-pixel side to upsample): the JIT specialises them to constants.
 AOT_ONE_INTS = {"P_in", "h", "w"}
+# The work of one iteration of each kernel's inner loop, for the compile report's per-1,024 figures
+# (fast_unet/aot.py loop_tile): the pool pass's loop over the 2x2 window (a BLOCK_P x BLOCK_C tile each),
+# the upsample's over the input's partials (BLOCK_P_IN of them, NORM_IN only).
+AOT_LOOP_TILES = {"_gn_relu_pool_kernel": (("BLOCK_P", "BLOCK_C"), "elements"),
+                  "_upsample2x_kernel": (("BLOCK_P_IN",), "partials")}
 
 
 def aot_builds():

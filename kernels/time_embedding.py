@@ -245,6 +245,10 @@ AOT_FLOAT_ARGS = set()
 AOT_ALIGNED_INTS = set()
 # Ints that are 1 at inputs the launchers take (a batch of one, one output channel, t's unit stride): the JIT specialises them to constants.
 AOT_ONE_INTS = {"B", "C_down", "C_up", "stride_t"}
+# The work of one iteration of each kernel's inner loop, for the compile report's per-1,024 figures
+# (fast_unet/aot.py loop_tile): the GEMM loops' multiply-adds.
+AOT_LOOP_TILES = {"_temb_fwd_kernel": (("BLOCK_B", "BLOCK_O", "BLOCK_K"), "MACs"),
+                  "_temb_bwd_kernel": (("BLOCK_O", "BLOCK_B", "BLOCK_K"), "MACs")}
 
 
 def aot_builds():

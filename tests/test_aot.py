@@ -188,3 +188,98 @@ def test_int_arguments_equal_to_one_compile():
     assert len(rows) == len(ones)
     bad = [r for r in rows if r.get("error") or r.get("spill_bytes")]
     assert not bad, bad
+
+
+# ----------------------------------------------------------------------------------------------------
+# The inner loop's instructions: the loop columns of the report (the SASS parser itself: tests/test_sass.py)
+
+def test_loop_tiles_name_constexprs_of_the_builds():
+    """A module's ``AOT_LOOP_TILES`` names kernels it builds and constexprs every build of them sets, and
+    every build's loop tile (``aot.loop_tile``) is a positive number of units."""
+    from fast_unet import aot
+
+    for m in aot.kernel_modules():
+        tiles = getattr(m, "AOT_LOOP_TILES", {})
+        builds = m.aot_builds()
+        names = {getattr(b[1], "fn", b[1]).__name__ for b in builds}
+        assert set(tiles) <= names, (m.__name__, set(tiles) - names)
+        for kernel, (constexprs, unit) in tiles.items():
+            assert isinstance(unit, str) and constexprs, (m.__name__, kernel)
+            for b in builds:
+                if getattr(b[1], "fn", b[1]).__name__ == kernel:
+                    assert set(constexprs) <= set(b[4]), (b[0], b[2], set(constexprs) - set(b[4]))
+        for b in builds:
+            units, unit = aot.loop_tile(b[1], b[4])
+            assert units >= 1 and unit, (b[0], b[2])
+            if m.__name__.endswith(".attention") and b[1] is not None and {"BLOCK_M", "BLOCK_N"} <= set(b[4]):
+                assert (units, unit) == (b[4]["BLOCK_M"] * b[4]["BLOCK_N"], "scores"), (b[0], b[2])
+
+
+def test_report_filters():
+    """``--kernels`` substrings of kernel labels and ``--config`` substrings of config labels (``select``)."""
+    from fast_unet import aot
+
+    all_builds = aot.builds()
+    picked = aot.select(all_builds, match=["attn"], configs=["bfloat16 d=16"])
+    assert picked and all(b[0].startswith("attn") and "bfloat16 d=16" in b[2] for b in picked)
+    assert {b[0] for b in aot.select(all_builds, kernels=["attn_fwd"])} == {"attn_fwd"}
+    assert aot.select(all_builds, match=["no such kernel"]) == []
+
+
+# Issue 18's targets at head dim 16, bf16, sm_90: warp instructions per 1,024 scores of the inner loop.
+ATTENTION_TARGETS = {"attn_fwd": 210, "attn_bwd": 330}
+
+
+@pytest.fixture(scope="module")
+def attention_d16_rows():
+    """The compile report of every attention build at head dim 16, bf16, on sm_90 (one subprocess)."""
+    return json.loads(_report("sm_90", "--kernels", "attn", "--config", "bfloat16 d=16", "--json"))
+
+
+def _model_shape_builds(label):
+    """The config labels of ``label``'s bf16 d=16 builds at the model's shapes: no int specialised to 1,
+    and N a multiple of the tile where the kernel takes that constexpr (``EVEN_N``)."""
+    from fast_unet import aot
+    from fast_unet.kernels import attention
+
+    ones = set(attention.AOT_ONE_INTS)
+    return {b[2] for b in aot.builds() if b[0] == label and "bfloat16 d=16" in b[2]
+            and not any(b[4].get(k) == 1 for k in ones) and b[4].get("EVEN_N", True)}
+
+
+def test_attention_loops_are_counted_without_spills(attention_d16_rows):
+    """Every attention build at head dim 16 (bf16, sm_90) compiles without spilling; each one with a
+    loop has its instructions, exponentials and tensor-core instructions counted (scores per iteration =
+    BLOCK_M x BLOCK_N)."""
+    rows = attention_d16_rows
+    assert rows and not [r for r in rows if r.get("error") or r["spill_bytes"]], rows
+    looped = [r for r in rows if r["loop_insts"] is not None]
+    assert {r["kernel"] for r in looped} >= {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"}
+    for r in looped:
+        assert r["loop_unit"] == "scores" and r["loop_units"] >= 64 * 64, r
+        assert r["loop_ex2"] > 0 and r["loop_tc"] > 0 and r["insts_per_1k"] > 0, r
+        assert r["ex2_per_1k"] >= 32, r  # at least one MUFU.EX2 per score: 1,024 / 32 lanes
+
+
+@pytest.mark.parametrize("label", sorted(ATTENTION_TARGETS))
+def test_attention_instruction_targets(label, attention_d16_rows):
+    """Issue 18: at head dim 16, bf16, sm_90 the forward issues at most 210 warp instructions per 1,024
+    scores and the one-pass backward (``attn_bwd``) at most 330, at the model's shapes, with no spill.
+    A label without builds is skipped, except ``attn_bwd`` when kernels/attention.py defines ``_attn_bwd``
+    (then its build must be declared). Before the trimmed kernels land (no ``_attn_bwd`` in the module),
+    a miss is an expected failure that prints the numbers."""
+    from fast_unet.kernels import attention
+
+    configs = _model_shape_builds(label)
+    if not configs:
+        assert not (label == "attn_bwd" and hasattr(attention, "_attn_bwd")), \
+            "kernels/attention.py defines _attn_bwd but aot_builds() declares no attn_bwd build at bf16 d=16"
+        pytest.skip(f"no {label} build declared")
+    rows = [r for r in attention_d16_rows if r["kernel"] == label and r["config"] in configs]
+    assert sorted(r["config"] for r in rows) == sorted(configs), rows
+    assert not [r for r in rows if r.get("error") or r["spill_bytes"]], rows
+    over = [(r["config"], r["insts_per_1k"]) for r in rows if r["insts_per_1k"] > ATTENTION_TARGETS[label]]
+    if over and not hasattr(attention, "_attn_bwd"):
+        pytest.xfail(f"{label}: {over} warp instructions per 1,024 scores, target {ATTENTION_TARGETS[label]} "
+                     f"(the kernels before issue 18's trimmed loops)")
+    assert not over, f"{label}: {over} warp instructions per 1,024 scores, target {ATTENTION_TARGETS[label]}"

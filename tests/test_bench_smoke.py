@@ -130,7 +130,8 @@ def test_ops_bench(tmp_path):
 
 def test_gpu_estimate(tmp_path):
     """`python -m bench.estimate` at B=1, 16x16: fast_unet's launches and the baseline's ops with their
-    bytes, FLOPs and exponentials, the H200 time of each step, and the ratio."""
+    bytes, FLOPs, exponentials and loop instructions (compiled for sm_90 unless cached), the H200 time of
+    each step, and the ratio."""
     out = tmp_path / "e.json"
     proc = _run(["-m", "bench.estimate", "--batch", "1", "--size", "16", "--sizes", "", "--batches", "",
                  "--quiet", "--json", str(out)])
@@ -144,4 +145,8 @@ def test_gpu_estimate(tmp_path):
         for step in ("forward", "train"):
             s = r[step]
             assert s["est_s"] >= s["launches"] * data["constants"]["launch_s"] and s["bytes"] > 0
+            # the loops' instructions: fast_unet's Triton loops, the baseline's SDPA at fast_unet's floor
+            assert s["insts"] > 0 and s["attention_s"] > 0 and s["insts_from"], s["insts_from"]
+    assert "floor" in base["train"]["insts_from"]
     assert "hbm_bytes_per_s" in proc.stdout and "| 1 | 16x16 | fast_unet | forward |" in proc.stdout
+    assert "issue-bound ms" in proc.stdout and "issue_per_s" in proc.stdout
