@@ -25,20 +25,20 @@ import sys
 ARCH = 90
 
 # Warp instructions per 1,024 scores of the inner loop, sm_90, read with ``python -m fast_unet.info --compile
-# sm_90 --kernels attn`` (Triton 3.8, ptxas 12.9) from the kernels as of issue 18 (before its trimmed
-# loops): {(kernel function name, dtype name, head dim): per 1,024 scores}. Used only when nothing can be
-# compiled here; a stale figure for kernels that changed since.
+# sm_90 --kernels attn`` (Triton 3.8) from the EVEN_N builds: {(kernel function name, dtype name, head dim): per
+# 1,024 scores}. ``_attn_bwd`` is the one-pass backward's figure (its deterministic dK/dV build, without
+# the dQ GEMM and atomics, issues 275 / 273 / 295 on 64-key tiles). Used only when nothing can be compiled here; stale for
+# kernels that changed since.
 FALLBACK = {
-    ("_attn_fwd", "bfloat16", 16): 331.0, ("_attn_bwd_dkdv", "bfloat16", 16): 344.0,
-    ("_attn_bwd_dq", "bfloat16", 16): 274.0,
-    ("_attn_fwd", "bfloat16", 32): 361.0, ("_attn_bwd_dkdv", "bfloat16", 32): 369.0,
-    ("_attn_bwd_dq", "bfloat16", 32): 292.0,
-    ("_attn_fwd", "bfloat16", 64): 392.0, ("_attn_bwd_dkdv", "bfloat16", 64): 402.0,
-    ("_attn_bwd_dq", "bfloat16", 64): 384.0,
+    ("_attn_fwd", "bfloat16", 16): 193.5, ("_attn_bwd", "bfloat16", 16): 317.0,
+    ("_attn_bwd_dq", "bfloat16", 16): 202.0,
+    ("_attn_fwd", "bfloat16", 32): 207.5, ("_attn_bwd", "bfloat16", 32): 328.0,
+    ("_attn_bwd_dq", "bfloat16", 32): 217.0,
+    ("_attn_fwd", "bfloat16", 64): 224.5, ("_attn_bwd", "bfloat16", 64): 367.0,
+    ("_attn_bwd_dq", "bfloat16", 64): 292.0,
 }
-FALLBACK_NOTE = ("instructions per iteration from bench/issue.py FALLBACK (sm_90 SASS of the attention kernels "
-                 "before issue 18's trimmed loops, Triton 3.8): Triton could not compile here; kernels other than "
-                 "attention have no issue term")
+FALLBACK_NOTE = ("instructions per iteration from bench/issue.py FALLBACK (sm_90 SASS of the attention kernels, "
+                 "Triton 3.8): Triton could not compile here; kernels other than attention have no issue term")
 
 _TORCH_TO_TRITON = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int64": "i64", "int32": "i32",
                     "int8": "i8", "uint8": "u8", "bool": "i1"}

@@ -99,7 +99,7 @@ def _adds_dq(t, a):
     dQ buffer is (B, H, N, D), where the deterministic path passes delta in its place)."""
     if a and "ADD_DQ" in a:
         return bool(a["ADD_DQ"])
-    return t["dq_ptr"].dim() == 4
+    return t["dq_ptr"].dim() == 4 if "dq_ptr" in t else True
 
 
 @_triton("_attn_bwd_dq")

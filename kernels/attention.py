@@ -310,21 +310,26 @@ def config(kernel, D, dtype, ieee=True, even=True):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher uses for ``kernel`` at head dim D.
 
     ``dtype``: a torch dtype or its name; ``even``: N a multiple of the tiles (the EVEN_N build).
-    ``kernel``: "fwd"; "bwd" (the one-pass backward, and the deterministic path's dK/dV: BLOCK_N is the
-    program's key tile, BLOCK_M the query tile of its loop); "dq" (the deterministic path's dQ: BLOCK_M its
+    ``kernel``: "fwd"; "bwd" (the one-pass backward: BLOCK_N is the program's key tile, BLOCK_M the query
+    tile of its loop) and "dkdv" (the same kernel without dQ, the deterministic path's); "dq" (the deterministic path's dQ: BLOCK_M its
     query tile, BLOCK_N the loop's key tile); "preprocess" and "cast" (BLOCK_M rows). Chosen from the
     compile report (``python -m fast_unet.info --compile sm_80,sm_90``) so that no build spills on sm_80 or
-    sm_90 and the half-precision builds use wgmma on sm_90. float32 uses exact (FMA) dots, whose register
-    tiles are larger: 32x32 tiles from head dim 32 up, 8 warps for the backward at d = 64; the forward takes
-    2 stages in float32 and, with masked tiles, in half precision (3 spilled 8 bytes on sm_80)."""
+    sm_90 and the half-precision builds use wgmma on sm_90. The half-precision forward takes 128-key tiles (the
+    per-iteration work of the online softmax, its row rescale, shuffles and address arithmetic, spread over
+    twice the scores) and, with masked tiles, 2 stages (3 spilled 8 bytes on sm_80); the half-precision
+    backward 128-key programs on 8 warps (half the dQ atomics of 64-key programs; 4 warps spill at d >= 32). float32 uses exact
+    (FMA) dots, whose register tiles are larger: 32x32 tiles from head dim 32 up, 8 warps for the backward
+    at d = 64, a 2-stage forward."""
     fp32 = str(dtype).endswith("float32")
     if kernel in ("preprocess", "cast"):
         return 64, 0, 4, 1
     if fp32 and D >= 32:
-        return 32, 32, 8 if (D == 64 and kernel == "bwd") else 4, 2
+        return 32, 32, 8 if (D == 64 and kernel in ("bwd", "dkdv")) else 4, 2
     if kernel == "fwd":
-        return 64, 64, 4, 2 if (fp32 or not even) else 3
+        return (64, 64, 4, 2) if fp32 else (64, 128, 4, 3 if even else 2)
     if kernel == "bwd":
+        return (64, 64, 4, 2) if fp32 else (64, 128, 8, 2)
+    if kernel == "dkdv":
         return 64, 64, 4, 2
     if kernel == "dq":
         return (64, 32, 4, 2) if D == 64 else (64, 64, 4, 2)
@@ -389,7 +394,7 @@ def attention_bwd(do, qkv, o, lse, deterministic=None):
     bm, _, warps, _ = config("preprocess", D, qkv.dtype)
     _attn_bwd_preprocess[(triton.cdiv(N, bm), B * H)](o, do, delta, dq, N, H, D=D, BLOCK_M=bm,
                                                       ZERO_DQ=not deterministic, num_warps=warps)
-    bm, bn, warps, stages = config("bwd", D, qkv.dtype, ieee)
+    bm, bn, warps, stages = config("dkdv" if deterministic else "bwd", D, qkv.dtype, ieee)
     _attn_bwd[(triton.cdiv(N, bn), B * H)](
         qkv, do, lse, delta, dqkv, dq, sm_scale, sm_scale * LOG2E, N, H, *qkv.stride(),
         D=D, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, EVEN_N=even_n(N, bm, bn), ADD_DQ=not deterministic,
@@ -436,7 +441,7 @@ def aot_builds():
             for ieee, tag in precisions(dt):
                 for name, fn, key, extra in (("attn_fwd", _attn_fwd, "fwd", {}),
                                              ("attn_bwd", _attn_bwd, "bwd", dict(ADD_DQ=True)),
-                                             ("attn_bwd_dkdv", _attn_bwd, "bwd", dict(ADD_DQ=False)),
+                                             ("attn_bwd_dkdv", _attn_bwd, "dkdv", dict(ADD_DQ=False)),
                                              ("attn_bwd_dq", _attn_bwd_dq, "dq", {})):
                     for even in (True, False):
                         bm, bn, warps, stages = config(key, d, dt, ieee, even)
