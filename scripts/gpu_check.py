@@ -12,6 +12,10 @@ First what decides the defaults, then correctness:
    fast_unet with the fused ops on their eager twins and the fair eager baseline, each under
    ``torch.autocast`` (bf16) on float32 weights and as a bf16 model; medians of interleaved runs, and
    the backend each op ran on.
+2a. ``attention``: the six attention blocks' shapes at B=64, 64x64, bf16: forward + backward of the Triton
+   kernels on the default backward (one pass, dQ by atomics) and the deterministic one
+   (``torch.use_deterministic_algorithms``), beside SDPA's; medians of interleaved runs, and each path's
+   dqkv against SDPA's.
 2b. ``compiled``: the same against ``torch.compile`` (inductor) of the baseline, timed side by side with
    fast_unet (its compilations take most of this step).
 3. ``graphs``: a forward and a training step of fast_unet captured in a ``torch.cuda.CUDAGraph`` and
@@ -47,8 +51,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNFUSED = "triton,conv3x3=eager,gn_relu_maxpool=eager,upsample2x=eager,gn_ln_linear=eager"
 
 # step -> its time limit in seconds on a GPU (cut to what is left of the budget)
-STEPS = {"install": 110, "env": 30, "defaults": 60, "compiled": 100, "graphs": 30, "sampling": 40, "tests": 150,
-         "ops": 60, "sweep": 120}
+STEPS = {"install": 110, "env": 30, "defaults": 60, "attention": 30, "compiled": 100, "graphs": 30, "sampling": 40,
+         "tests": 150, "ops": 60, "sweep": 120}
 TOTAL_S = 420  # 7 minutes; --budget changes it
 
 
@@ -187,6 +191,61 @@ def _timings(dry, names):
 
 def step_defaults(dry):
     return _timings(dry, ["baseline", "fast_unet", "fast_unet unfused"])
+
+
+# (N, heads, head dim) of the six attention blocks at a 64x64 input (sa1 ... sa6)
+ATTENTION_BLOCKS = [(1024, 4, 32), (256, 4, 64), (64, 4, 64), (256, 4, 32), (1024, 4, 16), (4096, 4, 16)]
+
+
+def step_attention(dry):
+    """Forward + backward of each attention block: Triton one-pass, Triton deterministic, SDPA (eager)."""
+    torch, device = _setup(dry)
+    from bench import core
+    from fast_unet import eager
+    from fast_unet.ops.attention import triton_attention
+
+    batch, dtype = (1, torch.float32) if dry else (64, torch.bfloat16)
+    shapes = [(min(n, 16), h, d) for n, h, d in ATTENTION_BLOCKS] if dry else ATTENTION_BLOCKS
+    warmup, repeats = (0, 1) if dry else (3, 10)
+
+    def fwd_bwd(fn, qkv, do, deterministic=False):
+        def run():
+            before = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(deterministic)
+            try:
+                qkv.grad = None
+                fn(qkv).backward(do)
+                return qkv.grad
+            finally:
+                torch.use_deterministic_algorithms(before)
+        return run
+
+    rows, fns = [], {}
+    for i, (n, h, d) in enumerate(shapes):
+        g = torch.Generator(device="cpu").manual_seed(i)
+        qkv = torch.randn(batch, n, 3, h, d, generator=g).to(device, dtype).requires_grad_()
+        do = torch.randn(batch, n, h * d, generator=g).to(device, dtype)
+        cases = {"one-pass": fwd_bwd(triton_attention, qkv, do),
+                 "deterministic": fwd_bwd(triton_attention, qkv, do, True),
+                 "sdpa": fwd_bwd(eager.attention, qkv, do)}
+        ref = cases["sdpa"]().float()
+        diffs = {k: round(((cases[k]().float() - ref).abs().max() / ref.abs().max()).item(), 5)
+                 for k in ("one-pass", "deterministic")}
+        if max(diffs.values()) > (1e-3 if dry else 5e-2):
+            raise AssertionError(f"sa{i + 1} {(batch, n, h, d)}: dqkv differs from SDPA's by {diffs}")
+        for k, fn in cases.items():
+            fns[f"sa{i + 1} {k}"] = fn
+        rows.append({"block": f"sa{i + 1}", "shape": [batch, n, h, d], "dqkv_rel_diff_vs_sdpa": diffs})
+    if not dry:
+        for fn in fns.values():
+            fn()
+    times = core.time_interleaved(fns, device, warmup, repeats)
+    for i, row in enumerate(rows):
+        ms = {k: round(1e3 * statistics.median(times[f"sa{i + 1} {k}"]), 4)
+              for k in ("one-pass", "deterministic", "sdpa")}
+        row["ms"] = ms
+        row["sdpa / one-pass"] = round(ms["sdpa"] / ms["one-pass"], 3)
+    return {"dtype": str(dtype), "device": device, "repeats": repeats, "rows": rows}
 
 
 def step_compiled(dry):
@@ -415,6 +474,10 @@ def _summary(report):
                 for mode, row in modes.items():
                     lines.append(f"    B={rec['batch']} {rec['size']}x{rec['size']} {precision} {mode}: "
                                  + ", ".join(f"{k} {v}" + ("x" if "/" in k else " ms") for k, v in row.items()))
+        if name == "attention" and rec["status"] == "ok":
+            for r in rec["rows"]:
+                lines.append(f"    {r['block']} {r['shape']}: " + ", ".join(f"{k} {v} ms" for k, v in r["ms"].items())
+                             + f"; sdpa / one-pass {r['sdpa / one-pass']}x")
         if name == "graphs" and rec["status"] == "ok":
             lines.append(f"    captured={rec['captured']} forward diff {rec['forward_max_abs_diff']:.3g}, "
                          f"train grad rel diff {rec['train_grad_max_rel_diff']:.3g}")

@@ -16,7 +16,8 @@ def test_gpu_check_dry_runs_every_step(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["install", "env", "defaults", "compiled", "graphs", "sampling", "tests", "ops", "sweep"]
+    assert list(steps) == ["install", "env", "defaults", "attention", "compiled", "graphs", "sampling", "tests", "ops",
+                           "sweep"]
     assert all(s["status"] == "ok" for s in steps.values()), summary
     ms = steps["defaults"]["ms"]
     for precision in ("autocast", "bf16"):
@@ -26,6 +27,8 @@ def test_gpu_check_dry_runs_every_step(tmp_path):
     ran = steps["defaults"]["backends_ran"]["autocast fast_unet forward"]
     assert ran["conv3x3"] == "triton", ran
     assert steps["defaults"]["backends_ran"]["autocast fast_unet unfused forward"]["conv3x3"] == "eager"
+    assert [r["block"] for r in steps["attention"]["rows"]] == [f"sa{i}" for i in range(1, 7)]
+    assert all(set(r["ms"]) == {"one-pass", "deterministic", "sdpa"} for r in steps["attention"]["rows"])
     assert steps["compiled"]["ms"]["bf16"]["train"]["compiled"] > 0
     assert steps["graphs"]["captured"] is False and steps["graphs"]["train_grad_max_rel_diff"] <= 1e-2
     assert [r["model"] for r in steps["sampling"]["rows"]] == ["seed loop", "baseline loop", "fast_unet"]
