@@ -24,7 +24,8 @@ $(STAMP): $(INSTALL_INPUTS)
 #    and the triton params of tests/ops skip themselves here
 # 2. the Triton kernels on CPU tensors through Triton's interpreter (its own process: triton.jit
 #    reads TRITON_INTERPRET at import): tests/interpret, and tests/ops' triton params only (-m triton);
-#    the interpreter is single-threaded Python, so two pytest-xdist workers, one torch thread each
+#    the interpreter is single-threaded Python, so two pytest-xdist workers, one torch thread each; worksteal:
+#    an idle worker takes queued tests from the busy one (the slow model tests otherwise pile up on one)
 # 3. the model's parity tests again with PyTorch's CPU kernels as other processors pick them: AVX2 (as on
 #    an AMD EPYC without AVX-512) and no vector ISA (oneDNN's and ATen's dispatch capped by environment)
 # 4. every Triton kernel compiled ahead of time for sm_80 and sm_90: fails on a compile error or a spill
@@ -38,7 +39,7 @@ test-eager:
 
 test-interpret:
 	@echo "stage 2/5: the Triton kernels on CPU tensors under the Triton interpreter (tests/interpret, tests/ops -m triton)"
-	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests/interpret tests/ops -m triton
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal tests/interpret tests/ops -m triton
 
 # The float32 parity tests, whose outcome must not depend on how PyTorch's CPU convolutions and GEMMs round
 # (the ISA oneDNN and ATen pick), and the interpreter's model tests at batch 1. Not the bf16/fp16 tests:
