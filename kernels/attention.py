@@ -135,26 +135,62 @@ def _attn_bwd_preprocess(
 @triton.jit
 def _bwd_tile(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_ptr, start_m, N, qk_scale, stride_n,
               stride_d, HD, D: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
-              ADD_DQ: tl.constexpr):
-    """One query tile against the program's key tile: P^T recomputed once (one FMA and one exp2 per score),
+              ADD_DQ: tl.constexpr, ROWS_Q: tl.constexpr):
+    """One query tile against the program's key tile: P recomputed once (one FMA and one exp2 per score),
     dV += P^T dO, dK += dS^T Q, and with ``ADD_DQ`` the tile's dQ share dS K added into the float32 dQ
     (relaxed atomics). Rows past N (``MASKED``) load as 0: their scores are 0, their dO, delta and dS
-    rows 0, so they add nothing; ``lse_ptr``, ``delta_ptr`` and ``dq_ptr`` are already at this (b, h)."""
+    rows 0, so they add nothing; ``lse_ptr``, ``delta_ptr`` and ``dq_ptr`` are already at this (b, h).
+
+    ``ROWS_Q``: the scores as S (queries as rows). lse and delta are then row vectors of the score
+    tile (two per thread in the tensor-core layout), and dS feeds dQ = dS K straight from registers; P^T
+    and dS^T reach dV and dK through shared memory. Otherwise S^T (keys as rows): P^T and dS^T feed dV
+    and dK from registers, lse and delta are column vectors (one shared-memory load per pair of columns
+    a thread holds) and dQ's dS goes through a transposing shared-memory round trip. ``bwd_rows_q``
+    picks, per build, the orientation with the shorter loop."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    qt_ptrs = q_base + offs_m[None, :] * stride_n + offs_d[:, None] * stride_d  # Q^T tile (D, BLOCK_M)
     do_ptrs = do_base + offs_m[:, None] * HD + offs_d[None, :]
+    if ROWS_Q:
+        q_ptrs = q_base + offs_m[:, None] * stride_n + offs_d[None, :] * stride_d  # Q tile (BLOCK_M, D)
+    else:
+        q_ptrs = q_base + offs_m[None, :] * stride_n + offs_d[:, None] * stride_d  # Q^T tile (D, BLOCK_M)
     if MASKED:
         m_mask = offs_m < N
-        qt = tl.load(qt_ptrs, mask=m_mask[None, :], other=0.0)
+        if ROWS_Q:
+            q = tl.load(q_ptrs, mask=m_mask[:, None], other=0.0)
+        else:
+            q = tl.load(q_ptrs, mask=m_mask[None, :], other=0.0)
         do = tl.load(do_ptrs, mask=m_mask[:, None], other=0.0)
         lse = tl.load(lse_ptr + offs_m, mask=m_mask, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=m_mask, other=0.0)
     else:
-        qt = tl.load(qt_ptrs)
+        q = tl.load(q_ptrs)
         do = tl.load(do_ptrs)
         lse = tl.load(lse_ptr + offs_m)
         delta = tl.load(delta_ptr + offs_m)
+    if ROWS_Q:
+        s = _dot(q, tl.trans(k), IEEE)  # S (BLOCK_M, BLOCK_N), unscaled
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dk += _dot(tl.trans(ds), q, IEEE)
+    else:
+        st = _dot(k, q, IEEE)  # S^T (BLOCK_N, BLOCK_M), unscaled; q is Q^T here
+        pt = tl.math.exp2(st * qk_scale - lse[None, :])
+        dv += _dot(pt.to(do.dtype), do, IEEE)
+        dpt = _dot(v, tl.trans(do), IEEE)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), tl.trans(q), IEEE)
+        ds = tl.trans(dst.to(k.dtype))
+    if ADD_DQ:
+        dq = _dot(ds, k, IEEE)  # (BLOCK_M, D), without the softmax scale
+        dq_ptrs = dq_ptr + offs_m[:, None] * D + offs_d[None, :]
+        if MASKED:
+            tl.atomic_add(dq_ptrs, dq, mask=m_mask[:, None], sem="relaxed")
+        else:
+            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+    return dk, dv
     st = _dot(k, qt, IEEE)  # S^T (BLOCK_N, BLOCK_M), unscaled
     pt = tl.math.exp2(st * qk_scale - lse[None, :])
     dv += _dot(pt.to(do.dtype), do, IEEE)
@@ -181,12 +217,13 @@ def _attn_bwd(
     sm_scale, qk_scale, N, H,
     stride_b, stride_n, stride_t, stride_h, stride_d,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, EVEN_N: tl.constexpr,
-    ADD_DQ: tl.constexpr,
+    ADD_DQ: tl.constexpr, ROWS_Q: tl.constexpr,
 ):
     """One program per (key tile, batch * head) loops over every query tile. With ``ADD_DQ`` this is the
     one-pass backward (FlashAttention-2's): P is recomputed once and dQ accumulates by atomic adds, in an
     order that varies from run to run. Without it, dK and dV only (the deterministic path, dQ by
-    ``_attn_bwd_dq``). ``EVEN_N``: N is a multiple of BLOCK_M and BLOCK_N, no load is masked."""
+    ``_attn_bwd_dq``). ``EVEN_N``: N is a multiple of BLOCK_M and BLOCK_N, no load is masked. ``ROWS_Q``:
+    the score tile's orientation (``_bwd_tile``)."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -211,7 +248,7 @@ def _attn_bwd(
     dq_base = dq_ptr + row * D
     for start_m in range(0, N, BLOCK_M):
         dk, dv = _bwd_tile(dk, dv, k, v, base, do_base, lse_ptr + row, delta_ptr + row, dq_base, start_m, N,
-                           qk_scale, stride_n, stride_d, HD, D, BLOCK_M, IEEE, not EVEN_N, ADD_DQ)
+                           qk_scale, stride_n, stride_d, HD, D, BLOCK_M, IEEE, not EVEN_N, ADD_DQ, ROWS_Q)
     dk = dk * sm_scale
     # dqkv is contiguous (B, N, 3, H, D)
     d_offs = ((b.to(tl.int64) * N + offs_n[:, None]) * 3) * HD + h * D + offs_d[None, :]
@@ -317,7 +354,9 @@ def config(kernel, D, dtype, ieee=True, even=True):
     sm_90 and the half-precision builds use wgmma on sm_90. The half-precision forward takes 128-key tiles (the
     per-iteration work of the online softmax, its row rescale, shuffles and address arithmetic, spread over
     twice the scores) and, with masked tiles, 2 stages (3 spilled 8 bytes on sm_80); the half-precision
-    backward 128-key programs on 8 warps (half the dQ atomics of 64-key programs; 4 warps spill at d >= 32). float32 uses exact
+    one-pass backward 128-key programs (half the dQ atomics of 64-key programs): 4 warps with S (queries
+    as rows, ``bwd_rows_q``) at d = 16, and at d = 32 with N a multiple of the tiles on 1 stage (2 stages
+    spill there on sm_90, masked tiles on sm_80); 8 warps with S^T otherwise. float32 uses exact
     (FMA) dots, whose register tiles are larger: 32x32 tiles from head dim 32 up, 8 warps for the backward
     at d = 64, a 2-stage forward."""
     fp32 = str(dtype).endswith("float32")
@@ -328,12 +367,28 @@ def config(kernel, D, dtype, ieee=True, even=True):
     if kernel == "fwd":
         return (64, 64, 4, 2) if fp32 else (64, 128, 4, 3 if even else 2)
     if kernel == "bwd":
-        return (64, 64, 4, 2) if fp32 else (64, 128, 8, 2)
+        if fp32:
+            return 64, 64, 4, 2
+        if D == 16:
+            return 64, 128, 4, 2
+        return (64, 128, 4, 1) if D == 32 and even else (64, 128, 8, 2)
     if kernel == "dkdv":
         return 64, 64, 4, 2
     if kernel == "dq":
         return (64, 32, 4, 2) if D == 64 else (64, 64, 4, 2)
     raise KeyError(kernel)
+
+
+def bwd_rows_q(kernel, D, dtype, ieee=True, even=True):
+    """Whether ``kernel``'s ``_attn_bwd`` build (``config``'s "bwd" or "dkdv") takes the scores as S
+    (queries as rows, ``ROWS_Q``) rather than S^T; see ``_bwd_tile``. S for the half-precision one-pass
+    backward's 4-warp, 128-key builds (d = 16, and d = 32 with N a multiple of the tiles): at d = 16, bf16,
+    sm_90 its loop issues 241.5 warp instructions per 1,024 scores against S^T's 317 on 8 warps (lse and
+    delta two loads per thread instead of 16 each, no transposing round trip for dQ's dS); S^T elsewhere (S on 8
+    warps with a 64-query tile computes every score twice, one per warpgroup; S on 4 warps spills at
+    d = 64, and at d = 32 with masked tiles or 2 stages)."""
+    fp32 = str(dtype).endswith("float32")
+    return kernel == "bwd" and not fp32 and (D == 16 or (D == 32 and even))
 
 
 def even_n(N, *blocks):
@@ -394,11 +449,15 @@ def attention_bwd(do, qkv, o, lse, deterministic=None):
     bm, _, warps, _ = config("preprocess", D, qkv.dtype)
     _attn_bwd_preprocess[(triton.cdiv(N, bm), B * H)](o, do, delta, dq, N, H, D=D, BLOCK_M=bm,
                                                       ZERO_DQ=not deterministic, num_warps=warps)
-    bm, bn, warps, stages = config("dkdv" if deterministic else "bwd", D, qkv.dtype, ieee)
+    key = "dkdv" if deterministic else "bwd"
+    bm, bn, _, _ = config(key, D, qkv.dtype, ieee)
+    even = even_n(N, bm, bn)
+    bm, bn, warps, stages = config(key, D, qkv.dtype, ieee, even)
+    even = even_n(N, bm, bn)
     _attn_bwd[(triton.cdiv(N, bn), B * H)](
         qkv, do, lse, delta, dqkv, dq, sm_scale, sm_scale * LOG2E, N, H, *qkv.stride(),
-        D=D, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, EVEN_N=even_n(N, bm, bn), ADD_DQ=not deterministic,
-        num_warps=warps, num_stages=stages)
+        D=D, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, EVEN_N=even, ADD_DQ=not deterministic,
+        ROWS_Q=bwd_rows_q(key, D, qkv.dtype, ieee, even), num_warps=warps, num_stages=stages)
     if deterministic:
         bm, bn, warps, stages = config("dq", D, qkv.dtype, ieee)
         _attn_bwd_dq[(triton.cdiv(N, bm), B * H)](
@@ -446,7 +505,11 @@ def aot_builds():
                     for even in (True, False):
                         bm, bn, warps, stages = config(key, d, dt, ieee, even)
                         ce = dict(stride_d=1, D=d, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, EVEN_N=even, **extra)
-                        out.append((name, fn, f"{dt} d={d} {bm}x{bn} w{warps} s{stages}{tag}{'' if even else ' ragged'}",
+                        rows_q = fn is _attn_bwd and bwd_rows_q(key, d, dt, ieee, even)
+                        if fn is _attn_bwd:
+                            ce["ROWS_Q"] = rows_q
+                        out.append((name, fn, f"{dt} d={d} {bm}x{bn} w{warps} s{stages}{tag}"
+                                    f"{' S' if rows_q else ''}{'' if even else ' ragged'}",
                                     dt, ce, dict(num_warps=warps, num_stages=stages)))
             bm, _, warps, _ = config("preprocess", d, dt)
             for zero in (True, False):
