@@ -48,6 +48,13 @@ def test_forward_counts_the_rescale_exponentials():
     assert work.triton_work("_attn_fwd", t)[1] == b * h * n * n  # no constexprs recorded: scores only
 
 
+def test_column_sum_stage_counts_its_adds():
+    """``_col_partial_sum_kernel`` folds two (R, K) float32 arrays: one CUDA-core add per element of each."""
+    pw, pb = torch.empty(37, 96), torch.empty(37, 96)
+    named = {"pw_ptr": pw, "pb_ptr": pb, "ow_ptr": torch.empty(7, 96), "ob_ptr": torch.empty(7, 96)}
+    assert work.triton_work("_col_partial_sum_kernel", named) == (2 * 37 * 96, 0, "fp32", True)
+
+
 def test_other_loops_count_iterations_over_all_programs():
     loop, l2 = work.triton_loop("_conv3x3_kernel", {}, dict(C1=64, C_in=96, HAS_X2=True, BLOCK_K=32), [8, 2, 4])
     assert loop == {"iterations": 64 * 9 * (2 + 1)} and l2 == 0
