@@ -12,8 +12,10 @@ loop / L2 bandwidth, FLOPs / the rate of the unit its dtype gets (bf16/fp16 tens
 float32 convolutions, fp32 CUDA cores), exponentials / the SFU rate and warp instructions / the issue
 rate, plus a fixed per-launch overhead; a step's estimate is the sum over its launches (no overlap between
 kernels). It is a floor for each kernel (perfect overlap of memory, math and issue inside it, compulsory
-traffic only) plus an assumed launch cost: a model, not a measurement. On a CUDA machine the same table
-shows the measured medians (CUDA events, interleaved) beside it, so the model is checked rather than
+traffic only) plus an assumed launch cost: a model, not a measurement. Each step is given twice: its
+kernels launched one by one from the host (``launch_s`` each: eager) and replayed from a CUDA graph
+(``graph_launch_s`` each: graphed); the ratio to the baseline compares like with like. On a CUDA
+machine the same table shows the measured medians (CUDA events, interleaved) beside it, so the model is checked rather than
 trusted. Eager ops are aten ops (a lower bound on the baseline's kernels: see ``python -m bench.kernels``),
 so its launch overhead is if anything under-counted.
 
@@ -68,6 +70,13 @@ H200 = OrderedDict(
     # Per-launch overhead, back to back without CUDA graphs: an assumption (a few microseconds of launch
     # latency and tail per kernel), not a datasheet figure; the measured column is what checks it.
     launch_s=3e-6,
+    # Per-kernel cost of a CUDA-graph replay: an assumption. A graph is submitted in one call and its kernel
+    # nodes start back to back from the device's work queue, so what is left per kernel is the gap between
+    # one kernel's tail and the next one's start, not the host's launch path (NVIDIA, "Getting Started with
+    # CUDA Graphs", developer.nvidia.com/blog/cuda-graphs/; PyTorch, "Accelerating PyTorch with CUDA
+    # Graphs", pytorch.org/blog/accelerating-pytorch-with-cuda-graphs/). 1 us per kernel node is the
+    # figure taken here; the GPU check's graphed step is what checks it.
+    graph_launch_s=1e-6,
 )
 SOURCES = {
     "hbm_bytes_per_s": "NVIDIA H200 datasheet 4.8 TB/s; 4.3 TB/s (~90%) taken as sustained",
@@ -82,6 +91,8 @@ SOURCES = {
     "l2_bytes_per_s": "NVIDIA A100 whitepaper: L2 read 5,120 B/clk (no H100 figure published; taken as the "
                       "same) x clock_hz",
     "launch_s": "assumed per-launch overhead without CUDA graphs (checked by the measured column)",
+    "graph_launch_s": "assumed per-kernel cost of a CUDA-graph replay (one submission; the gap between kernel "
+                      "nodes: NVIDIA's CUDA graphs blog, PyTorch's CUDA graphs blog)",
 }
 _RATE = {"mma16": "mma16_flops_per_s", "tf32": "tf32_flops_per_s", "fp32": "fp32_flops_per_s"}
 MODELS = ("fast_unet", "baseline")
@@ -92,8 +103,9 @@ SWEEP_BATCHES = (1, 4, 16, 64)
 BOUNDS = ("memory", "l2", "mma16", "tf32", "fp32", "exp", "issue")
 
 
-def launch_time(ln, c=H200):
-    """(seconds, what bounds it) of one recorded launch at the ceilings ``c``."""
+def launch_time(ln, c=H200, overhead="launch_s"):
+    """(seconds, what bounds it) of one recorded launch at the ceilings ``c``; ``overhead``: the per-launch
+    cost added, ``"launch_s"`` (launched one by one) or ``"graph_launch_s"`` (replayed from a CUDA graph)."""
     parts = {"memory": (ln["read_bytes"] + ln["write_bytes"]) / c["hbm_bytes_per_s"]}
     if ln.get("l2_bytes"):
         parts["l2"] = ln["l2_bytes"] / c["l2_bytes_per_s"]
@@ -104,7 +116,7 @@ def launch_time(ln, c=H200):
     if ln.get("insts"):
         parts["issue"] = ln["insts"] / c["issue_per_s"]
     bound = max(parts, key=parts.get)
-    return parts[bound] + c["launch_s"], bound
+    return parts[bound] + c[overhead], bound
 
 
 def _launch_dicts(trace):
@@ -194,11 +206,14 @@ class Issue:
 
 def estimate_step(launches, c=H200):
     """Totals of one step's launches: counts, bytes, FLOPs, exponentials, warp instructions, the estimate
-    and its parts (``bound_s``: the time of the launches each ceiling bounds), the attention kernels'
+    launched one by one (``est_s``, ``launch_s``) and replayed from a CUDA graph (``graph_est_s``,
+    ``graph_launch_s``: the same kernels at ``graph_launch_s`` each), its parts (``bound_s``: the time of
+    the launches each ceiling bounds), the attention kernels'
     share (``attention_s``), and per kernel name: calls, time, and what bounds most of its time."""
     per = OrderedDict()
     tot = dict(launches=0, bytes=0, l2_bytes=0, flops=0, exps=0, insts=0, est_s=0.0, launch_s=0.0,
-               attention_s=0.0, bound_s=dict.fromkeys(BOUNDS, 0.0), unknown=set(), insts_from={})
+               graph_est_s=0.0, graph_launch_s=0.0, attention_s=0.0, bound_s=dict.fromkeys(BOUNDS, 0.0),
+               unknown=set(), insts_from={})
     for ln in launches:
         t, bound = launch_time(ln, c)
         tot["launches"] += 1
@@ -209,6 +224,8 @@ def estimate_step(launches, c=H200):
         tot["insts"] += ln.get("insts", 0)
         tot["est_s"] += t
         tot["launch_s"] += c["launch_s"]
+        tot["graph_est_s"] += t - c["launch_s"] + c["graph_launch_s"]
+        tot["graph_launch_s"] += c["graph_launch_s"]
         tot["bound_s"][bound] += t - c["launch_s"]
         if is_attention(ln):
             tot["attention_s"] += t
@@ -299,22 +316,26 @@ def _ms(s):
 def summary_table(rows, dtype_name):
     lines = [f"Estimated time at H200 ceilings ({dtype_name}; training step = forward + MSE loss + backward, no "
              f"optimizer step; per launch max(bytes/HBM, L2 re-reads/L2, FLOPs/unit rate, exps/SFU, warp "
-             f"instructions/issue rate) + {H200['launch_s'] * 1e6:.0f} µs)",
+             f"instructions/issue rate) + {H200['launch_s'] * 1e6:.0f} µs launched one by one (eager), "
+             f"+ {H200['graph_launch_s'] * 1e6:.0f} µs replayed from a CUDA graph (graphed))",
              "", "| B | size | model | step | launches | GB | GFLOP | G exp | G warp insts | memory-bound ms | "
              "L2-bound ms | math-bound ms | exp-bound ms | issue-bound ms | launch ms | estimate ms | attention ms | "
-             "vs baseline | measured ms | measured / estimate |",
-             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "vs baseline | graphed launch ms | graphed estimate ms | graphed vs baseline | measured ms | "
+             "measured / estimate |",
+             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+             "---:|---:|"]
     for row in rows:
         base = row["models"].get("baseline", {})
         for m, r in row["models"].items():
             if "unavailable" in r:
                 lines.append(f"| {row['batch']} | {row['height']}x{row['width']} | {m} | - | unavailable: "
-                             f"{r['unavailable']} |" + " |" * 15)
+                             f"{r['unavailable']} |" + " |" * 18)
                 continue
             for step in ("forward", "train"):
                 s = r[step]
                 b = base.get(step)
                 ratio = "-" if not b or m == "baseline" else f"{b['est_s'] / s['est_s']:.2f}x"
+                g_ratio = "-" if not b or m == "baseline" else f"{b['graph_est_s'] / s['graph_est_s']:.2f}x"
                 meas = s.get("measured_s")
                 bs = s["bound_s"]
                 math = sum(v for k, v in bs.items() if k in _RATE)
@@ -323,11 +344,14 @@ def summary_table(rows, dtype_name):
                     f"{s['bytes'] / 1e9:,.2f} | {s['flops'] / 1e9:,.1f} | {s['exps'] / 1e9:.3f} | "
                     f"{s['insts'] / 1e9:,.3f} | {_ms(bs['memory'])} | {_ms(bs['l2'])} | {_ms(math)} | "
                     f"{_ms(bs['exp'])} | {_ms(bs['issue'])} | {_ms(s['launch_s'])} | {_ms(s['est_s'])} | "
-                    f"{_ms(s['attention_s'])} | {ratio} | "
+                    f"{_ms(s['attention_s'])} | {ratio} | {_ms(s['graph_launch_s'])} | {_ms(s['graph_est_s'])} | "
+                    f"{g_ratio} | "
                     f"{'-' if meas is None else _ms(meas)} | {'-' if meas is None else format(meas / s['est_s'], '.2f')} |")
     lines.append("")
     lines.append("vs baseline: the baseline's estimate over this model's (above 1: this model is estimated "
-                 "faster). X-bound ms: the time of the launches X bounds. attention ms: the attention kernels' "
+                 "faster), eager against eager; graphed: the same launches replayed from a CUDA graph, at "
+                 f"{H200['graph_launch_s'] * 1e6:.0f} µs per kernel instead of {H200['launch_s'] * 1e6:.0f} µs, "
+                 "graphed against graphed. X-bound ms: the time of the launches X bounds. attention ms: the attention kernels' "
                  "launches (fast_unet's _attn_*, the baseline's SDPA), launch overhead included. measured: "
                  "CUDA-event medians of interleaved runs (only on a GPU).")
     lines.append("Warp instructions: the inner loops of the Triton kernels (their sm_90 SASS x num_warps x "

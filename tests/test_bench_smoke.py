@@ -145,8 +145,12 @@ def test_gpu_estimate(tmp_path):
         for step in ("forward", "train"):
             s = r[step]
             assert s["est_s"] >= s["launches"] * data["constants"]["launch_s"] and s["bytes"] > 0
+            # the graphed step: the same kernels, graph_launch_s each in place of launch_s
+            c = data["constants"]
+            assert s["graph_est_s"] == pytest.approx(s["est_s"] - s["launches"] * (c["launch_s"] - c["graph_launch_s"]))
             # the loops' instructions: fast_unet's Triton loops, the baseline's SDPA at fast_unet's floor
             assert s["insts"] > 0 and s["attention_s"] > 0 and s["insts_from"], s["insts_from"]
     assert "floor" in base["train"]["insts_from"]
     assert "hbm_bytes_per_s" in proc.stdout and "| 1 | 16x16 | fast_unet | forward |" in proc.stdout
     assert "issue-bound ms" in proc.stdout and "issue_per_s" in proc.stdout
+    assert "graphed vs baseline" in proc.stdout and "graph_launch_s" in proc.stdout

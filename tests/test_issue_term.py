@@ -48,6 +48,13 @@ def test_forward_counts_the_rescale_exponentials():
     assert work.triton_work("_attn_fwd", t)[1] == b * h * n * n  # no constexprs recorded: scores only
 
 
+def test_column_sum_stage_counts_its_adds():
+    """``_col_partial_sum_kernel`` folds two (R, K) float32 arrays: one CUDA-core add per element of each."""
+    pw, pb = torch.empty(37, 96), torch.empty(37, 96)
+    named = {"pw_ptr": pw, "pb_ptr": pb, "ow_ptr": torch.empty(7, 96), "ob_ptr": torch.empty(7, 96)}
+    assert work.triton_work("_col_partial_sum_kernel", named) == (2 * 37 * 96, 0, "fp32", True)
+
+
 def test_other_loops_count_iterations_over_all_programs():
     loop, l2 = work.triton_loop("_conv3x3_kernel", {}, dict(C1=64, C_in=96, HAS_X2=True, BLOCK_K=32), [8, 2, 4])
     assert loop == {"iterations": 64 * 9 * (2 + 1)} and l2 == 0
@@ -122,6 +129,40 @@ def test_issue_time_of_a_triton_loop_and_of_sdpa():
     assert bound == "issue" and t == pytest.approx(sdpa["insts"] / c["issue_per_s"] + c["launch_s"])
     t, bound = estimate.launch_time(dict(tri, insts=0, l2_bytes=10**9), c)
     assert bound == "l2" and t == pytest.approx(1e9 / c["l2_bytes_per_s"] + c["launch_s"])
+
+
+def test_graphed_step_differs_by_the_launch_costs_only():
+    """A step replayed from a CUDA graph: each launch's time at the ceilings plus ``graph_launch_s`` in
+    place of ``launch_s``; the rest of the totals are the eager step's."""
+    c = dict(estimate.H200, launch_s=5e-6, graph_launch_s=2e-6)
+    base = dict(kind="triton", name="_k", read_bytes=0, write_bytes=0, flops=0, unit=None, exps=0, known=True,
+                l2_bytes=0, loop=None, args={}, dtypes={}, dtype="bfloat16", insts=0, insts_from=None)
+    lns = [dict(base, read_bytes=4.3e6), dict(base, name="_j", flops=2 * 989.4e6, unit="mma16"),
+           dict(base, name="_i")]
+    t, bound = estimate.launch_time(lns[0], c, "graph_launch_s")
+    assert bound == "memory" and t == pytest.approx(1e-6 + 2e-6)
+    s = estimate.estimate_step(lns, c)
+    assert s["est_s"] == pytest.approx(1e-6 + 2e-6 + 3 * 5e-6) and s["launch_s"] == pytest.approx(15e-6)
+    assert s["graph_est_s"] == pytest.approx(1e-6 + 2e-6 + 3 * 2e-6) and s["graph_launch_s"] == pytest.approx(6e-6)
+    assert estimate.H200["graph_launch_s"] < estimate.H200["launch_s"]
+
+
+def test_summary_table_gives_both_launch_modes_against_the_baseline():
+    """The table's eager ratio is eager over eager, its graphed ratio graphed over graphed."""
+    def step(est, graph):
+        return dict(launches=1, bytes=0, flops=0, exps=0, insts=0, bound_s=dict.fromkeys(estimate.BOUNDS, 0.0),
+                    launch_s=0.0, est_s=est, graph_est_s=graph, graph_launch_s=0.0, attention_s=0.0,
+                    unknown=[], insts_from={})
+    row = {"batch": 2, "height": 8, "width": 8, "models": {
+        "fast_unet": {"forward": step(1e-3, 0.5e-3), "train": step(2e-3, 1e-3)},
+        "baseline": {"forward": step(3e-3, 2e-3), "train": step(5e-3, 4e-3)}}}
+    text = estimate.summary_table([row], "bfloat16")
+    header = next(ln for ln in text.splitlines() if ln.startswith("| B |"))
+    cols = [x.strip() for x in header.strip("|").split("|")]
+    fu = next(ln for ln in text.splitlines() if "| fast_unet | train |" in ln)
+    vals = dict(zip(cols, [x.strip() for x in fu.strip("|").split("|")]))
+    assert (vals["vs baseline"], vals["graphed vs baseline"]) == ("2.50x", "4.00x")
+    assert (vals["estimate ms"], vals["graphed estimate ms"]) == ("2.000", "1.000")
 
 
 def test_ceilings_share_one_clock():
