@@ -299,3 +299,35 @@ def test_info_lists_the_tuned_choices(probe):
     assert info["tuning"]["choices"][top][key]["backend"] == "eager"
     text = run()
     assert f"    {key}: eager (rule: ext); eager " in text and top in text
+
+
+# --- python -m bench: the tuned model beside the untuned one ---------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "autocast-bfloat16"])
+def test_bench_times_tuned_beside_untuned(tmp_path, dtype):
+    import subprocess
+    import sys
+
+    out = tmp_path / "b.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env[tuning.CACHE_ENV] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--tune", "--dtype", dtype, "--batch", "1", "--size", "16",
+                           "--models", "fast_unet", "--warmup", "1", "--repeats", "1", "--no-kernel-count",
+                           "--no-memory", "--quiet", "--json", str(out)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert list(data["models"]) == ["fast_unet", "fast_unet_tuned"] and data["dtype"] == dtype
+    for mode in ("forward", "train"):
+        tuned = data["models"]["fast_unet_tuned"][mode]
+        assert tuned["speedup_vs_fast_unet"] == pytest.approx(data["models"]["fast_unet"][mode]["median_ms"]
+                                                              / tuned["median_ms"])
+        t = data["tuning"][mode]
+        assert t["first_call_s"] >= t["timing_s"] >= 0
+        if dtype == "float32" and not backends.load_error("ext"):
+            assert t["keys"] >= 1  # group_norm_relu and attention: ext or eager
+        assert f"fast_unet_tuned {mode}: first call" in proc.stdout
+    assert data["tuning"]["cache"] == str(tmp_path / "cache" / "tune.json")
+    if data["tuning"]["forward"]["keys"]:
+        assert json.loads((tmp_path / "cache" / "tune.json").read_text())
+    assert f"B=1, 16x16, {dtype}" in proc.stdout
