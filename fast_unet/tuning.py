@@ -46,6 +46,7 @@ _switch = None  # None: FAST_UNET_TUNE decides; True/False: fast_unet.tune() dec
 _choices = {}  # (top key, op key) -> backend, from the file and from this process's measurements
 _times = {}  # (top key, op key) -> {backend: median ms}, this process's measurements
 _loaded = set()  # cache paths read into _choices
+_known = {}  # a call's raw key (see _raw_key) -> backend: the lookup every tuned call makes first
 _warned = set()
 _lock = threading.RLock()
 _depth = 0  # > 0 while timing (a fused op's eager twin dispatches its smaller ops, tuned in turn)
@@ -167,6 +168,18 @@ def op_key(op, args, autocast):
     return f"{op}({', '.join(_arg_key(a) for a in args)}) autocast={ac} grad={int(needs_grad(args))}"
 
 
+def _raw(a):
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.shape, a.stride(), a.requires_grad, a.device)
+    return a if a is None or isinstance(a, (bool, int)) else type(a)
+
+
+def _raw_key(op, args, autocast):
+    """What ``device_key`` and ``op_key`` depend on, unformatted (cheap to build and hash)."""
+    return (op, autocast, torch.is_grad_enabled(), torch.get_num_threads(), cache_dir(),
+            tuple(_raw(a) for a in args))
+
+
 def _tracing():
     return torch.compiler.is_compiling()
 
@@ -227,6 +240,7 @@ def reset():
     global seconds, tuned
     with _lock:
         _choices.clear()
+        _known.clear()
         _times.clear()
         _loaded.clear()
         _warned.clear()
@@ -293,10 +307,17 @@ def measure(op, candidates, run, args, device, rounds=ROUNDS):
     calls = {}
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
-        for b in candidates:
+        for b in list(candidates):
             _sync(device)
             t0 = time.perf_counter()
-            _step(functools.partial(run, b), targs, grad)
+            try:
+                _step(functools.partial(run, b), targs, grad)
+            except Exception as e:  # noqa: BLE001 (a backend that fails here is not a candidate; the call goes on)
+                warnings.warn(f"fast_unet: tuning {op}: {b} failed ({type(e).__name__}: {e}); not a candidate",
+                              RuntimeWarning, stacklevel=5)
+                candidates = [c for c in candidates if c != b]
+                times.pop(b)
+                continue
             _sync(device)
             calls[b] = max(1, min(32, int(SAMPLE_S / max(time.perf_counter() - t0, 1e-9))))
         for _ in range(rounds):
@@ -324,17 +345,24 @@ def choose(op, args, autocast, rule, candidates, run, is_valid):
     ``rule``."""
     global seconds, tuned, _depth
     tracing = _tracing()
+    raw = None if tracing else _raw_key(op, args, autocast)
+    b = _known.get(raw) if raw is not None else None
+    if b is not None and (b == rule or is_valid(b)):
+        return b
     device = device_of(args)
     top, key = device_key(device), op_key(op, args, autocast)
     if not tracing:
         _load(cache_path())
     b = _choices.get((top, key))
     if b is not None and (b == rule or is_valid(b)):
+        if raw is not None:
+            _known[raw] = b
         return b
     if tracing or _capturing():
         return rule
     names = candidates()
     if len(names) < 2:
+        _known[raw] = rule
         return rule
     with _lock:
         outermost = _depth == 0
@@ -342,7 +370,7 @@ def choose(op, args, autocast, rule, candidates, run, is_valid):
         t0 = time.perf_counter()
         try:
             med = measure(op, names, run, args, device)
-            best = _fastest(med, rule)
+            best = _fastest(med, rule) if med else rule
             if best != rule and rule in med:  # confirmed by a second measurement of the two
                 again = measure(op, [rule, best], run, args, device)
                 if _fastest(again, rule) != best:
@@ -355,6 +383,7 @@ def choose(op, args, autocast, rule, candidates, run, is_valid):
         tuned += 1
         ms = {n: v * 1e3 for n, v in med.items()}
         _choices[(top, key)] = best
+        _known[raw] = best
         _times[(top, key)] = ms
         _save(cache_path(), top, key, best, rule, ms)
     return best

@@ -59,6 +59,8 @@ def probe(monkeypatch):
     def impl(backend):
         def fn(x):
             calls[backend] += 1
+            if backend == speed.get("fail"):
+                raise RuntimeError(f"{backend} cannot")
             calls["grad_enabled"].append(torch.is_grad_enabled())
             torch.rand(1)  # uses the RNG: tuning must restore its state
             time.sleep(SLOW_S if backend == speed["slow"] else FAST_S)
@@ -69,8 +71,8 @@ def probe(monkeypatch):
     dispatch.register(OP, "eager", impl("eager"))
     _Counted.backward_calls = 0
 
-    def configure(slow="ext"):
-        speed["slow"] = slow
+    def configure(slow="ext", fail=None):
+        speed["slow"], speed["fail"] = slow, fail
         return calls
 
     return configure
@@ -103,6 +105,13 @@ def test_picks_the_faster_of_two_backends(probe, slow):
     dispatch.call(OP, x)
     assert torch.equal(torch.rand(1), after_tuned), "tuning changed the RNG state"
     assert calls[fast] == before[fast] + 1 and calls[slow] == before[slow], "a known key was timed again"
+
+
+def test_a_backend_that_fails_while_timed_is_left_out(probe):
+    calls = probe("eager", fail="ext")
+    with pytest.warns(RuntimeWarning, match="tuning tune_probe: ext failed .RuntimeError: ext cannot.; not a candidate"):
+        y = dispatch.call(OP, torch.randn(3))
+    assert dispatch.last_choice[OP] == "eager" and calls["ext"] == 1 and y.shape == (3,)
 
 
 def test_grad_times_the_backward_and_leaves_the_graph_alone(probe):
