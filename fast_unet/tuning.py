@@ -6,11 +6,12 @@ argument's dtype, shape and layout: contiguous, channels_last or other strides; 
 values when they are booleans or integers, their presence when None; the autocast state and dtype; whether
 a gradient will be needed) it times every backend that can take the input, the eager backend included
 (for a fused op that is its eager twin's composition): one warm-up call each, then ``ROUNDS`` interleaved
-rounds (a call faster than ``SAMPLE_S`` repeated within a sample), of the forward alone, or of forward and
-backward (``torch.autograd.grad`` with a ones upstream gradient) when grad is enabled and an input requires
-grad; synchronised on CUDA. The fastest median wins; the rule's choice keeps its place unless another
-backend is at least ``MARGIN`` faster, in that measurement and in a second one of the two, so that noise
-does not move a choice. The timed calls run on detached aliases of the inputs (the ops mutate nothing), with the RNG state
+rounds (``LONG_ROUNDS`` when a warm-up took over ``LONG_S``; a call faster than ``SAMPLE_S`` repeated
+within a sample), of the forward alone, or of forward and backward (``torch.autograd.grad`` with a ones
+upstream gradient) when grad is enabled and an input requires grad; synchronised on CUDA. The fastest
+median wins; the rule's choice keeps its place unless another backend is at least ``MARGIN`` faster, in
+that measurement and in a second one of the two, so that noise does not move a choice. The timed calls
+run on detached aliases of the inputs (the ops mutate nothing), with the RNG state
 restored after, and record nothing in the caller's autograd graph; then the chosen backend runs the call.
 
 Choices persist in ``tune.json`` in ``$FAST_UNET_CACHE_DIR``, else ``$XDG_CACHE_HOME/fast_unet``, else
@@ -40,6 +41,7 @@ CACHE_ENV = "FAST_UNET_CACHE_DIR"
 FILE_NAME = "tune.json"
 ROUNDS = 5
 SAMPLE_S = 1e-3  # the shortest sample: faster calls are repeated within one
+LONG_S, LONG_ROUNDS = 0.1, 3  # a candidate whose warm-up took longer than LONG_S: LONG_ROUNDS rounds
 MARGIN = 0.02  # another backend replaces the rule's choice only when its median is this much lower
 
 _switch = None  # None: FAST_UNET_TUNE decides; True/False: fast_unet.tune() decided
@@ -319,7 +321,10 @@ def measure(op, candidates, run, args, device, rounds=ROUNDS):
                 times.pop(b)
                 continue
             _sync(device)
-            calls[b] = max(1, min(32, int(SAMPLE_S / max(time.perf_counter() - t0, 1e-9))))
+            warm = time.perf_counter() - t0
+            calls[b] = max(1, min(32, int(SAMPLE_S / max(warm, 1e-9))))
+            if warm > LONG_S:
+                rounds = min(rounds, LONG_ROUNDS)
         for _ in range(rounds):
             for b in candidates:
                 fn = functools.partial(run, b)
