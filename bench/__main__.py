@@ -115,10 +115,10 @@ def run(args):
         if args.memory:
             for n in names:
                 if n == "compiled":
-                    continue
+                    continue  # compiling again in a child would dominate the run; memory as baseline's graph
                 if autocast is not None:
                     result["models"][n][mode]["peak_error"] = "not measured under autocast"
-                    continue  # compiling again in a child would dominate the run; memory as baseline's graph
+                    continue
                 say(f"peak memory: {n} {mode} (fresh process)")
                 peak, err = core.measure_memory(n, mode, args.batch, height, width, args.dtype, device)
                 result["models"][n][mode]["peak_mib"] = None if peak is None else peak / 2**20
