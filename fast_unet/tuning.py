@@ -343,17 +343,27 @@ def _fastest(med, rule):
     return rule if rule in med and med[best] > (1 - MARGIN) * med[rule] else best
 
 
+@torch._dynamo.assume_constant_result
+def _traced_choice(device, key):
+    """The choice this process knows for ``op_key`` ``key`` on ``device`` (a string) from memory (no file
+    read), or None: what applies while torch.compile traces (run as Python, its result a constant)."""
+    return _choices.get((device_key(torch.device(device)), key))
+
+
 def choose(op, args, autocast, rule, candidates, run, is_valid):
     """The backend for this call with tuning on: the known choice for its key when ``is_valid`` of it (it
     can take the arguments), else, outside capture and tracing, a new measurement of ``candidates()``
     (backends that can take them; ``rule`` is dispatch's own pick) with ``run(backend, args)``, else
     ``rule``."""
     global seconds, tuned, _depth
-    tracing = _tracing()
-    raw = None if tracing else _raw_key(op, args, autocast)
-    b = _known.get(raw) if raw is not None else None
+    if _tracing():
+        b = _traced_choice(str(device_of(args)), op_key(op, args, autocast))
+        return b if b is not None and (b == rule or is_valid(b)) else rule
+    raw = _raw_key(op, args, autocast)
+    b = _known.get(raw)
     if b is not None and (b == rule or is_valid(b)):
         return b
+    tracing = False
     device = device_of(args)
     top, key = device_key(device), op_key(op, args, autocast)
     if not tracing:

@@ -202,6 +202,32 @@ def test_nothing_is_timed_under_compile_tracing(probe, monkeypatch):
     assert dispatch.last_choice[OP] == "eager" and _timed(calls) == n + 1  # the known choice applies
 
 
+def test_torch_compile_traces_the_known_choice(monkeypatch):
+    """torch.compile (fullgraph: no graph break) of a dispatched op with tuning on: nothing timed, the rule
+    while nothing is known, the choice this process knows once there is one."""
+    if backends.load_error("ext"):
+        pytest.skip(f"needs the extension: {backends.load_error('ext')}")
+    from fast_unet import ops
+
+    x, w, b = torch.randn(2, 8, 4, 4), torch.randn(8), torch.randn(8)
+
+    def f(x):
+        return ops.group_norm_relu(x, w, b, 1e-5, None, None)
+
+    torch._dynamo.reset()
+    try:
+        y = torch.compile(f, backend="eager", fullgraph=True)(x)
+        assert tuning.tuned == 0 and dispatch.last_choice["group_norm_relu"] == "ext"
+        key = (tuning.device_key(x.device), tuning.op_key("group_norm_relu", (x, w, b, 1e-5, None, None), None))
+        monkeypatch.setitem(tuning._choices, key, "eager")
+        torch._dynamo.reset()
+        y2 = torch.compile(f, backend="eager", fullgraph=True)(x)
+        assert tuning.tuned == 0 and dispatch.last_choice["group_norm_relu"] == "eager"
+        assert_close(y2, y, atol=1e-5, rtol=1e-5, what="eager against ext")
+    finally:
+        torch._dynamo.reset()
+
+
 def test_nothing_is_timed_under_graph_capture(probe, monkeypatch):
     calls = probe("ext")
     x = torch.randn(3)
