@@ -135,7 +135,10 @@ def main(argv=None):
         for key, entry in sorted(entries.items()):
             ms = ", ".join(f"{b} {v:.3g} ms" for b, v in sorted(entry.get("ms", {}).items(), key=lambda kv: kv[1]))
             rule = entry.get("rule")
-            print(f"    {key}: {entry.get('backend')}" + (f" (rule: {rule})" if rule else "") + (f"; {ms}" if ms else ""))
+            again = ", ".join(f"{b} {v:.3g} ms" for b, v in sorted(entry.get("confirm_ms", {}).items(),
+                                                                  key=lambda kv: kv[1]))
+            print(f"    {key}: {entry.get('backend')}" + (f" (rule: {rule})" if rule else "") + (f"; {ms}" if ms else "")
+                  + (f"; again: {again}" if again else ""))
     return 0
 
 

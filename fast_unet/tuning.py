@@ -223,12 +223,14 @@ def _load(path):
                     _choices.setdefault((top, key), entry["backend"])
 
 
-def _save(path, top, key, backend, rule, ms):
+def _save(path, top, key, backend, rule, ms, confirm=None):
     from .files import FileError, atomic_write
 
     data = _read(path) if os.path.exists(path) else {}
-    data.setdefault(top, {})[key] = {"backend": backend, "rule": rule,
-                                     "ms": {b: round(v, 4) for b, v in ms.items()}}
+    entry = {"backend": backend, "rule": rule, "ms": {b: round(v, 4) for b, v in ms.items()}}
+    if confirm:  # the second measurement, of the rule's backend and the challenger
+        entry["confirm_ms"] = {b: round(v, 4) for b, v in confirm.items()}
+    data.setdefault(top, {})[key] = entry
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         atomic_write(path, lambda f: f.write(json.dumps(data, indent=1, sort_keys=True).encode()), sync=False)
@@ -383,6 +385,7 @@ def choose(op, args, autocast, rule, candidates, run, is_valid):
         outermost = _depth == 0
         _depth += 1
         t0 = time.perf_counter()
+        again = None
         try:
             med = measure(op, names, run, args, device)
             best = _fastest(med, rule) if med else rule
@@ -390,15 +393,15 @@ def choose(op, args, autocast, rule, candidates, run, is_valid):
                 again = measure(op, [rule, best], run, args, device)
                 if _fastest(again, rule) != best:
                     best = rule
-                med = {b: max(v, again.get(b, v)) for b, v in med.items()}
         finally:
             _depth -= 1
         if outermost:
             seconds += time.perf_counter() - t0
         tuned += 1
         ms = {n: v * 1e3 for n, v in med.items()}
+        confirm = {n: v * 1e3 for n, v in again.items()} if again else None
         _choices[(top, key)] = best
         _known[raw] = best
         _times[(top, key)] = ms
-        _save(cache_path(), top, key, best, rule, ms)
+        _save(cache_path(), top, key, best, rule, ms, confirm)
     return best

@@ -144,6 +144,7 @@ def test_cache_round_trips_to_a_new_process(probe):
     entry = entries[tuning.op_key(OP, (x,), None)]
     assert entry["backend"] == "eager" and entry["rule"] == "ext"
     assert entry["ms"]["ext"] > entry["ms"]["eager"]
+    assert entry["confirm_ms"]["ext"] > entry["confirm_ms"]["eager"]  # a choice against the rule, measured twice
     tuning.reset()  # a new process: nothing in memory
     n = _timed(calls)
     dispatch.call(OP, x)
