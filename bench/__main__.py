@@ -8,6 +8,12 @@ rate (the fastest of several 2048^3 torch.mm, one per timing round, interleaved 
 Then a short section of kernel-launch counts and forward memory traffic per model, from
 ``python -m bench.kernels`` (``--no-kernel-count`` leaves it out). ``--sample``: sampling and training
 throughput instead (``python -m bench.sample``).
+
+``--tune`` adds ``fast_unet_tuned`` beside ``fast_unet``: the same model with measured dispatch
+(``fast_unet.tune(True)``), tuned from an empty cache in a temporary folder (``$FAST_UNET_CACHE_DIR`` when
+set); the time its first forward and first training step took, and the part of it spent timing backends,
+are reported. ``--dtype autocast-bfloat16`` (``autocast-float16``): float32 models under
+``torch.autocast`` in that dtype (forward and loss); ``--dtype bfloat16``: the models cast to bfloat16.
 """
 import argparse
 import datetime
@@ -17,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -33,9 +40,11 @@ def _progress(quiet):
 def run(args):
     say = _progress(args.quiet)
     height, width = core.parse_size(args.size)
-    dtype = core.DTYPES[args.dtype]
+    dtype, autocast = core.parse_dtype(args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     names = [m for m in args.models.split(",") if m]
+    if args.tune and "fast_unet_tuned" not in names:
+        names.insert(names.index("fast_unet") + 1 if "fast_unet" in names else len(names), "fast_unet_tuned")
     if args.compile and "compiled" not in names:
         names.insert(names.index("fast_unet") if "fast_unet" in names else len(names), "compiled")
     if not args.compile and "compiled" in names:
@@ -52,6 +61,9 @@ def run(args):
     from fast_unet import UNet
 
     state = UNet().state_dict()
+    if "fast_unet_tuned" in names and not os.environ.get("FAST_UNET_CACHE_DIR"):
+        # an empty cache, so that the run measures the tuning; the memory children inherit it
+        os.environ["FAST_UNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="fast_unet_tune_")
     say(f"building {', '.join(names)} at B={args.batch}, {height}x{width}, {args.dtype}, {device}")
     models = {n: core.build_model(n, height, width, dtype, device, state) for n in names}
     x, t, noise = core.make_inputs(args.batch, height, width, dtype, device)
@@ -59,8 +71,8 @@ def run(args):
     say("counting FLOPs (meta device)")
     flops = dict(zip(("forward", "train"), core.count_flops(height, width, args.batch)))
     say("measuring the device's matmul rate")
-    mm_rate = core.matmul_rate(dtype, device)
-    mm = core.matmul_fn(dtype, device)
+    mm_rate = core.matmul_rate(autocast or dtype, device)
+    mm = core.matmul_fn(autocast or dtype, device)
 
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -79,7 +91,18 @@ def run(args):
             # same): in eval mode nn.MultiheadAttention takes its native fast path, which on CPU does not
             # use SDPA and would make the "SDPA baseline" slower than it is.
             model.train(True)
-            fns[n] = core.forward_fn(model, x, t) if mode == "forward" else core.train_fn(model, x, t, noise)
+            fns[n] = (core.forward_fn(model, x, t, autocast) if mode == "forward"
+                      else core.train_fn(model, x, t, noise, autocast))
+        if "fast_unet_tuned" in fns:
+            from fast_unet import tuning
+
+            say(f"fast_unet_tuned: first {mode} call (tuning)")
+            before, keys, t0 = tuning.seconds, tuning.tuned, time.perf_counter()
+            fns["fast_unet_tuned"]()
+            core._sync(device)
+            result.setdefault("tuning", {"cache": tuning.cache_path()})[mode] = {
+                "first_call_s": time.perf_counter() - t0, "timing_s": tuning.seconds - before,
+                "keys": tuning.tuned - keys}
         say(f"timing {mode}")
         times, rate = core.time_interleaved(fns, device, args.warmup, args.repeats, progress=say, rate=mm)
         mm_rate = max(mm_rate, rate)
@@ -93,6 +116,9 @@ def run(args):
             for n in names:
                 if n == "compiled":
                     continue  # compiling again in a child would dominate the run; memory as baseline's graph
+                if autocast is not None:
+                    result["models"][n][mode]["peak_error"] = "not measured under autocast"
+                    continue
                 say(f"peak memory: {n} {mode} (fresh process)")
                 peak, err = core.measure_memory(n, mode, args.batch, height, width, args.dtype, device)
                 result["models"][n][mode]["peak_mib"] = None if peak is None else peak / 2**20
@@ -111,7 +137,9 @@ def run(args):
     for mode in modes:
         for n in names:
             r = result["models"][n][mode]
-            for other in ("reference", "baseline"):
+            for other in ("reference", "baseline", "fast_unet"):
+                if other == "fast_unet" and n != "fast_unet_tuned":
+                    continue
                 if other in names:
                     r[f"speedup_vs_{other}"] = result["models"][other][mode]["median_ms"] / r["median_ms"]
                     p, q = r.get("peak_mib"), result["models"][other][mode].get("peak_mib")
@@ -174,6 +202,24 @@ def kernel_table(result):
     return "\n".join(lines)
 
 
+def _tuning_lines(result):
+    """The tuned model against the untuned one, and what its tuning cost."""
+    tune = result.get("tuning")
+    if not tune:
+        return []
+    lines = []
+    for mode in ("forward", "train"):
+        if mode not in tune:
+            continue
+        r, s = tune[mode], result["models"]["fast_unet_tuned"][mode]
+        vs = s.get("speedup_vs_fast_unet")
+        lines.append(f"fast_unet_tuned {mode}: first call {r['first_call_s']:.2f} s, of which {r['timing_s']:.2f} s "
+                     f"timing backends ({r['keys']} op keys measured); then "
+                     + (f"{vs:.3f}x the untuned fast_unet" if vs else f"{s['median_ms']:.1f} ms"))
+    lines.append(f"tuned choices: {tune['cache']} (python -m fast_unet.info lists them)")
+    return lines
+
+
 def table(result):
     lines = [
         f"fast_unet benchmark: {result['device']}, torch {result['torch']}",
@@ -183,6 +229,7 @@ def table(result):
         f"matmul rate {result['matmul_gflops']:.0f} GFLOP/s (fastest of {result['matmul_samples']} 2048^3 torch.mm, "
         f"one per timing round, interleaved with the models)",
         f"fast_unet ran its ops on: {result.get('fast_unet_backends', '-')}",
+        *_tuning_lines(result),
         "",
         "| model | mode | median ms | vs reference | vs baseline | GFLOP/s | of best matmul rate | peak MiB | memory vs reference |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -206,7 +253,10 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--size", default="64", help="resolution: 64 or HxW (multiples of 8)")
-    p.add_argument("--dtype", default="float32", choices=sorted(core.DTYPES))
+    p.add_argument("--dtype", default="float32", choices=sorted(core.DTYPES) + sorted(core.AUTOCAST),
+                   help="the models' dtype, or autocast-DTYPE: float32 models under torch.autocast")
+    p.add_argument("--tune", action="store_true", help="add fast_unet_tuned: fast_unet with measured dispatch "
+                   "(fast_unet.tune(True)), tuned in this run; report the time tuning took")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--models", default="reference,baseline,fast_unet",
                    help=f"comma-separated, from {','.join(core.MODELS)}")
@@ -243,6 +293,13 @@ def main(argv=None):
     if args.sweep:
         from . import sweep
 
+        if args.dtype in core.AUTOCAST:
+            p.error("--sweep takes the models' dtype (float32, bfloat16, float16), not autocast")
+        if args.tune and "fast_unet_tuned" not in args.models.split(","):
+            args.models += ",fast_unet_tuned"
+            if not os.environ.get("FAST_UNET_CACHE_DIR"):
+                os.environ["FAST_UNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="fast_unet_tune_")
+
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if args.cell_limit is None:
             args.cell_limit = 60.0 if torch.device(device).type == "cuda" else 120.0
@@ -254,6 +311,8 @@ def main(argv=None):
     if args.batch < 1:
         p.error("--batch must be >= 1")
     result = run(args)
+    if args.kernel_count and args.dtype in core.AUTOCAST:
+        args.kernel_count = False  # python -m bench.kernels counts a model cast to a dtype
     if args.kernel_count:
         _progress(args.quiet)("counting kernel launches (python -m bench.kernels)")
         height, width = core.parse_size(args.size)

@@ -6,6 +6,7 @@ Every speed figure is a median of interleaved runs (one round times every model 
 that the noise of a shared machine falls on all of them alike; ratios are taken within one run.
 """
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -15,14 +16,25 @@ import time
 import torch
 import torch.nn.functional as F
 
-MODELS = ("reference", "baseline", "compiled", "fast_unet")
+MODELS = ("reference", "baseline", "compiled", "fast_unet", "fast_unet_tuned")
 DESCRIPTIONS = {
     "reference": "the seed's UNet (MultiheadAttention with need_weights=True)",
     "baseline": "fair eager baseline: the reference with need_weights=False (SDPA)",
     "compiled": "torch.compile of the fair baseline",
     "fast_unet": "fast_unet.UNet (dispatch: auto)",
+    "fast_unet_tuned": "fast_unet.UNet with measured dispatch (fast_unet.tune(True)): each op's backend timed "
+                       "at its first call",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --dtype autocast-*: float32 models and inputs, forward (and the loss) under torch.autocast in that dtype
+AUTOCAST = {"autocast-bfloat16": torch.bfloat16, "autocast-float16": torch.float16}
+
+
+def parse_dtype(name):
+    """(the models' dtype, the autocast dtype or None) of a ``--dtype`` name (DTYPES or AUTOCAST)."""
+    if name in AUTOCAST:
+        return torch.float32, AUTOCAST[name]
+    return DTYPES[name], None
 
 
 def parse_size(text):
@@ -41,6 +53,8 @@ def build_model(name, height, width, dtype, device, state_dict=None):
 
     if name == "fast_unet":
         model = UNet()
+    elif name == "fast_unet_tuned":
+        model = tuned_unet_class()()
     elif name in ("reference", "baseline", "compiled"):
         model = make_reference(height, width, need_weights=(name == "reference"))
     else:
@@ -48,10 +62,26 @@ def build_model(name, height, width, dtype, device, state_dict=None):
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=True)
     model = model.to(device)
-    model = cast_reference(model, dtype) if name != "fast_unet" else model.to(dtype)
+    model = model.to(dtype) if name in ("fast_unet", "fast_unet_tuned") else cast_reference(model, dtype)
     if name == "compiled":
         model = torch.compile(model)
     return model
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_unet_class():
+    """The model of ``fast_unet_tuned`` (a class made on first use: fast_unet is imported lazily here)."""
+    from fast_unet import UNet, tune
+
+    class TunedUNet(UNet):
+        """fast_unet.UNet whose forward runs with measured dispatch on (``fast_unet.tune(True)``); the same
+        parameters and state dict."""
+
+        def forward(self, *args, **kwargs):
+            with tune(True):
+                return super().forward(*args, **kwargs)
+
+    return TunedUNet
 
 
 def make_inputs(batch, height, width, dtype, device, seed=0):
@@ -62,18 +92,25 @@ def make_inputs(batch, height, width, dtype, device, seed=0):
     return x, t, noise
 
 
-def forward_fn(model, x, t):
+def _autocast(x, dtype):
+    return torch.autocast(x.device.type, dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def forward_fn(model, x, t, autocast=None):
+    """One forward without grad; ``autocast``: under torch.autocast in that dtype."""
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(x, autocast):
             return model(x, t)
     return run
 
 
-def train_fn(model, x, t, noise):
-    """One training step without the optimiser: forward, MSE loss, backward."""
+def train_fn(model, x, t, noise, autocast=None):
+    """One training step without the optimiser: forward, MSE loss, backward; ``autocast``: the forward and the
+    loss under torch.autocast in that dtype."""
     def run():
         model.zero_grad(set_to_none=True)
-        loss = F.mse_loss(model(x, t), noise)
+        with _autocast(x, autocast):
+            loss = F.mse_loss(model(x, t), noise)
         loss.backward()
         return loss
     return run

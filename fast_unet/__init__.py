@@ -27,6 +27,7 @@ _source_kernels()
 
 from .model import UNet, DoubleConv, Down, Up, SelfAttention  # noqa: E402
 from . import ops, dispatch  # noqa: E402
+from .tuning import tune  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["UNet", "DoubleConv", "Down", "Up", "SelfAttention", "ops", "dispatch", "__version__"]
+__all__ = ["UNet", "DoubleConv", "Down", "Up", "SelfAttention", "ops", "dispatch", "tune", "__version__"]

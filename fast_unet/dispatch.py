@@ -25,6 +25,11 @@ statistics, timesteps). Their reasons are asked of those cast arguments. ``eager
 they are and runs under autocast's own per-op rules, as the reference does. ``_cast`` is the one statement
 of the cast (``autocast_args`` and ``register_autocast`` use it).
 
+Measured dispatch (``fast_unet.tune(True)`` or ``FAST_UNET_TUNE=1``, off by default): in ``auto`` mode, for
+an op that more than one backend can take, ``fast_unet.tuning`` times those backends once per key (op,
+device, dtypes, shapes, layouts, autocast, grad) and the fastest runs; its choices persist in a small JSON
+cache (see ``fast_unet/tuning.py``). A forced mode or an override is never measured: it wins.
+
 ``explain(op, *args)`` says why each backend would not take an input; ``python -m fast_unet.info`` says
 which backends load, and which implementation each op has.
 """
@@ -32,7 +37,7 @@ import os
 
 import torch
 
-from . import backends
+from . import backends, tuning
 
 ENV_VAR = "FAST_UNET_BACKEND"
 MODES = ("auto", "triton", "ext", "eager")
@@ -263,11 +268,21 @@ def choose(op, args):
             raise RuntimeError(f"{ENV_VAR}={os.environ.get(ENV_VAR)} cannot run {op} on {b}: " + "; ".join(why))
         last_choice[op] = b
         return b, _IMPLS[op][b][0], args_for(b)
-    for b in PRIORITY:
-        if b in _IMPLS[op] and not _reasons(op, b, args_for(b)):
-            last_choice[op] = b
-            return b, _IMPLS[op][b][0], args_for(b)
-    raise RuntimeError(f"no backend can run {op}: {explain(op, *args)}")
+    def can(b):
+        return b in _IMPLS[op] and not _reasons(op, b, args_for(b))
+
+    b = next((b for b in PRIORITY if can(b)), None)
+    if b is None:
+        raise RuntimeError(f"no backend can run {op}: {explain(op, *args)}")
+    if tuning.enabled():
+        def run(backend, targs):
+            if dtype is not None and backend != "eager":
+                targs = autocast_args(op, targs, dtype)
+            return _IMPLS[op][backend][0](*targs)
+
+        b = tuning.choose(op, args, dtype, b, lambda: [c for c in PRIORITY if can(c)], run, can)
+    last_choice[op] = b
+    return b, _IMPLS[op][b][0], args_for(b)
 
 
 def call(op, *args):

@@ -1,5 +1,6 @@
 """``python -m fast_unet.info [--json]``: versions, the build, each backend and why one is not available, and
-per op every backend's state and the backend that runs it for a CPU and for a CUDA input.
+per op every backend's state and the backend that runs it for a CPU and for a CUDA input; then the measured
+dispatch's switch, its cache file and the choices on file (``fast_unet/tuning.py``).
 ``--compile ARCHS``: the ahead-of-time compile report of the Triton kernels (fast_unet/aot.py)."""
 import argparse
 import json
@@ -38,7 +39,7 @@ def _runs_on(op, device_type):
 def collect():
     import torch
 
-    from . import __version__, backends, dispatch
+    from . import __version__, backends, dispatch, tuning
 
     info = {
         "fast_unet": __version__,
@@ -70,6 +71,7 @@ def collect():
             "backends": {b: dispatch.unavailable(op, b) or "available" for b in dispatch.PRIORITY},
             "runs_on": {"cpu": _runs_on(op, "cpu"), "cuda": _runs_on(op, "cuda")},
         }
+    info["tuning"] = {"enabled": tuning.enabled(), "cache": tuning.cache_path(), "choices": tuning.choices()}
     return info
 
 
@@ -105,7 +107,7 @@ def main(argv=None):
         print(json.dumps(info, indent=2))
         return 0
     for key, value in info.items():
-        if key not in ("backends", "build", "ops"):
+        if key not in ("backends", "build", "ops", "tuning"):
             print(f"{key:>18}: {value}")
     build = info["build"]
     if build["ext"]:
@@ -123,6 +125,20 @@ def main(argv=None):
         print(f"  {op:<{width}}  cpu: {o['runs_on']['cpu']:<6}  cuda: {o['runs_on']['cuda']:<6}")
         for backend, state in o["backends"].items():
             print(f"  {'':<{width}}    {backend}: {state}")
+    tune = info["tuning"]
+    print(f"\nmeasured dispatch (fast_unet.tune / FAST_UNET_TUNE): {'on' if tune['enabled'] else 'off'}; "
+          f"choices on file: {tune['cache']}")
+    if not tune["choices"]:
+        print("  none")
+    for device, entries in tune["choices"].items():
+        print(f"  {device}")
+        for key, entry in sorted(entries.items()):
+            ms = ", ".join(f"{b} {v:.3g} ms" for b, v in sorted(entry.get("ms", {}).items(), key=lambda kv: kv[1]))
+            rule = entry.get("rule")
+            again = ", ".join(f"{b} {v:.3g} ms" for b, v in sorted(entry.get("confirm_ms", {}).items(),
+                                                                  key=lambda kv: kv[1]))
+            print(f"    {key}: {entry.get('backend')}" + (f" (rule: {rule})" if rule else "") + (f"; {ms}" if ms else "")
+                  + (f"; again: {again}" if again else ""))
     return 0
 
 
