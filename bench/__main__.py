@@ -239,11 +239,13 @@ def main(argv=None):
     p.add_argument("--loop", action="store_true", help="instead: the training CLI's step against a bare forward + "
                    "backward + optimizer step of the same model, interleaved, at the CLI's defaults (B=16, 32x32; "
                    "python -m bench.loop, which takes more options)")
+    p.add_argument("--threads", type=int, default=None, help="--loop: CPU threads (default: torch's)")
     args = p.parse_args(argv)
     if args.loop:
         from . import loop
 
-        return loop.main(["--device", args.device] if args.device else [])
+        return loop.main((["--device", args.device] if args.device else [])
+                         + (["--threads", str(args.threads)] if args.threads else []))
     if args.sample:
         from . import sample
 
