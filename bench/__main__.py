@@ -7,7 +7,8 @@ ratios against the reference and the baseline; achieved GFLOP/s against the devi
 rate (the fastest of several 2048^3 torch.mm, one per timing round, interleaved with the models). Prints a table, and writes everything as JSON (``--json``, default bench_results/latest.json).
 Then a short section of kernel-launch counts and forward memory traffic per model, from
 ``python -m bench.kernels`` (``--no-kernel-count`` leaves it out). ``--sample``: sampling and training
-throughput instead (``python -m bench.sample``).
+throughput instead (``python -m bench.sample``). ``--loop``: the training CLI's step against a bare forward +
+backward + optimizer step instead (``python -m bench.loop``).
 
 ``--tune`` adds ``fast_unet_tuned`` beside ``fast_unet``: the same model with measured dispatch
 (``fast_unet.tune(True)``), tuned from an empty cache in a temporary folder (``$FAST_UNET_CACHE_DIR`` when
@@ -285,7 +286,16 @@ def main(argv=None):
     g.add_argument("--no-roofline", dest="roofline", action="store_false", help="GPU: no roofline plot")
     p.add_argument("--sample", action="store_true", help="instead: sampling (1000-step DDPM, 50-step DDIM) and "
                    "training throughput at B=16, 64x64 (python -m bench.sample, which takes more options)")
+    p.add_argument("--loop", action="store_true", help="instead: the training CLI's step against a bare forward + "
+                   "backward + optimizer step of the same model, interleaved, at the CLI's defaults (B=16, 32x32; "
+                   "python -m bench.loop, which takes more options)")
+    p.add_argument("--threads", type=int, default=None, help="--loop: CPU threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.loop:
+        from . import loop
+
+        return loop.main((["--device", args.device] if args.device else [])
+                         + (["--threads", str(args.threads)] if args.threads else []))
     if args.sample:
         from . import sample
 

@@ -19,6 +19,16 @@ file in place.
 ``--lr`` / ``--weight-decay`` given again are applied to the optimizer (and logged), another ``--optimizer``
 is refused. A damaged ``checkpoint.pt`` falls back to ``checkpoint.prev.pt``; ``losses.csv`` is cut back to
 the checkpoint's step. A non-finite loss stops the run without saving, the last checkpoint kept.
+
+The loop does not wait for the device between steps: each step's loss stays in a device buffer that is read
+every ``--log-every`` steps, at every save and sample point and at the end (losses.csv gets one row per step
+then, the progress bar its loss, and a non-finite loss among them stops the run; a checkpoint is only written
+right after a read that found every loss finite); Ctrl-C is acted on at those reads (with DDP the losses and
+the stop flag share one all-reduce, at the same steps on every rank). The next batches are built on a
+background thread (pinned memory and non-blocking copies on CUDA); AdamW is fused where the device has the
+kernel; the EMA is one ``torch._foreach_lerp_``. On CUDA with one process the whole step (forward, loss,
+backward, optimizer, EMA) is captured once in a CUDA graph and replayed (``--no-graph``: eager launches).
+The pieces are in ``fast_unet.loop``, for a loop of one's own.
 """
 import argparse
 import contextlib
@@ -35,13 +45,13 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from . import UNet
 from .diffusion import Diffusion
 from .data import EmbeddedShapes, ImageFolder, save_grid
+from .loop import LossLog, Prefetch, TrainStep, ema_weight, load_optimizer_state, make_optimizer
 from .files import (FileError, RunLock, UnsafeFileError, atomic_torch_save, atomic_write, safe_load,
                     save_safetensors)
 
@@ -95,6 +105,13 @@ def build_parser():
                    help="CPU threads (torch.set_num_threads); default: torch's. On a machine shared with "
                         "other work, fewer threads than cores can be faster")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--log-every", type=int, default=50,
+                   help="read the losses from the device every N steps: losses.csv gets their rows, the "
+                        "progress bar its loss, a non-finite loss stops the run, and Ctrl-C is checked then "
+                        "(also at every save and sample, and at the end) (default: 50)")
+    p.add_argument("--no-graph", action="store_true",
+                   help="CUDA: run each training step eagerly instead of replaying it from a CUDA graph "
+                        "(default: graphed on CUDA with one process; the CPU and DDP run eagerly)")
     return p
 
 
@@ -124,6 +141,7 @@ def _check_args(args):
             raise TrainError(f"--device {v.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
         bad(dev.type == "cuda" and not torch.cuda.is_available(),
             f"--device {v.device}: CUDA is not available here")
+    bad(v.log_every < 1, f"--log-every must be >= 1, got {v.log_every}")
     bad(v.threads is not None and v.threads < 0, f"--threads must be >= 0 (0: torch's default), got {v.threads}")
 
 
@@ -144,15 +162,6 @@ def _dist_setup(device_arg):
     else:
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def _barrier_any(flag, world, device):
-    """True on every rank if ``flag`` is true on any rank."""
-    if world <= 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 # -- files ------------------------------------------------------------------------------------------------------
@@ -421,10 +430,11 @@ def _train_locked(args, rank, world, device, on_step, log):
 
     model = UNet(device=str(device)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    if args.optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+    graph, no_graph_why = device.type == "cuda" and not args.no_graph, None
+    if graph and world > 1:  # DDP's all-reduce runs inside backward: the step is not captured
+        graph, no_graph_why = False, "DDP's gradient all-reduce runs inside the step"
+    opt = make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay, device,
+                         capturable=graph)
     diffusion = Diffusion(noise_steps=args.noise_steps, img_size=args.image_size, device=str(device))
     noise_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     step = 0
@@ -432,7 +442,7 @@ def _train_locked(args, rank, world, device, on_step, log):
         try:
             model.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["optimizer"])
+            load_optimizer_state(opt, ckpt["optimizer"])
         except (RuntimeError, KeyError, ValueError) as e:
             raise TrainError(f"--resume: the checkpoint does not fit this model or optimizer: "
                              f"{str(e).strip().splitlines()[0]}") from None
@@ -456,6 +466,8 @@ def _train_locked(args, rank, world, device, on_step, log):
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     global_batch = args.batch_size * world
+    if no_graph_why is not None:
+        log(f"training step not captured in a CUDA graph: {no_graph_why}")
     log(f"training on {device} x{world}: global batch {global_batch} ({world} x {args.batch_size}), "
         f"lr {args.lr}, {len(data)} images of {args.image_size}x{args.image_size}, steps {step}->{args.steps}")
 
@@ -476,7 +488,7 @@ def _train_locked(args, rank, world, device, on_step, log):
         m = _unwrap(ddp)
         msd, esd = m.state_dict(), ema.state_dict()
         atomic_torch_save({"model": msd, "ema": esd, "optimizer": opt.state_dict(), "step": step,
-                           "data": order.state_dict(), "rng": _rng_state(noise_gen, device),
+                           "data": dict(data_state), "rng": _rng_state(noise_gen, device),
                            "args": dict(vars(args), world_size=world)},
                           ckpt_path, keep=os.path.join(args.out, PREV_CHECKPOINT) if rotate["ok"] else None)
         rotate["ok"] = True
@@ -505,9 +517,42 @@ def _train_locked(args, rank, world, device, on_step, log):
         stop["flag"] = True
 
     old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    params, ema_params = list(model.parameters()), list(ema.parameters())
+    train_step = TrainStep(ddp, ema, opt, diffusion, graph=graph,
+                           autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    losses = LossLog(args.log_every, device)
+    pending = {"first": step + 1, "t": time.perf_counter()}  # the steps whose losses are in ``losses``
+
+    def read(final=False):
+        """Move the pending losses to the host (DDP: one all-reduce with the stop flag): their CSV rows, the
+        bar's loss; a non-finite loss stops the run. True when some rank asked to stop."""
+        n, first = len(losses), pending["first"]
+        if n == 0 and final:
+            return False
+        values, stop_any = losses.read(world, stop["flag"])
+        now = time.perf_counter()
+        per_step = (now - pending["t"]) / max(n, 1)
+        pending["first"], pending["t"] = first + n, now
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if csv_file is not None:
+            writer.writerows([first + i, f"{v:.6f}", args.lr, f"{per_step:.4f}"]
+                             for i, v in enumerate(values[:bad]))
+            csv_file.flush()
+        if bad is not None:
+            raise TrainError(f"the loss is {values[bad]} at step {first + bad}: training stopped without saving "
+                             f"that step; {kept()} (a lower --lr may help)")
+        if values:
+            bar.set_postfix(loss=f"{values[-1]:.4f}")
+        return stop_any
+
+    def next_batch():  # the prefetch thread: data order and the images, each batch with the order after it
+        idx = order.next()
+        x = data.batch(idx)
+        if device.type == "cuda":
+            x = x.pin_memory()
+        return order.state_dict(), x
+
+    data_state = order.state_dict()
+    prefetch = Prefetch(next_batch) if step < args.steps else None
     bar = tqdm(total=args.steps, initial=step, disable=(rank != 0 or args.no_progress), unit="step")
     interrupted, in_step = False, False
     t_start = time.perf_counter()
@@ -515,56 +560,42 @@ def _train_locked(args, rank, world, device, on_step, log):
         try:
             ddp.train()
             while step < args.steps:
-                t0 = time.perf_counter()
                 in_step = True
-                idx = order.next()
-                x = data.batch(idx).to(device, non_blocking=True)
+                data_state, x = prefetch.next()
+                x = x.to(device, non_blocking=True)
                 # Noise for the whole global batch from the shared generator; this rank takes its samples.
                 t_all = torch.randint(1, args.noise_steps, (global_batch,), generator=noise_gen, device=device)
                 e_all = torch.randn((global_batch, 3, args.image_size, args.image_size), generator=noise_gen,
                                     device=device)
-                t, eps = t_all[rank::world], e_all[rank::world]
-                x_t = diffusion.q_sample(x, t, eps)
-                with autocast:
-                    pred = ddp(x_t, t)
-                loss = F.mse_loss(pred.float(), eps)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                # EMA with the usual warm-up, min(decay, (1 + n) / (10 + n)), so short runs' EMA is not the init.
-                decay = min(args.ema_decay, (1 + step) / (10 + step))
-                with torch.no_grad():
-                    for e, p in zip(ema_params, params):
-                        e.lerp_(p, 1 - decay)
+                losses.add(train_step(x, t_all[rank::world], e_all[rank::world],
+                                      ema_weight(step, args.ema_decay)))
                 step += 1
                 in_step = False
-                lv = loss.detach()
-                if world > 1:
-                    dist.all_reduce(lv, op=dist.ReduceOp.SUM)
-                    lv = lv / world
-                lv = lv.item()
-                if not math.isfinite(lv):
-                    raise TrainError(f"the loss is {lv} at step {step}: training stopped without saving that "
-                                     f"step; {kept()} (a lower --lr may help)")
-                if csv_file is not None:
-                    writer.writerow([step, f"{lv:.6f}", args.lr, f"{time.perf_counter() - t0:.4f}"])
-                    csv_file.flush()
-                bar.set_postfix(loss=f"{lv:.4f}")
                 bar.update(1)
-                if args.sample_every and step % args.sample_every == 0 and rank == 0:
+                sample = args.sample_every and step % args.sample_every == 0
+                save = args.save_every and step % args.save_every == 0 and step < args.steps
+                if step % args.log_every == 0 or sample or save or step == args.steps:
+                    stopping = read()  # every rank reads at the same steps: the all-reduce stays matched
+                else:
+                    stopping = False
+                if sample and rank == 0:
                     _write_sample(ema, diffusion, args.out, step, args.sample_n, args.sample_steps, args.seed)
-                if args.save_every and step % args.save_every == 0 and step < args.steps:
+                if save:
                     checkpoint()
                 if on_step is not None:
                     on_step(step)
-                if _barrier_any(stop["flag"], world, device):
+                if stopping:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             interrupted = True
         finally:
-            bar.close()
+            if prefetch is not None:
+                prefetch.close()
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
+        if not in_step:
+            read(final=True)
+        bar.close()
         if world > 1 and not interrupted:
             log(f"ranks' weights max |difference| from rank 0: {_rank_weight_diff(_unwrap(ddp)):.3g}")
         if in_step:  # interrupted inside a step: the weights may be half-updated; keep the last checkpoint
@@ -574,7 +605,11 @@ def _train_locked(args, rank, world, device, on_step, log):
     except FileError as e:  # a save failed (full disk, ...): the files before it are whole
         raise TrainError(f"{e}; training stopped at step {step}; {kept()}") from None
     finally:
+        bar.close()
         if csv_file is not None:
+            if world == 1 and len(losses) and not in_step:  # stopped by an error: the completed steps' rows
+                with contextlib.suppress(Exception):
+                    read(final=True)
             csv_file.close()
     elapsed = time.perf_counter() - t_start
     if interrupted:

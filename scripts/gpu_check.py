@@ -20,6 +20,11 @@ First what decides the defaults, then correctness:
    fast_unet (its compilations take most of this step).
 3. ``graphs``: a forward and a training step of fast_unet captured in a ``torch.cuda.CUDAGraph`` and
    replayed, against the same calls run eagerly.
+3a. ``loop``: the training CLI's step (``fast_unet.loop.TrainStep`` with the loop's per-step work: noise,
+   the batch's non-blocking copy, the loss kept on the device), graphed and ``--no-graph``, against a plain
+   loop over the eager baseline (default AdamW, per-tensor EMA) and over ``torch.compile`` of it, at B=64,
+   64x64, bf16 autocast on float32 weights: images/s of interleaved rounds; the graphed step's losses and
+   weights after three steps against the eager step's.
 4. ``sampling``: seconds per DDPM step and for 1000 steps (``bench.sample``: the seed's loop, the
    baseline's, fast_unet's ``sample_fast``).
 5. ``tests``: ``pytest tests/gpu tests/ops -m gpu`` (the op tests' odd shapes on CUDA, the extension's CUDA
@@ -51,7 +56,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNFUSED = "triton,conv3x3=eager,gn_relu_maxpool=eager,upsample2x=eager,gn_ln_linear=eager"
 
 # step -> its time limit in seconds on a GPU (cut to what is left of the budget)
-STEPS = {"install": 110, "env": 30, "defaults": 60, "attention": 30, "compiled": 100, "graphs": 30, "sampling": 40,
+STEPS = {"install": 110, "env": 30, "defaults": 60, "attention": 30, "compiled": 100, "graphs": 30, "loop": 90,
+         "sampling": 40,
          "tests": 150, "ops": 60, "sweep": 120}
 TOTAL_S = 420  # 7 minutes; --budget changes it
 
@@ -330,6 +336,107 @@ def step_graphs(dry):
     return out
 
 
+def step_loop(dry):
+    """The CLI's training step, graphed and eager, against plain loops over the baseline and its compile."""
+    torch, device = _setup(dry)
+    import copy
+
+    import torch.nn.functional as F
+
+    from bench import core
+    from fast_unet.diffusion import Diffusion
+    from fast_unet.loop import LossLog, TrainStep, ema_weight, make_optimizer
+
+    batch, size = (1, 8) if dry else (64, 64)
+    warmup, rounds, steps, compared = (0, 1, 1, 1) if dry else (3, 5, 10, 3)
+    cuda = not dry
+    torch.manual_seed(0)
+    state = core.build_model("fast_unet", size, size, torch.float32, "cpu").state_dict()
+    diffusion = Diffusion(img_size=size, device=device)
+    x_host = torch.rand(batch, 3, size, size) * 2 - 1
+    if cuda:
+        x_host = x_host.pin_memory()
+
+    def cli(graph):
+        model = core.build_model("fast_unet", size, size, torch.float32, device, state)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        opt = make_optimizer(model.parameters(), "adamw", 3e-4, 0.01, device, capturable=graph and cuda)
+        step = TrainStep(model, ema, opt, diffusion, autocast_dtype=torch.bfloat16, graph=graph and cuda)
+        log, gen, n = LossLog(50, device), torch.Generator(device=device).manual_seed(1), [0]
+
+        def run():
+            x = x_host.to(device, non_blocking=True)
+            t = torch.randint(1, 1000, (batch,), generator=gen, device=device)
+            eps = torch.randn((batch, 3, size, size), generator=gen, device=device)
+            log.add(step(x, t, eps, ema_weight(n[0], 0.999)))
+            n[0] += 1
+            if len(log) == log.capacity:
+                log.read()
+        return run, model, log
+
+    def plain(name):
+        model = core.build_model("baseline", size, size, torch.float32, device, state)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+        fwd = torch.compile(model, backend="aot_eager" if dry else "inductor") if name == "compiled" else model
+        x0 = x_host.to(device)
+
+        def run():
+            t = diffusion.sample_timesteps(batch).to(device)
+            x_t, noise = diffusion.noise_images(x0, t)
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = F.mse_loss(fwd(x_t, t).float(), noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), model.parameters()):
+                    e.lerp_(p, 1 - 0.999)
+            loss.item()  # what a plain loop logs each step
+        return run
+
+    cases = {"fast_unet CLI step, graphed": cli(True)[0], "fast_unet CLI step, --no-graph": cli(False)[0],
+             "baseline plain loop": plain("baseline"), "baseline compiled plain loop": plain("compiled")}
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+    for fn in cases.values():  # capture, compilation, Triton's JIT
+        for _ in range(warmup):
+            fn()
+    sync()
+    seconds = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            sync()
+            seconds[name].append((time.perf_counter() - t0) / steps)
+    rows = [{"variant": name, "ms_per_step": round(1e3 * statistics.median(v), 4),
+             "images_per_s": round(batch / statistics.median(v), 4)} for name, v in seconds.items()]
+    base = {r["variant"]: r["ms_per_step"] for r in rows}
+    for r in rows:
+        r["baseline plain loop / this"] = round(base["baseline plain loop"] / r["ms_per_step"], 3)
+
+    # the graphed step against the eager one: same start, same inputs, three steps (one in the dry run)
+    runs = {}
+    for graph in (True, False):
+        run, model, log = cli(graph)
+        for _ in range(compared):
+            run()
+        runs[graph] = (log.read()[0], [p.detach().clone() for p in model.parameters()])
+    (la, pa), (lb, pb) = runs[True], runs[False]
+    loss_diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(la, lb))
+    weight_diff = max(((a - b).abs().max() / (b.abs().max() + 1e-12)).item() for a, b in zip(pa, pb))
+    out = {"batch": batch, "size": size, "device": device, "rounds": rounds, "steps": steps, "captured": cuda,
+           "rows": rows, "graph_loss_max_rel_diff": loss_diff, "graph_weight_max_rel_diff": weight_diff}
+    if not (loss_diff <= 1e-2 and weight_diff <= 1e-2):
+        raise AssertionError(f"the graphed training step differs from the eager one: {out}")
+    return out
+
+
 def step_sampling(dry):
     torch, device = _setup(dry)
     from bench import sample
@@ -481,6 +588,12 @@ def _summary(report):
         if name == "graphs" and rec["status"] == "ok":
             lines.append(f"    captured={rec['captured']} forward diff {rec['forward_max_abs_diff']:.3g}, "
                          f"train grad rel diff {rec['train_grad_max_rel_diff']:.3g}")
+        if name == "loop" and rec["status"] == "ok":
+            for r in rec["rows"]:
+                lines.append(f"    B={rec['batch']} {rec['size']}x{rec['size']} {r['variant']}: {r['ms_per_step']:.2f} "
+                             f"ms/step, {r['images_per_s']:.1f} images/s, {r['baseline plain loop / this']}x")
+            lines.append(f"    captured={rec['captured']} graph vs eager: loss rel diff "
+                         f"{rec['graph_loss_max_rel_diff']:.3g}, weights {rec['graph_weight_max_rel_diff']:.3g}")
         if name == "sampling" and rec["status"] == "ok":
             for r in rec["rows"]:
                 lines.append(f"    B={rec['batch']} {r['model']}: {r['ms_per_step']:.2f} ms/step, "

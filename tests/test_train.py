@@ -379,3 +379,103 @@ def test_non_finite_loss_stops_in_one_line_keeping_the_checkpoint(tmp_path, caps
     assert rc == 2 and re.search(r"the loss is (nan|inf) at step \d: training stopped without saving", err)
     assert f"the last checkpoint, step 1, is kept in {tmp_path}/checkpoint.pt" in err
     assert _ckpt(tmp_path)["step"] == 1 and _leftovers(tmp_path) == []
+
+
+# -- the loop: no host sync per step, the EMA in one call, the losses read every --log-every steps -----------
+
+_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy")
+
+
+def _count_reads(monkeypatch):
+    """Patches every Tensor method that moves a value to the host; counts its calls from the main thread (the
+    prefetch thread's data order reads host tensors only) while ``on["counting"]``."""
+    import threading
+    on = {"counting": False, "n": 0}
+    for name in _READS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **k):
+            if on["counting"] and threading.current_thread() is threading.main_thread():
+                on["n"] += 1
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return on
+
+
+@pytest.mark.parametrize("log_every,reads", [(4, 3), (1, 11)])
+def test_the_loop_reads_the_device_only_every_log_every_steps(tmp_path, monkeypatch, log_every, reads):
+    on = _count_reads(monkeypatch)
+    seen = {}
+
+    def hook(step):  # counts the reads of steps 2..12; the read at step 12 comes before its hook
+        if step == 1:
+            on["counting"] = True
+        if step == 12:
+            seen["n"], on["counting"] = on["n"], False
+    _run(tmp_path, 12, "--log-every", str(log_every), "--save-every", "0", on_step=hook)
+    monkeypatch.undo()
+    assert seen["n"] == reads  # log-every 4: steps 4, 8, 12; log-every 1 (a read per step): 11
+    assert [r[0] for r in _steps(tmp_path)] == [str(i) for i in range(1, 13)]
+
+
+def test_a_per_step_item_is_counted(tmp_path, monkeypatch):
+    """The counter above sees a loop that reads each step's loss (as ``loss.item()``)."""
+    from fast_unet import loop
+    on = _count_reads(monkeypatch)
+    real = loop.TrainStep.__call__
+    monkeypatch.setattr(loop.TrainStep, "__call__", lambda self, *a: torch.tensor(real(self, *a).item()))
+    seen = {}
+
+    def hook(step):
+        on["counting"] |= step == 1
+        if step == 6:
+            seen["n"] = on["n"]
+    _run(tmp_path, 6, "--log-every", "50", "--save-every", "0", on_step=hook)
+    assert seen["n"] >= 5
+
+
+def test_foreach_ema_is_the_per_tensor_update():
+    from fast_unet.loop import ema_update, ema_weight
+    torch.manual_seed(0)
+    model, ema = UNet(device="cpu"), UNet(device="cpu")
+    for w in (ema_weight(0, 0.999), ema_weight(3, 0.999), ema_weight(10 ** 6, 0.999), 0.5):
+        per = [e.detach().clone() for e in ema.parameters()]
+        for e, p in zip(per, model.parameters()):
+            e.lerp_(p.detach(), w)
+        for weight in (w, torch.tensor(w, dtype=torch.float32)):
+            mine = [e.detach().clone() for e in ema.parameters()]
+            ema_update(mine, [p.detach() for p in model.parameters()], weight)
+            assert all(torch.equal(a, b) for a, b in zip(mine, per)), w
+            assert any(not torch.equal(a, e) for a, e in zip(mine, ema.parameters()))
+        with torch.no_grad():
+            for e, v in zip(ema.parameters(), per):
+                e.copy_(v)
+
+
+def test_log_every_keeps_one_row_per_step_with_the_same_losses(straight, tmp_path):
+    _run(tmp_path, 2, "--log-every", "3")
+    assert [r[:3] for r in _steps(tmp_path)] == [r[:3] for r in _steps(straight)]
+    _same_state(_ckpt(straight)["model"], _ckpt(tmp_path)["model"])
+    _same_state(_ckpt(straight)["ema"], _ckpt(tmp_path)["ema"])
+
+
+def test_a_non_finite_loss_inside_a_window_keeps_the_checkpoint_before_it(tmp_path, monkeypatch, capsys):
+    from fast_unet import loop
+    real, calls = loop.TrainStep.__call__, {"n": 0}
+
+    def nan_at_step_7(self, *a):
+        calls["n"] += 1
+        loss = real(self, *a)
+        return loss * float("nan") if calls["n"] == 7 else loss
+    monkeypatch.setattr(loop.TrainStep, "__call__", nan_at_step_7)
+    # reads at steps 4 (a save), 5, 8 (a save, after the read): the NaN of step 7 is found at step 8
+    rc, _, err = _cli(capsys, *TINY, "--steps", "10", "--save-every", "4", "--log-every", "5", "--out", str(tmp_path))
+    assert rc == 2 and "the loss is nan at step 7: training stopped without saving" in err
+    assert f"the last checkpoint, step 4, is kept in {tmp_path}/checkpoint.pt" in err
+    assert _ckpt(tmp_path)["step"] == 4 and not (tmp_path / "checkpoint.prev.pt").exists()
+    assert [r[0] for r in _steps(tmp_path)] == ["1", "2", "3", "4", "5", "6"] and _leftovers(tmp_path) == []
+
+
+def test_log_every_must_be_positive(tmp_path):
+    with pytest.raises(train.TrainError, match="--log-every must be >= 1, got 0"):
+        _run(tmp_path, 1, "--log-every", "0")

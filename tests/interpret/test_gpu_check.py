@@ -16,8 +16,8 @@ def test_gpu_check_dry_runs_every_step(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["install", "env", "defaults", "attention", "compiled", "graphs", "sampling", "tests", "ops",
-                           "sweep"]
+    assert list(steps) == ["install", "env", "defaults", "attention", "compiled", "graphs", "loop", "sampling", "tests",
+                           "ops", "sweep"]
     assert all(s["status"] == "ok" for s in steps.values()), summary
     ms = steps["defaults"]["ms"]
     for precision in ("autocast", "bf16"):
@@ -31,6 +31,11 @@ def test_gpu_check_dry_runs_every_step(tmp_path):
     assert all(set(r["ms"]) == {"one-pass", "deterministic", "sdpa"} for r in steps["attention"]["rows"])
     assert steps["compiled"]["ms"]["bf16"]["train"]["compiled"] > 0
     assert steps["graphs"]["captured"] is False and steps["graphs"]["train_grad_max_rel_diff"] <= 1e-2
+    loop = steps["loop"]
+    assert [r["variant"] for r in loop["rows"]] == ["fast_unet CLI step, graphed", "fast_unet CLI step, --no-graph",
+                                                    "baseline plain loop", "baseline compiled plain loop"]
+    assert all(r["images_per_s"] > 0 for r in loop["rows"]) and loop["captured"] is False
+    assert loop["graph_loss_max_rel_diff"] == 0 and loop["graph_weight_max_rel_diff"] == 0  # both eager here
     assert [r["model"] for r in steps["sampling"]["rows"]] == ["seed loop", "baseline loop", "fast_unet"]
     # on the CPU every GPU test skips, and the report says why
     counts = steps["tests"]["counts"]
