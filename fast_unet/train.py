@@ -58,7 +58,7 @@ RUN_DEFAULTS = {
 }
 
 # Below this many steps the samples are still mostly noise: on the embedded data at 32x32, batch 16, the EMA
-# weights' samples begin to show its shapes around 2400 steps (measured: README, "Train and sample").
+# weights' samples begin to show its shapes around 2400 steps (measured: README, "When samples take shape").
 SAMPLES_TAKE_SHAPE = 2400
 
 
