@@ -6,6 +6,7 @@ images over Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), 
 regular file (a FIFO named ``*.png`` would block the read). Grids are written in the format their name's
 extension asks for (Pillow), through ``fast_unet.files.atomic_write``.
 """
+import hashlib
 import io
 import math
 import os
@@ -78,10 +79,25 @@ def _why_not(path, size):
         return None, f"unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
 
 
+def folder_fingerprint(root, paths):
+    """``{"path", "files", "sha256"}``: the folder's absolute path, how many files it holds and a SHA-256 of
+    their names (relative to ``root``) and sizes, sorted. Plain values: it is stored in a checkpoint, and a
+    resumed run compares it with the folder it reads."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        try:
+            size = os.stat(p).st_size
+        except OSError:
+            size = -1
+        h.update(f"{os.path.relpath(p, root)}\t{size}\n".encode())
+    return {"path": os.path.abspath(root), "files": len(paths), "sha256": h.hexdigest()}
+
+
 class ImageFolder(_Images):
     """Every image under ``root`` (recursive, sorted), loaded once into memory as uint8. Files that are not
     usable images (unreadable by Pillow, over the decompression-bomb limit, not regular files) are skipped:
-    ``self.skipped`` counts them, ``self.skipped_files`` lists ``(path relative to root, reason)``."""
+    ``self.skipped`` counts them, ``self.skipped_files`` lists ``(path relative to root, reason)``.
+    ``self.fingerprint`` identifies the folder's contents (see ``folder_fingerprint``)."""
 
     def __init__(self, root, size, progress=False):
         if not os.path.isdir(root):
@@ -91,6 +107,7 @@ class ImageFolder(_Images):
         for d, dirs, files in os.walk(root):
             dirs.sort()
             paths += [os.path.join(d, f) for f in sorted(files) if not f.startswith(".")]
+        self.fingerprint = folder_fingerprint(root, paths)
         imgs, self.skipped_files = [], []
         for p in tqdm(paths, desc="loading images", disable=not progress):
             img, why = _why_not(p, size)

@@ -95,23 +95,41 @@ def check_finite(sd, path):
                           f"{v.numel()} values{more}: the weights are damaged (a run that diverged?)")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)"; a required option has none, and an option whose default is None says in its
+    help what happens when it is not given."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m fast_unet.sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", required=True,
-                   help=".safetensors, model.pt / ema.pt, the trainer's checkpoint.pt, or a seed state_dict .pt")
+    p = argparse.ArgumentParser(prog="python -m fast_unet.sample", description=__doc__.split("\n\n")[0],
+                                formatter_class=_HelpFormatter)
+    p.add_argument("--weights", required=True, metavar="FILE",
+                   help="the weights: model.safetensors / ema.safetensors, model.pt / ema.pt, the trainer's "
+                        "checkpoint.pt (its EMA weights), or a seed UNet state_dict .pt")
     p.add_argument("--n", type=int, default=16, help="images to sample")
-    p.add_argument("--batch-size", type=int, default=64, help="images sampled at once (default 64)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
+    p.add_argument("--batch-size", type=int, default=64, help="images sampled at once")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim",
+                   help="ddim (--steps steps) or ddpm (all --noise-steps steps)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (ddpm uses all --noise-steps)")
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--noise-steps", type=int, default=1000)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="grid.png", help="the grid; its extension picks the format (default grid.png)")
-    p.add_argument("--out-dir", default=None, help="also write each image as DIR/NNNNNN.png (created if missing)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--noise-steps", type=int, default=1000,
+                   help="diffusion steps T of the noise schedule the weights were trained with")
+    p.add_argument("--image-size", type=int, default=32,
+                   help="image side in pixels, a multiple of 8 (the size the weights were trained at)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampling noise: the same seed and --batch-size give the same images")
+    p.add_argument("--out", default="grid.png", help="the grid image; its extension picks the format")
+    p.add_argument("--out-dir", default=None, metavar="DIR",
+                   help="also write each image as DIR/NNNNNN.png, the folder created if missing (default: only the grid)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (torch.set_num_threads); default: torch's")
+                   help="CPU threads (torch.set_num_threads) (default: torch's)")
     p.add_argument("--no-graph", action="store_true", help="CUDA: run the loop without a CUDA graph")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

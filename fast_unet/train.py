@@ -67,44 +67,70 @@ RUN_DEFAULTS = {
     "sample_steps": 10, "save_every": 500, "embedded_size": 512, "seed": 0,
 }
 
+# Below this many steps the samples are still mostly noise: on the embedded data at 32x32, batch 16, the EMA
+# weights' samples begin to show its shapes around 2400 steps (measured: README, "When samples take shape").
+SAMPLES_TAKE_SHAPE = 2400
+
 
 class TrainError(RuntimeError):
     """A problem with the command line, the data or the output folder, reported before training starts."""
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default: for a run flag (RUN_DEFAULTS) a new run's value and, on
+    --resume, the checkpoint's; for the others the parser's default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.dest == "help":
+            return text
+        if action.dest in RUN_DEFAULTS:
+            d = RUN_DEFAULTS[action.dest]
+            return f"{text} (default: {'the embedded data set' if d is None else d}; on --resume: the checkpoint's)"
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m fast_unet.train", description=__doc__.split("\n\n")[0],
-                                epilog="Flags marked * default to the checkpoint's value on --resume.")
-    d = RUN_DEFAULTS
-    p.add_argument("--data", default=None, help="image folder (default: the embedded generated data set) *")
-    p.add_argument("--image-size", type=int, default=None, help=f"multiple of 8 (default {d['image_size']}) *")
-    p.add_argument("--batch-size", type=int, default=None, help=f"per process (default {d['batch_size']}) *")
-    p.add_argument("--steps", type=int, default=None, help=f"total optimizer steps (default {d['steps']}) *")
+                                formatter_class=_HelpFormatter,
+                                epilog="--resume DIR continues a run: the flags marked 'on --resume: the "
+                                       "checkpoint's' take the checkpoint's value unless given again; a value "
+                                       "given again is logged as a change (KEY OLD -> NEW from step N).")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="folder of training images, read recursively, resized and centre-cropped")
+    p.add_argument("--image-size", type=int, default=None, help="image side in pixels, a multiple of 8")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per step and process (the global batch is this times the processes)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps to train up to, counted from the run's start")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"default {d['lr']} *; given on --resume, it replaces the checkpoint's")
+                   help="learning rate; given on --resume, it replaces the checkpoint's in the optimizer")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default=None,
-                   help="adamw (default) or sgd (no momentum; it exists for tests: its update is linear in the "
-                        "gradient) *; --resume refuses a different one")
-    p.add_argument("--weight-decay", type=float, default=None, help=f"default {d['weight_decay']} *")
-    p.add_argument("--ema-decay", type=float, default=None, help=f"default {d['ema_decay']} *")
-    p.add_argument("--noise-steps", type=int, default=None, help=f"default {d['noise_steps']} *")
-    p.add_argument("--out", default=None, help="output folder (default: --resume's folder, else runs/ddpm)")
+                   help="adamw, or sgd (no momentum; for tests: its update is linear in the gradient); "
+                        "--resume refuses a different one")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="AdamW weight decay; given on --resume, it replaces the checkpoint's")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="decay of the weights' exponential moving average (ema.pt), with a warm-up")
+    p.add_argument("--noise-steps", type=int, default=None, help="diffusion steps T of the noise schedule")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default: --resume's folder, else runs/ddpm)")
     p.add_argument("--resume", default=None, metavar="DIR",
-                   help="folder holding checkpoint.pt (or the .pt itself) to continue")
+                   help="folder holding checkpoint.pt (or a .pt file) to continue; default: a new run")
     p.add_argument("--sample-every", type=int, default=None,
-                   help="write a DDIM sample grid every N steps (default 0: off) *")
-    p.add_argument("--sample-n", type=int, default=None, help=f"default {d['sample_n']} *")
-    p.add_argument("--sample-steps", type=int, default=None, help=f"default {d['sample_steps']} *")
+                   help="write a DDIM sample grid of the EMA weights to OUT/samples/ every N steps; 0: never")
+    p.add_argument("--sample-n", type=int, default=None, help="images in each sample grid")
+    p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps of each sample grid")
     p.add_argument("--save-every", type=int, default=None,
-                   help=f"write checkpoint.pt every N steps (default {d['save_every']}) *")
+                   help="write checkpoint.pt and the weight files every N steps, and at the end; 0: only at the end")
     p.add_argument("--embedded-size", type=int, default=None,
-                   help=f"images in the embedded data set (default {d['embedded_size']}) *")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--seed", type=int, default=None, help="default 0 *")
+                   help="images in the embedded generated data set (used without --data)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the data order, the noise and the weights")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (torch.set_num_threads); default: torch's. On a machine shared with "
-                        "other work, fewer threads than cores can be faster")
-    p.add_argument("--no-progress", action="store_true")
+                   help="CPU threads (torch.set_num_threads); on a machine shared with other work, fewer "
+                        "threads than cores can be faster (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-every", type=int, default=50,
                    help="read the losses from the device every N steps: losses.csv gets their rows, the "
                         "progress bar its loss, a non-finite loss stops the run, and Ctrl-C is checked then "
@@ -234,9 +260,15 @@ def _optimizer_kind(opt_state):
     return "adamw" if "betas" in groups[0] else "sgd" if "momentum" in groups[0] else None
 
 
+# Flags whose change on --resume alters the run's trajectory (a warning); the others are logged as a change.
+_TRAJECTORY = ("data", "image_size", "batch_size", "noise_steps", "embedded_size", "seed", "ema_decay", "optimizer")
+
+
 def _resolve_args(args, ckpt, world, log):
     """Fill the run flags not given: the checkpoint's values on resume, else RUN_DEFAULTS. On resume, refuse
-    another optimizer and warn about the flags that change the run's trajectory."""
+    another optimizer or a data folder that is gone, and log each flag given again with another value as a
+    change ("KEY OLD -> NEW from step N"; ``lr`` and ``weight_decay`` when applied to the optimizer). Returns
+    the checkpoint's arguments ({} for a new run)."""
     given = {k for k in RUN_DEFAULTS if getattr(args, k) is not None}
     saved = dict(ckpt["args"]) if ckpt is not None else {}
     if ckpt is not None and "optimizer" not in saved:
@@ -245,18 +277,45 @@ def _resolve_args(args, ckpt, world, log):
         if k not in given:
             setattr(args, k, saved[k] if saved.get(k) is not None else default)
     if ckpt is None:
-        return
+        return saved
+    step = ckpt["step"]
     if saved.get("optimizer") is not None and args.optimizer != saved["optimizer"]:
         raise TrainError(f"--optimizer {args.optimizer}: the checkpoint was trained with {saved['optimizer']}, "
                          f"whose state cannot continue under {args.optimizer}; resume with --optimizer "
                          f"{saved['optimizer']} (or without --optimizer), or start a new run in another --out")
-    for k in ("image_size", "noise_steps", "batch_size", "world_size", "seed", "data", "embedded_size"):
-        mine = world if k == "world_size" else getattr(args, k)
-        if k in saved and saved[k] != mine:
-            log(f"warning: resuming with {k}={mine}, the checkpoint was written with {saved[k]}: "
-                "the run will not be the exact continuation")
-    if "ema_decay" in given and "ema_decay" in saved and saved["ema_decay"] != args.ema_decay:
-        log(f"ema_decay {saved['ema_decay']} -> {args.ema_decay}")
+    if "data" not in given and args.data is not None and not os.path.isdir(args.data):
+        where = (saved.get("data_fingerprint") or {}).get("path")
+        if where and os.path.isdir(where):  # a relative path, resumed from another working directory
+            args.data = where
+        else:
+            raise TrainError(f"--resume: the checkpoint's data folder {args.data!r} is not there (moved or "
+                             f"deleted); give its new place with --data, or --data another folder")
+    for k in sorted(given - {"steps", "lr", "weight_decay"}):
+        old, new = saved.get(k), getattr(args, k)
+        if k not in saved or old == new or old is None and k != "data":
+            continue
+        if k == "data":
+            old, new = old or "(the embedded data set)", new or "(the embedded data set)"
+        change = f"{k} {old} -> {new} from step {step}"
+        log(f"warning: {change}: the run will not be the exact continuation" if k in _TRAJECTORY else change)
+    if "world_size" in saved and saved["world_size"] != world:
+        log(f"warning: resuming on {world} process(es), the checkpoint was written on {saved['world_size']}: "
+            "the run will not be the exact continuation")
+    return saved
+
+
+def _check_data(args, saved, data, log):
+    """Record the data folder's fingerprint in ``args`` (it goes into the checkpoint) and, on resume, say when
+    the folder's files differ from the checkpoint's."""
+    now = getattr(data, "fingerprint", None)
+    before = saved.get("data_fingerprint")
+    args.data_fingerprint = now
+    if now is None or before is None or (now["files"], now["sha256"]) == (before["files"], before["sha256"]):
+        return
+    what = (f"holds {now['files']} file(s), {before['path']} held {before['files']}" if now["files"] != before["files"]
+            else f"its {now['files']} files' names or sizes differ from those of {before['path']}")
+    log(f"warning: --data {args.data} {what} when the checkpoint was written: training goes on with the folder "
+        "as it is, not as the exact continuation")
 
 
 def _check_writable(out):
@@ -412,7 +471,7 @@ def _train_locked(args, rank, world, device, on_step, log):
     ckpt, ckpt_read, fell_back = None, None, False
     if args.resume is not None:
         ckpt, ckpt_read, fell_back = load_checkpoint(args.resume, log)
-    _resolve_args(args, ckpt, world, log)
+    saved_args = _resolve_args(args, ckpt, world, log)
     _check_args(args)
 
     torch.manual_seed(args.seed)
@@ -426,6 +485,7 @@ def _train_locked(args, rank, world, device, on_step, log):
             log(f"skipped {data.skipped} non-image file(s) in {args.data}: {data.skip_summary()}")
     else:
         data = EmbeddedShapes(args.embedded_size, args.image_size, seed=args.seed)
+    _check_data(args, saved_args, data, log)
     order = BatchOrder(len(data), args.batch_size, world, rank, args.seed)
 
     model = UNet(device=str(device)).to(device)
@@ -456,7 +516,7 @@ def _train_locked(args, rank, world, device, on_step, log):
             if old is not None and old != new:
                 for g in opt.param_groups:
                     g[key] = new
-                log(f"{key} {old} -> {new}")
+                log(f"{key} {old} -> {new} from step {step}")
     saved_step = step if ckpt is not None else None  # the step of the newest checkpoint on disk, and its file
     saved_path = ckpt_read
 
@@ -616,7 +676,15 @@ def _train_locked(args, rank, world, device, on_step, log):
         log(f"interrupted: checkpoint at step {step} written to {args.out}; continue with --resume {args.out}")
     else:
         log(f"done: {step} steps in {elapsed:.1f}s; files in {args.out}")
+        if step < SAMPLES_TAKE_SHAPE:
+            log(_noise_note(step, args.out))
     return {"step": step, "interrupted": interrupted, "model": _unwrap(ddp), "ema": ema}
+
+
+def _noise_note(step, out):
+    return (f"note: after {step} steps the samples are still mostly noise; on the embedded data set at 32x32, "
+            f"batch 16, they begin to take shape around {SAMPLES_TAKE_SHAPE} steps: continue with --resume {out} "
+            f"--steps {SAMPLES_TAKE_SHAPE} or more")
 
 
 def _rank_weight_diff(model):

@@ -44,3 +44,25 @@ def choices(monkeypatch):
 
     monkeypatch.setattr(dispatch, "choose", spy)
     return calls
+
+
+def _skip_reason(report):
+    """A skipped test's reason, without pytest's "Skipped: " prefix."""
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """One line of the run's skips, counted per reason, most frequent first (``-rs`` lists them one by one)."""
+    counts = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = _skip_reason(report)
+        counts[reason] = counts.get(reason, 0) + 1
+    if not counts:
+        terminalreporter.write_line("skips by reason: none")
+        return
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = "; ".join(f"{n} x {reason}" for reason, n in ranked[:8])
+    more = f"; {len(ranked) - 8} other reasons ({sum(n for _, n in ranked[8:])} tests)" if len(ranked) > 8 else ""
+    terminalreporter.write_line(f"skips by reason ({sum(counts.values())}): {shown}{more}")

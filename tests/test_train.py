@@ -232,7 +232,7 @@ def test_resume_applies_a_new_lr_and_keeps_it(tmp_path, capsys):
     capsys.readouterr()
     _run(tmp_path, 2, "--resume", str(tmp_path), "--lr", "0.01")
     out = capsys.readouterr().out
-    assert "lr 0.0003 -> 0.01" in out and "lr 0.01," in out
+    assert "lr 0.0003 -> 0.01 from step 1" in out and "lr 0.01," in out
     c = _ckpt(tmp_path)
     assert c["args"]["lr"] == 0.01 and all(g["lr"] == 0.01 for g in c["optimizer"]["param_groups"])
     _run(tmp_path, 3, "--resume", str(tmp_path))  # no --lr: the checkpoint's
@@ -479,3 +479,117 @@ def test_a_non_finite_loss_inside_a_window_keeps_the_checkpoint_before_it(tmp_pa
 def test_log_every_must_be_positive(tmp_path):
     with pytest.raises(train.TrainError, match="--log-every must be >= 1, got 0"):
         _run(tmp_path, 1, "--log-every", "0")
+
+
+# -- resume continues the run: every flag, an image folder, explicit changes, help ------------------------------
+
+def _image_folder(d, n=8):
+    from PIL import Image
+    d.mkdir()
+    g = torch.Generator().manual_seed(7)
+    for i in range(n):
+        px = torch.randint(0, 256, (20 + i, 24, 3), generator=g, dtype=torch.uint8)
+        Image.fromarray(px.numpy()).save(d / f"{i}.png")
+    return d
+
+
+# Every run flag at a value other than its default (steps apart: each command gives it).
+NON_DEFAULT = {"image_size": 16, "batch_size": 4, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 0.05,
+               "ema_decay": 0.9, "noise_steps": 50, "sample_every": 6, "sample_n": 2, "sample_steps": 2,
+               "save_every": 3, "embedded_size": 16, "seed": 5}
+
+
+def test_resume_continues_on_the_folder_with_every_flag(tmp_path, capsys):
+    """The issue's case: a run on an image folder at 16x16, batch 4, resumed with --resume OUT --steps N only,
+    continues on that folder with every flag of the first command: the same losses as the uninterrupted run."""
+    data = _image_folder(tmp_path / "images")
+    assert set(NON_DEFAULT) | {"data", "steps"} == set(train.RUN_DEFAULTS)
+    assert all(v != train.RUN_DEFAULTS[k] or k == "optimizer" for k, v in NON_DEFAULT.items())
+    flags = ["--data", str(data), "--no-progress", "--threads", "1"]
+    for k, v in NON_DEFAULT.items():
+        flags += [f"--{k.replace('_', '-')}", str(v)]
+    train.main(flags + ["--steps", "6", "--out", str(tmp_path / "A")])
+    train.main(flags + ["--steps", "3", "--out", str(tmp_path / "A2")])
+    capsys.readouterr()
+    train.main(["--resume", str(tmp_path / "A2"), "--steps", "6", "--no-progress", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "warning" not in out and "->" not in out.replace("steps 3->6", ""), out
+    assert "global batch 4 (1 x 4), lr 0.001, 8 images of 16x16, steps 3->6" in out
+    a, b = _ckpt(tmp_path / "A"), _ckpt(tmp_path / "A2")
+    for k in train.RUN_DEFAULTS:
+        assert b["args"][k] == a["args"][k], k
+    assert b["args"]["data"] == str(data) and b["args"]["data_fingerprint"]["files"] == 8
+    assert [r[:3] for r in _steps(tmp_path / "A2")] == [r[:3] for r in _steps(tmp_path / "A")]
+    _same_state(a["model"], b["model"])
+    _same_state(a["ema"], b["ema"])
+    assert os.listdir(tmp_path / "A2" / "samples") == ["step_000006.png"]
+
+
+def test_resume_logs_each_change_given_again(tmp_path, capsys):
+    _run(tmp_path, 1)
+    capsys.readouterr()
+    _run(tmp_path, 2, "--resume", str(tmp_path), "--lr", "0.0001", "--sample-n", "3", "--batch-size", "4",
+         "--weight-decay", "0.02")
+    out = capsys.readouterr().out
+    assert "lr 0.0003 -> 0.0001 from step 1" in out and "weight_decay 0.01 -> 0.02 from step 1" in out
+    assert "\nsample_n 4 -> 3 from step 1\n" in out
+    assert "warning: batch_size 2 -> 4 from step 1: the run will not be the exact continuation" in out
+    c = _ckpt(tmp_path)["args"]
+    assert (c["lr"], c["sample_n"], c["batch_size"], c["weight_decay"]) == (1e-4, 3, 4, 0.02)
+
+
+def test_resume_says_when_the_data_folder_is_gone_or_changed(tmp_path, capsys, monkeypatch):
+    data = _image_folder(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)  # the run is given the folder as a relative path
+    base = ["--image-size", "16", "--batch-size", "4", "--no-progress", "--threads", "1"]
+    train.main(base + ["--data", "images", "--steps", "1", "--out", "run"])
+    capsys.readouterr()
+    # Resumed from another working directory: the relative path is found through the checkpoint's record.
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    train.main(["--resume", str(tmp_path / "run"), "--steps", "2", "--no-progress", "--threads", "1"])
+    assert f"8 images of 16x16" in capsys.readouterr().out
+    # A file more: said, and training goes on with the folder as it is.
+    from PIL import Image
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(data / "new.png")
+    train.main(["--resume", str(tmp_path / "run"), "--steps", "3", "--no-progress", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert f"warning: --data {data} holds 9 file(s), {data} held 8 when the checkpoint was written" in out
+    assert "9 images of 16x16" in out
+    # The same count as the checkpoint's (step 3: 9 files), one file rewritten with another size.
+    Image.new("RGB", (30, 16), (9, 9, 9)).save(data / "0.png")
+    train.main(["--resume", str(tmp_path / "run"), "--steps", "4", "--no-progress", "--threads", "1"])
+    assert "files' names or sizes differ from those of" in capsys.readouterr().out
+    # Gone: one line, not the embedded data set.
+    data.rename(tmp_path / "moved")
+    rc, _, err = _cli(capsys, "--resume", str(tmp_path / "run"), "--steps", "5", "--no-progress")
+    assert rc == 2 and "the checkpoint's data folder" in err and "is not there (moved or deleted)" in err
+    assert _ckpt(tmp_path / "run")["step"] == 4
+    rc, out, err = _cli(capsys, "--resume", str(tmp_path / "run"), "--steps", "5", "--no-progress", "--threads",
+                        "1", "--data", str(tmp_path / "moved"))
+    assert rc == 0, err
+    assert f"warning: data {data} -> {tmp_path / 'moved'} from step 4" in out and "differ" not in out
+
+
+def test_short_run_says_samples_are_still_noise(tmp_path, capsys):
+    _run(tmp_path, 1)
+    out = capsys.readouterr().out
+    assert f"note: after 1 steps the samples are still mostly noise" in out
+    assert f"around {train.SAMPLES_TAKE_SHAPE} steps: continue with --resume {tmp_path}" in out
+
+
+@pytest.mark.parametrize("module", ["train", "sample"])
+def test_help_describes_every_flag_and_its_default(module):
+    import importlib
+    parser = importlib.import_module(f"fast_unet.{module}").build_parser()
+    formatter = parser._get_formatter()
+    options = [a for a in parser._actions if a.dest != "help"]
+    assert len(options) >= 15
+    for a in options:
+        assert a.help and a.help.strip(), a.option_strings
+        text = formatter._get_help_string(a) % {"default": a.default}
+        assert a.required or "default" in text, (a.option_strings, text)
+        if module == "train" and a.dest in train.RUN_DEFAULTS:
+            assert "on --resume: the checkpoint's" in text, a.option_strings
+    assert "--no-progress" in parser.format_help()
+    assert "(default: 0.0003; on --resume: the checkpoint's)" in " ".join(train.build_parser().format_help().split())
