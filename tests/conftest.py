@@ -6,8 +6,10 @@ import torch
 
 from fast_unet import dispatch
 
-# The default suite runs with dispatch on auto; the Triton interpreter suite is tests/interpret.
+# The default suite runs with dispatch on auto and by rule (no measured dispatch, unless a test turns it on);
+# the Triton interpreter suite is tests/interpret.
 os.environ.pop("FAST_UNET_BACKEND", None)
+os.environ.pop("FAST_UNET_TUNE", None)
 
 
 @pytest.fixture(autouse=True)
