@@ -22,16 +22,21 @@ void check_gn_args(const at::Tensor& x, const at::Tensor& weight, const at::Tens
               ",) to match x's channels, got ", bias.sizes());
   TORCH_CHECK(weight.device() == x.device(), "group_norm_relu: weight is on ", weight.device(), " but x is on ", x.device());
   TORCH_CHECK(bias.device() == x.device(), "group_norm_relu: bias is on ", bias.device(), " but x is on ", x.device());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "group_norm_relu: weight must have x's dtype ", x.scalar_type(),
-              ", got ", weight.scalar_type());
-  TORCH_CHECK(bias.scalar_type() == x.scalar_type(), "group_norm_relu: bias must have x's dtype ", x.scalar_type(),
-              ", got ", bias.scalar_type());
+  // The CPU kernels read the parameters and emb in float32 (x's dtype is widened too); the CUDA kernels in x's dtype.
+  const auto ok_dtype = [&](const at::Tensor& t) {
+    return t.scalar_type() == x.scalar_type() || (x.is_cpu() && t.scalar_type() == at::kFloat);
+  };
+  const char* allowed = x.is_cpu() ? " or float32" : "";
+  TORCH_CHECK(ok_dtype(weight), "group_norm_relu: weight must have x's dtype ", x.scalar_type(), allowed, ", got ",
+              weight.scalar_type());
+  TORCH_CHECK(ok_dtype(bias), "group_norm_relu: bias must have x's dtype ", x.scalar_type(), allowed, ", got ",
+              bias.scalar_type());
   if (emb.has_value() && emb->defined()) {
     TORCH_CHECK(emb->dim() == 2 && emb->size(0) == x.size(0) && emb->size(1) == C, "group_norm_relu: emb must have shape (",
                 x.size(0), ", ", C, "), got ", emb->sizes());
     TORCH_CHECK(emb->device() == x.device(), "group_norm_relu: emb is on ", emb->device(), " but x is on ", x.device());
-    TORCH_CHECK(emb->scalar_type() == x.scalar_type(), "group_norm_relu: emb must have x's dtype ", x.scalar_type(),
-                ", got ", emb->scalar_type());
+    TORCH_CHECK(ok_dtype(*emb), "group_norm_relu: emb must have x's dtype ", x.scalar_type(), allowed, ", got ",
+                emb->scalar_type());
   }
 }
 
@@ -89,6 +94,8 @@ py::dict build_info() {
   d["torch"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
                std::to_string(TORCH_VERSION_PATCH);
   d["attention_head_dims"] = py::make_tuple(16, 32, 64);
+  // bf16 attention on the CPU's tile unit (AMX): built in, and usable here (CPU + OS permission)
+  d["cpu_bf16_attention"] = std::string(attention_amx_available() ? "amx" : "float32 kernel on an upcast copy");
   return d;
 }
 

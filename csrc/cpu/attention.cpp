@@ -352,7 +352,8 @@ void bwd_item(const float* Qs, const float* QsT, const float* K, const float* V,
 void check_qkv(const at::Tensor& qkv, const char* what) {
   TORCH_CHECK(qkv.dim() == 5 && qkv.size(2) == 3, what, ": qkv must have shape (B, N, 3, heads, d), got ", qkv.sizes());
   TORCH_CHECK(qkv.device().is_cpu(), what, ": qkv must be a CPU tensor, got ", qkv.device());
-  TORCH_CHECK(qkv.scalar_type() == at::kFloat, what, ": qkv must be float32, got ", qkv.scalar_type());
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16, what,
+              ": qkv must be float32 or bfloat16, got ", qkv.scalar_type());
   const int64_t d = qkv.size(4);
   TORCH_CHECK(d == 16 || d == 32 || d == 64, what, ": head dim (qkv.size(4)) must be 16, 32 or 64, got ", d);
   TORCH_CHECK(qkv.size(1) > 0, what, ": qkv must hold at least one token, got shape ", qkv.sizes());
@@ -443,6 +444,15 @@ void bwd_launch(const at::Tensor& Qs, const at::Tensor& QsT, const at::Tensor& K
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& qkv) {
   check_qkv(qkv, "attention");
   const int64_t B = qkv.size(0), N = qkv.size(1), H = qkv.size(3), D = qkv.size(4);
+  if (qkv.scalar_type() == at::kBFloat16) {
+    // bf16: the tile-unit kernel (attention_amx.cpp) where the CPU and the build have one, else this
+    // float32 kernel on an upcast copy, its output rounded to bf16 once.
+    auto out = at::empty({B, N, H * D}, qkv.options().memory_format(at::MemoryFormat::Contiguous));
+    auto lse2 = at::empty({B, H, N}, qkv.options().dtype(at::kFloat));
+    if (attention_fwd_bf16_amx(qkv, out, lse2)) return {out, lse2};
+    auto [o32, l32] = attention_fwd_cpu(qkv.to(at::kFloat));
+    return {o32.to(at::kBFloat16), l32};
+  }
   const int64_t Np = (N + kPad - 1) / kPad * kPad;
   const float qscale = float(double(kLog2e) / std::sqrt(double(D)));
   auto opts = qkv.options().memory_format(at::MemoryFormat::Contiguous);
@@ -475,6 +485,13 @@ at::Tensor attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& qkv, cons
                              const at::Tensor& lse2) {
   check_qkv(qkv, "attention backward");
   const int64_t B = qkv.size(0), N = qkv.size(1), H = qkv.size(3), D = qkv.size(4);
+  if (qkv.scalar_type() == at::kBFloat16) {
+    // bf16: the float32 backward on upcast copies (exact: every bf16 value is a float32), dqkv rounded once.
+    TORCH_CHECK(dout.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16,
+                "attention backward: dout and out must be bfloat16 like qkv, got ", dout.scalar_type(), " and ",
+                out.scalar_type());
+    return attention_bwd_cpu(dout.to(at::kFloat), qkv.to(at::kFloat), out.to(at::kFloat), lse2).to(at::kBFloat16);
+  }
   TORCH_CHECK(dout.sizes() == at::IntArrayRef({B, N, H * D}) && dout.scalar_type() == at::kFloat && dout.is_cpu(),
               "attention backward: dout must be a float32 CPU tensor of shape (", B, ", ", N, ", ", H * D, "), got ",
               dout.sizes(), " ", dout.scalar_type());

@@ -3,7 +3,7 @@
 | backend | implementation                                                           | devices, dtypes, head dims |
 |---------|--------------------------------------------------------------------------|----------------------------|
 | triton  | kernels/attention.py: flash attention, exp2 online softmax, LSE saved; one-pass backward (P recomputed once, dQ by atomic adds; the two-kernel path when deterministic algorithms are on) | CUDA (CPU under the interpreter); fp32/bf16/fp16; 16, 32, 64 |
-| ext     | csrc/cpu/attention.cpp: flash attention with AVX-512 register tiles       | CPU; fp32; 16, 32, 64      |
+| ext     | csrc/cpu/attention.cpp: flash attention with AVX-512 register tiles; csrc/cpu/attention_amx.cpp: the bf16 forward on AMX tiles (elsewhere the fp32 kernel on an upcast copy; backward: the fp32 kernel) | CPU; fp32/bf16; 16, 32, 64 |
 | eager   | fast_unet/eager.py ``attention`` (SDPA on strided views)                  | any                        |
 
 Tests: tests/ops/test_attention.py.
@@ -128,8 +128,8 @@ def ext_reasons(qkv):
     why = []
     if qkv.device.type != "cpu":
         why.append(f"qkv is on {qkv.device}; fast_unet._C has attention kernels for the CPU only")
-    if qkv.dtype != torch.float32:
-        why.append(f"qkv dtype {qkv.dtype} not supported (CPU attention is float32)")
+    if qkv.dtype not in (torch.float32, torch.bfloat16):
+        why.append(f"qkv dtype {qkv.dtype} not supported (CPU attention is float32 or bfloat16)")
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         why.append(f"qkv must be (B, N, 3, heads, d), got shape {tuple(qkv.shape)}")
     else:
@@ -144,3 +144,4 @@ dispatch.register("attention", "triton", triton_attention, triton_reasons, devic
 dispatch.register("attention", "ext", ext_attention, ext_reasons, devices=lambda: ("cpu",))
 dispatch.register("attention", "eager", eager.attention)
 dispatch.register_autocast(_attn_op)
+dispatch.register_autocast(_ext_fwd)

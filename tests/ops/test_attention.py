@@ -305,6 +305,58 @@ def test_ext_forward_backward_vs_eager_and_float64(ext_ops, case, strided):
         assert_close(qs.grad[:, :, i], q64.grad[:, :, i], rtol=1e-4, atol=5e-5, what=f"d{name}")
 
 
+
+# bf16: the tile-unit (AMX) forward where this CPU and build have one, and the float32 kernel on an upcast copy
+# (FAST_UNET_CPU_AMX=0, as on a CPU without one); the backward is the float32 kernel on upcast copies.
+BF16_PATHS = {"amx": None, "upcast": "0"}
+
+
+@pytest.mark.parametrize("path", list(BF16_PATHS))
+@pytest.mark.parametrize("case", CASES + [(2, 17, 1, 32), (1, 129, 4, 16)], ids=lambda c: "B{}-N{}-h{}-d{}".format(*c))
+@pytest.mark.parametrize("strided", [False, True], ids=["view", "strided"])
+def test_ext_bf16_vs_eager_and_float64(ext_ops, monkeypatch, path, case, strided):
+    """bf16 qkv, float32 accumulation and softmax: out and dqkv within the flash-attention rule of eager SDPA's own
+    bf16 error (same rounded inputs, float64 reference); lse2 float32, close to the exact log-sum-exp."""
+    if path == "amx" and ext_ops._C.build_info()["cpu_bf16_attention"] != "amx":
+        pytest.skip("no AMX tile unit on this CPU or in this build")
+    if BF16_PATHS[path] is not None:
+        monkeypatch.setenv("FAST_UNET_CPU_AMX", BF16_PATHS[path])
+    qkv = make_qkv(*case, strided=strided).to(torch.bfloat16)
+    if strided:
+        qkv = torch.empty(*qkv.shape[:2], qkv.shape[2] * qkv.shape[3] * qkv.shape[4] + 8,
+                          dtype=torch.bfloat16)[..., :-8].unflatten(-1, qkv.shape[2:]).copy_(qkv)
+    assert qkv.is_contiguous() != strided or qkv.shape[0] * qkv.shape[1] == 1
+    ref, lse = reference64(qkv)
+    gout = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    q64 = qkv.detach().double().requires_grad_()
+    reference64(q64)[0].backward(gout)
+    qe = qkv.detach().clone().requires_grad_()
+    out_e = eager.attention(qe)
+    out_e.backward(gout.to(torch.bfloat16))
+
+    out, lse2 = ext_ops.attention_fwd(qkv)
+    assert out.dtype == torch.bfloat16 and lse2.dtype == torch.float32 and out.shape == ref.shape
+    assert_close_rule("out", out, out_e, ref, torch.bfloat16)
+    assert_close(lse2.double() * math.log(2), lse, rtol=1e-4, atol=1e-4, what="logsumexp")
+    qs = qkv.detach().clone().requires_grad_()
+    ext_ops.attention(qs).backward(gout.to(torch.bfloat16))
+    assert qs.grad.dtype == torch.bfloat16
+    assert_close_rule("dqkv", qs.grad, qe.grad, q64.grad, torch.bfloat16)
+
+
+def test_ext_bf16_large_logits_and_nan(ext_ops):
+    """Scores in the hundreds stay finite (online rescaling); a NaN in one key's row reaches the outputs of every
+    query, as in SDPA, and nothing else."""
+    qkv = (make_qkv(1, 200, 2, 16) * 30).to(torch.bfloat16)
+    ref, _ = reference64(qkv)
+    out = ext_ops.attention(qkv)
+    assert torch.isfinite(out).all()
+    assert_close_rule("out", out, eager.attention(qkv), ref, torch.bfloat16)
+    qkv[0, 7, 1, 0, 3] = float("nan")  # key 7 of head 0
+    out = ext_ops.attention(qkv)
+    assert out[..., :16].isnan().all() and not out[..., 16:].isnan().any()
+
+
 @pytest.mark.slow
 def test_ext_sa6_shape_n4096(ext_ops):
     qkv = make_qkv(1, 4096, 2, 16, seed=3)
