@@ -1,5 +1,6 @@
-// CPU kernels of the fused GroupNorm(1, C) + ReLU + time-embedding add, forward and backward, float32,
-// NCHW and channels_last (NHWC). One sample's C*H*W elements are contiguous in both layouts, so the
+// CPU kernels of the fused GroupNorm(1, C) + ReLU + time-embedding add, forward and backward, NCHW and
+// channels_last (NHWC). Activations (x, y, dy, dx) in float32 or bfloat16; parameters, embedding and statistics
+// read and computed in float32 (bf16 values widened on load, results rounded to nearest even once on store). One sample's C*H*W elements are contiguous in both layouts, so the
 // statistics are layout-blind; the per-channel parts have one loop per layout.
 #include "vec_config.h"
 
@@ -31,32 +32,56 @@ inline float hsum(const Vec& v) {
   return s;
 }
 
+// Loads kVec activations as float32, stores float32 as kVec activations.
+inline Vec load_f(const float* p) { return Vec::loadu(p); }
+inline void store_f(float* p, const Vec& v) { v.store(p); }
+inline Vec load_f(const at::BFloat16* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16)));
+#else
+  alignas(64) float t[kVec];
+  for (int64_t i = 0; i < kVec; ++i) t[i] = float(p[i]);
+  return Vec::loadu(t);
+#endif
+}
+inline void store_f(at::BFloat16* p, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(__m512(v)));
+#else
+  alignas(64) float t[kVec];
+  v.store(t);
+  for (int64_t i = 0; i < kVec; ++i) p[i] = at::BFloat16(t[i]);  // round to nearest even, NaN kept
+#endif
+}
+
+// A (C,) or (B, C) tensor as contiguous float32.
+inline at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
 bool is_nhwc(const at::Tensor& x) {
   // A tensor with C == 1 or H*W == 1 is both; the NCHW loops handle it.
   return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_relu_fwd_cpu(
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_fwd(
     const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& emb_opt,
     double eps) {
-  check_gn_args(x_in, weight, bias, emb_opt);
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "group_norm_relu (CPU): x must be float32, got ", x_in.scalar_type());
   const bool nhwc = is_nhwc(x_in);
   const at::Tensor x = nhwc ? x_in : x_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), M = C * HW;
   auto y = at::empty_like(x, nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  auto mean = at::empty({B}, x.options());
-  auto rstd = at::empty({B}, x.options());
-  const at::Tensor w = weight.contiguous(), b = bias.contiguous();
+  auto mean = at::empty({B}, x.options().dtype(at::kFloat));
+  auto rstd = at::empty({B}, x.options().dtype(at::kFloat));
+  const at::Tensor w = as_f32(weight), b = as_f32(bias);
   at::Tensor emb;
-  if (emb_opt.has_value() && emb_opt->defined()) emb = emb_opt->contiguous();
-  const float* xp = x.const_data_ptr<float>();
+  if (emb_opt.has_value() && emb_opt->defined()) emb = as_f32(*emb_opt);
+  const T* xp = x.const_data_ptr<T>();
   const float* wp = w.const_data_ptr<float>();
   const float* bp = b.const_data_ptr<float>();
   const float* ep = emb.defined() ? emb.const_data_ptr<float>() : nullptr;
-  float* yp = y.mutable_data_ptr<float>();
+  T* yp = y.mutable_data_ptr<T>();
 
   // 1. statistics: shifted sums (shift = the sample's first element) per chunk, combined in double.
   const int64_t nchunk = (M + kStatChunk - 1) / kStatChunk;
@@ -64,19 +89,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_relu_fwd_cpu(
   at::parallel_for(0, B * nchunk, grain(kStatChunk), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t bi = i / nchunk, ci = i % nchunk;
-      const float* p = xp + bi * M;
-      const Vec shift(p[0]);
+      const T* p = xp + bi * M;
+      const Vec shift = Vec(float(p[0]));
       const int64_t lo = ci * kStatChunk, hi = std::min(M, lo + kStatChunk);
       Vec a1(0.f), a2(0.f);
       int64_t j = lo;
       for (; j + kVec <= hi; j += kVec) {
-        Vec d = Vec::loadu(p + j) - shift;
+        Vec d = load_f(p + j) - shift;
         a1 = a1 + d;
         a2 = at::vec::fmadd(d, d, a2);
       }
       double t1 = hsum(a1), t2 = hsum(a2);
       for (; j < hi; ++j) {
-        double d = double(p[j]) - double(p[0]);
+        double d = double(float(p[j])) - double(float(p[0]));
         t1 += d;
         t2 += d * d;
       }
@@ -95,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_relu_fwd_cpu(
     }
     const double dm = t1 / double(M);
     const double var = std::max(t2 / double(M) - dm * dm, 0.0);
-    const double mu = double(xp[bi * M]) + dm;
+    const double mu = double(float(xp[bi * M])) + dm;
     const double r = 1.0 / std::sqrt(var + eps);
     mp[bi] = float(mu);
     rp[bi] = float(r);
@@ -117,14 +142,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_relu_fwd_cpu(
         const float* sc = scale.data() + bi * C;
         const float* sh = shift.data() + bi * C;
         const float* e = ep ? ep + bi * C : zeros.data();
-        const float* xr = xp + r * C;
-        float* yr = yp + r * C;
+        const T* xr = xp + r * C;
+        T* yr = yp + r * C;
         int64_t c = 0;
         for (; c + kVec <= C; c += kVec) {
-          Vec v = at::vec::fmadd(Vec::loadu(xr + c), Vec::loadu(sc + c), Vec::loadu(sh + c));
-          (at::vec::maximum(v, zero) + Vec::loadu(e + c)).store(yr + c);
+          Vec v = at::vec::fmadd(load_f(xr + c), Vec::loadu(sc + c), Vec::loadu(sh + c));
+          store_f(yr + c, at::vec::maximum(v, zero) + Vec::loadu(e + c));
         }
-        for (; c < C; ++c) yr[c] = std::max(xr[c] * sc[c] + sh[c], 0.f) + e[c];
+        for (; c < C; ++c) yr[c] = std::max(float(xr[c]) * sc[c] + sh[c], 0.f) + e[c];
       }
     });
   } else {
@@ -132,41 +157,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_relu_fwd_cpu(
       for (int64_t pc = begin; pc < end; ++pc) {
         const float a = scale[pc], s = shift[pc], e = ep ? ep[pc] : 0.f;
         const Vec av(a), sv(s), ev(e);
-        const float* xr = xp + pc * HW;
-        float* yr = yp + pc * HW;
+        const T* xr = xp + pc * HW;
+        T* yr = yp + pc * HW;
         int64_t j = 0;
         for (; j + kVec <= HW; j += kVec)
-          (at::vec::maximum(at::vec::fmadd(Vec::loadu(xr + j), av, sv), zero) + ev).store(yr + j);
-        for (; j < HW; ++j) yr[j] = std::max(xr[j] * a + s, 0.f) + e;
+          store_f(yr + j, at::vec::maximum(at::vec::fmadd(load_f(xr + j), av, sv), zero) + ev);
+        for (; j < HW; ++j) yr[j] = std::max(float(xr[j]) * a + s, 0.f) + e;
       }
     });
   }
   return {y, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_bwd(
     const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& mean, const at::Tensor& rstd, bool has_emb) {
-  check_gn_args(x_in, weight, bias, std::nullopt);
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "group_norm_relu backward (CPU): x must be float32, got ", x_in.scalar_type());
-  TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "group_norm_relu backward: dy must have x's shape ", x_in.sizes(), ", got ", dy_in.sizes());
-  TORCH_CHECK(dy_in.scalar_type() == x_in.scalar_type(), "group_norm_relu backward: dy must have x's dtype");
   const int64_t B = x_in.size(0), C = x_in.size(1), HW = x_in.size(2) * x_in.size(3), M = C * HW;
   TORCH_CHECK(mean.numel() == B && rstd.numel() == B && mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat,
               "group_norm_relu backward: mean and rstd must be float32 of ", B, " elements");
   const bool nhwc = is_nhwc(x_in);
   const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x = x_in.contiguous(fmt), dy = dy_in.contiguous(fmt);
-  const at::Tensor w = weight.contiguous(), b = bias.contiguous();
+  const at::Tensor w = as_f32(weight), b = as_f32(bias);
   const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
-  const float* xp = x.const_data_ptr<float>();
-  const float* gp = dy.const_data_ptr<float>();
+  const T* xp = x.const_data_ptr<T>();
+  const T* gp = dy.const_data_ptr<T>();
   const float* wp = w.const_data_ptr<float>();
   const float* bp = b.const_data_ptr<float>();
   const float* mp = mean_c.const_data_ptr<float>();
   const float* rp = rstd_c.const_data_ptr<float>();
   auto dx = at::empty_like(x, fmt);
-  float* dxp = dx.mutable_data_ptr<float>();
+  T* dxp = dx.mutable_data_ptr<T>();
 
   // Per-sample affine of the forward: z = x * sc[c] + sh[c]; xhat = (x - mean) * rstd.
   std::vector<float> sc(B * C), sh(B * C);
@@ -196,11 +218,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
         const float* shb = sh.data() + bi * C;
         const Vec mv(mp[bi]), rv(rp[bi]);
         for (int64_t r = r0; r < r1; ++r) {
-          const float* xr = xp + (bi * HW + r) * C;
-          const float* gr = gp + (bi * HW + r) * C;
+          const T* xr = xp + (bi * HW + r) * C;
+          const T* gr = gp + (bi * HW + r) * C;
           int64_t c = 0;
           for (; c + kVec <= C; c += kVec) {
-            Vec xv = Vec::loadu(xr + c), g = Vec::loadu(gr + c);
+            Vec xv = load_f(xr + c), g = load_f(gr + c);
             Vec z = at::vec::fmadd(xv, Vec::loadu(scb + c), Vec::loadu(shb + c));
             Vec dz = Vec::blendv(g, zero, z <= zero);
             Vec xh = (xv - mv) * rv;
@@ -209,11 +231,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
             at::vec::fmadd(dz, xh, Vec::loadu(a_dzx + c)).store(a_dzx + c);
           }
           for (; c < C; ++c) {
-            const float z = xr[c] * scb[c] + shb[c];
-            const float dz = z <= 0.f ? 0.f : gr[c];
-            a_dy[c] += gr[c];
+            const float xc = float(xr[c]), gc = float(gr[c]);
+            const float z = xc * scb[c] + shb[c];
+            const float dz = z <= 0.f ? 0.f : gc;
+            a_dy[c] += gc;
             a_dz[c] += dz;
-            a_dzx[c] += dz * (xr[c] - mp[bi]) * rp[bi];
+            a_dzx[c] += dz * (xc - mp[bi]) * rp[bi];
           }
         }
       }
@@ -231,13 +254,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
     at::parallel_for(0, B * C, grain(HW), [&](int64_t begin, int64_t end) {
       for (int64_t pc = begin; pc < end; ++pc) {
         const int64_t bi = pc / C;
-        const float* xr = xp + pc * HW;
-        const float* gr = gp + pc * HW;
+        const T* xr = xp + pc * HW;
+        const T* gr = gp + pc * HW;
         const Vec scv(sc[pc]), shv(sh[pc]), mv(mp[bi]), rv(rp[bi]);
         Vec a_dy(0.f), a_dz(0.f), a_dzx(0.f);
         int64_t j = 0;
         for (; j + kVec <= HW; j += kVec) {
-          Vec xv = Vec::loadu(xr + j), g = Vec::loadu(gr + j);
+          Vec xv = load_f(xr + j), g = load_f(gr + j);
           Vec dz = Vec::blendv(g, zero, at::vec::fmadd(xv, scv, shv) <= zero);
           a_dy = a_dy + g;
           a_dz = a_dz + dz;
@@ -245,10 +268,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
         }
         double t_dy = hsum(a_dy), t_dz = hsum(a_dz), t_dzx = hsum(a_dzx);
         for (; j < HW; ++j) {
-          const float dz = xr[j] * sc[pc] + sh[pc] <= 0.f ? 0.f : gr[j];
-          t_dy += gr[j];
+          const float xj = float(xr[j]), gj = float(gr[j]);
+          const float dz = xj * sc[pc] + sh[pc] <= 0.f ? 0.f : gj;
+          t_dy += gj;
           t_dz += dz;
-          t_dzx += dz * (xr[j] - mp[bi]) * rp[bi];
+          t_dzx += dz * (xj - mp[bi]) * rp[bi];
         }
         sdy[pc] = t_dy;
         sdz[pc] = t_dz;
@@ -261,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
   auto dw = at::zeros({C}, w.options().dtype(at::kFloat));
   auto db = at::zeros({C}, w.options().dtype(at::kFloat));
   at::Tensor demb;
-  if (has_emb) demb = at::empty({B, C}, x.options());
+  if (has_emb) demb = at::empty({B, C}, x.options().dtype(at::kFloat));
   float* dwp = dw.mutable_data_ptr<float>();
   float* dbp = db.mutable_data_ptr<float>();
   std::vector<float> k1(B), k2(B);  // dx = rstd * (dz * w - k1 - xhat * k2)
@@ -287,22 +311,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
         const int64_t bi = r / HW;
         const float* scb = sc.data() + bi * C;
         const float* shb = sh.data() + bi * C;
-        const float* xr = xp + r * C;
-        const float* gr = gp + r * C;
-        float* dr = dxp + r * C;
+        const T* xr = xp + r * C;
+        const T* gr = gp + r * C;
+        T* dr = dxp + r * C;
         const float m = mp[bi], rs = rp[bi], c1 = k1[bi], c2 = k2[bi];
         const Vec mv(m), rv(rs), c1v(c1), c2v(c2);
         int64_t c = 0;
         for (; c + kVec <= C; c += kVec) {
-          Vec xv = Vec::loadu(xr + c);
+          Vec xv = load_f(xr + c);
           Vec z = at::vec::fmadd(xv, Vec::loadu(scb + c), Vec::loadu(shb + c));
-          Vec dz = Vec::blendv(Vec::loadu(gr + c), zero, z <= zero);
+          Vec dz = Vec::blendv(load_f(gr + c), zero, z <= zero);
           Vec xh = (xv - mv) * rv;
-          (rv * (dz * Vec::loadu(wp + c) - c1v - xh * c2v)).store(dr + c);
+          store_f(dr + c, rv * (dz * Vec::loadu(wp + c) - c1v - xh * c2v));
         }
         for (; c < C; ++c) {
-          const float dz = xr[c] * scb[c] + shb[c] <= 0.f ? 0.f : gr[c];
-          dr[c] = rs * (dz * wp[c] - c1 - (xr[c] - m) * rs * c2);
+          const float xc = float(xr[c]);
+          const float dz = xc * scb[c] + shb[c] <= 0.f ? 0.f : float(gr[c]);
+          dr[c] = rs * (dz * wp[c] - c1 - (xc - m) * rs * c2);
         }
       }
     });
@@ -312,23 +337,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
         const int64_t bi = pc / C, c = pc % C;
         const float m = mp[bi], rs = rp[bi], c1 = k1[bi], c2 = k2[bi], wc = wp[c];
         const Vec mv(m), rv(rs), c1v(c1), c2v(c2), wv(wc), scv(sc[pc]), shv(sh[pc]);
-        const float* xr = xp + pc * HW;
-        const float* gr = gp + pc * HW;
-        float* dr = dxp + pc * HW;
+        const T* xr = xp + pc * HW;
+        const T* gr = gp + pc * HW;
+        T* dr = dxp + pc * HW;
         int64_t j = 0;
         for (; j + kVec <= HW; j += kVec) {
-          Vec xv = Vec::loadu(xr + j);
-          Vec dz = Vec::blendv(Vec::loadu(gr + j), zero, at::vec::fmadd(xv, scv, shv) <= zero);
-          (rv * (dz * wv - c1v - (xv - mv) * rv * c2v)).store(dr + j);
+          Vec xv = load_f(xr + j);
+          Vec dz = Vec::blendv(load_f(gr + j), zero, at::vec::fmadd(xv, scv, shv) <= zero);
+          store_f(dr + j, rv * (dz * wv - c1v - (xv - mv) * rv * c2v));
         }
         for (; j < HW; ++j) {
-          const float dz = xr[j] * sc[pc] + sh[pc] <= 0.f ? 0.f : gr[j];
-          dr[j] = rs * (dz * wc - c1 - (xr[j] - m) * rs * c2);
+          const float xj = float(xr[j]);
+          const float dz = xj * sc[pc] + sh[pc] <= 0.f ? 0.f : float(gr[j]);
+          dr[j] = rs * (dz * wc - c1 - (xj - m) * rs * c2);
         }
       }
     });
   }
   return {dx, dw, db, demb};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_relu_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& emb,
+    double eps) {
+  check_gn_args(x, weight, bias, emb);
+  if (x.scalar_type() == at::kBFloat16) return gn_fwd<at::BFloat16>(x, weight, bias, emb, eps);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "group_norm_relu (CPU): x must be float32 or bfloat16, got ", x.scalar_type());
+  return gn_fwd<float>(x, weight, bias, emb, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_relu_bwd_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& mean, const at::Tensor& rstd, bool has_emb) {
+  check_gn_args(x, weight, bias, std::nullopt);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "group_norm_relu backward (CPU): x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(dy.sizes() == x.sizes(), "group_norm_relu backward: dy must have x's shape ", x.sizes(), ", got ", dy.sizes());
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "group_norm_relu backward: dy must have x's dtype ", x.scalar_type(),
+              ", got ", dy.scalar_type());
+  if (x.scalar_type() == at::kBFloat16) return gn_bwd<at::BFloat16>(dy, x, weight, bias, mean, rstd, has_emb);
+  return gn_bwd<float>(dy, x, weight, bias, mean, rstd, has_emb);
 }
 
 }  // namespace fast_unet

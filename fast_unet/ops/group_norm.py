@@ -4,7 +4,7 @@ of a lazily normalised tensor (``partials`` given: the statistics come from its 
 | backend | implementation                                                        | devices, dtypes              |
 |---------|-----------------------------------------------------------------------|------------------------------|
 | triton  | kernels/group_norm.py: split statistics + apply, or one apply that folds the given partials; three-kernel backward | CUDA (CPU under the interpreter); fp32/bf16/fp16 |
-| ext     | csrc/cpu/group_norm.cpp, csrc/cuda/group_norm.cu (computes its own statistics) | CPU fp32; CUDA fp32/bf16/fp16 |
+| ext     | csrc/cpu/group_norm.cpp, csrc/cuda/group_norm.cu (computes its own statistics) | CPU fp32/bf16 (parameters, emb and statistics in fp32); CUDA fp32/bf16/fp16 |
 | eager   | fast_unet/eager.py ``group_norm_relu`` (two-pass float32 statistics)  | any                          |
 
 Tests: tests/ops/test_group_norm.py. ``norm_backward`` here is the GroupNorm backward that every Triton op
@@ -184,10 +184,16 @@ def triton_reasons(x, weight, bias, eps=1e-5, emb=None, partials=None):
 @torch.library.custom_op("fast_unet::group_norm_relu_fwd_ext", mutates_args=())
 def _ext_fwd(x: Tensor, weight: Tensor, bias: Tensor, emb: Optional[Tensor],
              eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """x (B, C, H, W) NCHW or channels_last; weight, bias (C,) (float32 or x's dtype: the extension's kernels
-    take them in x's dtype, cast here); emb (B, C) or None.
+    """x (B, C, H, W) NCHW or channels_last; weight, bias (C,) (float32 or x's dtype: the CPU kernels read them
+    as they are, in float32; the CUDA kernels take them in x's dtype, cast here); emb (B, C) or None.
     Returns (y like x, mean (B,) float32, rstd (B,) float32)."""
-    return tuple(backends.ext().gn_relu_fwd(x, weight.to(x.dtype), bias.to(x.dtype), emb, eps))
+    return tuple(backends.ext().gn_relu_fwd(x, *_ext_params(x, weight, bias), emb, eps))
+
+
+def _ext_params(x, weight, bias):
+    if x.device.type == "cpu":
+        return weight, bias
+    return weight.to(x.dtype), bias.to(x.dtype)
 
 
 @_ext_fwd.register_fake
@@ -200,8 +206,8 @@ def _(x, weight, bias, emb, eps):
 def _ext_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
              rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx like x, dweight (C,) in weight's dtype, dbias (C,) in bias's dtype, demb (B, C))."""
-    dx, dw, db, demb = backends.ext().gn_relu_bwd(dy, x, weight.to(x.dtype), bias.to(x.dtype), mean, rstd, True)
-    return dx, dw.to(weight.dtype), db.to(bias.dtype), demb
+    dx, dw, db, demb = backends.ext().gn_relu_bwd(dy, x, *_ext_params(x, weight, bias), mean, rstd, True)
+    return dx, dw.to(weight.dtype), db.to(bias.dtype), demb.to(x.dtype)
 
 
 @_ext_bwd.register_fake
@@ -215,13 +221,13 @@ def _ext_setup(ctx, inputs, output):
     _y, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)  # statistics for the backward, not outputs to train through
     ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.has_emb = emb is not None
+    ctx.emb_dtype = emb.dtype if emb is not None else None
 
 
 def _ext_backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     dx, dw, db, demb = _ext_bwd(dy, x, weight, bias, mean, rstd)
-    return dx, dw, db, (demb if ctx.has_emb else None), None
+    return dx, dw, db, (demb.to(ctx.emb_dtype) if ctx.emb_dtype is not None else None), None
 
 
 _ext_fwd.register_autograd(_ext_backward, setup_context=_ext_setup)
@@ -233,7 +239,7 @@ def ext_group_norm_relu(x, weight, bias, eps=1e-5, emb=None, partials=None):
     return _ext_fwd(x, weight, bias, emb, float(eps))[0]
 
 
-_EXT_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
+_EXT_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
 
 
 def ext_reasons(x, weight, bias, eps=1e-5, emb=None, partials=None):
@@ -258,8 +264,10 @@ def ext_reasons(x, weight, bias, eps=1e-5, emb=None, partials=None):
         elif t.shape != (c,) or t.dtype not in (x.dtype, torch.float32) or t.device != x.device:
             why.append(f"{name} must be ({c},) float32 or {x.dtype} on {x.device}, got {tuple(t.shape)} {t.dtype} "
                        f"on {t.device}")
-    if emb is not None and (emb.shape != (x.shape[0], c) or emb.dtype != x.dtype or emb.device != x.device):
-        why.append(f"emb must be ({x.shape[0]}, {c}) {x.dtype} on {x.device}, got {tuple(emb.shape)} {emb.dtype}")
+    emb_dtypes = (x.dtype, torch.float32) if dev == "cpu" else (x.dtype,)
+    if emb is not None and (emb.shape != (x.shape[0], c) or emb.dtype not in emb_dtypes or emb.device != x.device):
+        why.append(f"emb must be ({x.shape[0]}, {c}) {' or '.join(map(str, emb_dtypes))} on {x.device}, got "
+                   f"{tuple(emb.shape)} {emb.dtype} on {emb.device}")
     return why
 
 
@@ -270,4 +278,4 @@ dispatch.autocast_keep("group_norm_relu", 5)  # partials
 dispatch.register_autocast(_gn_relu_op)
 dispatch.register_autocast(_gn_partials_op, keep=("partials",))
 dispatch.register_autocast(_gn_stats_op)
-dispatch.register_autocast(_ext_fwd, devices=("cuda",))  # the CPU kernel is float32
+dispatch.register_autocast(_ext_fwd)

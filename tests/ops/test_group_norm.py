@@ -304,6 +304,42 @@ def test_ext_forward_backward_vs_eager_and_float64(ext_ops, shape, fmt, with_emb
         assert_close(es.grad, e_ref.grad, rtol=1e-4, atol=1e-4, what="demb")
 
 
+
+@pytest.mark.parametrize("shape", EXT_SHAPES + [(1, 3, 3, 5)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("fmt", list(FORMATS), ids=str)
+@pytest.mark.parametrize("with_emb", [True, False], ids=["emb", "noemb"])
+@pytest.mark.parametrize("params", ["float32", "bfloat16"], ids=["fp32-params", "bf16-params"])
+def test_ext_bf16_vs_eager_and_float64(ext_ops, shape, fmt, with_emb, params):
+    """bf16 activations with float32 parameters and emb (CPU autocast) or bf16 ones (a bf16 model): y and dx in
+    bf16, the parameters' and emb's gradients in their own dtype, all within the flash-attention rule of eager
+    PyTorch's own bf16 error (same rounded inputs, float64 reference)."""
+    bf16, pdt = torch.bfloat16, getattr(torch, params)
+    x, w, b, emb = make_inputs(*shape, FORMATS[fmt], with_emb)
+    x, w, b = x.to(bf16), w.to(pdt), b.to(pdt)
+    emb = emb.to(pdt) if emb is not None else None
+    y_ref, leaves, e_ref = reference64(x, w, b, emb)
+    gy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y_ref.backward(gy)
+    grad = gy.to(bf16).contiguous(memory_format=FORMATS[fmt])
+
+    def run(fn, dtype):
+        xs, ws, bs = (t.detach().clone().to(dtype if t is not x else bf16).requires_grad_() for t in (x, w, b))
+        es = emb.detach().clone().to(dtype).requires_grad_() if emb is not None else None
+        y = fn(xs, ws, bs, EPS, es)
+        y.backward(grad)
+        return y, (xs.grad, ws.grad, bs.grad, es.grad if es is not None else None)
+
+    y, grads = run(ext_ops.group_norm_relu, pdt)
+    y_e, grads_e = run(eager.group_norm_relu, bf16)  # eager PyTorch with everything in bf16
+    assert y.dtype == bf16 and y.is_contiguous(memory_format=FORMATS[fmt]), "output keeps x's dtype and format"
+    assert_close_rule("y", y, y_e, y_ref, bf16)
+    refs = (leaves[0].grad, leaves[1].grad, leaves[2].grad, e_ref.grad if e_ref is not None else None)
+    for name, g, ge, gr, dt in zip(("dx", "dweight", "dbias", "demb"), grads, grads_e, refs, (bf16, pdt, pdt, pdt)):
+        if gr is None:
+            continue
+        assert g.dtype == dt, f"{name}: {g.dtype} != {dt}"
+        assert_close_rule(name, g, ge, gr, bf16)
+
 def test_ext_gradient_layout_independent_of_upstream_layout(ext_ops):
     x, w, b, emb = make_inputs(2, 64, 8, 8, torch.channels_last, True)
     xs = x.clone().requires_grad_()
