@@ -186,18 +186,66 @@ def test_low_precision_flash_attention_rule(dtype):
 
 
 def test_low_precision_gradients_flash_attention_rule():
+    """Every gradient of a bf16 model within twice the bf16 reference's error (plus a floor), both against the
+    float64 reference. Each error is a max over one tensor, a heavy-tailed draw: over one draw per tensor
+    (130 tensors) the worst ratio of two such draws sits near 2 for any implementation (fast_unet's all-eager
+    path reaches 2.2 on one of three seeds), so the rule is applied to the sum of three draws (seeds)."""
     dtype, h = torch.bfloat16, 16
-    fast, ref = model_pair(h)
-    x, t = inputs(2, h)
-    zeros = torch.zeros_like(x)
-    grads = {"gold": _grads(reference_copy(ref, torch.float64, h), x.double(), t, zeros),
-             "pt": _grads(reference_copy(ref, dtype, h), x.to(dtype), t, zeros),
-             "fast": _grads(fast.to(dtype), x.to(dtype), t, zeros)}
-    for k, g in grads["gold"].items():
-        pt_err, err = max_err(grads["pt"][k], g), max_err(grads["fast"][k], g)
-        floor = 1e-2 * g.abs().max().item() + 1e-6
-        assert err <= 2 * pt_err + floor, f"grad {k}: {err:.3e} > 2 x {pt_err:.3e} + {floor:.1e}"
+    err, pt_err, floor = {}, {}, {}
+    for seed in range(3):
+        fast, ref = model_pair(h, seed=seed)
+        x, t = inputs(2, h, seed=seed + 1)
+        zeros = torch.zeros_like(x)
+        gold = _grads(reference_copy(ref, torch.float64, h), x.double(), t, zeros)
+        pt = _grads(reference_copy(ref, dtype, h), x.to(dtype), t, zeros)
+        got = _grads(fast.to(dtype), x.to(dtype), t, zeros)
+        for k, g in gold.items():
+            err[k] = err.get(k, 0.0) + max_err(got[k], g)
+            pt_err[k] = pt_err.get(k, 0.0) + max_err(pt[k], g)
+            floor[k] = floor.get(k, 0.0) + 1e-2 * g.abs().max().item() + 1e-6
+    for k in err:
+        assert err[k] <= 2 * pt_err[k] + floor[k], f"grad {k}: {err[k]:.3e} > 2 x {pt_err[k]:.3e} + {floor[k]:.1e} (3 seeds)"
 
+
+@pytest.mark.parametrize("size", [(16, 16), (24, 40)], ids=lambda s: "x".join(map(str, s)))
+def test_cpu_autocast_runs_the_extension_in_bf16_within_the_rule(monkeypatch, size):
+    """Under CPU bf16 autocast on float32 weights, the extension takes group_norm_relu and attention in bf16 (the
+    (C,) parameters float32); the output and every parameter gradient (float32) are within 2x eager autocast's
+    error of the float32 model, plus the bf16 floor."""
+    from fast_unet import backends
+
+    if backends.ext() is None:
+        pytest.skip(f"fast_unet._C does not load: {backends.load_error('ext')}")
+    h, w = size
+    model, _ = model_pair(h, w)
+    eager_model, _ = model_pair(h, w)
+    x, t = inputs(3, h, w)
+    g = torch.randn(3, 3, h, w, generator=torch.Generator().manual_seed(5))
+
+    def run(m, backend, autocast):
+        monkeypatch.setenv("FAST_UNET_BACKEND", backend)
+        m.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            y = m(x, t)
+        (y.double() * g).sum().backward()
+        return y, {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    y32, g32 = run(eager_model, "eager", False)
+    y_e, g_e = run(eager_model, "eager", True)
+    y, grads = run(model, "auto", True)
+    assert dispatch.last_choice["group_norm_relu"] == "ext" and dispatch.last_choice["attention"] == "ext", (
+        dict(dispatch.last_choice))
+    assert y.dtype == y_e.dtype == torch.bfloat16
+
+    def rule(name, out, out_eager, ref):
+        err, err_eager = max_err(out, ref), max_err(out_eager, ref)
+        floor = 4e-3 * ref.abs().max().item()
+        assert err <= 2 * err_eager + floor, f"{name}: error {err:.3g} > 2 x eager autocast's {err_eager:.3g} + {floor:.3g}"
+
+    rule("output", y, y_e, y32)
+    for name, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32, name
+        rule(f"grad {name}", grads[name], g_e[name], g32[name])
 
 def test_channels_last_input_gives_same_result_and_layout():
     fast, _ = model_pair(32)
