@@ -57,7 +57,7 @@ UNFUSED = "triton,conv3x3=eager,gn_relu_maxpool=eager,upsample2x=eager,gn_ln_lin
 
 # step -> its time limit in seconds on a GPU (cut to what is left of the budget)
 STEPS = {"install": 110, "env": 30, "defaults": 60, "attention": 30, "compiled": 100, "graphs": 30, "loop": 90,
-         "sampling": 40,
+         "tune": 60, "sampling": 40,
          "tests": 150, "ops": 60, "sweep": 120}
 TOTAL_S = 420  # 7 minutes; --budget changes it
 
@@ -537,6 +537,35 @@ def step_sweep(dry):
     return {"command": _bench(cmd, False), "json": path}
 
 
+
+def step_tune(dry):
+    """``python -m bench --tune`` at B=64, 64x64 under bf16 autocast, forward and training step: fast_unet with
+    measured dispatch (tuned from an empty cache in this run) beside the untuned one, interleaved, and the time
+    the tuning took (dry: B=1, 8x8 on the CPU's ext/eager backends: tuning measures, so it interprets no Triton)."""
+    out = os.environ["GPU_CHECK_OUT"]
+    path = os.path.join(out, "bench_tune.json")
+    common = ["bench", "--tune", "--models", "fast_unet,fast_unet_tuned", "--dtype", "autocast-bfloat16",
+              "--no-memory", "--no-kernel-count", "--json", path]
+    if dry:
+        cmd = common + ["--device", "cpu", "--batch", "1", "--size", "8", "--repeats", "1", "--warmup", "1"]
+    else:
+        cmd = common + ["--device", "cuda", "--batch", "64", "--size", "64", "--repeats", "10"]
+    env_cache = os.environ.pop("FAST_UNET_CACHE_DIR", None)  # bench --tune makes an empty one
+    try:
+        command = _bench(cmd, False)
+    finally:
+        if env_cache is not None:
+            os.environ["FAST_UNET_CACHE_DIR"] = env_cache
+    res = json.load(open(path))
+    rows = {}
+    for mode in ("forward", "train"):
+        tuned, untuned = res["models"]["fast_unet_tuned"][mode], res["models"]["fast_unet"][mode]
+        rows[mode] = {"untuned_ms": round(untuned["median_ms"], 3), "tuned_ms": round(tuned["median_ms"], 3),
+                      "untuned / tuned": round(untuned["median_ms"] / tuned["median_ms"], 3),
+                      "tuning_first_call_s": round(res["tuning"][mode]["first_call_s"], 2),
+                      "tuning_timing_s": round(res["tuning"][mode]["timing_s"], 2)}
+    return {"command": command, "batch": res["batch"], "size": f"{res['height']}x{res['width']}", "rows": rows}
+
 # --- the driver ----------------------------------------------------------------------------------------
 
 def _run_step(name, dry, out_dir, limit):
@@ -594,6 +623,10 @@ def _summary(report):
                              f"ms/step, {r['images_per_s']:.1f} images/s, {r['baseline plain loop / this']}x")
             lines.append(f"    captured={rec['captured']} graph vs eager: loss rel diff "
                          f"{rec['graph_loss_max_rel_diff']:.3g}, weights {rec['graph_weight_max_rel_diff']:.3g}")
+        if name == "tune" and rec["status"] == "ok":
+            for mode, r in rec["rows"].items():
+                lines.append(f"    {mode}: untuned {r['untuned_ms']} ms, tuned {r['tuned_ms']} ms "
+                             f"({r['untuned / tuned']}x); tuning took {r['tuning_first_call_s']} s on the first call")
         if name == "sampling" and rec["status"] == "ok":
             for r in rec["rows"]:
                 lines.append(f"    B={rec['batch']} {r['model']}: {r['ms_per_step']:.2f} ms/step, "

@@ -16,8 +16,8 @@ def test_gpu_check_dry_runs_every_step(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["install", "env", "defaults", "attention", "compiled", "graphs", "loop", "sampling", "tests",
-                           "ops", "sweep"]
+    assert list(steps) == ["install", "env", "defaults", "attention", "compiled", "graphs", "loop", "tune", "sampling",
+                           "tests", "ops", "sweep"]
     assert all(s["status"] == "ok" for s in steps.values()), summary
     ms = steps["defaults"]["ms"]
     for precision in ("autocast", "bf16"):
@@ -36,6 +36,8 @@ def test_gpu_check_dry_runs_every_step(tmp_path):
                                                     "baseline plain loop", "baseline compiled plain loop"]
     assert all(r["images_per_s"] > 0 for r in loop["rows"]) and loop["captured"] is False
     assert loop["graph_loss_max_rel_diff"] == 0 and loop["graph_weight_max_rel_diff"] == 0  # both eager here
+    tune = steps["tune"]["rows"]
+    assert set(tune) == {"forward", "train"} and all(r["tuned_ms"] > 0 and r["tuning_first_call_s"] > 0 for r in tune.values())
     assert [r["model"] for r in steps["sampling"]["rows"]] == ["seed loop", "baseline loop", "fast_unet"]
     # on the CPU every GPU test skips, and the report says why
     counts = steps["tests"]["counts"]
