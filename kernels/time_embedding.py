@@ -9,8 +9,8 @@ t: (B,) integer or float timesteps (any stride); weights: one (C_i, dim) tensor 
 all of one dtype, read where they are (no stacked copy); biases (C_i,) float32 or the weights' dtype (all
 the same), read in float32; outputs one (B, C_i) contiguous tensor per block in the weights' dtype. The
 frequencies f_j come from a cached float32 table (``freq_table``); t * f_j is rounded to float32 as in
-the eager op. As in the eager op the activated encoding is rounded to the weights' dtype before the
-product, which accumulates in float32.
+the eager op. As in the eager op the encoding is rounded to the weights' dtype, then activated and the
+activation rounded to that dtype again before the product, which accumulates in float32.
 
 Each launch takes six slots of pointers: three Down blocks (ReLU) and three Up blocks (SiLU); a slot
 with C_i = 0 is empty, and more than three blocks per side take one launch per three (the model's three
@@ -50,11 +50,13 @@ def _sin_reduced(p):
 
 
 @triton.jit
-def _activated_encoding(t_ptr, stride_t, freq_ptr, rows, cols, B, dim, half, SILU):
+def _activated_encoding(t_ptr, stride_t, freq_ptr, rows, cols, B, dim, half, SILU, DTYPE: tl.constexpr):
     """act(enc) for a [rows, cols] tile, float32; zero outside (B, dim). SILU: SiLU, else ReLU.
 
     The argument t * f_j is rounded to float32 as in the eager op, then reduced modulo 2*pi in two
-    steps (Cody-Waite) to r in [-pi, pi]; cos(r) = sin(r + pi/2)."""
+    steps (Cody-Waite) to r in [-pi, pi]; cos(r) = sin(r + pi/2). The encoding is rounded to DTYPE (the
+    weights') before the activation, as the eager op rounds it (``enc.to(weight.dtype)``, then ReLU/SiLU):
+    for SiLU, silu(round(enc)) and round(silu(enc)) differ in about half the elements at bf16."""
     t = tl.load(t_ptr + rows * stride_t, mask=rows < B, other=0).to(tl.float32)
     j = tl.where(cols < half, cols, cols - half)
     freq = tl.load(freq_ptr + j, mask=cols < dim, other=0.0)
@@ -62,6 +64,7 @@ def _activated_encoding(t_ptr, stride_t, freq_ptr, rows, cols, B, dim, half, SIL
     k = tl.floor(arg * 0.15915494309189535 + 0.5)
     r = (arg - k * 6.28125) - k * 0.0019353071795864769  # 2*pi = 6.28125 + 0.00193530717958647...
     enc = _sin_reduced(r + tl.where(cols < half, 0.0, 1.5707963267948966)[None, :])
+    enc = _to(enc, DTYPE).to(tl.float32)
     a = tl.where(SILU, enc / (1.0 + tl.exp(-enc)), _relu(enc))
     return tl.where((rows < B)[:, None] & (cols < dim)[None, :], a, 0.0)
 
@@ -116,7 +119,8 @@ def _temb_fwd_kernel(
         acc = tl.zeros([BLOCK_B, BLOCK_O], dtype=tl.float32)
         for k0 in range(0, dim, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            a = _activated_encoding(t_ptr, stride_t, freq_ptr, rows, cols, B, dim, half, slot >= 3)
+            a = _activated_encoding(t_ptr, stride_t, freq_ptr, rows, cols, B, dim, half, slot >= 3,
+                                    w_ptr.dtype.element_ty)
             wt = tl.load(w_ptr + outs[None, :] * dim + cols[:, None],
                          mask=(outs < C)[None, :] & (cols < dim)[:, None], other=0.0)  # (BLOCK_K, BLOCK_O)
             acc += _dot(_to(a, wt.dtype), wt, IEEE)
@@ -148,7 +152,8 @@ def _temb_bwd_kernel(
         db = tl.zeros([BLOCK_O], dtype=tl.float32)
         for r0 in range(0, B, BLOCK_B):
             rows = r0 + tl.arange(0, BLOCK_B)
-            a = _activated_encoding(t_ptr, stride_t, freq_ptr, rows, cols, B, dim, half, slot >= 3)
+            a = _activated_encoding(t_ptr, stride_t, freq_ptr, rows, cols, B, dim, half, slot >= 3,
+                                    g_ptr.dtype.element_ty)
             gt = tl.load(g_ptr + rows[None, :] * C + outs[:, None],
                          mask=(rows < B)[None, :] & (outs < C)[:, None], other=0.0)  # (BLOCK_O, BLOCK_B)
             dw += _dot(gt, _to(a, gt.dtype), IEEE)
