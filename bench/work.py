@@ -113,18 +113,22 @@ def _attn_bwd_dq(t, a):  # S recomputed, dP = dO V^T, dQ += dS K
     return 6 * bh * n * n * d, bh * n * n, t["qkv_ptr"]
 
 
+def _temb_outputs(a):
+    """B x sum C_i: the outputs of one time-embedding launch (its six slots; an empty one has C_i = 0 and
+    passes another slot's tensors, so the tensors' sizes would count it twice)."""
+    return a["B"] * sum(a[f"C{i}"] for i in range(6))
+
+
 @_triton("_temb_fwd_kernel")
-def _temb_fwd(t, a):  # both projections of the encoding; SiLU/sin/cos counted as one exponential per output
-    k = t["rw_ptr"].shape[-1]
-    outs = t["down_ptr"].numel() + t["up_ptr"].numel()
-    return 2 * outs * k, outs, t["rw_ptr"]
+def _temb_fwd(t, a):  # every block's projection of the encoding; SiLU/sin/cos one exponential per output
+    outs = _temb_outputs(a)
+    return 2 * outs * a["dim"], outs, t["w0_ptr"]
 
 
 @_triton("_temb_bwd_kernel")
-def _temb_bwd(t, a):
-    k = t["drw_ptr"].shape[-1]
-    outs = t["gd_ptr"].numel() + t["gu_ptr"].numel()
-    return 2 * outs * k, outs, t["gd_ptr"]
+def _temb_bwd(t, a):  # d_weight_i = g_i^T act(enc), the encoding recomputed
+    outs = _temb_outputs(a)
+    return 2 * outs * a["dim"], outs, t["g0_ptr"]
 
 
 def _mma_unit(dtype, fp32_unit="fp32"):

@@ -84,7 +84,7 @@ def autocast_keep(op, *positions):
 def autocast_dtype(args):
     """The autocast dtype that applies to these arguments (autocast is enabled for the device of the first
     floating-point tensor among them), or None."""
-    for a in args:
+    for a in (x for a in args for x in (a if isinstance(a, (list, tuple)) else (a,))):  # lists of tensors too
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             dev = a.device.type
             if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
@@ -111,7 +111,12 @@ def _casts(a):
 def _cast(args, keep, dtype):
     """``args`` with every tensor ``_casts`` selects cast to ``dtype``, except the positions in ``keep``. A
     tensor already in ``dtype`` is passed through (no copy)."""
-    return tuple(a.to(dtype) if i not in keep and _casts(a) else a for i, a in enumerate(args))
+    def cast(a):
+        if isinstance(a, (list, tuple)):  # a list of tensors (one per block): each cast alike
+            return type(a)(cast(x) for x in a)
+        return a.to(dtype) if _casts(a) else a
+
+    return tuple(a if i in keep else cast(a) for i, a in enumerate(args))
 
 
 _AUTOCAST_LIB = None

@@ -113,16 +113,20 @@ def sinusoidal_encoding(t, dim):
 
 
 def time_embedding(t, dim, relu_weight, relu_bias, silu_weight, silu_bias):
-    """Every block's time-embedding vector in two GEMMs.
+    """Every block's time-embedding vector: one F.linear per block (or per side, stacked).
 
-    t: (B,) timesteps. ``relu_weight`` (sum of the Down blocks' C, dim) is the Down blocks' Linear
-    weights stacked along their outputs (their activation is ReLU); ``silu_*`` likewise for the Up blocks.
-    Returns (relu_out (B, sum C_down), silu_out (B, sum C_up)) in the weights' dtype.
+    t: (B,) timesteps. ``relu_weight``/``relu_bias``: the Down blocks' Linear weights and biases (their
+    activation is ReLU), one tensor each (stacked along their outputs) or a list with one per block;
+    ``silu_*`` likewise for the Up blocks. Returns (down, up) in the weights' dtype: tensors for tensor
+    arguments, lists with one (B, C_i) tensor per block for lists.
     """
-    enc = sinusoidal_encoding(t, dim).to(relu_weight.dtype)
-    down = F.linear(torch.relu(enc), relu_weight, relu_bias)
-    up = F.linear(F.silu(enc), silu_weight, silu_bias)
-    return down, up
+    single = isinstance(relu_weight, torch.Tensor)
+    rws, rbs, sws, sbs = ([p] if single else list(p) for p in (relu_weight, relu_bias, silu_weight, silu_bias))
+    enc = sinusoidal_encoding(t, dim).to(rws[0].dtype)
+    a_down, a_up = torch.relu(enc), F.silu(enc)
+    down = [F.linear(a_down, w, b) for w, b in zip(rws, rbs)]
+    up = [F.linear(a_up, w, b) for w, b in zip(sws, sbs)]
+    return (down[0], up[0]) if single else (down, up)
 
 
 def conv3x3(x, x2, partials, gn_weight, gn_bias, eps, weight, bias, pool, normalize=group_norm_relu):

@@ -200,15 +200,15 @@ class UNet(nn.Module):
         return t.reshape(-1).to(x.device).expand(b)
 
     def _time_embeddings(self, t):
-        """((d1, d2, d3), (u1, u2, u3)): every Down and Up block's projected embedding, in one op."""
+        """((d1, d2, d3), (u1, u2, u3)): every Down and Up block's projected embedding, in one op that reads
+        the six Linear layers' parameters where they are."""
         downs, ups = (self.down1, self.down2, self.down3), (self.up1, self.up2, self.up3)
         e_down, e_up = ops.time_embedding(
             t, self.time_dim,
-            torch.cat([m.emb_layer[1].weight for m in downs]), torch.cat([m.emb_layer[1].bias for m in downs]),
-            torch.cat([m.emb_layer[1].weight for m in ups]), torch.cat([m.emb_layer[1].bias for m in ups]),
+            [m.emb_layer[1].weight for m in downs], [m.emb_layer[1].bias for m in downs],
+            [m.emb_layer[1].weight for m in ups], [m.emb_layer[1].bias for m in ups],
         )
-        return (e_down.split([m.emb_layer[1].out_features for m in downs], dim=1),
-                e_up.split([m.emb_layer[1].out_features for m in ups], dim=1))
+        return tuple(e_down), tuple(e_up)
 
     def forward(self, x, t):
         t = self._check_inputs(x, t)

@@ -165,5 +165,30 @@ def test_torch_ops_inside_custom_ops_are_counted_once(dry_traces):
     # the launcher's d_weight / d_bias reduction over the batch is one Triton kernel, no torch sums
     assert inside.count(("triton", "_gn_bwd_param_kernel", "fast_unet::group_norm_relu_backward")) == gn_bwd
     assert not [x for x in inside if x[0] == "torch" and x[2] == "fast_unet::group_norm_relu_backward"]
-    assert inside.count(("torch", "aten.zeros.default", "fast_unet::time_embedding_backward")) == 4
+    # the time embedding's backward: one launch for the six blocks, its gradients written whole (no zero-fill)
+    assert inside.count(("triton", "_temb_bwd_kernel", "fast_unet::time_embedding_backward")) == 1
+    assert not [x for x in inside if x[0] == "torch" and x[2] == "fast_unet::time_embedding_backward"]
     assert all(x.inside for x in trace.launches if x.kind == "triton")
+
+
+@torch.library.custom_op("fast_unet_test::scaled_sum", mutates_args=())
+def _scaled_sum(x: torch.Tensor) -> torch.Tensor:
+    return (x * 2).sum(0)
+
+
+@_scaled_sum.register_fake
+def _(x):
+    return x.new_empty(x.shape[1:])
+
+
+def test_torch_ops_of_a_custom_ops_implementation_are_counted_inside_it():
+    """The torch ops a custom op's implementation runs are each counted once, marked as inside it; the
+    custom op itself is not counted."""
+    trace = bk.Trace()
+    x = torch.randn(4, 3)
+    with bk.OpCounter(trace, "cpu"):
+        y = _scaled_sum(x) + 1
+    assert [(x.name, x.inside) for x in trace.launches] == [
+        ("aten.mul.Tensor", "fast_unet_test::scaled_sum"), ("aten.sum.dim_IntList", "fast_unet_test::scaled_sum"),
+        ("aten.add.Tensor", None)]
+    torch.testing.assert_close(y, (x * 2).sum(0) + 1)

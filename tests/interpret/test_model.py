@@ -157,8 +157,9 @@ def test_custom_op_registration(op):
     elif op == "attention":
         args = (torch.randn(2, 20, 3, 4, 16, requires_grad=True),)
     else:
-        args = (torch.tensor([1, 7]), 32, torch.randn(48, 32, requires_grad=True), torch.randn(48, requires_grad=True),
-                torch.randn(16, 32, requires_grad=True), torch.randn(16, requires_grad=True))
+        r = lambda *s: torch.randn(*s, requires_grad=True)  # noqa: E731
+        args = (torch.tensor([1, 7]), 32, [r(48, 32), r(5, 32), r(17, 32)], [r(48), r(5), r(17)],
+                [r(16, 32), r(9, 32)], [r(16), r(9)])
     torch.library.opcheck(getattr(torch.ops.fast_unet, op).default, args)
 
 

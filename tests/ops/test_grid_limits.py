@@ -62,8 +62,9 @@ def _calls():
                                                       _meta(B, 4, H * W // 16, dtype=torch.float32))
     t = torch.empty(2**21, device="meta", dtype=torch.int64)  # 2 M timesteps
     wt = _meta(1024, 128)
-    out["time_embedding_fwd"] = lambda: temb.time_embedding_fwd(t, 128, wt, _meta(1024), wt, _meta(1024))
-    out["time_embedding_bwd"] = lambda: temb.time_embedding_bwd(_meta(2**21, 1024), _meta(2**21, 1024), t, 128, wt, wt)
+    out["time_embedding_fwd"] = lambda: temb.time_embedding_fwd(t, 128, [wt], [_meta(1024)], [wt], [_meta(1024)])
+    out["time_embedding_bwd"] = lambda: temb.time_embedding_bwd([_meta(2**21, 1024)], [_meta(2**21, 1024)], t, 128,
+                                                                [wt], [_meta(1024)], [wt], [_meta(1024)])
     return out
 
 

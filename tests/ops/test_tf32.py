@@ -42,8 +42,8 @@ def _launch_all(dtype):
         o, lse = attn.attention_fwd(qkv)
         attn.attention_bwd(torch.randn_like(o), qkv, o, lse)
         attn.attention_bwd(torch.randn_like(o), qkv, o, lse, deterministic=True)
-        temb.time_embedding_fwd(t, 32, w32, b32, w32, b32)
-        temb.time_embedding_bwd(torch.randn(2, 48), torch.randn(2, 48), t, 32, w32, w32)
+        temb.time_embedding_fwd(t, 32, [w32], [b32], [w32], [b32])
+        temb.time_embedding_bwd([torch.randn(2, 48)], [torch.randn(2, 48)], t, 32, [w32], [b32], [w32], [b32])
     ieee = {}
     for r in rec:
         if "IEEE" in r["kwargs"]:

@@ -62,6 +62,100 @@ def test_vs_eager_and_float64(b, dtype):
         assert_close_rule(name, g, ge, gr, dtype)
 
 
+def _split_params(sizes_down, sizes_up, dim, dtype):
+    """One (C_i, dim) weight and (C_i,) bias per block, float64 values representable in ``dtype``."""
+    g = lambda *s: (torch.randn(*s, dtype=torch.float64) * 0.2).to(dtype).double()  # noqa: E731
+    return ([g(c, dim) for c in sizes_down], [g(c) for c in sizes_down],
+            [g(c, dim) for c in sizes_up], [g(c) for c in sizes_up])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sizes_down, sizes_up", [((40, 17, 67), (5, 130, 64)),  # the model's 3 + 3, odd C
+                                                  ((9, 33, 1, 70), (48,))],  # more Down blocks than slots
+                         ids=["3+3", "4+1"])
+@pytest.mark.backends("eager", "ext", "triton")
+@pytest.mark.usefixtures("backend")
+def test_one_tensor_per_block_vs_eager_and_float64(sizes_down, sizes_up, dtype):
+    """The parameters as lists, one tensor per block, read where they are: each block's output and each
+    parameter's gradient against eager and float64, in the parameter's dtype (B = 3, dim = 94)."""
+    b, dim = 3, 94
+    t = torch.tensor([0, 517, 999])  # t = 0: every cos term 1, a rounding bias would add up over them
+    params = _split_params(sizes_down, sizes_up, dim, dtype)
+    gs = [torch.randn(b, c, dtype=torch.float64) for c in sizes_down + sizes_up]
+
+    def run(fn, dt):
+        leaves = [[p.to(dt).detach().requires_grad_() for p in ps] for ps in params]
+        down, up = fn(t, dim, *leaves)
+        assert isinstance(down, list) and isinstance(up, list)
+        sum((o.double() * g).sum() for o, g in zip(down + up, gs)).backward()
+        return down + up, [p.grad for ps in leaves for p in ps]
+
+    def f64(t, dim, rws, rbs, sws, sbs):
+        down = [_time_embedding_f64(t, dim, w, bb, w, bb)[0] for w, bb in zip(rws, rbs)]
+        up = [_time_embedding_f64(t, dim, w, bb, w, bb)[1] for w, bb in zip(sws, sbs)]
+        return down, up
+
+    outs, grads = run(ops.time_embedding, dtype)
+    outs_e, grads_e = run(eager.time_embedding, dtype)
+    outs_r, grads_r = run(f64, torch.float64)
+    assert [o.shape for o in outs] == [(b, c) for c in sizes_down + sizes_up]
+    for i, (o, oe, orf) in enumerate(zip(outs, outs_e, outs_r)):
+        assert o.dtype == dtype and o.is_contiguous()
+        assert_close_rule(f"out {i}", o, oe, orf, dtype)
+    for i, (g, ge, gr) in enumerate(zip(grads, grads_e, grads_r)):
+        assert g.dtype == dtype
+        assert_close_rule(f"grad {i}", g, ge, gr, dtype)
+
+
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
+def test_per_block_parameters_take_one_launch_each_way_and_no_torch_op():
+    """The model's 3 + 3 blocks: one forward and one backward launch, and no torch kernel around them (no
+    concatenation of the weights, no zero-fill or cast of their gradients), bf16 weights, float32 biases
+    (autocast's parameters)."""
+    from bench import kernels as bk
+    from bench import recorder
+
+    params = _split_params((64, 128, 256), (128, 64, 32), 128, torch.bfloat16)
+    rws, rbs, sws, sbs = ([p.to(torch.bfloat16 if p.dim() == 2 else torch.float32).requires_grad_() for p in ps]
+                          for ps in params)
+    t = torch.tensor([3, 250])
+    ops.time_embedding(t, 128, rws, rbs, sws, sbs)  # warm-up: the frequency table is built once, then cached
+    trace = bk.Trace()
+    with recorder.TritonRecorder(trace), bk.OpCounter(trace, "cpu"):
+        down, up = ops.time_embedding(t, 128, rws, rbs, sws, sbs)
+        sum(o.float().sum() for o in down + up).backward()
+    names = [x.name for x in trace.launches if x.kind == "triton"]
+    assert names == ["_temb_fwd_kernel", "_temb_bwd_kernel"]
+    inside = [x.name for x in trace.launches if x.kind == "torch" and x.inside]
+    assert inside == [], inside
+    assert not [x.name for x in trace.launches if "cat" in x.name]
+    assert all(p.grad.dtype == p.dtype for p in rws + rbs + sws + sbs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
+def test_encoding_rounded_before_the_activation_as_in_eager(dtype):
+    """The eager op rounds the encoding to the weights' dtype, then applies ReLU/SiLU (in that dtype): the
+    kernel rounds at the same places. For SiLU, round(silu(enc)) instead of silu(round(enc)) moves about
+    half the outputs by an ulp (a correlated shift that the autocast model test's gradients felt); here
+    each output against the correctly rounded product of eager's activated encoding, float64 sums."""
+    dim, t = 128, torch.tensor([0, 1, 37, 250, 517, 999])
+    params = _split_params((64, 128), (128, 64), dim, dtype)
+    rws, rbs, sws, sbs = ([p.to(dtype if p.dim() == 2 else torch.float32) for p in ps] for ps in params)
+    down, up = ops.time_embedding(t, dim, rws, rbs, sws, sbs)
+    enc = eager.sinusoidal_encoding(t, dim).to(dtype)
+    for act, outs, ws, bs in ((torch.relu, down, rws, rbs), (torch.nn.functional.silu, up, sws, sbs)):
+        a = act(enc).double()
+        for o, w, b in zip(outs, ws, bs):
+            want = (a @ w.double().t() + b.double()).to(torch.float32).to(dtype)
+            differ = (o != want).sum().item()
+            assert differ <= 0.01 * o.numel(), f"{act.__name__}: {differ}/{o.numel()} outputs differ"
+            ulp = torch.finfo(dtype).eps * want.double().abs().clamp_min(torch.finfo(dtype).tiny)
+            assert ((o.double() - want.double()).abs() <= ulp).all()
+
+
 @pytest.mark.backends("eager", "ext", "triton")
 @pytest.mark.usefixtures("backend")
 def test_float_timesteps_odd_dim_and_broadcast_t():
