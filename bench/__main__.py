@@ -289,8 +289,21 @@ def main(argv=None):
     p.add_argument("--loop", action="store_true", help="instead: the training CLI's step against a bare forward + "
                    "backward + optimizer step of the same model, interleaved, at the CLI's defaults (B=16, 32x32; "
                    "python -m bench.loop, which takes more options)")
-    p.add_argument("--threads", type=int, default=None, help="--loop: CPU threads (default: torch's)")
+    p.add_argument("--precisions", action="store_true", help="instead: baseline and fast_unet in float32, under bf16 "
+                   "autocast and cast to bf16, side by side in one run (python -m bench.precision; --tune adds the "
+                   "tuned fast_unet; --batch, --size, --modes (default forward), --threads apply)")
+    p.add_argument("--threads", type=int, default=None, help="--loop, --precisions: CPU threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.precisions:
+        from . import precision
+
+        given = argv if argv is not None else sys.argv[1:]
+        return precision.main(
+            ["--batch", str(args.batch), "--size", args.size]
+            + (["--modes", args.modes] if "--modes" in given else [])
+            + (["--device", args.device] if args.device else []) + (["--tune"] if args.tune else [])
+            + (["--threads", str(args.threads)] if args.threads else [])
+            + ["--warmup", str(args.warmup), "--repeats", str(args.repeats)] + (["--quiet"] if args.quiet else []))
     if args.loop:
         from . import loop
 

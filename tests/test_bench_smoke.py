@@ -3,6 +3,7 @@
 
 - test_single_point_bench: `python -m bench`, one point, every model timed and its memory measured;
 - test_sampling_bench: `python -m bench.sample`, the sampling loops and the training step;
+- test_precisions_bench: `python -m bench --precisions`, float32 / bf16 autocast / bf16 cells, tuned too;
 - test_sweep_*: `python -m bench --sweep`, several points, cells out of limits reported, plots written;
 - test_ops_bench: `python -m bench.ops`, every dispatched op against its eager twin;
 - test_gpu_estimate: `python -m bench.estimate`, the on-paper H200 estimate.
@@ -53,6 +54,28 @@ def test_sampling_bench(tmp_path):
         assert abs(r["ddpm_1000_s"] - 999 * r["ms_per_step"] / 1e3) < 1e-9 * r["ddpm_1000_s"] + 1e-12
     assert data["train"]["images_per_s"] > 0
     assert "| fast_unet | sample_fast |" in proc.stdout
+
+
+def test_precisions_bench(tmp_path):
+    """`python -m bench --precisions --tune`: baseline, fast_unet and the tuned fast_unet in every precision, in one
+    run, with the ratios the table states computed from the medians, and the tuning's cost."""
+    out = tmp_path / "p.json"
+    env = {**__import__("os").environ, "FAST_UNET_CACHE_DIR": str(tmp_path / "cache")}
+    proc = _run(["-m", "bench.precision", "--batch", "1", "--size", "16", "--warmup", "0", "--repeats", "1",
+                 "--modes", "forward,train", "--tune", "--quiet", "--json", str(out)], env=env)
+    data = json.loads(out.read_text())
+    for mode in ("forward", "train"):
+        precs = data["cells"][mode]
+        assert list(precs) == ["float32", "autocast-bfloat16", "bfloat16"]
+        for prec, row in precs.items():
+            assert list(row) == ["baseline", "fast_unet", "fast_unet_tuned"]
+            f32 = precs["float32"]["fast_unet"]["median_ms"]
+            assert row["fast_unet"]["vs_baseline"] == round(row["baseline"]["median_ms"] / row["fast_unet"]["median_ms"], 3)
+            assert row["fast_unet"]["vs_fast_unet_float32"] == round(f32 / row["fast_unet"]["median_ms"], 3)
+            assert "vs_untuned" in row["fast_unet_tuned"]
+            assert data["tuning"][f"{prec} {mode}"]["first_call_s"] > 0
+    assert "| forward | autocast-bfloat16 | fast_unet |" in proc.stdout
+    assert (tmp_path / "cache").is_dir()
 
 
 def test_sweep_times_every_point_and_draws_the_plots(tmp_path):
