@@ -65,7 +65,8 @@ def collect():
     build = backends.build_info()
     info["build"] = {"ext": backends.ext() is not None, "reason": backends.load_error("ext"),
                      "archs": build.get("cuda_archs") or None, "cpu_isa": build.get("cpu_isa"),
-                     "cpu_march": build.get("cpu_march"), "torch": build.get("torch")}
+                     "cpu_march": build.get("cpu_march"), "torch": build.get("torch"),
+                     "cpu_bf16_attention": build.get("cpu_bf16_attention")}
     for op in dispatch.OPS:
         info["ops"][op] = {
             "backends": {b: dispatch.unavailable(op, b) or "available" for b in dispatch.PRIORITY},
@@ -112,7 +113,8 @@ def main(argv=None):
     build = info["build"]
     if build["ext"]:
         print(f"{'ext (_C)':>18}: built; CUDA archs: {build['archs'] or 'none (CPU-only build)'}; "
-              f"CPU ISA: {build['cpu_isa']} (-march={build['cpu_march']}); torch {build['torch']}")
+              f"CPU ISA: {build['cpu_isa']} (-march={build['cpu_march']}); torch {build['torch']}; "
+              f"CPU bf16 attention: {build['cpu_bf16_attention'] or '-'}")
     else:
         print(f"{'ext (_C)':>18}: not built: {build['reason']}")
     print("\nbackends (auto tries them in this order):")
