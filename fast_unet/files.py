@@ -146,15 +146,17 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
-def atomic_write(path, write, keep=None, sync=True):
+def atomic_write(path, write, keep=None, sync=True, unique=False):
     """Call ``write(f)`` on a binary file ``PATH.tmp``, flush and fsync it (``sync=False``: no fsync, for many
-    small files), then rename it to ``path``. With ``keep``, an existing ``path`` is renamed to ``keep`` first
+    small files), then rename it to ``path``. ``unique``: the temporary file is ``PATH.<pid>.<random>.tmp``, for
+    a file that several processes may write at once (each rename then installs one whole file; with one
+    ``PATH.tmp`` a second writer would truncate the first one's temporary file before its rename). With ``keep``, an existing ``path`` is renamed to ``keep`` first
     (the one before stays readable). On any
     exception (a write error, KeyboardInterrupt) the ``.tmp`` is removed and ``path`` is untouched; an
     ``OSError`` becomes a one-line ``FileError``, ENOSPC as "no space left on device writing into FOLDER"."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp" if unique else path + ".tmp"
     f = None
     try:
         f = _File(tmp, "w")

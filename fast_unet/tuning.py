@@ -233,7 +233,9 @@ def _save(path, top, key, backend, rule, ms, confirm=None):
     data.setdefault(top, {})[key] = entry
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        atomic_write(path, lambda f: f.write(json.dumps(data, indent=1, sort_keys=True).encode()), sync=False)
+        # unique: two processes tuning at once each install a whole file (the last one's choices win)
+        atomic_write(path, lambda f: f.write(json.dumps(data, indent=1, sort_keys=True).encode()), sync=False,
+                     unique=True)
     except (OSError, FileError) as e:
         _warn_once(path + ":write", f"fast_unet: cannot write the tuning cache {path}: {e}")
 

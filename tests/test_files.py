@@ -102,6 +102,31 @@ def test_interrupted_write_keeps_the_old_file_and_removes_tmp(tmp_path):
     assert _tmp_files(tmp_path) == [] and not (tmp_path / "checkpoint.prev.pt").exists()
 
 
+@pytest.mark.parametrize("unique", [False, True], ids=["fixed-tmp", "unique-tmp"])
+def test_two_writers_at_once(tmp_path, unique):
+    """A second writer that starts while the first is still writing (another process tuning the same cache):
+    with one fixed ``PATH.tmp`` it truncates the first writer's file, the first writer's rename fails and its
+    last bytes land in the file the second installed (a corrupt cache); with ``unique`` each writer installs its
+    whole file and the last one wins."""
+    path = tmp_path / "tune.json"
+
+    def first(f):
+        f.write(b'{"writer": "first", ')
+        f.flush()
+        atomic_write(path, lambda g: g.write(b'{"writer": "second"}'), sync=False, unique=unique)
+        f.write(b'"done": true}')
+
+    if unique:
+        atomic_write(path, first, sync=False, unique=True)
+        assert path.read_bytes() == b'{"writer": "first", "done": true}'
+    else:
+        with pytest.raises(FileError):  # the second writer renamed the shared .tmp away
+            atomic_write(path, first, sync=False)
+        # and the first one's last bytes went into the file the second installed: neither whole file
+        assert path.read_bytes() not in (b'{"writer": "second"}', b'{"writer": "first", "done": true}')
+    assert _tmp_files(tmp_path) == []
+
+
 def test_keep_renames_the_previous_file(tmp_path):
     path, prev = tmp_path / "c.pt", tmp_path / "c.prev.pt"
     atomic_torch_save({"step": 1}, path, keep=prev)
