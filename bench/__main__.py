@@ -320,8 +320,9 @@ def main(argv=None):
             p.error("--sweep takes the models' dtype (float32, bfloat16, float16), not autocast")
         if args.tune and "fast_unet_tuned" not in args.models.split(","):
             args.models += ",fast_unet_tuned"
-            if not os.environ.get("FAST_UNET_CACHE_DIR"):
-                os.environ["FAST_UNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="fast_unet_tune_")
+        if "fast_unet_tuned" in args.models.split(",") and not os.environ.get("FAST_UNET_CACHE_DIR"):
+            # an empty cache, so that the sweep measures the tuning (not the user's cache of earlier runs)
+            os.environ["FAST_UNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="fast_unet_tune_")
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if args.cell_limit is None:
