@@ -226,8 +226,9 @@ def test_report_filters():
     assert aot.select(all_builds, match=["no such kernel"]) == []
 
 
-# Issue 18's targets at head dim 16, bf16, sm_90: warp instructions per 1,024 scores of the inner loop.
-ATTENTION_TARGETS = {"attn_fwd": 210, "attn_bwd": 330}
+# Bounds at head dim 16, bf16, sm_90: warp instructions per 1,024 scores of the inner loop (the forward
+# issues 193.5, the one-pass backward with queries as rows 241.5).
+ATTENTION_TARGETS = {"attn_fwd": 210, "attn_bwd": 256}
 
 
 @pytest.fixture(scope="module")
@@ -263,8 +264,8 @@ def test_attention_loops_are_counted_without_spills(attention_d16_rows):
 
 @pytest.mark.parametrize("label", sorted(ATTENTION_TARGETS))
 def test_attention_instruction_targets(label, attention_d16_rows):
-    """Issue 18: at head dim 16, bf16, sm_90 the forward issues at most 210 warp instructions per 1,024
-    scores and the one-pass backward (``attn_bwd``) at most 330, at the model's shapes, with no spill.
+    """At head dim 16, bf16, sm_90 the forward issues at most 210 warp instructions per 1,024 scores and the
+    one-pass backward (``attn_bwd``) at most 256, at the model's shapes, with no spill.
     A label without builds is skipped, except ``attn_bwd`` when kernels/attention.py defines ``_attn_bwd``
     (then its build must be declared). Before the trimmed kernels land (no ``_attn_bwd`` in the module),
     a miss is an expected failure that prints the numbers."""
