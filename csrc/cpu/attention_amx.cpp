@@ -25,6 +25,7 @@
 #include <limits>
 #include <mutex>
 
+#include "cpu/cpu_common.h"
 #include "ops.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512F__) && \
@@ -73,20 +74,8 @@ void config_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-// 2^x for x <= 0, as in attention.cpp: exactly 0 below 2^-126 (and for -inf), NaN kept; degree-5 fit, max rel.
-// error 1.04e-7.
-inline __m512 vexp2(__m512 x) {
-  const __mmask16 ok = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.3400432165577227e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.676037097866618e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550327214208539e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402210735583101e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472067106208e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000000754953482f));
-  return _mm512_maskz_scalef_ps(ok, p, n);
-}
+using cpu::parallel_dynamic;
+inline __m512 vexp2(__m512 x) { return cpu::vexp2_avx512(x); }  // csrc/cpu/cpu_common.h
 
 // One work item: queries [q0, q0 + rows) of one (batch, head), in chunks of 16 queries held one per vector lane,
 // so the softmax's max, sum and rescale are plain vertical operations (no horizontal reductions, no scalars).
@@ -219,16 +208,6 @@ void fwd_item(const uint16_t* K, const uint16_t* Qp, const uint16_t* VT, int64_t
     _mm512_store_ps(mg, m[g]);
     for (int64_t q = 0; q < nq; ++q) lse2[g * 16 + q] = mg[q] + std::log2(lg[q]);
   }
-}
-
-template <typename F>
-void parallel_dynamic(int64_t n, const F& f) {
-  std::atomic<int64_t> next{0};
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n; i = next.fetch_add(1, std::memory_order_relaxed))
-      f(i);
-  });
 }
 
 template <int D>
