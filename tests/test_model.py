@@ -189,10 +189,12 @@ def test_low_precision_gradients_flash_attention_rule():
     """Every gradient of a bf16 model within twice the bf16 reference's error (plus a floor), both against the
     float64 reference. Each error is a max over one tensor, a heavy-tailed draw: over one draw per tensor
     (130 tensors) the worst ratio of two such draws sits near 2 for any implementation (fast_unet's all-eager
-    path reaches 2.2 on one of three seeds), so the rule is applied to the sum of three draws (seeds)."""
+    path reaches 2.2 on one of three seeds), so the rule is applied to the sum of six draws (seeds). Three
+    were not enough: with PyTorch's CPU kernels of an AMD EPYC (AVX512-BF16, no AMX), seeds 0-2 put the
+    extension's path at 2.11 and the all-eager path at 1.61, seeds 0-5 at 1.20 and 1.15."""
     dtype, h = torch.bfloat16, 16
     err, pt_err, floor = {}, {}, {}
-    for seed in range(3):
+    for seed in range(6):
         fast, ref = model_pair(h, seed=seed)
         x, t = inputs(2, h, seed=seed + 1)
         zeros = torch.zeros_like(x)
@@ -204,25 +206,24 @@ def test_low_precision_gradients_flash_attention_rule():
             pt_err[k] = pt_err.get(k, 0.0) + max_err(pt[k], g)
             floor[k] = floor.get(k, 0.0) + 1e-2 * g.abs().max().item() + 1e-6
     for k in err:
-        assert err[k] <= 2 * pt_err[k] + floor[k], f"grad {k}: {err[k]:.3e} > 2 x {pt_err[k]:.3e} + {floor[k]:.1e} (3 seeds)"
+        assert err[k] <= 2 * pt_err[k] + floor[k], f"grad {k}: {err[k]:.3e} > 2 x {pt_err[k]:.3e} + {floor[k]:.1e} (6 seeds)"
 
 
 @pytest.mark.parametrize("size", [(16, 16), (24, 40)], ids=lambda s: "x".join(map(str, s)))
 def test_cpu_autocast_runs_the_extension_in_bf16_within_the_rule(monkeypatch, size):
     """Under CPU bf16 autocast on float32 weights, the extension takes group_norm_relu and attention in bf16 (the
     (C,) parameters float32); the output and every parameter gradient (float32) are within 2x eager autocast's
-    error of the float32 model, plus the bf16 floor."""
+    error of the float32 model, plus the bf16 floor. Each error is a max over one tensor, a heavy-tailed
+    draw, so the rule is applied to the sum over four seeds (models, inputs and upstream gradients): one draw
+    put fast_unet at 2.2-2.4x eager autocast's error on one tensor of an AMD EPYC at 24x40, the sums of
+    seeds 0-3 and 4-7 at most 1.55x."""
     from fast_unet import backends
 
     if backends.ext() is None:
         pytest.skip(f"fast_unet._C does not load: {backends.load_error('ext')}")
     h, w = size
-    model, _ = model_pair(h, w)
-    eager_model, _ = model_pair(h, w)
-    x, t = inputs(3, h, w)
-    g = torch.randn(3, 3, h, w, generator=torch.Generator().manual_seed(5))
 
-    def run(m, backend, autocast):
+    def run(m, backend, autocast, x, t, g):
         monkeypatch.setenv("FAST_UNET_BACKEND", backend)
         m.zero_grad()
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
@@ -230,22 +231,32 @@ def test_cpu_autocast_runs_the_extension_in_bf16_within_the_rule(monkeypatch, si
         (y.double() * g).sum().backward()
         return y, {n: p.grad.clone() for n, p in m.named_parameters()}
 
-    y32, g32 = run(eager_model, "eager", False)
-    y_e, g_e = run(eager_model, "eager", True)
-    y, grads = run(model, "auto", True)
-    assert dispatch.last_choice["group_norm_relu"] == "ext" and dispatch.last_choice["attention"] == "ext", (
-        dict(dispatch.last_choice))
-    assert y.dtype == y_e.dtype == torch.bfloat16
+    err, err_eager, floor = {}, {}, {}
 
-    def rule(name, out, out_eager, ref):
-        err, err_eager = max_err(out, ref), max_err(out_eager, ref)
-        floor = 4e-3 * ref.abs().max().item()
-        assert err <= 2 * err_eager + floor, f"{name}: error {err:.3g} > 2 x eager autocast's {err_eager:.3g} + {floor:.3g}"
+    def add(name, out, out_eager, ref):
+        err[name] = err.get(name, 0.0) + max_err(out, ref)
+        err_eager[name] = err_eager.get(name, 0.0) + max_err(out_eager, ref)
+        floor[name] = floor.get(name, 0.0) + 4e-3 * ref.abs().max().item()
 
-    rule("output", y, y_e, y32)
-    for name, p in model.named_parameters():
-        assert p.grad.dtype == torch.float32, name
-        rule(f"grad {name}", grads[name], g_e[name], g32[name])
+    for seed in range(4):
+        model, _ = model_pair(h, w, seed=seed)
+        eager_model, _ = model_pair(h, w, seed=seed)
+        x, t = inputs(3, h, w, seed=seed + 1)
+        g = torch.randn(3, 3, h, w, generator=torch.Generator().manual_seed(5 + seed))
+        y32, g32 = run(eager_model, "eager", False, x, t, g)
+        y_e, g_e = run(eager_model, "eager", True, x, t, g)
+        y, grads = run(model, "auto", True, x, t, g)
+        assert dispatch.last_choice["group_norm_relu"] == "ext" and dispatch.last_choice["attention"] == "ext", (
+            dict(dispatch.last_choice))
+        assert y.dtype == y_e.dtype == torch.bfloat16
+        add("output", y, y_e, y32)
+        for name, p in model.named_parameters():
+            assert p.grad.dtype == torch.float32, name
+            add(f"grad {name}", grads[name], g_e[name], g32[name])
+    for name in err:
+        assert err[name] <= 2 * err_eager[name] + floor[name], (
+            f"{name}: error {err[name]:.3g} > 2 x eager autocast's {err_eager[name]:.3g} + {floor[name]:.3g} (4 seeds)")
+
 
 def test_channels_last_input_gives_same_result_and_layout():
     fast, _ = model_pair(32)
