@@ -65,14 +65,15 @@ def _linear(t, a):
 
 
 @_triton("_ln_linear_bwd_kernel")
-def _ln_linear_bwd(t, a):
+def _ln_linear_bwd(t, a):  # d2 @ W, and with GELU the pre-activation h @ W^T again (one exp and one erf per element)
     d, w = t["d_ptr"], t["w_ptr"]
-    return 2 * d.numel() * w.shape[-1], 0, w
+    gelu = bool(a.get("GELU", False))
+    return 2 * d.numel() * w.shape[-1] * (2 if gelu else 1), d.numel() if gelu else 0, w
 
 
-@_triton("_col_partial_sum_kernel")
-def _col_partial_sum(t, a):  # one float32 add per element of each of the two (R, K) arrays it folds
-    return t["pw_ptr"].numel() + t["pb_ptr"].numel(), 0, t["pw_ptr"]
+@_triton("_col_partial_sum_kernel", "_col_sum_split_kernel")
+def _col_partial_sum(t, a):  # one float32 add per element of the (R, W) array of partials it folds
+    return t["p_ptr"].numel(), 0, t["p_ptr"]
 
 
 def _attn_shape(t):
@@ -159,9 +160,11 @@ _TRIPS = {
     "_linear_kernel": lambda t, a: _cdiv(a["K"], a["BLOCK_K"]),
     "_ln_linear_bwd_kernel": lambda t, a: _cdiv(a["N_out"], a["BLOCK_N"]),
     "_col_partial_sum_kernel": lambda t, a: _cdiv(a["ROWS_PER_PROG"], a["BLOCK_R"]),
+    "_col_sum_split_kernel": lambda t, a: a["R"],
     "_gn_stats_kernel": lambda t, a: _cdiv(a["HW_PER_PROG"], a["BLOCK_HW"]),
     "_gn_bwd_reduce_kernel": lambda t, a: _cdiv(a["HW_PER_PROG"], a["BLOCK_HW"]),
-    "_gn_bwd_combine_kernel": lambda t, a: _cdiv(a["C"], a["BLOCK_C"]) * a["S"],  # the inner loop over S
+    # every program folds the sample's P scalar partials; the first HW block's also sum S <= P splits
+    "_gn_bwd_dx_kernel": lambda t, a: _cdiv(a["P"], a["BLOCK_P"]),
     "_gn_bwd_param_kernel": lambda t, a: a["B"],
     "_gn_combine_kernel": lambda t, a: _cdiv(a["P"], a["BLOCK_P"]),
     "_gn_apply_partials_kernel": lambda t, a: _cdiv(a["P"], a["BLOCK_P"]),  # one of its two passes over P

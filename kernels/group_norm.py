@@ -20,11 +20,15 @@ Forward, three launches:
 Backward, three launches (recomputing x_hat and the ReLU mask from the saved mean/rstd):
 1. ``_gn_bwd_reduce_kernel``, same grid as the stats: per (b, split, c) partial sums of dy (-> d emb),
    dz * x_hat (-> d weight) and dz (-> d bias), where dz = dy where not y <= 0 (threshold_backward: NaN
-   passes), y = relu(z) as the forward stored it, z recomputed with the forward's formula (``_pre_relu``).
-2. ``_gn_bwd_combine_kernel``, grid (B,): sums the splits into per-(b, c) d_emb, d_weight_b, d_bias_b
-   and the two per-sample sums dx needs, s1 = sum(w * dz), s2 = sum(w * dz * x_hat).
-   (d weight and d bias are then the sum over b, done by the launcher.)
-3. ``_gn_bwd_dx_kernel``, apply's grid: dx = rstd * (w * dz - (s1 + x_hat * s2) / (C * HW)).
+   passes), y = relu(z) as the forward stored it, z recomputed with the forward's formula (``_pre_relu``);
+   and per program the two scalars dx needs, sum_c w * dz and sum_c w * dz * x_hat over its range.
+2. ``_gn_bwd_dx_kernel``, apply's grid: folds its sample's scalar partials into s1 = sum(w * dz) and
+   s2 = sum(w * dz * x_hat) (as the forward's apply folds the statistics' partials), then
+   dx = rstd * (w * dz - (s1 + x_hat * s2) / (C * HW)); the programs of the first HW block also sum the
+   splits' per-channel partials into d_emb, d_weight_b and d_bias_b for their (b, channel block).
+3. ``_gn_bwd_param_kernel``, grid cdiv(C, 128): d weight and d bias, the per-sample sums over b.
+Both tiled kernels take an optional second upstream gradient ``dy2`` (another consumer's gradient of the
+same output), added as it is loaded. No atomics: deterministic.
 """
 import triton
 import triton.language as tl
@@ -216,17 +220,29 @@ def _gn_apply_partials_kernel(
 
 
 @triton.jit
+def _grad_tile(dy_ptr, dy2_ptr, offs, mask, HAS_DY2: tl.constexpr):
+    """The upstream gradient of a tile in float32: dy, or dy + dy2 (a second consumer's gradient of the same
+    output, summed as it is loaded instead of by a separate add)."""
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DY2:
+        dy += tl.load(dy2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return dy
+
+
+@triton.jit
 def _gn_bwd_reduce_kernel(
-    x_ptr, dy_ptr,  # (B, C, H, W), same layout
+    x_ptr, dy_ptr, dy2_ptr,  # (B, C, H, W), same layout (dy2 unread without HAS_DY2)
     w_ptr, bias_ptr, mean_ptr, rstd_ptr,
     part_ptr,  # (3, B, S, C) float32: sum dy, sum dz * x_hat, sum dz over this program's HW range
+    sp_ptr,  # (B, S * n_cb, 2) float32: this program's sum_c w * (sum dz) and sum_c w * (sum dz * x_hat)
     B, C, HW, HW_PER_PROG,
-    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    HAS_DY2: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     n_sp = tl.cdiv(HW, HW_PER_PROG)
     b = tl.program_id(0) // n_sp  # grid (B * S, n_cb), as the stats kernel's
     sp = tl.program_id(0) % n_sp
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cb = tl.program_id(1)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mean = tl.load(mean_ptr + b)
     rstd = tl.load(rstd_ptr + b)
@@ -241,7 +257,7 @@ def _gn_bwd_reduce_kernel(
         mask = c_mask[:, None] & (hw < HW)[None, :]
         offs = base + _tile_offsets(c, hw, C, HW, CHANNELS_LAST)
         xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = _grad_tile(dy_ptr, dy2_ptr, offs, mask, HAS_DY2)
         x_hat = (xv - mean) * rstd
         dz = _relu_mask_grad(xv, dy, scale, shift, x_ptr.dtype.element_ty)
         s_dy += tl.sum(dy, axis=1)
@@ -252,46 +268,14 @@ def _gn_bwd_reduce_kernel(
     tl.store(out, s_dy, mask=c_mask)
     tl.store(out + plane, s_dzx, mask=c_mask)
     tl.store(out + 2 * plane, s_dz, mask=c_mask)
-
-
-@triton.jit
-def _gn_bwd_combine_kernel(
-    part_ptr,  # (3, B, S, C) float32 from _gn_bwd_reduce_kernel
-    w_ptr,  # (C,)
-    demb_ptr,  # (B, C) in x's dtype: d emb
-    dwb_ptr, dbb_ptr,  # (B, C) float32: per-sample d weight, per-sample d bias
-    sums_ptr,  # (B, 2) float32: s1 = sum_c w * dbb, s2 = sum_c w * dwb
-    B, C, S,
-    BLOCK_C: tl.constexpr,
-):
-    b = tl.program_id(0)
-    plane = B * S * C
-    acc1 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        m = c < C
-        s_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
-        s_dzx = tl.zeros([BLOCK_C], dtype=tl.float32)
-        s_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for sp in range(0, S):
-            src = part_ptr + (b * S + sp) * C + c
-            s_dy += tl.load(src, mask=m, other=0.0)
-            s_dzx += tl.load(src + plane, mask=m, other=0.0)
-            s_dz += tl.load(src + 2 * plane, mask=m, other=0.0)
-        w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
-        acc1 += w * s_dz
-        acc2 += w * s_dzx
-        tl.store(demb_ptr + b * C + c, s_dy.to(demb_ptr.dtype.element_ty), mask=m)
-        tl.store(dwb_ptr + b * C + c, s_dzx, mask=m)
-        tl.store(dbb_ptr + b * C + c, s_dz, mask=m)
-    tl.store(sums_ptr + b * 2, tl.sum(acc1, axis=0))
-    tl.store(sums_ptr + b * 2 + 1, tl.sum(acc2, axis=0))
+    q = sp_ptr + ((b * n_sp + sp) * tl.num_programs(1) + cb) * 2  # scale / rstd = w: no second load of w
+    tl.store(q, tl.sum(scale * s_dz, axis=0) / rstd)
+    tl.store(q + 1, tl.sum(scale * s_dzx, axis=0) / rstd)
 
 
 @triton.jit
 def _gn_bwd_param_kernel(
-    dwb_ptr, dbb_ptr,  # (B, C) float32 per-sample sums from _gn_bwd_combine_kernel
+    dwb_ptr, dbb_ptr,  # (B, C) float32 per-sample sums from _gn_bwd_dx_kernel
     dw_ptr, db_ptr,  # (C,) in the weight's dtype
     B, C,
     BLOCK_C: tl.constexpr,
@@ -311,31 +295,57 @@ def _gn_bwd_param_kernel(
 
 @triton.jit
 def _gn_bwd_dx_kernel(
-    x_ptr, dy_ptr, dx_ptr,  # (B, C, H, W), same layout
+    x_ptr, dy_ptr, dy2_ptr, dx_ptr,  # (B, C, H, W), same layout (dy2 unread without HAS_DY2)
     w_ptr, bias_ptr, mean_ptr, rstd_ptr,
-    sums_ptr,  # (B, 2) float32 from _gn_bwd_combine_kernel
-    C, HW,
-    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    sp_ptr,  # (B, P, 2) float32 from _gn_bwd_reduce_kernel, P = S * n_cb
+    part_ptr,  # (3, B, S, C) float32 from _gn_bwd_reduce_kernel
+    demb_ptr,  # (B, C) in x's dtype: d emb
+    dwb_ptr, dbb_ptr,  # (B, C) float32: per-sample d weight, per-sample d bias
+    B, C, HW, S, P,
+    HAS_DY2: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     b, hwb, cb = _tile_ids(HW, BLOCK_HW)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     hw = hwb * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_mask = c < C
     mask = c_mask[:, None] & (hw < HW)[None, :]
+    # s1 = sum(w * dz), s2 = sum(w * dz * x_hat) over the sample: its P scalar partials, folded here
+    q = sp_ptr + b.to(tl.int64) * P * 2
+    a1 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pm = p < P
+        a1 += tl.load(q + p * 2, mask=pm, other=0.0)
+        a2 += tl.load(q + p * 2 + 1, mask=pm, other=0.0)
+    inv_m = 1.0 / (C * HW * 1.0)  # float32; not (C * HW).to(): C and HW are constants when both are 1
+    s1 = tl.sum(a1, axis=0) * inv_m
+    s2 = tl.sum(a2, axis=0) * inv_m
     mean = tl.load(mean_ptr + b)
     rstd = tl.load(rstd_ptr + b)
-    inv_m = 1.0 / (C * HW * 1.0)  # float32; not (C * HW).to(): C and HW are constants when both are 1
-    s1 = tl.load(sums_ptr + b * 2) * inv_m
-    s2 = tl.load(sums_ptr + b * 2 + 1) * inv_m
     w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
     scale, shift = _scale_shift(w_ptr, bias_ptr, c, c_mask, mean, rstd)
     offs = b.to(tl.int64) * C * HW + _tile_offsets(c, hw, C, HW, CHANNELS_LAST)
     xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = _grad_tile(dy_ptr, dy2_ptr, offs, mask, HAS_DY2)
     x_hat = (xv - mean) * rstd
     dz = _relu_mask_grad(xv, dy, scale, shift, x_ptr.dtype.element_ty)
     dx = rstd * (dz * w[:, None] - (s1 + x_hat * s2))
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if hwb == 0:  # one program per (sample, channel block) sums the S splits' per-channel partials
+        plane = B * S * C
+        s_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
+        s_dzx = tl.zeros([BLOCK_C], dtype=tl.float32)
+        s_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for sp in range(0, S):
+            src = part_ptr + (b * S + sp) * C + c
+            s_dy += tl.load(src, mask=c_mask, other=0.0)
+            s_dzx += tl.load(src + plane, mask=c_mask, other=0.0)
+            s_dz += tl.load(src + 2 * plane, mask=c_mask, other=0.0)
+        tl.store(demb_ptr + b * C + c, s_dy.to(demb_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(dwb_ptr + b * C + c, s_dzx, mask=c_mask)
+        tl.store(dbb_ptr + b * C + c, s_dz, mask=c_mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -346,6 +356,7 @@ import torch  # noqa: E402
 TILE = 2048  # elements per [BLOCK_C, BLOCK_HW] tile
 TILES_PER_PROGRAM = 8  # stats / backward-reduce programs each fold about this many tiles
 NUM_WARPS = 4
+BWD_BLOCK_P = 16  # the backward's dx programs fold their sample's S * n_cb scalar partials this many at a time
 
 
 def tile_config(C, HW, channels_last):
@@ -506,37 +517,44 @@ def group_norm_relu_fwd(x, weight, bias, eps, emb=None):
     return y, mean, rstd
 
 
-def group_norm_relu_bwd(dy, x, weight, bias, mean, rstd):
+def group_norm_relu_bwd(dy, x, weight, bias, mean, rstd, dy2=None):
     """Returns (dx like x, d_weight (C,), d_bias (C,) in weight's dtype, d_emb (B, C) in x's dtype).
 
-    dy may have any strides; it is brought to x's memory format first."""
+    dy may have any strides; it is brought to x's memory format first. ``dy2`` (like dy, or None): a second
+    gradient of the same output, added to dy as the kernels load it."""
     channels_last = check_group_norm(x, weight, bias, None)
     weight, bias = dense(weight, bias)
     B, C, H, W = x.shape
     HW = H * W
-    dy = dy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    dy = dy.contiguous(memory_format=fmt)
+    if dy2 is not None:
+        if dy2.shape != x.shape:
+            raise ValueError(f"dy2 must have x's shape {tuple(x.shape)}, got {tuple(dy2.shape)}")
+        dy2 = dy2.contiguous(memory_format=fmt)
     block_c, block_hw = tile_config(C, HW, channels_last)
     n_cb = triton.cdiv(C, block_c)
     S, hw_per_prog = _split(HW, block_hw, n_cb)
     dev = x.device
     part = torch.empty((3, B, S, C), device=dev, dtype=torch.float32)
+    sp = torch.empty((B, S * n_cb, 2), device=dev, dtype=torch.float32)
     demb = torch.empty((B, C), device=dev, dtype=x.dtype)
     dwb = torch.empty((B, C), device=dev, dtype=torch.float32)
     dbb = torch.empty_like(dwb)
     dw = torch.empty((C,), device=dev, dtype=weight.dtype)
     db = torch.empty_like(dw)
-    sums = torch.empty((B, 2), device=dev, dtype=torch.float32)
     dx = torch.empty_like(x)
     if B == 0 or C == 0 or HW == 0:
         z = torch.zeros((C,), device=dev, dtype=weight.dtype)
         return dx.zero_(), z, z.clone(), demb.zero_()
-    _gn_bwd_reduce_kernel[(B * S, n_cb)](x, dy, weight, bias, mean, rstd, part, B, C, HW, hw_per_prog,
-                                        CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_HW=block_hw,
-                                        num_warps=NUM_WARPS)
-    _gn_bwd_combine_kernel[(B,)](part, weight, demb, dwb, dbb, sums, B, C, S, BLOCK_C=128, num_warps=4)
+    d2 = dy2 if dy2 is not None else dy  # a dummy pointer without dy2
+    common = dict(HAS_DY2=dy2 is not None, CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_HW=block_hw,
+                  num_warps=NUM_WARPS)
+    _gn_bwd_reduce_kernel[(B * S, n_cb)](x, dy, d2, weight, bias, mean, rstd, part, sp, B, C, HW, hw_per_prog,
+                                        **common)
     grid = (B * triton.cdiv(HW, block_hw), n_cb)
-    _gn_bwd_dx_kernel[grid](x, dy, dx, weight, bias, mean, rstd, sums, C, HW, CHANNELS_LAST=channels_last,
-                            BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=NUM_WARPS)
+    _gn_bwd_dx_kernel[grid](x, dy, d2, dx, weight, bias, mean, rstd, sp, part, demb, dwb, dbb, B, C, HW, S,
+                            S * n_cb, BLOCK_P=BWD_BLOCK_P, **common)
     _gn_bwd_param_kernel[(triton.cdiv(C, 128),)](dwb, dbb, dw, db, B, C, BLOCK_C=128, num_warps=4)
     return dx, dw, db, demb
 
@@ -550,15 +568,14 @@ WRITES = {
     "_gn_combine_kernel": {"mean_ptr", "rstd_ptr"},
     "_gn_apply_kernel": {"y_ptr"},
     "_gn_apply_partials_kernel": {"y_ptr", "mean_ptr", "rstd_ptr"},
-    "_gn_bwd_reduce_kernel": {"part_ptr"},
-    "_gn_bwd_combine_kernel": {"demb_ptr", "dwb_ptr", "dbb_ptr", "sums_ptr"},
-    "_gn_bwd_dx_kernel": {"dx_ptr"},
+    "_gn_bwd_reduce_kernel": {"part_ptr", "sp_ptr"},
+    "_gn_bwd_dx_kernel": {"dx_ptr", "demb_ptr", "dwb_ptr", "dbb_ptr"},
     "_gn_bwd_param_kernel": {"dw_ptr", "db_ptr"},
 }
 
 # Signature hints: float32 pointers (other pointers take the build's dtype), float scalars (other
 # scalars are i32), and integers that are multiples of 16 at the model's shapes (the channels).
-AOT_FP32_POINTERS = {"part_ptr", "pin_ptr", "mean_ptr", "rstd_ptr", "dwb_ptr", "dbb_ptr", "sums_ptr"}
+AOT_FP32_POINTERS = {"part_ptr", "pin_ptr", "mean_ptr", "rstd_ptr", "dwb_ptr", "dbb_ptr", "sp_ptr"}
 # (C,) parameter pointers (and their gradients'): float32 or the build's dtype; the builds take both
 # (``_common.with_fp32_params``: float32 is autocast's case).
 AOT_PARAM_POINTERS = {"w_ptr", "bias_ptr", "dw_ptr", "db_ptr"}
@@ -592,11 +609,13 @@ def aot_builds():
                         out.append(("gn_apply_partials", _gn_apply_partials_kernel,
                                     tile + (" emb" if has_emb else ""), dt,
                                     dict(common, HAS_EMB=has_emb, BLOCK_P=PARTIALS_BLOCK_P), opts))
-                out.append(("gn_bwd_reduce", _gn_bwd_reduce_kernel, tile, dt, dict(common), opts))
-                out.append(("gn_bwd_dx", _gn_bwd_dx_kernel, tile, dt, dict(common), opts))
+                for has_dy2 in (False, True):
+                    label = tile + (" dy2" if has_dy2 else "")
+                    out.append(("gn_bwd_reduce", _gn_bwd_reduce_kernel, label, dt,
+                                dict(common, HAS_DY2=has_dy2), opts))
+                    out.append(("gn_bwd_dx", _gn_bwd_dx_kernel, label, dt,
+                                dict(common, HAS_DY2=has_dy2, BLOCK_P=BWD_BLOCK_P), opts))
         out.append(("gn_bwd_param", _gn_bwd_param_kernel, f"{dt} 128 w4", dt, dict(BLOCK_C=128),
-                    dict(num_warps=4)))
-        out.append(("gn_bwd_combine", _gn_bwd_combine_kernel, f"{dt} 128 w4", dt, dict(BLOCK_C=128),
                     dict(num_warps=4)))
     out.append(("gn_combine", _gn_combine_kernel, "128 w4", "float32", dict(BLOCK_P=128), dict(num_warps=4)))
     return with_ones(with_fp32_params(out, AOT_PARAM_POINTERS), AOT_ONE_INTS)

@@ -48,11 +48,22 @@ def test_forward_counts_the_rescale_exponentials():
     assert work.triton_work("_attn_fwd", t)[1] == b * h * n * n  # no constexprs recorded: scores only
 
 
-def test_column_sum_stage_counts_its_adds():
-    """``_col_partial_sum_kernel`` folds two (R, K) float32 arrays: one CUDA-core add per element of each."""
-    pw, pb = torch.empty(37, 96), torch.empty(37, 96)
-    named = {"pw_ptr": pw, "pb_ptr": pb, "ow_ptr": torch.empty(7, 96), "ob_ptr": torch.empty(7, 96)}
-    assert work.triton_work("_col_partial_sum_kernel", named) == (2 * 37 * 96, 0, "fp32", True)
+def test_column_sum_stages_count_their_adds():
+    """``_col_partial_sum_kernel`` and ``_col_sum_split_kernel`` fold an (R, W) float32 array of partials: one
+    CUDA-core add per element."""
+    p = torch.empty(37, 96)
+    named = {"p_ptr": p, "o_ptr": torch.empty(7, 96)}
+    assert work.triton_work("_col_partial_sum_kernel", named) == (37 * 96, 0, "fp32", True)
+    named = {"p_ptr": p, "dlw_ptr": torch.empty(32), "dlb_ptr": torch.empty(32), "db_ptr": torch.empty(32)}
+    assert work.triton_work("_col_sum_split_kernel", named) == (37 * 96, 0, "fp32", True)
+
+
+def test_gelu_backward_gemm_counts_the_recomputed_pre_activation():
+    """With GELU the LayerNorm-backward GEMM forms the pre-activation again (a second GEMM of the same size)
+    and one exp per element of d."""
+    named = {"d_ptr": torch.empty(100, 48, dtype=torch.bfloat16), "w_ptr": torch.empty(48, 64, dtype=torch.bfloat16)}
+    assert work.triton_work("_ln_linear_bwd_kernel", named, dict(GELU=False)) == (2 * 100 * 48 * 64, 0, "mma16", True)
+    assert work.triton_work("_ln_linear_bwd_kernel", named, dict(GELU=True)) == (4 * 100 * 48 * 64, 4800, "mma16", True)
 
 
 def test_other_loops_count_iterations_over_all_programs():

@@ -3,7 +3,7 @@ of a lazily normalised tensor (``partials`` given: the statistics come from its 
 
 | backend | implementation                                                        | devices, dtypes              |
 |---------|-----------------------------------------------------------------------|------------------------------|
-| triton  | kernels/group_norm.py: split statistics + apply, or one apply that folds the given partials; three-kernel backward | CUDA (CPU under the interpreter); fp32/bf16/fp16 |
+| triton  | kernels/group_norm.py: split statistics + apply, or one apply that folds the given partials; three-kernel backward (a second upstream gradient summed on load) | CUDA (CPU under the interpreter); fp32/bf16/fp16 |
 | ext     | csrc/cpu/group_norm.cpp, csrc/cuda/group_norm.cu (computes its own statistics) | CPU fp32/bf16 (parameters, emb and statistics in fp32); CUDA fp32/bf16/fp16 |
 | eager   | fast_unet/eager.py ``group_norm_relu`` (two-pass float32 statistics)  | any                          |
 
@@ -63,13 +63,13 @@ def _(y, partials, gn_weight, gn_bias, eps, emb):
 
 @torch.library.custom_op("fast_unet::group_norm_relu_backward", mutates_args=())
 @backends.on_tensor_device
-def _gn_relu_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
-                    rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _k().group_norm_relu_bwd(dy, x, weight, bias, mean, rstd)
+def _gn_relu_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor,
+                    dy2: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _k().group_norm_relu_bwd(dy, x, weight, bias, mean, rstd, dy2)
 
 
 @_gn_relu_bwd_op.register_fake
-def _(dy, x, weight, bias, mean, rstd):
+def _(dy, x, weight, bias, mean, rstd, dy2=None):
     c = x.new_empty((x.shape[1],), dtype=weight.dtype)
     return torch.empty_like(x), c, torch.empty_like(c), x.new_empty(x.shape[:2])
 
@@ -110,11 +110,12 @@ def checked_partials(x, partials, prefix=""):
     return partials
 
 
-def norm_backward(dout, x, weight, bias, mean, rstd, emb_dtype=None):
-    """(dx, d weight, d bias, d emb) of relu(GroupNorm(1, C)(x)) + emb for the gradient ``dout``, on the
-    Triton GroupNorm backward; d weight and d bias come in the weight's dtype, d emb in ``emb_dtype``
-    (None: there was no emb). Every Triton op that folds a GroupNorm takes its backward through here."""
-    dx, dw, db, demb = torch.ops.fast_unet.group_norm_relu_backward(dout, x, weight, bias, mean, rstd)
+def norm_backward(dout, x, weight, bias, mean, rstd, emb_dtype=None, dout2=None):
+    """(dx, d weight, d bias, d emb) of relu(GroupNorm(1, C)(x)) + emb for the gradient ``dout`` (+ ``dout2``,
+    a second gradient of the same output, summed as the kernels load it), on the Triton GroupNorm backward;
+    d weight and d bias come in the weight's dtype, d emb in ``emb_dtype`` (None: there was no emb). Every
+    Triton op that folds a GroupNorm takes its backward through here."""
+    dx, dw, db, demb = torch.ops.fast_unet.group_norm_relu_backward(dout, x, weight, bias, mean, rstd, dout2)
     return dx, dw, db, demb.to(emb_dtype) if emb_dtype is not None else None
 
 

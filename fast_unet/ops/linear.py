@@ -4,13 +4,14 @@
 |-----------------|---------|-------------------------------------------------------------------------|
 | linear_residual | triton  | kernels/linear.py: x @ W^T + bias, the residual added in the epilogue   |
 | linear_residual | eager   | fast_unet/eager.py: addmm with the residual as its accumulator          |
-| ln_linear       | triton  | kernels/linear.py: LayerNorm in the GEMM's prologue, optional GELU epilogue; backward: kernels/ln_backward.py (the LayerNorm backward in the epilogue of the GEMM that forms its input's gradient) |
+| ln_linear       | triton  | kernels/linear.py: LayerNorm in the GEMM's prologue, optional GELU epilogue; backward: kernels/ln_backward.py (the GEMM that forms its input's gradient, with the GELU backward on its way in, the LayerNorm backward in its epilogue and the bias gradient's partial sums) |
 | ln_linear       | eager   | fast_unet/eager.py: F.layer_norm + F.linear (+ F.gelu)                  |
 | gn_ln_linear    | triton  | kernels/linear.py: relu(GroupNorm(y)) + emb from y's partials, written once as t (the block's residual), then LayerNorm(t) @ W^T + bias |
 | gn_ln_linear    | eager   | fast_unet/eager.py: ``group_norm_relu`` then ``ln_linear`` (both dispatched) |
 
-Backward (triton): the GEMM gradients are torch matmuls; the LayerNorm's input is recomputed with ATen's
-LayerNorm; the GroupNorm + ReLU + emb gradient is the Triton GroupNorm backward.
+Backward (triton): the weight gradients are torch matmuls (of the h and d2 that kernels/ln_backward.py
+writes for ``ln_linear`` and ``gn_ln_linear``); the GroupNorm + ReLU + emb gradient is the Triton GroupNorm backward, which sums the
+residual's gradient and the LayerNorm/GEMM path's as it loads them.
 Tests: tests/ops/test_linear.py.
 """
 import functools
@@ -106,36 +107,27 @@ def _(x, ln_weight, ln_bias, ln_eps, weight, bias, gelu):
 
 @torch.library.custom_op("fast_unet::ln_linear_backward", mutates_args=())
 @backends.on_tensor_device
-def _ln_linear_bwd_op(d2: Tensor, x2: Tensor, ln_weight: Tensor, ln_eps: float,
-                      weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return backends.kernel_module("ln_backward").ln_linear_bwd(d2, x2, ln_weight, ln_eps, weight)
+def _ln_linear_bwd_op(d: Tensor, x2: Tensor, ln_weight: Tensor, ln_bias: Tensor, ln_eps: float, weight: Tensor,
+                      bias: Tensor, gelu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return backends.kernel_module("ln_backward").ln_linear_bwd(d, x2, ln_weight, ln_bias, ln_eps, weight, bias, gelu)
 
 
 @_ln_linear_bwd_op.register_fake
-def _(d2, x2, ln_weight, ln_eps, weight):
-    return torch.empty_like(x2), torch.empty_like(ln_weight), torch.empty_like(ln_weight)
+def _(d, x2, ln_weight, ln_bias, ln_eps, weight, bias, gelu):
+    return (torch.empty_like(x2), torch.empty_like(ln_weight), torch.empty_like(ln_bias), torch.empty_like(bias),
+            torch.empty_like(x2), torch.empty_like(d) if gelu else d.new_empty((0,)))
 
 
-def _ln_linear_grads(d2, x2, ln_weight, ln_bias, ln_eps, weight, bias, gelu, need_x, need_ln):
-    """Gradients of [gelu](LayerNorm(x2) @ weight.T + bias) for the upstream d2 (M, N_out) ->
-    (dx2, d ln_w, d ln_b, dw, db). The normalised input (needed for dw, and the pre-activation for GELU)
-    is recomputed with ATen's LayerNorm; dx2 and the LayerNorm's parameter gradients come from one Triton
-    GEMM with the LayerNorm backward in its epilogue (kernels/ln_backward.py), so d(normalised input) is
-    never written. The (C,) parameters may be float32 with x2 in a lower precision (autocast): the
-    LayerNorm is then recomputed in float32 and rounded to x2's dtype, as the forward kernel computes it,
-    and d bias is summed in float32; every parameter gradient comes in its parameter's dtype."""
-    k = x2.shape[-1]
-    if ln_weight.dtype == ln_bias.dtype == x2.dtype:
-        h = torch.native_layer_norm(x2, [k], ln_weight, ln_bias, ln_eps)[0]
-    else:
-        h = torch.native_layer_norm(x2.float(), [k], ln_weight.float(), ln_bias.float(), ln_eps)[0].to(x2.dtype)
-    if gelu:
-        d2 = torch.ops.aten.gelu_backward(d2, torch.nn.functional.linear(h, weight, bias.to(h.dtype)))
-    dw = d2.t() @ h
-    db = d2.sum(0, dtype=bias.dtype)
-    dx2 = dlw = dlb = None
-    if need_x or need_ln:
-        dx2, dlw, dlb = torch.ops.fast_unet.ln_linear_backward(d2, x2, ln_weight, float(ln_eps), weight)
+def _ln_linear_grads(d, x2, ln_weight, ln_bias, ln_eps, weight, bias, gelu):
+    """Gradients of [gelu](LayerNorm(x2) @ weight.T + bias) for the upstream d (M, N_out) -> (dx2, d ln_w,
+    d ln_b, dw, db): one Triton launch (kernels/ln_backward.py) forms dx2 with the LayerNorm backward in its
+    epilogue, GELU's backward on its way in (the pre-activation recomputed), the bias gradient and the
+    normalised input h (as the forward's GEMM read it); then the parameter sums and dw = d2^T @ h. The (C,)
+    parameters may be float32 with x2 in a lower precision (autocast); every parameter gradient comes in
+    its parameter's dtype, summed in float32."""
+    dx2, dlw, dlb, db, h, d2 = torch.ops.fast_unet.ln_linear_backward(d, x2, ln_weight, ln_bias, float(ln_eps),
+                                                                      weight, bias, bool(gelu))
+    dw = (d2 if gelu else d).t() @ h
     return dx2, dlw, dlb, dw, db
 
 
@@ -151,8 +143,7 @@ def _ln_linear_backward(ctx, dout):
     need = ctx.needs_input_grad
     k = x.shape[-1]
     dx2, dlw, dlb, dw, db = _ln_linear_grads(dout.reshape(-1, weight.shape[0]), x.reshape(-1, k), ln_weight,
-                                             ln_bias, ctx.ln_eps, weight, bias, ctx.gelu, need[0],
-                                             need[1] or need[2])
+                                             ln_bias, ctx.ln_eps, weight, bias, ctx.gelu)
     return dx2.view(x.shape) if need[0] else None, dlw, dlb, None, dw, db, None
 
 
@@ -209,17 +200,17 @@ def _gn_ln_linear_backward(ctx, dout, dt, _dmean, _drstd):
     b, c, h, w = t.shape
     tokens = t.permute(0, 2, 3, 1).reshape(-1, c)  # channels_last: a view
     dw = db = dlw = dlb = None
-    dt_total = dt
+    dtok = None
     if dout is not None:
-        need_t = need[0] or need[2] or need[3] or need[5]
         dtok, dlw, dlb, dw, db = _ln_linear_grads(dout.reshape(-1, weight.shape[0]), tokens, ln_weight, ln_bias,
-                                                  ctx.ln_eps, weight, bias, False, need_t, need[6] or need[7])
-        if need_t:
-            dtok = dtok.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W) channels_last
-            dt_total = dtok if dt is None else dtok + dt  # the LN/GEMM path and the residual path
+                                                  ctx.ln_eps, weight, bias, False)
+        dtok = dtok.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W) channels_last
+    # t's gradient: the LN/GEMM path's and the residual path's, summed as the GroupNorm backward loads them
+    grads = [g for g in (dtok, dt) if g is not None]
     dy = dgw = dgb = demb = None
-    if dt_total is not None and (need[0] or need[2] or need[3] or need[5]):
-        dy, dgw, dgb, demb = norm_backward(dt_total, y, gn_weight, gn_bias, mean, rstd, ctx.emb_dtype)
+    if grads and (need[0] or need[2] or need[3] or need[5]):
+        dy, dgw, dgb, demb = norm_backward(grads[0], y, gn_weight, gn_bias, mean, rstd, ctx.emb_dtype,
+                                           grads[1] if len(grads) > 1 else None)
     return dy, None, dgw, dgb, None, demb, dlw, dlb, None, dw, db
 
 

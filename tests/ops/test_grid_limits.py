@@ -55,7 +55,8 @@ def _calls():
     out["linear_residual"] = lambda: lin.linear_residual(tok, _meta(C, C), b, tok)
     out["ln_linear"] = lambda: lin.ln_linear(tok, w, b, 1e-5, wl, bl, True)
     out["gn_ln_linear"] = lambda: lin.gn_ln_linear(xcl, parts, w, b, 1e-5, _meta(B, C), w, b, 1e-5, wl, bl)
-    out["ln_linear_bwd"] = lambda: lnb.ln_linear_bwd(_meta(B * H * W, 3 * C), _meta(B * H * W, C), w, 1e-5, wl)
+    out["ln_linear_bwd"] = lambda: lnb.ln_linear_bwd(_meta(B * H * W, 3 * C), _meta(B * H * W, C), w, b, 1e-5, wl, bl,
+                                                     True)
     qkv = _meta(B, H * W // 16, 3, 4, 16)  # 1 M tokens
     out["attention_fwd"] = lambda: attn.attention_fwd(qkv)
     out["attention_bwd"] = lambda: attn.attention_bwd(_meta(B, H * W // 16, 64), qkv, _meta(B, H * W // 16, 64),

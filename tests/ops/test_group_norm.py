@@ -474,3 +474,39 @@ def test_backward_relu_mask_is_the_forwards(channels_last):
     dy = torch.ones_like(x)
     _, dw, db, _ = K.group_norm_relu_bwd(dy, x, w, b, mean, rstd)
     torch.testing.assert_close(db, (y > 0).sum(dim=(0, 2, 3)).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape, channels_last, dtype", [
+    ((3, 64, 8, 8), True, torch.float32), ((2, 130, 9, 7), False, torch.float32),
+    ((1, 48, 48, 80), True, torch.float32), ((2, 128, 16, 16), True, torch.bfloat16),
+    ((3, 64, 5, 9), False, torch.float16)])
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
+def test_backward_second_gradient_summed_on_load(shape, channels_last, dtype):
+    """group_norm_relu_bwd(dy, ..., dy2) is the backward of dy + dy2 (two consumers of one output, as the
+    attention block's residual and its LayerNorm): against float64 on the same rounded inputs, and against
+    the one-gradient call on dy + dy2 summed in float64 then rounded (the flash-attention rule); several
+    splits per sample at 48x80 (S > 1), odd channel counts and sizes."""
+    from fast_unet import backends
+
+    K = backends.kernel_module("group_norm")
+    torch.manual_seed(11)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(shape) * 1.3 + 0.2).to(dtype).contiguous(memory_format=fmt)
+    w, b = torch.randn(shape[1]) * 0.8 + 0.3, torch.randn(shape[1]) * 0.4
+    emb = torch.randn(shape[:2])
+    dy, dy2 = (torch.randn(shape).to(dtype) for _ in range(2))
+    leaves = [t.double().requires_grad_() for t in (x, w, b, emb)]
+    gn_relu_formula(*leaves[:3], 1e-5, leaves[3]).backward(dy.double() + dy2.double())
+    _, mean, rstd = K.group_norm_relu_fwd(x, w, b, 1e-5)
+    got = K.group_norm_relu_bwd(dy, x, w, b, mean, rstd, dy2)
+    one = K.group_norm_relu_bwd((dy.double() + dy2.double()).to(dtype), x, w, b, mean, rstd)
+    for name, g, o, leaf in zip(("dx", "dw", "db", "demb"), got, one, leaves):
+        want = leaf.grad
+        scale = max(want.abs().max().item(), 1.0)
+        err = (g.double() - want).abs().max().item()
+        one_err = (o.double() - want).abs().max().item()
+        floor = 1e-5 if dtype == torch.float32 else 2e-2
+        assert err <= 2 * one_err + floor * scale, f"{name}: err {err:.3g} vs one gradient's {one_err:.3g}"
+    with pytest.raises(ValueError, match="dy2"):
+        K.group_norm_relu_bwd(dy, x, w, b, mean, rstd, dy2[:, :1])

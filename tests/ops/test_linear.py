@@ -452,34 +452,59 @@ def test_weight_read_through_its_strides(dtype):
 LNB_SHAPES = [(35, 48, 144), (70, 80, 80), (33, 128, 384), (64, 256, 256), (9, 512, 64)]  # (M, K, N_out)
 
 
-def _lnb_grads(x, lw, lb, w, d, dtype):
-    """Autograd of LayerNorm(x) @ w^T in ``dtype``: (dx, d ln_w, d ln_b)."""
-    leaves = [t.to(dtype).detach().requires_grad_() for t in (x, lw, lb)]
-    out = F.layer_norm(leaves[0], (x.shape[1],), leaves[1], leaves[2], 1e-5) @ w.to(dtype).t()
+def _lnb_grads(x, lw, lb, w, b, d, gelu, dtype, pdtype):
+    """Autograd of [gelu](LayerNorm(x) @ w^T + b) with x, w, d in ``dtype`` and the (C,) parameters in
+    ``pdtype`` (autocast's float32 parameters: the LayerNorm computed in float32, rounded to ``dtype``):
+    (dx, d ln_w, d ln_b, d w, d b)."""
+    leaves = [t.to(dt).detach().requires_grad_()
+              for t, dt in ((x, dtype), (lw, pdtype), (lb, pdtype), (w, dtype), (b, pdtype))]
+    h = F.layer_norm(leaves[0].to(pdtype), (x.shape[1],), leaves[1], leaves[2], 1e-5).to(dtype)
+    out = F.linear(h, leaves[3], leaves[4].to(dtype))
+    if gelu:
+        out = F.gelu(out)
     out.backward(d.to(dtype))
     return [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype, pdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.float16, torch.float16), (torch.bfloat16, torch.float32)],
+                         ids=["float32", "bfloat16", "float16", "bfloat16-fp32-params"])
+@pytest.mark.parametrize("gelu", [False, True], ids=["id", "gelu"])
 @pytest.mark.parametrize("shape", LNB_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.op("ln_linear")
 @pytest.mark.backends("triton")
 @pytest.mark.usefixtures("backend")
-def test_ln_linear_backward(shape, dtype):
+def test_ln_linear_backward(shape, gelu, dtype, pdtype):
+    """The one-launch backward (+ its parameter sums and d W = d2^T @ h) against autograd of the unfused
+    formula in the dtype and in float64: dx, every parameter gradient, and h and d2 themselves."""
     import fast_unet.ops  # noqa: F401  (registers the custom ops)
 
+    torch.manual_seed(sum(shape) + gelu)
     m, k, n = shape
     x = (torch.randn(m, k, dtype=torch.float64) * 2 + 0.5).to(dtype).double()
-    lw = (torch.randn(k, dtype=torch.float64) * 0.5 + 1).to(dtype).double()
-    lb = torch.randn(k, dtype=torch.float64).to(dtype).double()
+    lw = (torch.randn(k, dtype=torch.float64) * 0.5 + 1).to(pdtype).double()
+    lb = torch.randn(k, dtype=torch.float64).to(pdtype).double()
     w = (torch.randn(n, k, dtype=torch.float64) / k ** 0.5).to(dtype).double()
+    b = (torch.randn(n, dtype=torch.float64) * 0.5).to(pdtype).double()
     d = torch.randn(m, n, dtype=torch.float64).to(dtype).double()
-    got = torch.ops.fast_unet.ln_linear_backward(d.to(dtype), x.to(dtype), lw.to(dtype), 1e-5, w.to(dtype))
-    eager = _lnb_grads(x, lw, lb, w, d, dtype)
-    ref = _lnb_grads(x, lw, lb, w, d, torch.float64)
-    for name, g, ge, gr in zip(("dx", "dln_weight", "dln_bias"), got, eager, ref):
-        assert g.dtype == dtype, name
+    dx, dlw, dlb, db, h, d2 = torch.ops.fast_unet.ln_linear_backward(
+        d.to(dtype), x.to(dtype), lw.to(pdtype), lb.to(pdtype), 1e-5, w.to(dtype), b.to(pdtype), gelu)
+    dw = (d2 if gelu else d.to(dtype)).t() @ h
+    eager = _lnb_grads(x, lw, lb, w, b, d, gelu, dtype, pdtype)
+    ref = _lnb_grads(x, lw, lb, w, b, d, gelu, torch.float64, torch.float64)
+    for name, g, ge, gr, want in zip(("dx", "dln_weight", "dln_bias", "dweight", "dbias"), (dx, dlw, dlb, dw, db),
+                                     eager, ref, (dtype, pdtype, pdtype, dtype, pdtype)):
+        assert g.dtype == want, name
         assert_close_rule(name, g, ge, gr, dtype)
+    h64 = F.layer_norm(x, (k,), lw, lb, 1e-5)
+    assert_close_rule("h", h, h64.to(pdtype).to(dtype), h64, dtype)
+    if gelu:
+        pre = F.linear(h64, w, b)
+        d2_64 = torch.ops.aten.gelu_backward(d, pre)
+        d2_eager = torch.ops.aten.gelu_backward(d.to(dtype), F.linear(h64.to(dtype), w.to(dtype), b.to(dtype)))
+        assert_close_rule("d2", d2, d2_eager, d2_64, dtype)
+    else:
+        assert d2.numel() == 0
 
 
 @pytest.mark.op("ln_linear")
@@ -489,14 +514,23 @@ def test_registration_and_bad_inputs():
     import fast_unet.ops  # noqa: F401  (registers the custom ops)
     from fast_unet.kernels import ln_backward as L
 
-    args = (torch.randn(10, 24), torch.randn(10, 40), torch.randn(40), 1e-5, torch.randn(24, 40))
-    torch.library.opcheck(torch.ops.fast_unet.ln_linear_backward.default, args)
+    d, x, lw, lb, w, b = torch.randn(10, 24), torch.randn(10, 40), torch.randn(40), torch.randn(40), \
+        torch.randn(24, 40), torch.randn(24)
+    for gelu in (False, True):
+        torch.library.opcheck(torch.ops.fast_unet.ln_linear_backward.default, (d, x, lw, lb, 1e-5, w, b, gelu))
     with pytest.raises(ValueError, match="weight must have shape"):
-        L.ln_linear_bwd(args[0], args[1], args[2], 1e-5, torch.randn(24, 41))
+        L.ln_linear_bwd(d, x, lw, lb, 1e-5, torch.randn(24, 41), b)
     with pytest.raises(ValueError, match="at most 512"):
-        L.ln_linear_bwd(torch.randn(2, 3), torch.randn(2, 520), torch.randn(520), 1e-5, torch.randn(3, 520))
+        L.ln_linear_bwd(torch.randn(2, 3), torch.randn(2, 520), torch.randn(520), torch.randn(520), 1e-5,
+                        torch.randn(3, 520), torch.randn(3))
     with pytest.raises(TypeError, match="ln_weight"):
-        L.ln_linear_bwd(args[0], args[1], args[2].double(), 1e-5, args[4])
+        L.ln_linear_bwd(d, x, lw.double(), lb, 1e-5, w, b)
+    with pytest.raises(ValueError, match="ln_bias must have shape"):
+        L.ln_linear_bwd(d, x, lw, lb[:3], 1e-5, w, b)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        L.ln_linear_bwd(d, x, lw, lb, 1e-5, w, b[:5])
+    with pytest.raises(TypeError, match="bias"):
+        L.ln_linear_bwd(d.half(), x.half(), lw.half(), lb.half(), 1e-5, w.half(), b.bfloat16())
 
 
 @pytest.mark.op("ln_linear")
@@ -514,12 +548,13 @@ def test_ln_parameter_gradients_reduce_in_parallel_over_rows():
     x = torch.randn(M, K) * 1.3 + 0.5
     lw, w, d = torch.randn(K) * 0.5 + 1.0, torch.randn(N, K) * 0.2, torch.randn(M, N)
     with launches() as rec:
-        dx, dlw, dlb = L.ln_linear_bwd(d, x, lw, 1e-5, w)
+        dx, dlw, dlb, db, _h, _d2 = L.ln_linear_bwd(d, x, lw, torch.zeros(K), 1e-5, w, torch.zeros(N))
     x64 = x.double()
     x_hat = (x64 - x64.mean(1, keepdim=True)) / torch.sqrt(x64.var(1, unbiased=False, keepdim=True) + 1e-5)
     dh = d.double() @ w.double()
     torch.testing.assert_close(dlw.double(), (dh * x_hat).sum(0), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(dlb.double(), dh.sum(0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(db.double(), d.double().sum(0), rtol=1e-5, atol=1e-4)
     gemm, *reduction = rec
     assert gemm["name"] == "_ln_linear_bwd_kernel"
     programs = gemm["grid"][0]
@@ -528,6 +563,6 @@ def test_ln_parameter_gradients_reduce_in_parallel_over_rows():
     # kernel alone looped over all of them, on cdiv(K, 128) = 1 program), and one launch has many programs
     bound = 2 * math.isqrt(programs) + 16
     for r in reduction:
-        serial = r["args"]["ROWS_PER_PROG"] if "ROWS_PER_PROG" in r["args"] else r["args"]["B"]
+        serial = r["args"]["ROWS_PER_PROG"] if "ROWS_PER_PROG" in r["args"] else r["args"]["R"]
         assert serial <= bound, (r["name"], r["grid"], serial, bound)
     assert max(math.prod(r["grid"]) for r in reduction) >= 8, [(r["name"], r["grid"]) for r in reduction]

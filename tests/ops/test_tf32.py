@@ -38,7 +38,7 @@ def _launch_all(dtype):
         conv.conv3x3_stats(x, torch.randn(32, 16, 3, 3, dtype=dtype), torch.randn(32, dtype=dtype))
         linear.ln_linear(tok, ln_w, ln_b, 1e-5, w32, b32)
         linear.linear_residual(tok, torch.randn(32, 32, dtype=dtype), ln_b, tok)
-        lnb.ln_linear_bwd(torch.randn(18, 48, dtype=dtype), tok.reshape(18, 32), ln_w, 1e-5, w32)
+        lnb.ln_linear_bwd(torch.randn(18, 48, dtype=dtype), tok.reshape(18, 32), ln_w, ln_b, 1e-5, w32, b32, True)
         o, lse = attn.attention_fwd(qkv)
         attn.attention_bwd(torch.randn_like(o), qkv, o, lse)
         attn.attention_bwd(torch.randn_like(o), qkv, o, lse, deterministic=True)
