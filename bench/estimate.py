@@ -213,7 +213,7 @@ def estimate_step(launches, c=H200):
     per = OrderedDict()
     tot = dict(launches=0, bytes=0, l2_bytes=0, flops=0, exps=0, insts=0, est_s=0.0, launch_s=0.0,
                graph_est_s=0.0, graph_launch_s=0.0, attention_s=0.0, bound_s=dict.fromkeys(BOUNDS, 0.0),
-               unknown=set(), insts_from={})
+               unknown=set(), no_issue=set(), insts_from={})
     for ln in launches:
         t, bound = launch_time(ln, c)
         tot["launches"] += 1
@@ -234,6 +234,8 @@ def estimate_step(launches, c=H200):
             tot["insts_from"][src] = tot["insts_from"].get(src, 0) + 1
         if not ln["known"]:
             tot["unknown"].add(ln["name"])
+        if ln["kind"] == "triton" and (ln.get("loop") or {}).get("iterations") and not ln.get("insts"):
+            tot["no_issue"].add(ln["name"])
         k = per.setdefault(ln["name"], dict(kind=ln["kind"], calls=0, bytes=0, l2_bytes=0, flops=0, exps=0,
                                            insts=0, est_s=0.0, bound_s={}, insts_from=None))
         k["calls"] += 1
@@ -249,6 +251,7 @@ def estimate_step(launches, c=H200):
         k["bound"] = max(k["bound_s"], key=k["bound_s"].get)
         del k["bound_s"]
     tot["unknown"] = sorted(tot["unknown"])
+    tot["no_issue"] = sorted(tot["no_issue"])
     tot["kernels"] = sorted(per.items(), key=lambda kv: -kv[1]["est_s"])
     return tot
 
@@ -372,6 +375,11 @@ def summary_table(rows, dtype_name):
     if unknown:
         lines.append(f"Triton kernels without a FLOP formula in bench/work.py (counted as memory only): "
                      f"{', '.join(unknown)}")
+    no_issue = sorted({k for row in rows for r in row["models"].values() if "unavailable" not in r
+                       for s in ("forward", "train") for k in r[s].get("no_issue", ())})
+    if no_issue:
+        lines.append(f"Triton launches with a loop that no build of the compile report matches (no issue term: "
+                     f"their instructions are not counted): {', '.join(no_issue)}")
     return "\n".join(lines)
 
 

@@ -286,12 +286,15 @@ def _launch(x2, weight, bias, out, M_grp, groups, *, residual=None, ln=None, gn=
         partials, gn_w, gn_b, gn_eps, emb, tok, mean, rstd = gn
         P = partials.shape[1]
         e = emb if emb is not None else x2  # a placeholder of emb's dtype
-        se = emb.stride() if emb is not None else (0, 0)
+        se = emb.stride() if emb is not None else (0, 1)
     else:
         # unused placeholders: read-only ones alias inputs, written ones the output, so no placeholder
-        # aliases a tensor the kernel writes unless it is declared written (``WRITES`` below)
-        partials, gn_w, gn_b, gn_eps, e, tok, mean, rstd = (x2, bias, bias, 0.0, x2, out, out, out)
-        P, se = 1, (0, 0)
+        # aliases a tensor the kernel writes unless it is declared written (``WRITES`` below); the float32
+        # pointers (``AOT_FP32_POINTERS``) get a float32 one and emb's stride 1, as the compile report's
+        # builds take them, so that the JIT compiles the build the report describes
+        f32 = torch.empty((1,), device=x2.device, dtype=torch.float32)
+        partials, gn_w, gn_b, gn_eps, e, tok, mean, rstd = (f32, bias, bias, 0.0, x2, out, f32, f32)
+        P, se = 1, (0, 1)
     res = residual if residual is not None else x2
     grid = (triton.cdiv(n_out, bn) * triton.cdiv(M_grp, bm), groups)
     _linear_kernel[grid](x2, weight, bias, res, out, ln_w, ln_b, partials, gn_w, gn_b, e, tok, mean, rstd,

@@ -173,6 +173,9 @@ def test_gpu_estimate(tmp_path):
             assert s["graph_est_s"] == pytest.approx(s["est_s"] - s["launches"] * (c["launch_s"] - c["graph_launch_s"]))
             # the loops' instructions: fast_unet's Triton loops, the baseline's SDPA at fast_unet's floor
             assert s["insts"] > 0 and s["attention_s"] > 0 and s["insts_from"], s["insts_from"]
+    for step in ("forward", "train"):
+        # every fast_unet launch with a loop compiles to a build of the compile report: none goes uncounted
+        assert fu[step]["no_issue"] == [], fu[step]["no_issue"]
     assert "floor" in base["train"]["insts_from"]
     assert "hbm_bytes_per_s" in proc.stdout and "| 1 | 16x16 | fast_unet | forward |" in proc.stdout
     assert "issue-bound ms" in proc.stdout and "issue_per_s" in proc.stdout
