@@ -150,6 +150,13 @@ CONFIGS = {
     ("half", "narrow_k"): (128, 64, 16, 8, 3),
     ("half", "wide_k"): (128, 64, 32, 8, 3),
     ("half", "small_hw"): (64, 64, 16, 4, 3),
+    # C_out >= 128, for the input modes in WIDE_N_MODES: a 128-wide N tile halves what each MAC costs in
+    # the A tile's loads, addresses and normalise-on-load math (warp instructions per 1,024 MACs, bf16,
+    # sm_90: norm-on-load 7.8 -> 6.0 at 128 rows, 12.1 -> 6.2 at 64 rows; plain 5.3 -> 3.6; pool
+    # 5.0 -> 3.9). 128x128x32 issues fewer still (norm-on-load 4.5) but spills on sm_80 with float32
+    # parameters (112 bytes) and, at 2-4 stages, in fp16 plain or pool-on-load on sm_90 (24-72 bytes).
+    ("half", "wide_n"): (128, 128, 16, 8, 3),
+    ("half", "small_hw_wide_n"): (64, 128, 32, 4, 3),
     ("float32", "narrow_k"): (64, 64, 16, 4, 1),
     ("float32", "wide_k"): (64, 64, 16, 4, 1),
     ("float32", "small_hw"): (64, 64, 16, 4, 1),
@@ -157,16 +164,32 @@ CONFIGS = {
     # registers and spilled 8-16 bytes; 2 stages compile to 168 registers, no spill, on both archs
     ("float32", "pool"): (64, 64, 16, 4, 2),
 }
+# The wide-N config of a variant, and the input modes it takes: the others stay on the variant's own
+# config where the wide one spills (concat: 88 bytes on sm_90 at 128x128x32; plain, strided: 48 bytes
+# at 64x128x32 with 4 warps; concat at 64 rows: 16 bytes on sm_80).
+WIDE_N = {("half", "wide_k"): "wide_n", ("half", "small_hw"): "small_hw_wide_n"}
+WIDE_N_MODES = {"wide_n": ("plain", "norm-on-load", "pool-on-load"), "small_hw_wide_n": ("norm-on-load",)}
+WIDE_N_MIN_C_OUT = 128
 
 
 NORM_BLOCK_P = 32  # partials folded per step by a normalise-on-load prologue
 
 
-def config(dtype, c_in, hw, pool=False):
+def input_mode(norm=False, concat=False, pool=False):
+    """The compile report's name of a launch's input mode."""
+    return "pool-on-load" if pool else "norm-on-load" if norm else "concat" if concat else "plain"
+
+
+def config(dtype, c_in, hw, pool=False, c_out=0, norm=False, concat=False):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of a launch: x's dtype, the GEMM's C_in (both
+    inputs' channels), the output pixels per sample, the input mode and C_out."""
     kind = "float32" if dtype in (torch.float32, "float32") else "half"
     if kind == "float32" and pool:
         return CONFIGS[(kind, "pool")]
     variant = "small_hw" if hw <= 64 else ("wide_k" if c_in >= 32 else "narrow_k")
+    wide = WIDE_N.get((kind, variant))
+    if wide and c_out >= WIDE_N_MIN_C_OUT and input_mode(norm, concat, pool) in WIDE_N_MODES[wide]:
+        return CONFIGS[(kind, wide)]
     return CONFIGS[(kind, variant)]
 
 
@@ -229,7 +252,7 @@ def conv3x3_stats(x, weight, bias, x2=None, norm=None, pool=False):
     C_out = weight.shape[0]
     if x2 is not None:
         x2 = x2.contiguous(memory_format=torch.channels_last)
-    bm, bn, bk, warps, stages = config(x.dtype, C_in, H * W, pool)
+    bm, bn, bk, warps, stages = config(x.dtype, C_in, H * W, pool, C_out, norm is not None, x2 is not None)
     grid = (triton.cdiv(H * W, bm), triton.cdiv(C_out, bn), B)
     y = torch.empty((B, C_out, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     partials = torch.empty((B, grid[0] * grid[1], 3), device=x.device, dtype=torch.float32)
@@ -276,20 +299,34 @@ AOT_ONE_INTS = {"H", "W", "C1", "C_in", "P_in"}
 AOT_LOOP_TILES = {"_conv3x3_kernel": (("BLOCK_M", "BLOCK_N", "BLOCK_K"), "MACs")}
 
 
+INPUT_MODES = ("plain", "norm-on-load", "concat", "pool-on-load")
+
+
+def config_modes(kind, name):
+    """The input modes ``config`` launches with ``CONFIGS[(kind, name)]``."""
+    if name in WIDE_N_MODES:
+        return WIDE_N_MODES[name]
+    if kind == "float32":  # float32 pool-on-load has its own config ("pool"), the others share one
+        return ("pool-on-load",) if name == "pool" else INPUT_MODES[:3]
+    return INPUT_MODES
+
+
 def aot_builds():
     """[(kernel label, jit fn, config label, dtype name, constexprs, options)]: each config in ``CONFIGS``
-    with each input variant: plain (NCHW model input, strided), normalise on load, concat on load,
-    max-pool on load. The channels_last weight's ``stride_wc == 1`` is specialised as the JIT does."""
+    with each input mode it is launched with: plain (NCHW model input, strided), normalise on load, concat
+    on load, max-pool on load. The channels_last weight's ``stride_wc == 1`` is specialised as the JIT does."""
     out = []
     for dt in DTYPE_NAMES:
         kind = "float32" if dt == "float32" else "half"
-        for (bm, bn, bk, warps, stages), is_pool in sorted({(c, key[1] == "pool") for key, c in CONFIGS.items()
-                                                            if key[0] == kind}):
-            variants = (("plain", False, False, {}), ("norm-on-load", True, False, dict(stride_xc=1)),
-                        ("concat", False, True, dict(stride_xc=1)),
-                        ("pool-on-load", False, False, dict(stride_xc=1, POOL_IN=True)))
-            if kind == "float32":  # float32 pool-on-load has its own config ("pool"), the others share one
-                variants = [v for v in variants if (v[0] == "pool-on-load") == is_pool]
+        modes = {}  # config -> the input modes launched with it
+        for (k, name), c in CONFIGS.items():
+            if k == kind:
+                modes.setdefault(c, set()).update(config_modes(kind, name))
+        for (bm, bn, bk, warps, stages), allowed in sorted(modes.items()):
+            variants = [v for v in (("plain", False, False, {}), ("norm-on-load", True, False, dict(stride_xc=1)),
+                                    ("concat", False, True, dict(stride_xc=1)),
+                                    ("pool-on-load", False, False, dict(stride_xc=1, POOL_IN=True)))
+                        if v[0] in allowed]
             for (variant, norm_in, has_x2, ce_x), (ieee, tag) in itertools.product(variants, precisions(dt)):
                 out.append(("conv3x3_gn", _conv3x3_kernel,
                             f"{dt} {variant} {bm}x{bn}x{bk} w{warps} s{stages}{tag}", dt,

@@ -51,7 +51,8 @@ def _(x, x2, partials_in, gn_weight, gn_bias, eps, weight, bias, pool):
     b, _, h, w = x.shape
     if pool:
         h, w = h // 2, w // 2
-    bm, bn = _k().config(x.dtype, weight.shape[1], h * w, pool)[:2]
+    bm, bn = _k().config(x.dtype, weight.shape[1], h * w, pool, weight.shape[0], partials_in is not None,
+                         x2 is not None)[:2]
     p = -(-h * w // bm) * -(-weight.shape[0] // bn)
     y = x.new_empty((b, weight.shape[0], h, w)).contiguous(memory_format=torch.channels_last)
     return y, x.new_empty((b, p, 3), dtype=torch.float32)

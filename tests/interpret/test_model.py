@@ -22,7 +22,7 @@ FUSED = {"conv3x3", "gn_relu_maxpool", "upsample2x", "gn_ln_linear"}
 def fast_conv_config(monkeypatch):
     from fast_unet.kernels import conv as K
 
-    monkeypatch.setattr(K, "config", lambda dtype, c_in, hw, pool=False: (max(16, min(128, triton.next_power_of_2(hw))), 128, 64, 4, 1))
+    monkeypatch.setattr(K, "config", lambda dtype, c_in, hw, *input_mode: (max(16, min(128, triton.next_power_of_2(hw))), 128, 64, 4, 1))
 
 
 @pytest.mark.parametrize("setting", ["triton", "triton,conv3x3=eager", "triton,gn_ln_linear=eager,upsample2x=eager"])

@@ -25,8 +25,10 @@ pytestmark = pytest.mark.op("conv3x3")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, C_in, C_out, H, W): odd channel counts and sizes, batch 1 and 3, tiles with masked rows and columns.
 # In half precision H*W <= 64 takes the 64-row "small_hw" config, larger ones the 128-row configs with
-# BLOCK_K 16 (C_in < 32) or 32: each of them is here.
-SHAPES = [(3, 3, 64, 8, 8), (1, 5, 96, 5, 7), (3, 64, 64, 16, 8), (1, 64, 96, 5, 7), (1, 5, 64, 9, 11)]
+# BLOCK_K 16 (C_in < 32) or 32, and C_out >= 128 the 128-wide N tile ("wide_n", with a masked N tile at
+# 136): each of them is here.
+SHAPES = [(3, 3, 64, 8, 8), (1, 5, 96, 5, 7), (3, 64, 64, 16, 8), (1, 64, 96, 5, 7), (1, 5, 64, 9, 11),
+          (1, 40, 136, 9, 10)]
 _id = lambda s: "x".join(map(str, s))  # noqa: E731
 
 
@@ -93,8 +95,10 @@ def _conv_of_norm(y_in, gw, gb, wt, bias, partials=None):
     return F.conv2d(eager.group_norm_relu(y_in, gw, gb, 1e-5), wt, bias, padding=1)
 
 
-# (B, C_in, C_out, H, W, P): the lazily normalised input's partials come in P uneven chunks.
-NOL_SHAPES = [(1, 5, 64, 5, 7, 3), (3, 64, 96, 5, 7, 4), (2, 40, 64, 9, 11, 1)]
+# (B, C_in, C_out, H, W, P): the lazily normalised input's partials come in P uneven chunks; C_out >= 128
+# takes the wide-N configs in half precision (64 rows at 7x7, 128 rows at 9x10).
+NOL_SHAPES = [(1, 5, 64, 5, 7, 3), (3, 64, 96, 5, 7, 4), (2, 40, 64, 9, 11, 1), (1, 40, 130, 7, 7, 2),
+              (2, 48, 136, 9, 10, 2)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -165,7 +169,8 @@ def test_concat_on_load_forward_and_gradients(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(2, 24, 40, 6, 10), (1, 64, 64, 16, 16), (1, 5, 64, 2, 2)], ids=_id)
+@pytest.mark.parametrize("shape", [(2, 24, 40, 6, 10), (1, 64, 64, 16, 16), (1, 5, 64, 2, 2), (1, 40, 136, 9, 10)],
+                         ids=_id)
 @pytest.mark.backends("eager", "ext", "triton")
 @pytest.mark.usefixtures("backend")
 def test_pool_on_load_forward_and_gradients(shape, dtype):
@@ -220,7 +225,33 @@ def test_gn_relu_partials_op_materialises_with_emb_and_its_gradient():
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["plain", "concat", "norm", "pool", "gn_relu_partials"])
+def test_config_takes_the_wide_n_tile_where_it_compiles_without_spills():
+    """Half precision with C_out >= 128: the 128-wide N tile for the input modes WIDE_N_MODES lists, the
+    variant's own tile for the others (concat) and below 128 output channels; float32 never."""
+    from fast_unet.kernels import conv as K
+
+    wide, small_wide = K.CONFIGS[("half", "wide_n")], K.CONFIGS[("half", "small_hw_wide_n")]
+    assert K.config(torch.bfloat16, 64, 1024, c_out=128) == wide
+    assert K.config(torch.float16, 128, 256, True, 256) == wide
+    assert K.config(torch.bfloat16, 128, 1024, c_out=128, norm=True) == wide
+    assert K.config(torch.bfloat16, 512, 64, c_out=512, norm=True) == small_wide
+    assert K.config(torch.bfloat16, 256, 64, c_out=512) == K.CONFIGS[("half", "small_hw")]
+    assert K.config(torch.bfloat16, 512, 256, c_out=128, concat=True) == K.CONFIGS[("half", "wide_k")]
+    assert K.config(torch.bfloat16, 64, 1024, c_out=64, norm=True) == K.CONFIGS[("half", "wide_k")]
+    assert K.config(torch.bfloat16, 3, 4096, c_out=128) == K.CONFIGS[("half", "narrow_k")]
+    assert K.config(torch.float32, 128, 1024, c_out=256, norm=True) == K.CONFIGS[("float32", "wide_k")]
+    # every (config, input mode) the launcher can pick is a build of the compile report
+    built = {(b[3], b[4]["BLOCK_M"], b[4]["BLOCK_N"], b[4]["BLOCK_K"], b[4]["NORM_IN"], b[4]["HAS_X2"], b[4]["POOL_IN"])
+             for b in K.aot_builds()}
+    for dt in ("bfloat16", "float16", "float32"):
+        for c_in, hw, c_out in [(3, 4096, 64), (64, 1024, 64), (64, 1024, 128), (256, 64, 512), (512, 64, 128)]:
+            for norm, concat, pool in [(False, False, False), (True, False, False), (False, True, False),
+                                       (False, False, True)]:
+                bm, bn, bk = K.config(dt, c_in, hw, pool, c_out, norm, concat)[:3]
+                assert (dt, bm, bn, bk, norm, concat, pool) in built, (dt, c_in, hw, c_out, norm, concat, pool)
+
+
+@pytest.mark.parametrize("variant", ["plain", "concat", "norm", "pool", "gn_relu_partials", "norm_wide_bf16"])
 @pytest.mark.backends("triton")
 @pytest.mark.usefixtures("backend")
 def test_custom_op_registration(variant):
@@ -241,6 +272,12 @@ def test_custom_op_registration(variant):
     elif variant == "pool":
         xp = torch.randn(2, 5, 6, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
         op, args = "conv3x3", (xp, None, None, None, None, 0.0, w, b, True)
+    elif variant == "norm_wide_bf16":  # the fake's partials count follows the 128-wide N tile
+        xw = torch.randn(1, 40, 9, 10, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        gw40, gb40 = (torch.randn(40, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        ww = torch.randn(136, 40, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+        op, args = "conv3x3", (xw.requires_grad_(), None, partials_of(xw.detach(), 2), gw40, gb40, 1e-5, ww,
+                               torch.randn(136, dtype=torch.bfloat16, requires_grad=True), False)
     else:
         op, args = "gn_relu_partials", (x, partials_of(x.detach(), 2), gw, gb, 1e-5, torch.randn(2, 5, requires_grad=True))
     torch.library.opcheck(getattr(torch.ops.fast_unet, op).default, args)
