@@ -261,9 +261,10 @@ def conv3x3_stats(x, weight, bias, x2=None, norm=None, pool=False):
     if norm is not None:
         pin, gw, gb, eps = norm
     else:
-        # unused placeholders (not NORM_IN), of the types the compile report's builds take (pin: float32),
-        # so that the JIT compiles the build the report describes
-        pin, gw, gb, eps = partials, bias, bias, 0.0
+        # unused placeholders (not NORM_IN), of the types the compile report's builds take (pin: float32,
+        # not aliasing the written partials), so that the JIT compiles the build the report describes
+        pin = torch.empty((1, 1, 3), device=x.device, dtype=torch.float32)
+        gw, gb, eps = bias, bias, 0.0
     xs = x.stride()
     x2s = x2.stride() if x2 is not None else (0, 0, 0, 0)
     _conv3x3_kernel[grid](x, x2 if x2 is not None else x, weight, bias, y, partials, pin, gw, gb,

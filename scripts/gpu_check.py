@@ -76,7 +76,7 @@ def _setup(dry):
 
         from fast_unet.kernels import conv
 
-        conv.config = lambda dtype, c_in, hw, pool=False: (max(16, min(128, triton.next_power_of_2(hw))), 128, 64, 4, 1)
+        conv.config = lambda dtype, c_in, hw, *input_mode: (max(16, min(128, triton.next_power_of_2(hw))), 128, 64, 4, 1)
     return torch, device
 
 
