@@ -163,9 +163,9 @@ _TRIPS = {
     "_col_sum_split_kernel": lambda t, a: a["R"],
     "_gn_stats_kernel": lambda t, a: _cdiv(a["HW_PER_PROG"], a["BLOCK_HW"]),
     "_gn_bwd_reduce_kernel": lambda t, a: _cdiv(a["HW_PER_PROG"], a["BLOCK_HW"]),
-    # every program folds the sample's P scalar partials; the first HW block's also sum S <= P splits
+    # every tile folds the sample's P scalar partials; the first HW block's also sum S <= P splits (the
+    # one program per channel block that sums the B * S rows of d weight / d bias runs beside the tiles)
     "_gn_bwd_dx_kernel": lambda t, a: _cdiv(a["P"], a["BLOCK_P"]),
-    "_gn_bwd_param_kernel": lambda t, a: a["B"],
     "_gn_combine_kernel": lambda t, a: _cdiv(a["P"], a["BLOCK_P"]),
     "_gn_apply_partials_kernel": lambda t, a: _cdiv(a["P"], a["BLOCK_P"]),  # one of its two passes over P
     "_gn_relu_pool_kernel": lambda t, a: 4,  # the 2x2 window

@@ -17,16 +17,16 @@ Forward, three launches:
 3. ``_gn_apply_kernel``, grid (B * cdiv(HW, BLOCK_HW), cdiv(C, BLOCK_C)): normalise, affine, ReLU, + emb.
 (The big dimensions are on grid axis 0, whose limit is 2^31 - 1: axes 1 and 2 stop at 65535.)
 
-Backward, three launches (recomputing x_hat and the ReLU mask from the saved mean/rstd):
+Backward, two launches (recomputing x_hat and the ReLU mask from the saved mean/rstd):
 1. ``_gn_bwd_reduce_kernel``, same grid as the stats: per (b, split, c) partial sums of dy (-> d emb),
    dz * x_hat (-> d weight) and dz (-> d bias), where dz = dy where not y <= 0 (threshold_backward: NaN
    passes), y = relu(z) as the forward stored it, z recomputed with the forward's formula (``_pre_relu``);
    and per program the two scalars dx needs, sum_c w * dz and sum_c w * dz * x_hat over its range.
-2. ``_gn_bwd_dx_kernel``, apply's grid: folds its sample's scalar partials into s1 = sum(w * dz) and
-   s2 = sum(w * dz * x_hat) (as the forward's apply folds the statistics' partials), then
-   dx = rstd * (w * dz - (s1 + x_hat * s2) / (C * HW)); the programs of the first HW block also sum the
-   splits' per-channel partials into d_emb, d_weight_b and d_bias_b for their (b, channel block).
-3. ``_gn_bwd_param_kernel``, grid cdiv(C, 128): d weight and d bias, the per-sample sums over b.
+2. ``_gn_bwd_dx_kernel``, apply's grid plus one program per channel block: the tiles fold their sample's
+   scalar partials into s1 = sum(w * dz) and s2 = sum(w * dz * x_hat) (as the forward's apply folds the
+   statistics' partials), then dx = rstd * (w * dz - (s1 + x_hat * s2) / (C * HW)); the programs of the
+   first HW block also sum the splits' d emb partials for their (b, channel block); the extra program of
+   each channel block (scheduled first) sums every (b, split) row of the d weight and d bias partials.
 Both tiled kernels take an optional second upstream gradient ``dy2`` (another consumer's gradient of the
 same output), added as it is loaded. No atomics: deterministic.
 """
@@ -274,23 +274,21 @@ def _gn_bwd_reduce_kernel(
 
 
 @triton.jit
-def _gn_bwd_param_kernel(
-    dwb_ptr, dbb_ptr,  # (B, C) float32 per-sample sums from _gn_bwd_dx_kernel
-    dw_ptr, db_ptr,  # (C,) in the weight's dtype
-    B, C,
-    BLOCK_C: tl.constexpr,
-):
-    """d weight and d bias: the per-sample sums summed over the batch in float32, stored in the weight's
-    dtype (one launch instead of two torch reductions and two casts)."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m = c < C
-    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
-    db = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for b in range(0, B):
-        dw += tl.load(dwb_ptr + b * C + c, mask=m, other=0.0)
-        db += tl.load(dbb_ptr + b * C + c, mask=m, other=0.0)
-    tl.store(dw_ptr + c, dw.to(dw_ptr.dtype.element_ty), mask=m)
-    tl.store(db_ptr + c, db.to(db_ptr.dtype.element_ty), mask=m)
+def _param_sums(part_ptr, dw_ptr, db_ptr, c, c_mask, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """d weight and d bias of the channels c: the (B * S) rows of per-split partial sums (planes 1 and 2 of
+    ``part``) summed in float32, BLOCK_R rows at a time, stored in the weight's dtype."""
+    rr = tl.arange(0, BLOCK_R)
+    plane = R * C
+    dw = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + rr
+        m = (r < R)[:, None] & c_mask[None, :]
+        src = part_ptr + plane + r[:, None] * C + c[None, :]
+        dw += tl.load(src, mask=m, other=0.0)
+        db += tl.load(src + plane, mask=m, other=0.0)
+    tl.store(dw_ptr + c, tl.sum(dw, axis=0).to(dw_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(db_ptr + c, tl.sum(db, axis=0).to(db_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
@@ -300,52 +298,53 @@ def _gn_bwd_dx_kernel(
     sp_ptr,  # (B, P, 2) float32 from _gn_bwd_reduce_kernel, P = S * n_cb
     part_ptr,  # (3, B, S, C) float32 from _gn_bwd_reduce_kernel
     demb_ptr,  # (B, C) in x's dtype: d emb
-    dwb_ptr, dbb_ptr,  # (B, C) float32: per-sample d weight, per-sample d bias
+    dw_ptr, db_ptr,  # (C,) in the weight's dtype: d weight, d bias
     B, C, HW, S, P,
     HAS_DY2: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    b, hwb, cb = _tile_ids(HW, BLOCK_HW)
+    """Grid (1 + B * cdiv(HW, BLOCK_HW), cdiv(C, BLOCK_C)): the first program of each channel block sums
+    the batch's partials into d weight and d bias (first, so it overlaps the tiles); the others are the
+    apply grid's tiles, shifted by one."""
+    cb = tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw = hwb * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_mask = c < C
-    mask = c_mask[:, None] & (hw < HW)[None, :]
-    # s1 = sum(w * dz), s2 = sum(w * dz * x_hat) over the sample: its P scalar partials, folded here
-    q = sp_ptr + b.to(tl.int64) * P * 2
-    a1 = tl.zeros([BLOCK_P], dtype=tl.float32)
-    a2 = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        pm = p < P
-        a1 += tl.load(q + p * 2, mask=pm, other=0.0)
-        a2 += tl.load(q + p * 2 + 1, mask=pm, other=0.0)
-    inv_m = 1.0 / (C * HW * 1.0)  # float32; not (C * HW).to(): C and HW are constants when both are 1
-    s1 = tl.sum(a1, axis=0) * inv_m
-    s2 = tl.sum(a2, axis=0) * inv_m
-    mean = tl.load(mean_ptr + b)
-    rstd = tl.load(rstd_ptr + b)
-    w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    scale, shift = _scale_shift(w_ptr, bias_ptr, c, c_mask, mean, rstd)
-    offs = b.to(tl.int64) * C * HW + _tile_offsets(c, hw, C, HW, CHANNELS_LAST)
-    xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = _grad_tile(dy_ptr, dy2_ptr, offs, mask, HAS_DY2)
-    x_hat = (xv - mean) * rstd
-    dz = _relu_mask_grad(xv, dy, scale, shift, x_ptr.dtype.element_ty)
-    dx = rstd * (dz * w[:, None] - (s1 + x_hat * s2))
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    if hwb == 0:  # one program per (sample, channel block) sums the S splits' per-channel partials
-        plane = B * S * C
-        s_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
-        s_dzx = tl.zeros([BLOCK_C], dtype=tl.float32)
-        s_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for sp in range(0, S):
-            src = part_ptr + (b * S + sp) * C + c
-            s_dy += tl.load(src, mask=c_mask, other=0.0)
-            s_dzx += tl.load(src + plane, mask=c_mask, other=0.0)
-            s_dz += tl.load(src + 2 * plane, mask=c_mask, other=0.0)
-        tl.store(demb_ptr + b * C + c, s_dy.to(demb_ptr.dtype.element_ty), mask=c_mask)
-        tl.store(dwb_ptr + b * C + c, s_dzx, mask=c_mask)
-        tl.store(dbb_ptr + b * C + c, s_dz, mask=c_mask)
+    if tl.program_id(0) == 0:
+        _param_sums(part_ptr, dw_ptr, db_ptr, c, c_mask, B * S, C, BLOCK_HW, BLOCK_C)
+    else:
+        n_hw = tl.cdiv(HW, BLOCK_HW)
+        b = (tl.program_id(0) - 1) // n_hw
+        hwb = (tl.program_id(0) - 1) % n_hw
+        hw = hwb * BLOCK_HW + tl.arange(0, BLOCK_HW)
+        mask = c_mask[:, None] & (hw < HW)[None, :]
+        # s1 = sum(w * dz), s2 = sum(w * dz * x_hat) over the sample: its P scalar partials, folded here
+        q = sp_ptr + b.to(tl.int64) * P * 2
+        a1 = tl.zeros([BLOCK_P], dtype=tl.float32)
+        a2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            pm = p < P
+            a1 += tl.load(q + p * 2, mask=pm, other=0.0)
+            a2 += tl.load(q + p * 2 + 1, mask=pm, other=0.0)
+        inv_m = 1.0 / (C * HW * 1.0)  # float32; not (C * HW).to(): C and HW are constants when both are 1
+        s1 = tl.sum(a1, axis=0) * inv_m
+        s2 = tl.sum(a2, axis=0) * inv_m
+        mean = tl.load(mean_ptr + b)
+        rstd = tl.load(rstd_ptr + b)
+        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        scale, shift = _scale_shift(w_ptr, bias_ptr, c, c_mask, mean, rstd)
+        offs = b.to(tl.int64) * C * HW + _tile_offsets(c, hw, C, HW, CHANNELS_LAST)
+        xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = _grad_tile(dy_ptr, dy2_ptr, offs, mask, HAS_DY2)
+        x_hat = (xv - mean) * rstd
+        dz = _relu_mask_grad(xv, dy, scale, shift, x_ptr.dtype.element_ty)
+        dx = rstd * (dz * w[:, None] - (s1 + x_hat * s2))
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if hwb == 0:  # one program per (sample, channel block) sums the S splits' d emb partials
+            s_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for sp in range(0, S):
+                s_dy += tl.load(part_ptr + (b * S + sp) * C + c, mask=c_mask, other=0.0)
+            tl.store(demb_ptr + b * C + c, s_dy.to(demb_ptr.dtype.element_ty), mask=c_mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -539,8 +538,6 @@ def group_norm_relu_bwd(dy, x, weight, bias, mean, rstd, dy2=None):
     part = torch.empty((3, B, S, C), device=dev, dtype=torch.float32)
     sp = torch.empty((B, S * n_cb, 2), device=dev, dtype=torch.float32)
     demb = torch.empty((B, C), device=dev, dtype=x.dtype)
-    dwb = torch.empty((B, C), device=dev, dtype=torch.float32)
-    dbb = torch.empty_like(dwb)
     dw = torch.empty((C,), device=dev, dtype=weight.dtype)
     db = torch.empty_like(dw)
     dx = torch.empty_like(x)
@@ -552,10 +549,9 @@ def group_norm_relu_bwd(dy, x, weight, bias, mean, rstd, dy2=None):
                   num_warps=NUM_WARPS)
     _gn_bwd_reduce_kernel[(B * S, n_cb)](x, dy, d2, weight, bias, mean, rstd, part, sp, B, C, HW, hw_per_prog,
                                         **common)
-    grid = (B * triton.cdiv(HW, block_hw), n_cb)
-    _gn_bwd_dx_kernel[grid](x, dy, d2, dx, weight, bias, mean, rstd, sp, part, demb, dwb, dbb, B, C, HW, S,
+    grid = (1 + B * triton.cdiv(HW, block_hw), n_cb)
+    _gn_bwd_dx_kernel[grid](x, dy, d2, dx, weight, bias, mean, rstd, sp, part, demb, dw, db, B, C, HW, S,
                             S * n_cb, BLOCK_P=BWD_BLOCK_P, **common)
-    _gn_bwd_param_kernel[(triton.cdiv(C, 128),)](dwb, dbb, dw, db, B, C, BLOCK_C=128, num_warps=4)
     return dx, dw, db, demb
 
 
@@ -569,13 +565,12 @@ WRITES = {
     "_gn_apply_kernel": {"y_ptr"},
     "_gn_apply_partials_kernel": {"y_ptr", "mean_ptr", "rstd_ptr"},
     "_gn_bwd_reduce_kernel": {"part_ptr", "sp_ptr"},
-    "_gn_bwd_dx_kernel": {"dx_ptr", "demb_ptr", "dwb_ptr", "dbb_ptr"},
-    "_gn_bwd_param_kernel": {"dw_ptr", "db_ptr"},
+    "_gn_bwd_dx_kernel": {"dx_ptr", "demb_ptr", "dw_ptr", "db_ptr"},
 }
 
 # Signature hints: float32 pointers (other pointers take the build's dtype), float scalars (other
 # scalars are i32), and integers that are multiples of 16 at the model's shapes (the channels).
-AOT_FP32_POINTERS = {"part_ptr", "pin_ptr", "mean_ptr", "rstd_ptr", "dwb_ptr", "dbb_ptr", "sp_ptr"}
+AOT_FP32_POINTERS = {"part_ptr", "pin_ptr", "mean_ptr", "rstd_ptr", "sp_ptr"}
 # (C,) parameter pointers (and their gradients'): float32 or the build's dtype; the builds take both
 # (``_common.with_fp32_params``: float32 is autocast's case).
 AOT_PARAM_POINTERS = {"w_ptr", "bias_ptr", "dw_ptr", "db_ptr"}
@@ -615,7 +610,5 @@ def aot_builds():
                                 dict(common, HAS_DY2=has_dy2), opts))
                     out.append(("gn_bwd_dx", _gn_bwd_dx_kernel, label, dt,
                                 dict(common, HAS_DY2=has_dy2, BLOCK_P=BWD_BLOCK_P), opts))
-        out.append(("gn_bwd_param", _gn_bwd_param_kernel, f"{dt} 128 w4", dt, dict(BLOCK_C=128),
-                    dict(num_warps=4)))
     out.append(("gn_combine", _gn_combine_kernel, "128 w4", "float32", dict(BLOCK_P=128), dict(num_warps=4)))
     return with_ones(with_fp32_params(out, AOT_PARAM_POINTERS), AOT_ONE_INTS)

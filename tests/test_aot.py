@@ -137,9 +137,9 @@ def test_conv_compiles_without_spills_and_uses_tensor_cores():
 
 
 def test_fused_path_kernels_compile_without_spills():
-    """The normalise + pool pass, the upsample (both variants) and the GroupNorm backward's batch
-    reduction: every dtype, both archs."""
-    kernels = ["gn_relu_pool", "upsample2x", "gn_bwd_param"]
+    """The normalise + pool pass, the upsample (both variants) and the GroupNorm backward's dx pass (with
+    its batch reduction of d weight and d bias): every dtype, both archs."""
+    kernels = ["gn_relu_pool", "upsample2x", "gn_bwd_dx"]
     rows = json.loads(_report("sm_80,sm_90", *(a for k in kernels for a in ("--kernel", k)), "--json"))
     _check_rows(rows, kernels, ["sm_80", "sm_90"])
 

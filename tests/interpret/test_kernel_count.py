@@ -162,8 +162,9 @@ def test_torch_ops_inside_custom_ops_are_counted_once(dry_traces):
     inside = [(x.kind, x.name, x.inside) for x in trace.launches if x.inside]
     gn_bwd = inside.count(("triton", "_gn_bwd_dx_kernel", "fast_unet::group_norm_relu_backward"))
     assert gn_bwd == 20  # the UNet's 20 GroupNorms
-    # the launcher's d_weight / d_bias reduction over the batch is one Triton kernel, no torch sums
-    assert inside.count(("triton", "_gn_bwd_param_kernel", "fast_unet::group_norm_relu_backward")) == gn_bwd
+    # two launches per GroupNorm backward (d weight / d bias summed over the batch inside the dx launch), no torch sums
+    assert inside.count(("triton", "_gn_bwd_reduce_kernel", "fast_unet::group_norm_relu_backward")) == gn_bwd
+    assert len([x for x in inside if x[2] == "fast_unet::group_norm_relu_backward"]) == 2 * gn_bwd
     assert not [x for x in inside if x[0] == "torch" and x[2] == "fast_unet::group_norm_relu_backward"]
     # the time embedding's backward: one launch for the six blocks, its gradients written whole (no zero-fill)
     assert inside.count(("triton", "_temb_bwd_kernel", "fast_unet::time_embedding_backward")) == 1
