@@ -49,7 +49,7 @@ from .traffic import BYTES_NOTE, CAVEAT, Launch, Touched, Trace, group, summaris
 
 DEFAULT_VARIANTS = ("baseline", "reference", "fast_unet", "fast_unet+unfused")
 # The fused ops on their eager twins (which run their pieces on Triton): fast_unet without its fusions.
-UNFUSED = "triton,conv3x3=eager,gn_relu_maxpool=eager,upsample2x=eager,gn_ln_linear=eager"
+UNFUSED = "triton,conv3x3=eager,gn_relu_maxpool=eager,upsample2x=eager,gn_ln_linear=eager,mlp_residual=eager"
 DESCRIPTIONS = {
     "baseline": "fair eager baseline: the reference with need_weights=False (SDPA); aten ops on meta",
     "reference": "the seed's UNet (MultiheadAttention with need_weights=True); aten ops on meta",

@@ -40,7 +40,7 @@ from .core import backend_env, write_json
 
 
 # The fused ops on their eager twins (as bench.kernels' fast_unet+unfused): where the unfused ops run.
-UNFUSED_OPS = "conv3x3=eager,gn_relu_maxpool=eager,upsample2x=eager,gn_ln_linear=eager"
+UNFUSED_OPS = "conv3x3=eager,gn_relu_maxpool=eager,upsample2x=eager,gn_ln_linear=eager,mlp_residual=eager"
 
 
 def capture(batch, size, dtype, device):

@@ -171,6 +171,14 @@ def ln_linear(x, ln_weight, ln_bias, ln_eps, weight, bias, gelu=False):
     return F.gelu(out) if gelu else out
 
 
+def mlp_residual(x, ln_weight, ln_bias, ln_eps, weight1, bias1, weight2, bias2, ln_linear=ln_linear,
+                 linear_residual=linear_residual):
+    """``x + linear(gelu(linear(layer_norm(x), weight1, bias1)), weight2, bias2)``: ``ln_linear`` with GELU, then
+    ``linear_residual`` with x as the residual."""
+    f = ln_linear(x, ln_weight, ln_bias, ln_eps, weight1, bias1, True)
+    return linear_residual(f, weight2, bias2, x)
+
+
 def gn_ln_linear(y, partials, gn_weight, gn_bias, gn_eps, emb, ln_weight, ln_bias, ln_eps, weight, bias,
                  normalize=group_norm_relu, ln_linear=ln_linear):
     """(out (B, HW, N_out), t): t = relu(GroupNorm(1, C)(y)) + emb, channels_last; out = the token GEMM
@@ -181,4 +189,4 @@ def gn_ln_linear(y, partials, gn_weight, gn_bias, gn_eps, emb, ln_weight, ln_bia
 
 
 __all__ = ["attention", "conv3x3", "gn_ln_linear", "gn_relu_maxpool", "group_norm_relu", "linear_residual",
-           "ln_linear", "sinusoidal_encoding", "time_embedding", "upsample2x"]
+           "ln_linear", "mlp_residual", "sinusoidal_encoding", "time_embedding", "upsample2x"]

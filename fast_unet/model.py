@@ -121,8 +121,7 @@ class SelfAttention(nn.Module):
             qkv = ops.ln_linear(tokens, ln1.weight, ln1.bias, ln1.eps, mha.in_proj_weight, mha.in_proj_bias)
         o = ops.attention(qkv.view(b, n, 3, heads, c // heads))
         a = ops.linear_residual(o, mha.out_proj.weight, mha.out_proj.bias, tokens)
-        f = ops.ln_linear(a, ln2.weight, ln2.bias, ln2.eps, fc1.weight, fc1.bias, gelu=True)
-        out = ops.linear_residual(f, fc2.weight, fc2.bias, a)
+        out = ops.mlp_residual(a, ln2.weight, ln2.bias, ln2.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         return out.view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last (B, C, H, W), no copy
 
 

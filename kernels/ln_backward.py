@@ -62,10 +62,11 @@ def _ln_linear_bwd_kernel(
     dx_ptr,  # (M, K) contiguous, x's dtype
     h_ptr,  # (M, K) contiguous, x's dtype: the LayerNorm's output as the forward's GEMM read it
     d2_ptr,  # (M, N_out) contiguous, x's dtype: the pre-activation's gradient; written with GELU
-    part_ptr,  # (programs, 2K + N_out) float32: partial sums of d ln_w, d ln_b and d bias over the rows
+    res_ptr,  # HAS_RES: (M, K) contiguous, x's dtype: a second gradient of x (a residual's), added to dx
+    part_ptr,  # (programs, 2K + N_out [+ K]) float32: partial sums of d ln_w, d ln_b, d bias [, res] over the rows
     M, K, N_out, stride_wo, stride_wi, eps,
-    GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KF: tl.constexpr,
-    IEEE: tl.constexpr,
+    GELU: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_KF: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -80,7 +81,10 @@ def _ln_linear_bwd_kernel(
     x_hat, rs = _ln_rows(x_ptr, offs, mask, K, eps)
     h = _to(x_hat * lw[None, :] + lb[None, :], x_ptr.dtype.element_ty)  # as the forward's prologue rounds it
     tl.store(h_ptr + offs, h, mask=mask)
-    part = part_ptr + pid.to(tl.int64) * (2 * K + N_out)
+    if HAS_RES:
+        part = part_ptr + pid.to(tl.int64) * (3 * K + N_out)
+    else:
+        part = part_ptr + pid.to(tl.int64) * (2 * K + N_out)
     acc = tl.zeros([BLOCK_M, BLOCK_KF], dtype=tl.float32)
     for n0 in range(0, N_out, BLOCK_N):
         n = n0 + nn
@@ -104,6 +108,10 @@ def _ln_linear_bwd_kernel(
     c1 = tl.sum(g, axis=1) / K
     c2 = tl.sum(g * x_hat, axis=1) / K
     dx = rs[:, None] * (g - c1[:, None] - x_hat * c2[:, None])
+    if HAS_RES:  # the residual's gradient joins in float32 (one rounding), and its column sums
+        r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dx += r
+        tl.store(part + 2 * K + N_out + k, tl.sum(r, axis=0), mask=k_ok)
     tl.store(dx_ptr + offs, _to(dx, dx_ptr.dtype.element_ty), mask=mask)
     tl.store(part + k, tl.sum(acc * x_hat, axis=0), mask=k_ok)
     tl.store(part + K + k, tl.sum(acc, axis=0), mask=k_ok)
@@ -132,15 +140,16 @@ def _col_partial_sum_kernel(
 
 @triton.jit
 def _col_sum_split_kernel(
-    p_ptr,  # (R, 2K + N) float32
+    p_ptr,  # (R, 2K + N + N2) float32
     dlw_ptr, dlb_ptr,  # (K,) in the LayerNorm parameters' dtype: columns [0, K) and [K, 2K)
     db_ptr,  # (N,) in the bias's dtype: columns [2K, 2K + N)
-    R, K, N,
+    db2_ptr,  # (N2,): columns [2K + N, 2K + N + N2) (N2 = 0: unused)
+    R, K, N, N2,
     BLOCK_W: tl.constexpr,
 ):
     """Stage 2 (or the only stage, for R <= REDUCE_ROWS): the column sums of the remaining rows, stored
-    into the three gradients in their dtypes."""
-    W = 2 * K + N
+    into the gradients in their dtypes."""
+    W = 2 * K + N + N2
     c = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
     c_ok = c < W
     acc = tl.zeros([BLOCK_W], dtype=tl.float32)
@@ -148,7 +157,8 @@ def _col_sum_split_kernel(
         acc += tl.load(p_ptr + r * W + c, mask=c_ok, other=0.0)
     tl.store(dlw_ptr + c, acc.to(dlw_ptr.dtype.element_ty), mask=c < K)
     tl.store(dlb_ptr + (c - K), acc.to(dlb_ptr.dtype.element_ty), mask=(c >= K) & (c < 2 * K))
-    tl.store(db_ptr + (c - 2 * K), acc.to(db_ptr.dtype.element_ty), mask=(c >= 2 * K) & c_ok)
+    tl.store(db_ptr + (c - 2 * K), acc.to(db_ptr.dtype.element_ty), mask=(c >= 2 * K) & (c < 2 * K + N))
+    tl.store(db2_ptr + (c - 2 * K - N), acc.to(db2_ptr.dtype.element_ty), mask=(c >= 2 * K + N) & c_ok)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,8 +194,8 @@ def rows_per_program(R):
     return max(br, triton.cdiv(math.isqrt(R - 1) + 1, br) * br)
 
 
-def column_sums(part, dlw, dlb, db):
-    """dlw, dlb (K,) and db (N,) in their dtypes = the column sums of the (R, 2K + N) float32 partials,
+def column_sums(part, dlw, dlb, db, db2=None):
+    """dlw, dlb (K,), db (N,) [and db2 (N2,)] in their dtypes = the column sums of the (R, 2K + N [+ N2]) float32 partials,
     parallel over rows: where R > REDUCE_ROWS, ``_col_partial_sum_kernel`` folds slices of
     ``rows_per_program(R)`` rows, then ``_col_sum_split_kernel`` sums the remaining rows of each column."""
     R, W = part.shape
@@ -197,10 +207,9 @@ def column_sums(part, dlw, dlb, db):
         _col_partial_sum_kernel[(triton.cdiv(W, bw), chunks)](part, p, R, W, per_prog, BLOCK_R=br, BLOCK_W=bw,
                                                               num_warps=4)
         part, R = p, chunks
-    K = dlw.shape[0]
-    _col_sum_split_kernel[(triton.cdiv(W, SPLIT_BLOCK_W),)](part, dlw, dlb, db, R, K, W - 2 * K,
-                                                            BLOCK_W=SPLIT_BLOCK_W, num_warps=4)
-    return dlw, dlb, db
+    K, N = dlw.shape[0], db.shape[0]
+    _col_sum_split_kernel[(triton.cdiv(W, SPLIT_BLOCK_W),)](part, dlw, dlb, db, db2 if db2 is not None else db, R, K,
+                                                            N, W - 2 * K - N, BLOCK_W=SPLIT_BLOCK_W, num_warps=4)
 
 
 # With GELU a program also holds the chunk's pre-activation and its GELU terms: where the plain config
@@ -214,13 +223,18 @@ def config(dtype, k, gelu=False):
     return GELU_CONFIGS.get(key, CONFIGS[key]) if gelu else CONFIGS[key]
 
 
-def ln_linear_bwd(d, x, ln_weight, ln_bias, ln_eps, weight, bias, gelu=False):
+def ln_linear_bwd(d, x, ln_weight, ln_bias, ln_eps, weight, bias, gelu=False, res=None, res_bias=None):
     """The backward of [gelu](LayerNorm(x) @ weight^T + bias) for its output's gradient d (M, N_out), except
     d weight. x (M, K) contiguous rows, K <= 512; d and weight in x's dtype; the (C,) parameters float32
     or x's dtype. Returns (dx (M, K) in x's dtype, d ln_weight (K,), d ln_bias (K,), d bias (N_out,) in
     their parameters' dtypes, h (M, K): LayerNorm(x) in x's dtype as the forward's GEMM read it, d2
     (M, N_out): the gradient of the pre-activation in x's dtype, with ``gelu`` (without, d2 is d: an empty
-    tensor is returned)); d weight = d2^T @ h."""
+    tensor is returned), d res_bias); d weight = d2^T @ h.
+
+    ``res`` (M, K) in x's dtype: a second gradient of x (a residual connection's), added to dx in float32
+    as the epilogue stores it; with it, ``res_bias`` (K,) is the bias of the layer whose output gradient
+    res is (``x + linear(...) + res_bias``), and the last output is its gradient, res's column sums, in
+    res_bias's dtype (an empty tensor without res)."""
     if x.dim() != 2 or d.dim() != 2 or d.shape[0] != x.shape[0]:
         raise ValueError(f"d (M, N_out) and x (M, K) must be 2-D with the same M, got {tuple(d.shape)} and "
                          f"{tuple(x.shape)}")
@@ -238,6 +252,15 @@ def ln_linear_bwd(d, x, ln_weight, ln_bias, ln_eps, weight, bias, gelu=False):
             raise TypeError(f"{name} ({t.dtype}, {t.device}) must match x ({x.dtype}, {x.device})")
         if t.dim() == 1:
             check_param(name, t, x, "x")
+    if res is not None:
+        if res.shape != x.shape or res.dtype != x.dtype or res.device != x.device:
+            raise ValueError(f"res must be like x ({tuple(x.shape)}, {x.dtype}, {x.device}), got "
+                             f"({tuple(res.shape)}, {res.dtype}, {res.device})")
+        if res_bias is None or res_bias.shape != (K,):
+            raise ValueError(f"res_bias must have shape ({K},) with res, got "
+                             f"{None if res_bias is None else tuple(res_bias.shape)}")
+        check_param("res_bias", res_bias, x, "x")
+        res = res.contiguous()
     x = x.contiguous()
     d = d.contiguous()
     ln_weight, ln_bias, bias = (p.contiguous() for p in (ln_weight, ln_bias, bias))  # read as ptr + k
@@ -246,18 +269,21 @@ def ln_linear_bwd(d, x, ln_weight, ln_bias, ln_eps, weight, bias, gelu=False):
     dx = torch.empty_like(x)
     h = torch.empty_like(x)
     d2 = torch.empty_like(d) if gelu else d.new_empty((0,))
-    part = torch.empty((programs, 2 * K + N), device=x.device, dtype=torch.float32)
+    n2 = K if res is not None else 0
+    part = torch.empty((programs, 2 * K + N + n2), device=x.device, dtype=torch.float32)
     dlw = torch.empty((K,), device=x.device, dtype=ln_weight.dtype)
     dlb = torch.empty((K,), device=x.device, dtype=ln_bias.dtype)
     db = torch.empty((N,), device=x.device, dtype=bias.dtype)
+    db2 = torch.empty((n2,), device=x.device, dtype=res_bias.dtype if res is not None else bias.dtype)
     if M == 0 or K == 0:
-        return dx, dlw.zero_(), dlb.zero_(), db.zero_(), h, d2
-    _ln_linear_bwd_kernel[(programs,)](d, weight, bias, x, ln_weight, ln_bias, dx, h, d2 if gelu else d, part,
-                                       M, K, N, weight.stride(0), weight.stride(1), float(ln_eps), GELU=bool(gelu),
+        return dx.zero_() if res is None else dx.copy_(res), dlw.zero_(), dlb.zero_(), db.zero_(), h, d2, db2.zero_()
+    _ln_linear_bwd_kernel[(programs,)](d, weight, bias, x, ln_weight, ln_bias, dx, h, d2 if gelu else d,
+                                       res if res is not None else dx, part, M, K, N, weight.stride(0),
+                                       weight.stride(1), float(ln_eps), GELU=bool(gelu), HAS_RES=res is not None,
                                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_KF=max(64, triton.next_power_of_2(K)),
                                        IEEE=matmul_ieee(x.dtype), num_warps=warps, num_stages=stages)
-    column_sums(part, dlw, dlb, db)
-    return dx, dlw, dlb, db, h, d2
+    column_sums(part, dlw, dlb, db, db2 if res is not None else None)
+    return dx, dlw, dlb, db, h, d2, db2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -276,9 +302,9 @@ WRITES = {
 AOT_FP32_POINTERS = {"part_ptr", "p_ptr", "o_ptr"}
 # (C,) parameter pointers (and their gradients'): float32 or the build's dtype; the builds take both
 # (``_common.with_fp32_params``: float32 is autocast's case).
-AOT_PARAM_POINTERS = {"ln_w_ptr", "ln_b_ptr", "bias_ptr", "dlw_ptr", "dlb_ptr", "db_ptr"}
+AOT_PARAM_POINTERS = {"ln_w_ptr", "ln_b_ptr", "bias_ptr", "dlw_ptr", "dlb_ptr", "db_ptr", "db2_ptr"}
 AOT_FLOAT_ARGS = {"eps"}
-AOT_ALIGNED_INTS = {"K", "N_out", "stride_wo"}
+AOT_ALIGNED_INTS = {"K", "N_out", "stride_wo", "N", "N2"}
 # Ints that are 1 at inputs the launchers take (one row, one feature in or out, one row of partials): the JIT specialises them to constants.
 AOT_ONE_INTS = {"M", "K", "N_out", "R"}
 # The work of one iteration of each kernel's inner loop, for the compile report's per-1,024 figures
@@ -295,11 +321,14 @@ def aot_builds():
             if (kind == "float32") != (dt == "float32"):
                 continue
             for ieee, tag in precisions(dt):
-                for gelu in (False, True):
+                # the MLP's first layer (mlp_residual) runs with GELU and the residual's gradient
+                for gelu, res in ((False, False), (True, False), (True, True)):
                     bm, bn, warps, stages = config(dt, kf, gelu)
                     out.append(("ln_linear_bwd", _ln_linear_bwd_kernel,
-                                f"{dt} K<={kf} {bm}x{bn} w{warps} s{stages}{tag}{' gelu' if gelu else ''}",
-                                dt, dict(stride_wi=1, GELU=gelu, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KF=kf, IEEE=ieee),
+                                f"{dt} K<={kf} {bm}x{bn} w{warps} s{stages}{tag}{' gelu' if gelu else ''}"
+                                f"{' res' if res else ''}",
+                                dt, dict(stride_wi=1, GELU=gelu, HAS_RES=res, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KF=kf,
+                                         IEEE=ieee),
                                 dict(num_warps=warps, num_stages=stages)))
         out.append(("ln_param_split_sum", _col_sum_split_kernel, f"{dt} {SPLIT_BLOCK_W} w4", dt,
                     dict(BLOCK_W=SPLIT_BLOCK_W), dict(num_warps=4)))

@@ -16,6 +16,7 @@ from the smaller ops, themselves dispatched.
 | upsample2x       | ops/resample.py      | kernels/resample.py          | -                  | tests/ops/test_resample.py   |
 | linear_residual  | ops/linear.py        | kernels/linear.py            | -                  | tests/ops/test_linear.py     |
 | ln_linear        | ops/linear.py        | kernels/linear.py, kernels/ln_backward.py | -     | tests/ops/test_linear.py     |
+| mlp_residual     | ops/linear.py        | kernels/linear.py, kernels/ln_backward.py | -     | tests/ops/test_linear.py     |
 | gn_ln_linear     | ops/linear.py        | kernels/linear.py, kernels/ln_backward.py | -     | tests/ops/test_linear.py     |
 
 The whole model on each backend against the reference: tests/test_model.py (eager, ext),
@@ -31,7 +32,7 @@ from .. import backends, dispatch
 from .attention import attention
 from .conv import conv3x3
 from .group_norm import group_norm_relu
-from .linear import gn_ln_linear, linear_residual, ln_linear
+from .linear import gn_ln_linear, linear_residual, ln_linear, mlp_residual
 from .resample import gn_relu_maxpool, upsample2x
 from .time_embedding import time_embedding
 
@@ -68,4 +69,4 @@ for _backend in dispatch.PRIORITY:
     backends.load_error(_backend)
 
 __all__ = ["Lazy", "attention", "conv3x3", "gn_ln_linear", "gn_relu_maxpool", "group_norm_relu", "linear_residual",
-           "ln_linear", "time_embedding", "upsample2x"]
+           "ln_linear", "mlp_residual", "time_embedding", "upsample2x"]

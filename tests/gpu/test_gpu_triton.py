@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 # the fused model path, and the same model with the fused ops on their eager twins (bench/kernels.py UNFUSED)
 SETTINGS = {"fused": "auto",
-            "unfused": "triton,conv3x3=eager,gn_relu_maxpool=eager,upsample2x=eager,gn_ln_linear=eager"}
+            "unfused": "triton,conv3x3=eager,gn_relu_maxpool=eager,upsample2x=eager,gn_ln_linear=eager,mlp_residual=eager"}
 
 
 @pytest.fixture(autouse=True)

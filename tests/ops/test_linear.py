@@ -1,5 +1,5 @@
-"""The attention block's token GEMMs: linear_residual, ln_linear (LayerNorm prologue, GELU epilogue) and
-gn_ln_linear (GroupNorm + ReLU + emb from partial statistics, then LayerNorm, then the QKV GEMM), and the
+"""The attention block's token GEMMs: linear_residual, ln_linear (LayerNorm prologue, GELU epilogue),
+mlp_residual (the feed-forward with its residual) and gn_ln_linear (GroupNorm + ReLU + emb from partial statistics, then LayerNorm, then the QKV GEMM), and the
 LayerNorm backward fused into the GEMM that forms the normalised input's gradient (ln_linear_backward).
 
 The Triton kernels (kernels/linear.py, kernels/ln_backward.py) against eager and float64 (the
@@ -276,12 +276,13 @@ def test_gn_ln_linear_from_the_conv_epilogue():
     torch.testing.assert_close(rstd.double(), 1 / torch.sqrt(var + 1e-5), atol=0, rtol=1e-5)
 
 
-@pytest.mark.op("gn_ln_linear", "attention", "linear_residual", "ln_linear")
+@pytest.mark.op("gn_ln_linear", "attention", "linear_residual", "mlp_residual")
 @pytest.mark.backends("eager", "ext", "triton")
 @pytest.mark.usefixtures("backend")
 def test_attention_block_in_five_launches():
-    """gn_ln_linear -> attention -> linear_residual -> ln_linear(gelu) -> linear_residual equals the
-    model's SelfAttention on t = relu(GroupNorm(y)) + emb (float32, forward and parameter gradients)."""
+    """gn_ln_linear -> attention -> linear_residual -> mlp_residual (ln_linear(gelu) -> linear_residual)
+    equals the model's SelfAttention on t = relu(GroupNorm(y)) + emb (float32, forward and parameter
+    gradients)."""
     from fast_unet import ops
     from fast_unet.model import SelfAttention
 
@@ -299,8 +300,8 @@ def test_attention_block_in_five_launches():
     o = ops.attention(qkv.view(B, H * W, 3, heads, C // heads))
     tokens = t.permute(0, 2, 3, 1).reshape(B, H * W, C)
     a = ops.linear_residual(o, sa.mha.out_proj.weight, sa.mha.out_proj.bias, tokens)
-    f = ops.ln_linear(a, ln2.weight, ln2.bias, ln2.eps, fc1.weight, fc1.bias, True)
-    out = ops.linear_residual(f, fc2.weight, fc2.bias, a).view(B, H, W, C).permute(0, 3, 1, 2)
+    out = ops.mlp_residual(a, ln2.weight, ln2.bias, ln2.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    out = out.view(B, H, W, C).permute(0, 3, 1, 2)
     t_ref = F.relu(gn(y)) + emb[:, :, None, None]
     ref = sa(t_ref)
     torch.testing.assert_close(out, ref, atol=5e-5, rtol=1e-4)
@@ -310,6 +311,81 @@ def test_attention_block_in_five_launches():
     exp = torch.autograd.grad((ref * g).sum(), params)
     for p, a_, e in zip(params, got, exp):
         torch.testing.assert_close(a_, e, atol=1e-4 * e.abs().max().item() + 1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# mlp_residual: x + fc2(gelu(fc1(LayerNorm(x)))); its backward adds the residual's gradient and sums fc2's
+# bias gradient in the LayerNorm-backward GEMM's epilogue
+
+def _eager_mlp_residual(x, lw, lb, w1, b1, w2, b2):
+    f = F.gelu(F.linear(F.layer_norm(x, (x.shape[-1],), lw, lb, 1e-5), w1, b1))
+    return (x + F.linear(f, w2, b2),)
+
+
+# (lead dims, C, hidden): rows not a multiple of the row block; C padded (48 -> 64, 80 -> 128), hidden != C
+MLP_SHAPES = [((1, 35), 48, 48), ((3, 5, 7), 80, 144), ((2, 70), 64, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", MLP_SHAPES, ids=lambda s: f"{_id(s[0])}-{s[1]}-{s[2]}")
+@pytest.mark.op("mlp_residual")
+@pytest.mark.backends("eager", "ext", "triton")
+@pytest.mark.usefixtures("backend")
+def test_mlp_residual(shape, dtype):
+    """Output and every input gradient (x: the LayerNorm path's plus the residual's; both layers' weights and
+    biases; the LayerNorm's parameters) against eager in the dtype and float64."""
+    from fast_unet import ops
+
+    torch.manual_seed(sum(shape[0]) + shape[1] + shape[2])
+    lead, c, hid = shape
+    x = _rep(torch.randn(*lead, c, dtype=torch.float64) * 2 + 0.5, dtype)
+    lw = _rep(torch.randn(c, dtype=torch.float64) * 0.5 + 1, dtype)
+    lb = _rep(torch.randn(c, dtype=torch.float64), dtype)
+    w1 = _rep(torch.randn(hid, c, dtype=torch.float64) / c ** 0.5, dtype)
+    b1 = _rep(torch.randn(hid, dtype=torch.float64) * 0.5, dtype)
+    w2 = _rep(torch.randn(c, hid, dtype=torch.float64) / hid ** 0.5, dtype)
+    b2 = _rep(torch.randn(c, dtype=torch.float64) * 0.5, dtype)
+    g = [torch.randn(*lead, c, dtype=torch.float64)]
+    tensors = (x, lw, lb, w1, b1, w2, b2)
+    outs, grads = _run(lambda x_, lw_, lb_, w1_, b1_, w2_, b2_: (
+        ops.mlp_residual(x_, lw_, lb_, 1e-5, w1_, b1_, w2_, b2_),), tensors, dtype, g)
+    outs_e, grads_e = _run(_eager_mlp_residual, tensors, dtype, g)
+    refs, grads_r = _run(_eager_mlp_residual, tensors, torch.float64, g)
+    assert outs[0].shape == (*lead, c)
+    _check_all(["out"], outs, outs_e, refs, dtype)
+    _check_all(["dx", "dln_weight", "dln_bias", "dweight1", "dbias1", "dweight2", "dbias2"], grads, grads_e,
+               grads_r, dtype)
+
+
+@pytest.mark.op("mlp_residual")
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
+def test_mlp_residual_backward_launches():
+    """The backward: two matmuls for the second layer, the one LayerNorm-backward GEMM launch (with the
+    residual's gradient, so no add) and its parameter sums (fc2's bias among them, so no torch sum), and the
+    first layer's weight-gradient matmul; no elementwise torch op."""
+    from fast_unet import ops
+    from helpers import launches
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 64, requires_grad=True)
+    lw, lb = torch.randn(64) + 1, torch.randn(64)
+    w1, b1, w2, b2 = torch.randn(64, 64) / 8, torch.randn(64), torch.randn(64, 64) / 8, torch.randn(64)
+    params = [p.requires_grad_() for p in (lw, lb, w1, b1, w2, b2)]
+    out = ops.mlp_residual(x, lw, lb, 1e-5, w1, b1, w2, b2)
+    with launches() as rec:
+        out.backward(torch.randn_like(out))
+    names = [r["name"] for r in rec]
+    assert names[0] == "_ln_linear_bwd_kernel" and "_col_sum_split_kernel" in names, names
+    assert all(p.grad is not None for p in [x] + params)
+    out2 = ops.mlp_residual(x, lw, lb, 1e-5, w1, b1, w2, b2)
+    g2 = torch.randn_like(out2)
+    for p in [x] + params:
+        p.grad = None  # else the leaves' gradients accumulate with an add_
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out2.backward(g2)
+    aten = {e.key for e in prof.key_averages() if e.key.startswith("aten::")}
+    assert not aten & {"aten::add", "aten::sum", "aten::add_"}, sorted(aten)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -323,12 +399,14 @@ def _small_args(op):
         return (x, w, b, torch.randn(2, 5, 96))
     if op == "ln_linear":
         return (x, lw, lb, 1e-5, w, b, True)
+    if op == "mlp_residual":
+        return (x, lw, lb, 1e-5, w, b, torch.randn(48, 96) / 10, torch.randn(48))
     y = torch.randn(2, 48, 3, 5).contiguous(memory_format=torch.channels_last)
     return (y, _partials(y, 2), torch.randn(48) + 1, torch.randn(48), 1e-5, torch.randn(2, 48), lw, lb, 1e-5, w, b)
 
 
-@pytest.mark.parametrize("op", ["linear_residual", "ln_linear", "gn_ln_linear"])
-@pytest.mark.op("linear_residual", "ln_linear", "gn_ln_linear")
+@pytest.mark.parametrize("op", ["linear_residual", "ln_linear", "mlp_residual", "gn_ln_linear"])
+@pytest.mark.op("linear_residual", "ln_linear", "mlp_residual", "gn_ln_linear")
 @pytest.mark.backends("triton")
 @pytest.mark.usefixtures("backend")
 def test_custom_op_registration(op):
@@ -487,8 +565,9 @@ def test_ln_linear_backward(shape, gelu, dtype, pdtype):
     w = (torch.randn(n, k, dtype=torch.float64) / k ** 0.5).to(dtype).double()
     b = (torch.randn(n, dtype=torch.float64) * 0.5).to(pdtype).double()
     d = torch.randn(m, n, dtype=torch.float64).to(dtype).double()
-    dx, dlw, dlb, db, h, d2 = torch.ops.fast_unet.ln_linear_backward(
+    dx, dlw, dlb, db, h, d2, dres_bias = torch.ops.fast_unet.ln_linear_backward(
         d.to(dtype), x.to(dtype), lw.to(pdtype), lb.to(pdtype), 1e-5, w.to(dtype), b.to(pdtype), gelu)
+    assert dres_bias.numel() == 0
     dw = (d2 if gelu else d.to(dtype)).t() @ h
     eager = _lnb_grads(x, lw, lb, w, b, d, gelu, dtype, pdtype)
     ref = _lnb_grads(x, lw, lb, w, b, d, gelu, torch.float64, torch.float64)
@@ -531,6 +610,15 @@ def test_registration_and_bad_inputs():
         L.ln_linear_bwd(d, x, lw, lb, 1e-5, w, b[:5])
     with pytest.raises(TypeError, match="bias"):
         L.ln_linear_bwd(d.half(), x.half(), lw.half(), lb.half(), 1e-5, w.half(), b.bfloat16())
+    res = torch.randn(10, 40)
+    torch.library.opcheck(torch.ops.fast_unet.ln_linear_backward.default,
+                          (d, x, lw, lb, 1e-5, w, b, True, res, torch.randn(40)))
+    with pytest.raises(ValueError, match="res must be like x"):
+        L.ln_linear_bwd(d, x, lw, lb, 1e-5, w, b, True, res[:9], torch.randn(40))
+    with pytest.raises(ValueError, match="res_bias must have shape"):
+        L.ln_linear_bwd(d, x, lw, lb, 1e-5, w, b, True, res, None)
+    with pytest.raises(TypeError, match="res_bias"):
+        L.ln_linear_bwd(d, x, lw, lb, 1e-5, w, b, True, res, torch.randn(40, dtype=torch.float64))
 
 
 @pytest.mark.op("ln_linear")
@@ -548,7 +636,7 @@ def test_ln_parameter_gradients_reduce_in_parallel_over_rows():
     x = torch.randn(M, K) * 1.3 + 0.5
     lw, w, d = torch.randn(K) * 0.5 + 1.0, torch.randn(N, K) * 0.2, torch.randn(M, N)
     with launches() as rec:
-        dx, dlw, dlb, db, _h, _d2 = L.ln_linear_bwd(d, x, lw, torch.zeros(K), 1e-5, w, torch.zeros(N))
+        dx, dlw, dlb, db, _h, _d2, _ = L.ln_linear_bwd(d, x, lw, torch.zeros(K), 1e-5, w, torch.zeros(N))
     x64 = x.double()
     x_hat = (x64 - x64.mean(1, keepdim=True)) / torch.sqrt(x64.var(1, unbiased=False, keepdim=True) + 1e-5)
     dh = d.double() @ w.double()
