@@ -62,7 +62,7 @@ def _ln_linear_bwd_kernel(
     dx_ptr,  # (M, K) contiguous, x's dtype
     h_ptr,  # (M, K) contiguous, x's dtype: the LayerNorm's output as the forward's GEMM read it
     d2_ptr,  # (M, N_out) contiguous, x's dtype: the pre-activation's gradient; written with GELU
-    res_ptr,  # HAS_RES: (M, K) contiguous, x's dtype: a second gradient of x (a residual's), added to dx
+    res_ptr,  # HAS_RES: (M, K) contiguous, x's dtype: a second gradient of x (a residual's), added to dx (else x, unread)
     part_ptr,  # (programs, 2K + N_out [+ K]) float32: partial sums of d ln_w, d ln_b, d bias [, res] over the rows
     M, K, N_out, stride_wo, stride_wi, eps,
     GELU: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -278,7 +278,7 @@ def ln_linear_bwd(d, x, ln_weight, ln_bias, ln_eps, weight, bias, gelu=False, re
     if M == 0 or K == 0:
         return dx.zero_() if res is None else dx.copy_(res), dlw.zero_(), dlb.zero_(), db.zero_(), h, d2, db2.zero_()
     _ln_linear_bwd_kernel[(programs,)](d, weight, bias, x, ln_weight, ln_bias, dx, h, d2 if gelu else d,
-                                       res if res is not None else dx, part, M, K, N, weight.stride(0),
+                                       res if res is not None else x, part, M, K, N, weight.stride(0),
                                        weight.stride(1), float(ln_eps), GELU=bool(gelu), HAS_RES=res is not None,
                                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_KF=max(64, triton.next_power_of_2(K)),
                                        IEEE=matmul_ieee(x.dtype), num_warps=warps, num_stages=stages)
@@ -293,7 +293,7 @@ def ln_linear_bwd(d, x, ln_weight, ln_bias, ln_eps, weight, bias, gelu=False, re
 WRITES = {
     "_ln_linear_bwd_kernel": {"dx_ptr", "h_ptr", "d2_ptr", "part_ptr"},
     "_col_partial_sum_kernel": {"o_ptr"},
-    "_col_sum_split_kernel": {"dlw_ptr", "dlb_ptr", "db_ptr"},
+    "_col_sum_split_kernel": {"dlw_ptr", "dlb_ptr", "db_ptr", "db2_ptr"},
 }
 
 # Signature hints: float32 pointers (other pointers take the build's dtype), float scalars (other
