@@ -25,8 +25,11 @@ parallel over rows (``column_sums``): when there are more than ``REDUCE_ROWS`` o
 sqrt(programs) rows into one row of column partials, then ``_col_sum_split_kernel`` sums those chunks
 into the three gradients in their dtypes: no program loops over more than about sqrt(programs) rows.
 
-Grid (cdiv(M, BLOCK_M),). Bytes per call: read d (M*N_out), W, x (M*K); write dx and h (M*K), d2 (M*N_out)
-with GELU, and the partials; FLOPs 2*M*N_out*K (twice that with GELU). float32 inputs use exact dots
+With ``res`` (HAS_RES: a residual's gradient of x, as in ``mlp_residual``), the epilogue adds it to dx in
+float32 and its column sums (the residual layer's bias gradient) join the partials as K more columns.
+
+Grid (cdiv(M, BLOCK_M),). Bytes per call: read d (M*N_out), W, x (M*K) [, res (M*K)]; write dx and h (M*K),
+d2 (M*N_out) with GELU, and the partials; FLOPs 2*M*N_out*K (twice that with GELU). float32 inputs use exact dots
 (TF32 where PyTorch's matmul setting allows it, ``_common.matmul_ieee``), bf16/fp16 the tensor cores
 (``_common.dot``).
 """
