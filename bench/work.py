@@ -6,7 +6,8 @@ exponentials. Measures nothing; ``bench/recorder.py`` calls it for every launch 
   SDPA kernels and their backwards); exponentials for softmax, the fused attention kernels (one per
   score, forward and backward: FlashAttention-2's backward recomputes P once), sigmoid/SiLU and exp.
 - Triton kernels of ``kernels/``: FLOPs and exponentials per kernel, derived here from the launch's
-  arguments (``triton_work``): the conv as an implicit GEMM (2 * output elements * Cin * 9), the token
+  arguments (``triton_work``): the conv as an implicit GEMM (2 * output elements * Cin * 9; its data and
+  weight gradients the same count each), the token
   GEMMs (2 * M * N * K), attention (forward 4 N^2 d and N^2 exponentials per head; the backward as
   implemented: the one-pass backward ``_attn_bwd`` 10 N^2 d and N^2 exponentials; the deterministic path
   8 N^2 d + N^2 exponentials in its dK/dV pass (``_attn_bwd`` without ADD_DQ) and 6 N^2 d + N^2 in its dQ
@@ -56,6 +57,22 @@ def _cdiv(a, b):
 def _conv(t, a):
     w, y = t["w_ptr"], t["y_ptr"]
     return 2 * y.numel() * (w.numel() // w.shape[0]), 0, w
+
+
+@_triton("_conv3x3_dgrad_kernel")
+def _conv_dgrad(t, a):  # dx = dy (*) flipped w: 2 * input pixels * C_in * 9 * C_out, pool: at the pooled size
+    w, dy = t["w_ptr"], t["dy_ptr"]
+    return 2 * dy.numel() * (w.numel() // w.shape[0]), 0, w
+
+
+@_triton("_conv3x3_wgrad_kernel")
+def _conv_wgrad(t, a):  # dw = dy^T (*) input: 2 * output pixels * C_out * 9 * C_in
+    return 2 * t["dy_ptr"].numel() * 9 * a["C_in"], 0, t["dy_ptr"]
+
+
+@_triton("_conv3x3_wgrad_sum_kernel")
+def _conv_wgrad_sum(t, a):  # one float32 add per element of the (S, E) groups' sums it folds
+    return t["p_ptr"].numel() + t["pb_ptr"].numel(), 0, t["p_ptr"]
 
 
 @_triton("_linear_kernel")
@@ -157,6 +174,10 @@ def triton_work(name, named, args=None):
 _TRIPS = {
     "_conv3x3_kernel": lambda t, a: 9 * (_cdiv(a["C1"], a["BLOCK_K"]) + (
         _cdiv(a["C_in"] - a["C1"], a["BLOCK_K"]) if a["HAS_X2"] else 0)),
+    "_conv3x3_dgrad_kernel": lambda t, a: 9 * _cdiv(a["C_out"], a["BLOCK_K"]),
+    # each group of SAMPLES samples, H * W pixels per sample (the program's share of the split batch)
+    "_conv3x3_wgrad_kernel": lambda t, a: a["SAMPLES"] * _cdiv(a["H"] * a["W"], a["BLOCK_K"]),
+    "_conv3x3_wgrad_sum_kernel": lambda t, a: a["S"],
     "_linear_kernel": lambda t, a: _cdiv(a["K"], a["BLOCK_K"]),
     "_ln_linear_bwd_kernel": lambda t, a: _cdiv(a["N_out"], a["BLOCK_N"]),
     "_col_partial_sum_kernel": lambda t, a: _cdiv(a["ROWS_PER_PROG"], a["BLOCK_R"]),

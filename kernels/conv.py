@@ -31,6 +31,31 @@ from ._common import check_param, conv_ieee, precisions
 from ._common import dot as _dot
 from ._common import maximum as _maximum
 from ._common import relu as _relu
+from ._common import to_dtype as _to_dtype
+
+
+@triton.jit
+def _load_input(x_base, pix, pix_ok, c, c_ok, stride_xc, gw_ptr, gb_ptr, mean, rstd, off_h, off_w,
+                NORM_IN: tl.constexpr, POOL_IN: tl.constexpr):
+    """The conv's input at the pixels ``pix`` (offsets from x_base; rows) and channels ``c`` (columns), in
+    x's dtype: zeros where not ``pix_ok`` or not ``c_ok`` (padding, masked rows and channels). NORM_IN:
+    relu((a - mean) * rstd * gw[c] + gb[c]) of the loaded a, rounded to x's dtype. POOL_IN: the max of the
+    2x2 window whose top-left element ``pix`` addresses (``off_h``/``off_w``: x's row and column strides)."""
+    a_mask = pix_ok[:, None] & c_ok[None, :]
+    a_ptr = x_base + pix[:, None] + c[None, :] * stride_xc
+    a = tl.load(a_ptr, mask=a_mask, other=0.0)
+    if POOL_IN:  # the max in float32 (exact: it picks one of the values; NaN wins, as in max_pool2d)
+        m = _maximum(a.to(tl.float32), tl.load(a_ptr + off_w, mask=a_mask, other=0.0).to(tl.float32))
+        m = _maximum(m, tl.load(a_ptr + off_h, mask=a_mask, other=0.0).to(tl.float32))
+        m = _maximum(m, tl.load(a_ptr + off_h + off_w, mask=a_mask, other=0.0).to(tl.float32))
+        a = m.to(a.dtype)
+    if NORM_IN:
+        scale = tl.load(gw_ptr + c, mask=c_ok, other=0.0).to(tl.float32) * rstd
+        shift = tl.load(gb_ptr + c, mask=c_ok, other=0.0).to(tl.float32) - mean * scale
+        v = _relu(a.to(tl.float32) * scale[None, :] + shift[None, :])  # group_norm._pre_relu's formula
+        # padding is applied after normalisation: padded pixels are zeros of the normalised input
+        a = tl.where(a_mask, v, 0.0).to(a.dtype)
+    return a
 
 
 @triton.jit
@@ -46,20 +71,8 @@ def _conv_k_loop(acc, x_base, stride_xc, w_tap, stride_wc, pix, pix_ok, w_noff, 
     for k0 in range(0, C_part, BLOCK_K):
         c = k0 + kk
         c_ok = c < C_part
-        a_mask = pix_ok[:, None] & c_ok[None, :]
-        a_ptr = x_base + pix[:, None] + c[None, :] * stride_xc
-        a = tl.load(a_ptr, mask=a_mask, other=0.0)
-        if POOL_IN:  # the max in float32 (exact: it picks one of the values; NaN wins, as in max_pool2d)
-            m = _maximum(a.to(tl.float32), tl.load(a_ptr + off_w, mask=a_mask, other=0.0).to(tl.float32))
-            m = _maximum(m, tl.load(a_ptr + off_h, mask=a_mask, other=0.0).to(tl.float32))
-            m = _maximum(m, tl.load(a_ptr + off_h + off_w, mask=a_mask, other=0.0).to(tl.float32))
-            a = m.to(a.dtype)
-        if NORM_IN:
-            scale = tl.load(gw_ptr + c, mask=c_ok, other=0.0).to(tl.float32) * rstd
-            shift = tl.load(gb_ptr + c, mask=c_ok, other=0.0).to(tl.float32) - mean * scale
-            v = _relu(a.to(tl.float32) * scale[None, :] + shift[None, :])  # group_norm._pre_relu's formula
-            # padding is applied after normalisation: padded pixels are zeros of the normalised input
-            a = tl.where(a_mask, v, 0.0).to(a.dtype)
+        a = _load_input(x_base, pix, pix_ok, c, c_ok, stride_xc, gw_ptr, gb_ptr, mean, rstd, off_h, off_w,
+                        NORM_IN, POOL_IN)
         wt = tl.load(w_tap + (c_lo + c)[:, None] * stride_wc + w_noff[None, :],
                      mask=c_ok[:, None] & n_mask[None, :], other=0.0)
         acc += _dot(a, wt, IEEE)
@@ -134,6 +147,260 @@ def _conv3x3_kernel(
     tl.store(p + 2, m2)
 
 
+@triton.jit
+def _conv3x3_dgrad_kernel(
+    dy_ptr,  # (B, H, W, C_out) in memory: the gradient of the conv's output, in x's dtype
+    w_ptr,  # (C_out, C_in, 3, 3), strides below
+    dx_ptr,  # (B, C1, H, W) (POOL_IN: 2H, 2W), strides stride_d*: the gradient of x (NORM_IN: dz, below)
+    dx2_ptr,  # HAS_X2: (B, C_in - C1, H, W), channel stride 1: the gradient of x2
+    x_ptr,  # NORM_IN, POOL_IN: the forward's x, strides stride_x*
+    pin_ptr, gw_ptr, gb_ptr,  # NORM_IN: x's partials (B, P_in, 3), the GroupNorm weight and bias (C_in,)
+    mean_ptr, rstd_ptr,  # NORM_IN: (B,) float32, written: x's statistics, for the GroupNorm backward
+    part_ptr,  # NORM_IN: (3, B, S, C_in) float32, S = cdiv(H * W, BLOCK_M): column sums of dxn, dz x_hat, dz
+    sp_ptr,  # NORM_IN: (B, S * n_n, 2) float32: sum_c gw * (sum dz), sum_c gw * (sum dz x_hat) per tile
+    p_ptr, pb_ptr,  # SUM: the weight gradient's group sums, (S_w, C_out * 9 * C_in) and (S_w, C_out) float32
+    dw_ptr, db_ptr,  # SUM: d weight (strides stride_w*) and d bias (C_out,), written
+    H, W, C1, C_in, C_out, P_in, eps, S_w, SUM_PER_PROG,
+    stride_wn, stride_wc, stride_wh, stride_ww,
+    stride_db, stride_dh, stride_dw, stride_dc,
+    stride_d2b, stride_d2h, stride_d2w,
+    stride_xb, stride_xh, stride_xw, stride_xc,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    NORM_IN: tl.constexpr, HAS_X2: tl.constexpr, BLOCK_P: tl.constexpr, POOL_IN: tl.constexpr,
+    SUM: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """The data gradient: dxn[b, i, j, c] = sum_{kh, kw, n} dy[b, i + 1 - kh, j + 1 - kw, n] w[n, c, kh, kw],
+    an implicit GEMM (M = the input's H * W pixels per sample, N = C_in, K = 9 * C_out), rounded to x's
+    dtype as eager's convolution backward stores it. Its epilogue undoes the input mode: HAS_X2 splits
+    the channels between dx and dx2; POOL_IN routes each pixel's gradient to its 2x2 window's maximum
+    (max_pool2d's choice: the first maximum, a NaN wins) and writes the window's other three zeros;
+    NORM_IN applies the ReLU mask of the recomputed normalised input (dz) and writes the GroupNorm
+    backward's per-tile sums, so that its one apply pass (``group_norm.group_norm_relu_bwd_apply``)
+    finishes dx without reading dz for its sums. Grid (SUM + cdiv(H * W, BLOCK_M), cdiv(C_in, BLOCK_N), B).
+    SUM (0 or 1): the first row of programs adds the weight gradient's group sums (launched before this
+    kernel) into d weight and d bias, SUM_PER_PROG elements each, beside the tiles: no launch of their own."""
+    if tl.program_id(0) < SUM:  # the weight gradient's group sums, one range per (n, b) program
+        r = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
+        e0 = r * SUM_PER_PROG
+        _wgrad_sum(p_ptr, pb_ptr, dw_ptr, db_ptr, S_w, C_in, C_out, stride_wn, stride_wc, stride_wh, stride_ww,
+                   e0, tl.minimum(e0 + SUM_PER_PROG, C_out * 9 * C_in + C_out), BLOCK_S)
+    else:
+        pid_m = tl.program_id(0) - SUM
+        pid_n = tl.program_id(1)
+        b = tl.program_id(2)
+        n_m = tl.num_programs(0) - SUM
+        n_n = tl.num_programs(1)
+        HW = H * W
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = m < HW
+        c_mask = c < C_in
+        ih = m // W
+        iw = m % W
+        dy_base = dy_ptr + b.to(tl.int64) * HW * C_out
+        kk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for tap in range(9):
+            oh = ih + (1 - tap // 3)
+            ow = iw + (1 - tap % 3)
+            ok = m_mask & (oh >= 0) & (oh < H) & (ow >= 0) & (ow < W)
+            row = (oh * W + ow) * C_out
+            w_tap = w_ptr + (tap // 3) * stride_wh + (tap % 3) * stride_ww + c * stride_wc
+            for k0 in range(0, C_out, BLOCK_K):
+                k = k0 + kk
+                k_ok = k < C_out
+                g = tl.load(dy_base + row[:, None] + k[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+                wt = tl.load(w_tap[None, :] + k[:, None] * stride_wn, mask=k_ok[:, None] & c_mask[None, :], other=0.0)
+                acc += _dot(g, wt, IEEE)
+        mask = m_mask[:, None] & c_mask[None, :]
+        g = _to_dtype(acc, dx_ptr.dtype.element_ty)  # the convolution's input gradient as eager stores it
+        b64 = b.to(tl.int64)
+        if POOL_IN:
+            win = (2 * ih * stride_xh + 2 * iw * stride_xw)[:, None] + c[None, :] * stride_xc
+            x_base = x_ptr + b64 * stride_xb + win
+            best = tl.load(x_base, mask=mask, other=0.0).to(tl.float32)
+            idx = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            for j in range(1, 4):
+                v = tl.load(x_base + (j // 2) * stride_xh + (j % 2) * stride_xw, mask=mask, other=0.0).to(tl.float32)
+                take = (v > best) | (v != v)  # max_pool2d's update rule
+                best = tl.where(take, v, best)
+                idx = tl.where(take, j, idx)
+            d_base = dx_ptr + b64 * stride_db + (2 * ih * stride_dh + 2 * iw * stride_dw)[:, None] + c[None, :] * stride_dc
+            for j in range(0, 4):
+                tl.store(d_base + (j // 2) * stride_dh + (j % 2) * stride_dw, tl.where(idx == j, g, 0.0), mask=mask)
+        elif HAS_X2:
+            pix = ih * stride_dh + iw * stride_dw
+            tl.store(dx_ptr + b64 * stride_db + pix[:, None] + c[None, :] * stride_dc, g,
+                     mask=mask & (c < C1)[None, :])
+            pix2 = ih * stride_d2h + iw * stride_d2w
+            tl.store(dx2_ptr + b64 * stride_d2b + pix2[:, None] + (c - C1)[None, :], g, mask=mask & (c >= C1)[None, :])
+        elif NORM_IN:
+            mean, rstd = _gn.partials_stats(pin_ptr, b, P_in, eps, BLOCK_P)
+            if pid_m == 0 and pid_n == 0:
+                tl.store(mean_ptr + b, mean)
+                tl.store(rstd_ptr + b, rstd)
+            xv = tl.load(x_ptr + b64 * stride_xb + (ih * stride_xh + iw * stride_xw)[:, None] + c[None, :] * stride_xc,
+                         mask=mask, other=0.0).to(tl.float32)
+            gw = tl.load(gw_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+            scale = gw * rstd
+            shift = tl.load(gb_ptr + c, mask=c_mask, other=0.0).to(tl.float32) - mean * scale
+            y = _relu(xv * scale[None, :] + shift[None, :]).to(dx_ptr.dtype.element_ty)  # the forward's formula
+            gf = g.to(tl.float32)
+            dz = tl.where(mask & ~(y <= 0.0), gf, 0.0)  # threshold_backward: 0 where y <= 0 (NaN passes)
+            tl.store(dx_ptr + b64 * stride_db + (ih * stride_dh + iw * stride_dw)[:, None] + c[None, :] * stride_dc,
+                     dz.to(dx_ptr.dtype.element_ty), mask=mask)
+            x_hat = (xv - mean) * rstd
+            s_dz = tl.sum(dz, axis=0)
+            s_dzx = tl.sum(dz * x_hat, axis=0)
+            plane = tl.num_programs(2) * n_m * C_in
+            out = part_ptr + (b * n_m + pid_m) * C_in + c
+            tl.store(out, tl.sum(tl.where(mask, gf, 0.0), axis=0), mask=c_mask)
+            tl.store(out + plane, s_dzx, mask=c_mask)
+            tl.store(out + 2 * plane, s_dz, mask=c_mask)
+            q = sp_ptr + ((b * n_m + pid_m) * n_n + pid_n) * 2
+            tl.store(q, tl.sum(gw * s_dz, axis=0))
+            tl.store(q + 1, tl.sum(gw * s_dzx, axis=0))
+        else:
+            tl.store(dx_ptr + b64 * stride_db + (ih * stride_dh + iw * stride_dw)[:, None] + c[None, :] * stride_dc,
+                     g, mask=mask)
+
+
+@triton.jit
+def _conv3x3_wgrad_kernel(
+    x_ptr, x2_ptr,  # the forward's inputs, as ``_conv3x3_kernel`` reads them
+    dy_ptr,  # (B, H, W, C_out) in memory
+    pin_ptr, gw_ptr, gb_ptr,  # NORM_IN: x's partials (B, P_in, 3), the GroupNorm weight and bias
+    out_ptr,  # SPLIT: (S, C_out * 9 * C_in) float32, (n, tap, c) order; else d weight, strides stride_w*
+    db_ptr,  # SPLIT: (S, C_out) float32; else d bias (C_out,)
+    B, H, W, C1, C_in, C_out, P_in, eps, SAMPLES,
+    stride_xb, stride_xh, stride_xw, stride_xc,
+    stride_x2b, stride_x2h, stride_x2w,
+    stride_wn, stride_wc, stride_wh, stride_ww,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    NORM_IN: tl.constexpr, HAS_X2: tl.constexpr, BLOCK_P: tl.constexpr, POOL_IN: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """The weight gradient of one tap: dw[n, c, kh, kw] = sum_{b, i, j} dy[b, i, j, n] a[b, i + kh - 1, j + kw - 1, c],
+    an implicit GEMM (M = C_out, N = C_in, K = the pixels of SAMPLES samples), with a the conv's input read
+    as the forward reads it (``_load_input``: normalised, max-pooled or from two tensors on load; nothing
+    materialised). Grid (n_nb + n_nb * 9 * cdiv(C_in, BLOCK_N), S), n_nb = cdiv(C_out, BLOCK_M): the first
+    n_nb programs sum dy's columns (d bias) beside the GEMM tiles; then program_id(0) runs over the
+    channel blocks, the taps, the output-channel blocks, so the programs that read the same dy rows run
+    side by side (L2); program_id(1) over the S groups of SAMPLES samples. SPLIT: each group's
+    float32 sums go to ``out`` for ``_conv3x3_wgrad_sum_kernel``; else (one group) to d weight and d bias."""
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    HW = H * W
+    n_nb = tl.cdiv(C_out, BLOCK_M)
+    b_first = s * SAMPLES
+    kk = tl.arange(0, BLOCK_K)
+    if pid < n_nb:  # d bias: dy's column sums over the group, beside the GEMM programs
+        n = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        n_ok = n < C_out
+        dbacc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for i in range(0, tl.minimum(SAMPLES, B - b_first)):
+            dy_base = dy_ptr + (b_first + i).to(tl.int64) * HW * C_out
+            for p0 in range(0, HW, BLOCK_K):
+                p = p0 + kk
+                g = tl.load(dy_base + p[:, None] * C_out + n[None, :], mask=(p < HW)[:, None] & n_ok[None, :],
+                            other=0.0)
+                dbacc += tl.sum(g.to(tl.float32), axis=0)
+        if SPLIT:
+            tl.store(db_ptr + s * C_out + n, dbacc, mask=n_ok)
+        else:
+            tl.store(db_ptr + n, _to_dtype(dbacc, db_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        t = pid - n_nb
+        n_cb = tl.cdiv(C_in, BLOCK_N)
+        cb = t % n_cb
+        tap = (t // n_cb) % 9
+        nb = t // (9 * n_cb)
+        kh = tap // 3
+        kw = tap % 3
+        n = nb * BLOCK_M + tl.arange(0, BLOCK_M)
+        c = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < C_out
+        c_ok = c < C_in
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for i in range(0, tl.minimum(SAMPLES, B - b_first)):
+            b = b_first + i
+            mean = 0.0
+            rstd = 1.0
+            if NORM_IN:
+                mean, rstd = _gn.partials_stats(pin_ptr, b, P_in, eps, BLOCK_P)
+            x_base = x_ptr + b.to(tl.int64) * stride_xb
+            x2_base = x2_ptr + b.to(tl.int64) * stride_x2b
+            dy_base = dy_ptr + b.to(tl.int64) * HW * C_out
+            for p0 in range(0, HW, BLOCK_K):
+                p = p0 + kk
+                p_ok = p < HW
+                ih = p // W + (kh - 1)
+                iw = p % W + (kw - 1)
+                in_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                g = tl.load(dy_base + p[:, None] * C_out + n[None, :], mask=p_ok[:, None] & n_ok[None, :], other=0.0)
+                if POOL_IN:
+                    pix = ih * (2 * stride_xh) + iw * (2 * stride_xw)
+                else:
+                    pix = ih * stride_xh + iw * stride_xw
+                if HAS_X2:  # one load, each channel's address in x or in x2
+                    src = tl.where((c < C1)[None, :], x_base + pix[:, None] + c[None, :] * stride_xc,
+                                   x2_base + (ih * stride_x2h + iw * stride_x2w)[:, None] + (c - C1)[None, :])
+                    a = tl.load(src, mask=in_ok[:, None] & c_ok[None, :], other=0.0)
+                else:
+                    a = _load_input(x_base, pix, in_ok, c, c_ok, stride_xc, gw_ptr, gb_ptr, mean, rstd, stride_xh,
+                                    stride_xw, NORM_IN, POOL_IN)
+                acc += _dot(tl.trans(g), a, IEEE)
+        mask = n_ok[:, None] & c_ok[None, :]
+        if SPLIT:
+            K9 = 9 * C_in
+            dst = out_ptr + s.to(tl.int64) * (C_out * K9) + n[:, None] * K9 + tap * C_in + c[None, :]
+            tl.store(dst, acc, mask=mask)
+        else:
+            dst = out_ptr + n[:, None] * stride_wn + c[None, :] * stride_wc + kh * stride_wh + kw * stride_ww
+            tl.store(dst, _to_dtype(acc, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv3x3_wgrad_sum_kernel(
+    p_ptr,  # (S, C_out * 9 * C_in) float32 from _conv3x3_wgrad_kernel
+    pb_ptr,  # (S, C_out) float32 from _conv3x3_wgrad_kernel
+    dw_ptr,  # (C_out, C_in, 3, 3), strides below
+    db_ptr,  # (C_out,)
+    S, C_in, C_out,
+    stride_wn, stride_wc, stride_wh, stride_ww,
+    BLOCK: tl.constexpr,
+):
+    """d weight and d bias where no data gradient runs to add them (``_conv3x3_dgrad_kernel``'s SUM)."""
+    e0 = tl.program_id(0) * BLOCK
+    _wgrad_sum(p_ptr, pb_ptr, dw_ptr, db_ptr, S, C_in, C_out, stride_wn, stride_wc, stride_wh, stride_ww,
+               e0, tl.minimum(e0 + BLOCK, C_out * 9 * C_in + C_out), BLOCK)
+
+
+@triton.jit
+def _wgrad_sum(p_ptr, pb_ptr, dw_ptr, db_ptr, S, C_in, C_out, stride_wn, stride_wc, stride_wh, stride_ww, e0, e1,
+               BLOCK: tl.constexpr):
+    """Elements [e0, e1) of d weight and d bias: the S groups' float32 sums added in a fixed order
+    (deterministic), rounded once; elements [0, C_out * 9 * C_in) are d weight's in (n, tap, c) order, the
+    last C_out d bias's."""
+    K9 = 9 * C_in
+    NW = C_out * K9
+    for start in range(e0, e1, BLOCK):
+        e = start + tl.arange(0, BLOCK)
+        ok = e < e1
+        is_w = e < NW
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in range(0, S):
+            acc += tl.load(p_ptr + s * NW + e, mask=ok & is_w, other=0.0)
+            acc += tl.load(pb_ptr + s * C_out + (e - NW), mask=ok & ~is_w, other=0.0)
+        n = e // K9
+        r = e % K9
+        tap = r // C_in
+        c = r % C_in
+        dst = dw_ptr + n * stride_wn + c * stride_wc + (tap // 3) * stride_wh + (tap % 3) * stride_ww
+        tl.store(dst, _to_dtype(acc, dw_ptr.dtype.element_ty), mask=ok & is_w)
+        tl.store(db_ptr + (e - NW), _to_dtype(acc, db_ptr.dtype.element_ty), mask=ok & ~is_w)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Launcher. Validates, allocates and launches; no autograd here (the glue in fast_unet/ops/).
 
@@ -144,8 +411,8 @@ import torch  # noqa: E402
 # has at most 64 output pixels (the 8x8 layers at 64x64: a 128-row tile would be half masked), else
 # "wide_k" for C_in >= 32 and "narrow_k" below. Every entry is in the AOT compile report
 # (``aot_builds`` below) and was picked from it (4 warps at 128x64 spilled in bf16; float32 spilled on sm_80
-# at BLOCK_K 32, and at 2 stages; 64x64x32 with 4 warps sat at 255 registers in bf16); their speed is a
-# guess until a GPU has measured them.
+# at BLOCK_K 32; 64x64x32 with 4 warps sat at 255 registers in bf16); their speed is a guess until a GPU
+# has measured them.
 CONFIGS = {
     ("half", "narrow_k"): (128, 64, 16, 8, 3),
     ("half", "wide_k"): (128, 64, 32, 8, 3),
@@ -157,9 +424,11 @@ CONFIGS = {
     # parameters (112 bytes) and, at 2-4 stages, in fp16 plain or pool-on-load on sm_90 (24-72 bytes).
     ("half", "wide_n"): (128, 128, 16, 8, 3),
     ("half", "small_hw_wide_n"): (64, 128, 32, 4, 3),
-    ("float32", "narrow_k"): (64, 64, 16, 4, 1),
-    ("float32", "wide_k"): (64, 64, 16, 4, 1),
-    ("float32", "small_hw"): (64, 64, 16, 4, 1),
+    # float32 at 2 stages: at 1 stage plain spilled 24 bytes on sm_90 and concat 16 on sm_80 once C_out carries
+    # the JIT's multiple-of-16 hint (as it does at the model's channels)
+    ("float32", "narrow_k"): (64, 64, 16, 4, 2),
+    ("float32", "wide_k"): (64, 64, 16, 4, 2),
+    ("float32", "small_hw"): (64, 64, 16, 4, 2),
     # float32 with the max-pool read on load: at 1 stage sm_90 capped it at 128 (4 warps) or 80 (8 warps)
     # registers and spilled 8-16 bytes; 2 stages compile to 168 registers, no spill, on both archs
     ("float32", "pool"): (64, 64, 16, 4, 2),
@@ -276,28 +545,206 @@ def conv3x3_stats(x, weight, bias, x2=None, norm=None, pool=False):
     return y, partials
 
 
+# The backward's (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by (dtype kind, name). Data gradient:
+# M = input pixels, N = C_in, K = 9 * C_out; "small_hw" where a sample has at most 64 pixels, "wide" the
+# 128-wide N tile for C_in >= 128. Weight gradient: M = C_out, N = C_in, K = pixels; "wide" for C_out and
+# C_in >= 128, "wide_m" for C_out >= 128 only. The max-pool routing (data gradient) and max-pool on load
+# (weight gradient) take their own "_pool" entries where the others spill with them on sm_80 (24 bytes at
+# 128x64x32, 72 at 128x128x32). Per 1,024 MACs on sm_90 (bf16, compile report) the wide tiles issue 2.5
+# (dgrad) and 2.5-3.6 (wgrad) warp instructions against 3.5 and 4.8-7.1 at the 64-wide ones. Every entry
+# compiles without spills on sm_80 and sm_90 with every input mode it takes (``bwd_modes``); their speed
+# is a guess until a GPU has measured them.
+BWD_CONFIGS = {
+    ("half", "dgrad"): (128, 64, 32, 8, 3),
+    ("half", "dgrad_wide"): (128, 128, 32, 8, 3),
+    ("half", "dgrad_small_hw"): (64, 64, 32, 8, 3),
+    ("half", "dgrad_small_hw_wide"): (64, 128, 32, 4, 2),
+    ("half", "dgrad_pool"): (64, 64, 32, 8, 3),
+    ("float32", "dgrad"): (64, 64, 16, 8, 2),
+    ("half", "wgrad"): (64, 64, 32, 4, 2),
+    ("half", "wgrad_wide"): (128, 128, 32, 8, 2),
+    ("half", "wgrad_wide_pool"): (128, 128, 16, 8, 2),
+    ("half", "wgrad_wide_m"): (128, 64, 32, 8, 2),
+    ("float32", "wgrad"): (64, 64, 8, 4, 2),
+}
+BWD_WIDE_MIN_C = 128
+WGRAD_SUM_BLOCK = 1024
+# The weight gradient splits the batch into groups (float32 sums, added by a second launch) where its
+# tiles alone would not fill the GPU: fewer than WGRAD_SPLIT_BELOW tiles (one per SM of an H100 / H200).
+# The choice depends on the channels only, so a step's launches do not change with the batch size; the
+# number of groups aims at WGRAD_TARGET_PROGRAMS programs (two per SM).
+WGRAD_SPLIT_BELOW = 132
+WGRAD_TARGET_PROGRAMS = 264
+
+
+def bwd_config_name(dtype, kind_of_pass, hw=0, c_in=0, c_out=0, pool=False):
+    """(dtype kind, name) of a backward launch's entry in ``BWD_CONFIGS``."""
+    kind = "float32" if dtype in (torch.float32, "float32") else "half"
+    if kind == "float32":
+        return kind, kind_of_pass
+    if kind_of_pass == "dgrad":
+        if pool:
+            return kind, "dgrad_pool"
+        name = "dgrad_small_hw" if hw <= 64 else "dgrad"
+        return kind, name + ("_wide" if c_in >= BWD_WIDE_MIN_C else "")
+    if c_out >= BWD_WIDE_MIN_C:
+        return kind, ("wgrad_wide_pool" if pool else "wgrad_wide") if c_in >= BWD_WIDE_MIN_C else "wgrad_wide_m"
+    return kind, "wgrad"
+
+
+def bwd_modes(kind, name):
+    """The input modes ``bwd_config_name`` launches with ``BWD_CONFIGS[(kind, name)]``."""
+    if name.endswith("_pool"):
+        return ("pool-on-load",)
+    if kind == "half" and (name.startswith("dgrad") or name == "wgrad_wide"):
+        return INPUT_MODES[:3]
+    return INPUT_MODES
+
+
+def bwd_config(dtype, kind_of_pass, hw=0, c_in=0, c_out=0, pool=False):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of a backward launch: ``kind_of_pass`` "dgrad" or
+    "wgrad", x's dtype, the conv's pixels per sample, channels and input mode."""
+    return BWD_CONFIGS[bwd_config_name(dtype, kind_of_pass, hw, c_in, c_out, pool)]
+
+
+def wgrad_split(B, HW, C_in, C_out, es, config, in_bytes=None):
+    """(split, S, samples per group) of the weight gradient. ``split``: whether it writes float32 group sums
+    for a second launch (fewer than WGRAD_SPLIT_BELOW tiles); S groups: enough programs to fill the GPU, with
+    the groups' float32 sums (written and read back: 8 bytes per element) at most twice the bytes the
+    launch reads (dy and the input: ``in_bytes``, by default as many as dy's)."""
+    bm, bn = config[:2]
+    tiles = triton.cdiv(C_out, bm) * 9 * triton.cdiv(C_in, bn)
+    if tiles >= WGRAD_SPLIT_BELOW:
+        return False, 1, max(B, 1)
+    dy_bytes = B * HW * C_out * es
+    read = dy_bytes + (dy_bytes if in_bytes is None else in_bytes)
+    e = C_out * 9 * C_in + C_out
+    s = max(1, min(B, triton.cdiv(WGRAD_TARGET_PROGRAMS, tiles), 2 * read // (8 * e)))
+    samples = triton.cdiv(B, s)
+    return True, triton.cdiv(B, samples), samples
+
+
+def conv3x3_bwd(dy, x, weight, bias_dtype, x2=None, norm=None, pool=False, input_grad=True):
+    """The gradients of ``conv3x3_stats(x, weight, bias, x2, norm, pool)`` for dy (B, C_out, H, W):
+    (dx, dx2, d weight, d bias, d gn_weight, d gn_bias), each None where it does not apply (dx2 without
+    x2, the GroupNorm's without norm; dx and dx2 without ``input_grad``). d weight in weight's dtype, d bias
+    in ``bias_dtype``, the others in their tensor's dtype; dx like x (its strides where x is dense),
+    dx2 channels_last. Launches: the weight gradient, then the data gradient, which also adds the weight
+    gradient's group sums where it split the batch (a launch of their own without ``input_grad``), then
+    after a normalised input the GroupNorm backward's apply pass."""
+    check_conv(x, weight, torch.empty(weight.shape[0], device=x.device, dtype=bias_dtype), x2, norm, pool)
+    B, C1, H, W = x.shape
+    if pool:
+        H, W = H // 2, W // 2
+    C_out, C_in = weight.shape[:2]
+    if dy.shape != (B, C_out, H, W):
+        raise ValueError(f"dy must have the conv output's shape {(B, C_out, H, W)}, got {tuple(dy.shape)}")
+    dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    if x2 is not None:
+        x2 = x2.contiguous(memory_format=torch.channels_last)
+    dev = x.device
+    HW = H * W
+    ieee = conv_ieee(x.dtype)
+    if norm is not None:
+        pin, gw, gb, eps = norm
+        gw, gb = _gn.dense(gw, gb)
+    else:
+        pin = torch.empty((1, 1, 3), device=dev, dtype=torch.float32)
+        gw = gb = torch.empty((1,), device=dev, dtype=torch.float32)  # unread placeholders
+        eps = 0.0
+    dw = torch.empty_like(weight)
+    db = torch.empty((C_out,), device=dev, dtype=bias_dtype)
+    dx = dx2 = dgw = dgb = None
+    if B * HW * C_out == 0 or C_in == 0:
+        dw.zero_()
+        db.zero_()
+        if input_grad:
+            dx = torch.zeros_like(x)
+            dx2 = torch.zeros_like(x2) if x2 is not None else None
+        if norm is not None:
+            dgw, dgb = torch.zeros_like(gw), torch.zeros_like(gb)
+        return dx, dx2, dw, db, dgw, dgb
+    xs = x.stride()
+    wstr = weight.stride()
+    # the weight gradient first: where it splits the batch, the data gradient's first row of programs adds
+    # its groups' sums (a sum launch of its own only without a data gradient)
+    bm, bn, bk, warps, stages = bwd_config(x.dtype, "wgrad", HW, C_in, C_out, pool)
+    in_bytes = (x.numel() + (x2.numel() if x2 is not None else 0)) * x.element_size()
+    split, S, samples = wgrad_split(B, HW, C_in, C_out, x.element_size(), (bm, bn), in_bytes)
+    tiles = triton.cdiv(C_out, bm) * (1 + 9 * triton.cdiv(C_in, bn))  # d bias programs first
+    out, outb = dw, db
+    if split:
+        out = torch.empty((S, C_out * 9 * C_in), device=dev, dtype=torch.float32)
+        outb = torch.empty((S, C_out), device=dev, dtype=torch.float32)
+    x2s = x2.stride() if x2 is not None else (0, 0, 0, 0)
+    _conv3x3_wgrad_kernel[(tiles, S)](
+        x, x2 if x2 is not None else x, dy, pin, gw, gb, out, outb,
+        B, H, W, C1, C_in, C_out, pin.shape[1] if norm is not None else 0, float(eps), samples,
+        xs[0], xs[2], xs[3], xs[1], x2s[0], x2s[2], x2s[3], *wstr,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee, NORM_IN=norm is not None, HAS_X2=x2 is not None,
+        BLOCK_P=NORM_BLOCK_P, POOL_IN=bool(pool), SPLIT=split, num_warps=warps, num_stages=stages)
+    n_sum = C_out * 9 * C_in + C_out
+    if split and not input_grad:
+        _conv3x3_wgrad_sum_kernel[(triton.cdiv(n_sum, WGRAD_SUM_BLOCK),)](
+            out, outb, dw, db, S, C_in, C_out, *wstr, BLOCK=WGRAD_SUM_BLOCK, num_warps=4)
+    if input_grad:
+        bm, bn, bk, warps, stages = bwd_config(x.dtype, "dgrad", HW, C_in, C_out, pool)
+        grid = (int(split) + triton.cdiv(HW, bm), triton.cdiv(C_in, bn), B)
+        dx = torch.empty_like(x)  # NORM_IN: dz first
+        dx2 = torch.empty_like(x2) if x2 is not None else None
+        mean = rstd = part = sp = pin  # unused placeholders (float32, not written) without norm
+        if norm is not None:
+            mean = torch.empty((B,), device=dev, dtype=torch.float32)
+            rstd = torch.empty_like(mean)
+            part = torch.empty((3, B, grid[0] - int(split), C_in), device=dev, dtype=torch.float32)
+            sp = torch.empty((B, (grid[0] - int(split)) * grid[1], 2), device=dev, dtype=torch.float32)
+        d2 = dx2 if dx2 is not None else x  # unread without x2 (HAS_X2 off)
+        d2s = dx2.stride() if dx2 is not None else (0, 0, 0, 0)
+        per_prog = triton.cdiv(triton.cdiv(n_sum, grid[1] * B), WGRAD_SUM_BLOCK) * WGRAD_SUM_BLOCK
+        sums = (out, outb, dw, db) if split else (pin, pin, x, x)  # unread, unwritten placeholders without SUM
+        _conv3x3_dgrad_kernel[grid](
+            dy, weight, dx, d2, x, pin, gw, gb, mean, rstd, part, sp, *sums,
+            H, W, C1, C_in, C_out, pin.shape[1] if norm is not None else 0, float(eps), S, per_prog,
+            *wstr, dx.stride(0), dx.stride(2), dx.stride(3), dx.stride(1), d2s[0], d2s[2], d2s[3],
+            xs[0], xs[2], xs[3], xs[1],
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee, NORM_IN=norm is not None, HAS_X2=x2 is not None,
+            BLOCK_P=NORM_BLOCK_P, POOL_IN=bool(pool), SUM=int(split), BLOCK_S=WGRAD_SUM_BLOCK, num_warps=warps,
+            num_stages=stages)
+        if norm is not None:
+            dx, dgw, dgb = _gn.group_norm_relu_bwd_apply(dx, x, norm[1], norm[2], mean, rstd, part, sp)
+    return dx, dx2, dw, db, dgw, dgb
+
+
 # ----------------------------------------------------------------------------------------------------
 # Declarations: the pointer arguments each kernel writes (bench.kernels splits a launch's bytes into read
 # and written with them), and the builds of the ahead-of-time compile report (fast_unet/aot.py).
 
 WRITES = {
     "_conv3x3_kernel": {"y_ptr", "part_ptr"},
+    "_conv3x3_dgrad_kernel": {"dx_ptr", "dx2_ptr", "mean_ptr", "rstd_ptr", "part_ptr", "sp_ptr", "dw_ptr", "db_ptr"},
+    "_conv3x3_wgrad_kernel": {"out_ptr", "db_ptr"},
+    "_conv3x3_wgrad_sum_kernel": {"dw_ptr", "db_ptr"},
 }
 
 # Signature hints: float32 pointers (other pointers take the build's dtype), float scalars (other
 # scalars are i32), and integers that are multiples of 16 at the model's shapes (x's strides are those
 # of channels_last activations with C_in >= 64).
-AOT_FP32_POINTERS = {"part_ptr", "pin_ptr"}
+AOT_FP32_POINTERS = {"part_ptr", "pin_ptr", "mean_ptr", "rstd_ptr", "sp_ptr", "p_ptr", "pb_ptr"}
 # (C,) parameter pointers (and their gradients'): float32 or the build's dtype; the builds take both
 # (``_common.with_fp32_params``: float32 is autocast's case).
-AOT_PARAM_POINTERS = {"bias_ptr", "gw_ptr", "gb_ptr"}
+AOT_PARAM_POINTERS = {"bias_ptr", "gw_ptr", "gb_ptr", "db_ptr"}
 AOT_FLOAT_ARGS = {"eps"}
-AOT_ALIGNED_INTS = {"C1", "C_in", "stride_xb", "stride_xh", "stride_xw", "stride_x2b", "stride_x2h", "stride_x2w"}
+AOT_ALIGNED_INTS = {"C1", "C_in", "C_out", "stride_xb", "stride_xh", "stride_xw", "stride_x2b", "stride_x2h",
+                    "stride_x2w", "stride_db", "stride_dh", "stride_dw", "stride_d2b", "stride_d2h", "stride_d2w",
+                    "SUM_PER_PROG"}
 # Ints that are 1 at inputs the launchers take (a 1-pixel side, one input channel, one partial): the JIT specialises them to constants.
-AOT_ONE_INTS = {"H", "W", "C1", "C_in", "P_in"}
+AOT_ONE_INTS = {"H", "W", "C1", "C_in", "P_in", "B", "S", "SAMPLES", "S_w"}
 # The work of one iteration of each kernel's inner loop, for the compile report's per-1,024 figures
 # (fast_unet/aot.py loop_tile): the K loop's BLOCK_M x BLOCK_N x BLOCK_K multiply-adds.
-AOT_LOOP_TILES = {"_conv3x3_kernel": (("BLOCK_M", "BLOCK_N", "BLOCK_K"), "MACs")}
+AOT_LOOP_TILES = {"_conv3x3_kernel": (("BLOCK_M", "BLOCK_N", "BLOCK_K"), "MACs"),
+                  "_conv3x3_dgrad_kernel": (("BLOCK_M", "BLOCK_N", "BLOCK_K"), "MACs"),
+                  "_conv3x3_wgrad_kernel": (("BLOCK_M", "BLOCK_N", "BLOCK_K"), "MACs"),
+                  "_conv3x3_wgrad_sum_kernel": (("BLOCK",), "elements")}
 
 
 INPUT_MODES = ("plain", "norm-on-load", "concat", "pool-on-load")
@@ -334,4 +781,42 @@ def aot_builds():
                             dict(dict(POOL_IN=False), **ce_x, stride_wc=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                  IEEE=ieee, NORM_IN=norm_in, HAS_X2=has_x2, BLOCK_P=NORM_BLOCK_P),
                             dict(num_warps=warps, num_stages=stages)))
+    out += _bwd_builds()
     return with_ones(with_fp32_params(out, AOT_PARAM_POINTERS), AOT_ONE_INTS)
+
+
+_BWD_MODES = (("plain", False, False, False), ("norm-on-load", True, False, False), ("concat", False, True, False),
+              ("pool-on-load", False, False, True))
+
+
+def _bwd_builds():
+    """The backward's builds: the data gradient (with and without the weight gradient's group sums) and the
+    weight gradient (each split and direct) in each
+    config of ``BWD_CONFIGS`` with each input mode it is launched with (``bwd_config_name``), the group sum
+    at its block. The channels_last
+    activations' and weight's channel strides are 1, as the JIT specialises them (the plain mode also takes
+    an NCHW x: its strides stay arguments)."""
+    out = []
+    for dt in DTYPE_NAMES:
+        kind = "float32" if dt == "float32" else "half"
+        launched = sorted({(name.split("_")[0], c, m) for (k, name), c in BWD_CONFIGS.items() if k == kind
+                           for m in _BWD_MODES if m[0] in bwd_modes(k, name)})
+        for (name, (bm, bn, bk, warps, stages), (mode, norm, concat, pool)), (ieee, tag) in itertools.product(
+                launched, precisions(dt)):
+            ce = dict(stride_wc=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee, NORM_IN=norm, HAS_X2=concat,
+                      BLOCK_P=NORM_BLOCK_P, POOL_IN=pool)
+            if mode != "plain":
+                ce["stride_xc"] = 1
+            opts = dict(num_warps=warps, num_stages=stages)
+            label = f"{dt} {mode} {bm}x{bn}x{bk} w{warps} s{stages}{tag}"
+            if name == "dgrad":
+                dce = dict(ce, stride_dc=1, BLOCK_S=WGRAD_SUM_BLOCK) if mode != "plain" else dict(ce, BLOCK_S=WGRAD_SUM_BLOCK)
+                out.append(("conv3x3_dgrad", _conv3x3_dgrad_kernel, label, dt, dict(dce, SUM=0), opts))
+                out.append(("conv3x3_dgrad", _conv3x3_dgrad_kernel, label + " sum", dt, dict(dce, SUM=1), opts))
+            else:
+                out.append(("conv3x3_wgrad", _conv3x3_wgrad_kernel, label, dt, dict(ce, SPLIT=False), opts))
+                out.append(("conv3x3_wgrad", _conv3x3_wgrad_kernel, label + " split", dt, dict(ce, SPLIT=True),
+                            dict(opts, arg_types={"out_ptr": "*fp32", "db_ptr": "*fp32"})))
+        out.append(("conv3x3_wgrad_sum", _conv3x3_wgrad_sum_kernel, f"{dt} block {WGRAD_SUM_BLOCK} w4", dt,
+                    dict(BLOCK=WGRAD_SUM_BLOCK), dict(num_warps=4)))
+    return out

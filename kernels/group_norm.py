@@ -545,14 +545,40 @@ def group_norm_relu_bwd(dy, x, weight, bias, mean, rstd, dy2=None):
         z = torch.zeros((C,), device=dev, dtype=weight.dtype)
         return dx.zero_(), z, z.clone(), demb.zero_()
     d2 = dy2 if dy2 is not None else dy  # a dummy pointer without dy2
-    common = dict(HAS_DY2=dy2 is not None, CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_HW=block_hw,
-                  num_warps=NUM_WARPS)
     _gn_bwd_reduce_kernel[(B * S, n_cb)](x, dy, d2, weight, bias, mean, rstd, part, sp, B, C, HW, hw_per_prog,
-                                        **common)
-    grid = (1 + B * triton.cdiv(HW, block_hw), n_cb)
-    _gn_bwd_dx_kernel[grid](x, dy, d2, dx, weight, bias, mean, rstd, sp, part, demb, dw, db, B, C, HW, S,
-                            S * n_cb, BLOCK_P=BWD_BLOCK_P, **common)
+                                        HAS_DY2=dy2 is not None, CHANNELS_LAST=channels_last, BLOCK_C=block_c,
+                                        BLOCK_HW=block_hw, num_warps=NUM_WARPS)
+    _bwd_apply(x, dy, dy2, weight, bias, mean, rstd, part, sp, dx, demb, dw, db)
     return dx, dw, db, demb
+
+
+def _bwd_apply(x, dy, dy2, weight, bias, mean, rstd, part, sp, dx, demb, dw, db):
+    """The GroupNorm + ReLU backward's second launch: dx, d weight, d bias, d emb from the per-split sums
+    ``part`` (3, B, S, C) and ``sp`` (B, P, 2) that a first pass wrote (``_gn_bwd_reduce_kernel``, or a
+    kernel whose epilogue produced dy and summed it, as the conv's data gradient does)."""
+    B, C, H, W = x.shape
+    HW = H * W
+    channels_last = layout_of(x)
+    block_c, block_hw = tile_config(C, HW, channels_last)
+    grid = (1 + B * triton.cdiv(HW, block_hw), triton.cdiv(C, block_c))
+    _gn_bwd_dx_kernel[grid](x, dy, dy2 if dy2 is not None else dy, dx, weight, bias, mean, rstd, sp, part, demb,
+                            dw, db, B, C, HW, part.shape[2], sp.shape[1], HAS_DY2=dy2 is not None,
+                            CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_P=BWD_BLOCK_P,
+                            num_warps=NUM_WARPS)
+
+
+def group_norm_relu_bwd_apply(dz, x, weight, bias, mean, rstd, part, sp):
+    """(dx, d weight, d bias) of relu(GroupNorm(1, C)(x)) from dz (the gradient with the ReLU mask applied,
+    laid out like x) and its per-split sums, as the conv's data-gradient epilogue writes them: ``part``
+    (3, B, S, C) float32 column sums of dz's source, of dz * x_hat and of dz; ``sp`` (B, P, 2) float32
+    sum_c w * (sum dz) and sum_c w * (sum dz * x_hat); mean, rstd (B,) float32. One launch."""
+    weight, bias = dense(weight, bias)
+    dx = torch.empty_like(x)
+    dw = torch.empty((x.shape[1],), device=x.device, dtype=weight.dtype)
+    db = torch.empty_like(dw)
+    demb = torch.empty((x.shape[0], x.shape[1]), device=x.device, dtype=x.dtype)  # unused: no emb here
+    _bwd_apply(x, dz, None, weight, bias, mean, rstd, part, sp, dx, demb, dw, db)
+    return dx, dw, db
 
 
 # ----------------------------------------------------------------------------------------------------

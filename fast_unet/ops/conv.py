@@ -3,7 +3,7 @@ normalised, max-pooled or concatenated, and can write its output's GroupNorm sta
 
 | backend | implementation                                                                  | devices, dtypes |
 |---------|---------------------------------------------------------------------------------|-----------------|
-| triton  | kernels/conv.py: implicit GEMM over NHWC; relu(GroupNorm) from the producer's partials, the 2x2 max-pool, or a second tensor's channels applied as it loads its input; bias and GroupNorm(1, C) partial statistics in its epilogue. Backward: cuDNN/ATen convolution and pool gradients, the Triton GroupNorm backward | CUDA (CPU under the interpreter); fp32/bf16/fp16 |
+| triton  | kernels/conv.py: implicit GEMM over NHWC; relu(GroupNorm) from the producer's partials, the 2x2 max-pool, or a second tensor's channels applied as it loads its input; bias and GroupNorm(1, C) partial statistics in its epilogue. Backward: Triton data gradient (the pool's routing, the concat's split, the ReLU mask and the GroupNorm backward's sums in its epilogue; then the GroupNorm backward's apply pass) and weight gradient reading the input as the forward does | CUDA (CPU under the interpreter); fp32/bf16/fp16 |
 | eager   | fast_unet/eager.py ``conv3x3``: ``group_norm_relu`` (dispatched), cat, max_pool2d, F.conv2d; no statistics | any |
 
 Tests: tests/ops/test_conv.py.
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, dispatch, eager
-from .group_norm import checked_partials, group_norm_relu, norm_backward, partials_of, recompute
+from .group_norm import checked_partials, group_norm_relu, partials_of
 
 
 def conv3x3(x, weight, bias, x2=None, norm=None, pool=False):
@@ -58,47 +58,51 @@ def _(x, x2, partials_in, gn_weight, gn_bias, eps, weight, bias, pool):
     return y, x.new_empty((b, p, 3), dtype=torch.float32)
 
 
-def _conv_backward(dy, x, weight, bias_dtype):
-    """(dx, dweight, dbias) of the 3x3, stride 1, padding 1 convolution (cuDNN on a GPU); dbias in
-    ``bias_dtype`` (a float32 bias of a lower-precision conv: summed in float32, not rounded to x's dtype)."""
-    dy = dy.to(x.dtype)
-    if bias_dtype == x.dtype:
-        return torch.ops.aten.convolution_backward(
-            dy, x, weight, [weight.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, True])
-    dx, dw, _ = torch.ops.aten.convolution_backward(
-        dy, x, weight, [weight.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
-    return dx, dw, dy.sum((0, 2, 3), dtype=bias_dtype)
+@torch.library.custom_op("fast_unet::conv3x3_backward", mutates_args=())
+@backends.on_tensor_device
+def _conv3x3_bwd_op(dy: Tensor, x: Tensor, x2: Optional[Tensor], partials_in: Optional[Tensor],
+                    gn_weight: Optional[Tensor], gn_bias: Optional[Tensor], eps: float, weight: Tensor,
+                    bias: Tensor, pool: bool, input_grad: bool) -> list[Tensor]:
+    """[dx, dx2, d weight, d bias, d gn_weight, d gn_bias]; an empty tensor for each gradient that does
+    not apply (``bias`` is read for its dtype only)."""
+    norm = (partials_in, gn_weight, gn_bias, eps) if partials_in is not None else None
+    grads = _k().conv3x3_bwd(dy, x, weight, bias.dtype, x2=x2, norm=norm, pool=pool, input_grad=input_grad)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@_conv3x3_bwd_op.register_fake
+def _(dy, x, x2, partials_in, gn_weight, gn_bias, eps, weight, bias, pool, input_grad):
+    def like(t, keep):
+        return torch.empty_like(t) if keep and t is not None else x.new_empty(0)
+
+    norm = partials_in is not None
+    dx2 = like(x2, input_grad)
+    if x2 is not None and input_grad:
+        dx2 = dx2.contiguous(memory_format=torch.channels_last)
+    return [like(x, input_grad), dx2, torch.empty_like(weight), torch.empty_like(bias),
+            like(gn_weight, norm), like(gn_bias, norm)]
 
 
 def _conv3x3_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
     x, x2, partials_in, gn_weight, gn_bias, eps, weight, bias, pool = inputs
-    ctx.save_for_backward(x, x2, partials_in, gn_weight, gn_bias, weight)
+    ctx.save_for_backward(x, x2, partials_in, gn_weight, gn_bias, weight, bias)
     ctx.eps = eps
     ctx.pool = pool
-    ctx.bias_dtype = bias.dtype
     ctx.mark_non_differentiable(output[1])
 
 
 def _conv3x3_backward(ctx, dy, _dpartials):
-    x, x2, pin, gw, gb, weight = ctx.saved_tensors
-    if pin is not None:
-        xn, mean, rstd = recompute(x, pin, gw, gb, ctx.eps)
-        dxn, dw, db = _conv_backward(dy, xn, weight, ctx.bias_dtype)
-        dx, dgw, dgb, _ = norm_backward(dxn, x, gw, gb, mean, rstd)
-        return dx, None, None, dgw, dgb, None, dw, db, None
-    if x2 is not None:
-        dcat, dw, db = _conv_backward(dy, torch.cat([x, x2], dim=1), weight, ctx.bias_dtype)
-        dx, dx2 = dcat.split([x.shape[1], x2.shape[1]], dim=1)
-        return dx, dx2, None, None, None, None, dw, db, None
-    if ctx.pool:
-        # the pool's gradient goes to the first maximum of each window, as in max_pool2d's backward
-        xp, idx = torch.ops.aten.max_pool2d_with_indices(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
-        dxp, dw, db = _conv_backward(dy, xp, weight, ctx.bias_dtype)
-        dx = torch.ops.aten.max_pool2d_with_indices_backward(dxp, x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
-        return dx, None, None, None, None, None, dw, db, None
-    dx, dw, db = _conv_backward(dy, x, weight, ctx.bias_dtype)
-    return dx, None, None, None, None, None, dw, db, None
+    """The Triton data and weight gradients (kernels/conv.py ``conv3x3_bwd``): the input read as the
+    forward read it (normalised, concatenated, max-pooled on load), nothing rebuilt first."""
+    x, x2, pin, gw, gb, weight, bias = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    input_grad = bool(need[0] or need[1] or need[3] or need[4])
+    dx, dx2, dw, db, dgw, dgb = torch.ops.fast_unet.conv3x3_backward(dy, x, x2, pin, gw, gb, ctx.eps, weight, bias,
+                                                                     ctx.pool, input_grad)
+    some = lambda t, applies: t if applies else None  # noqa: E731
+    return (some(dx, input_grad), some(dx2, input_grad and x2 is not None), None, some(dgw, pin is not None),
+            some(dgb, pin is not None), None, dw, db, None)
 
 
 torch.library.register_autograd("fast_unet::conv3x3", _conv3x3_backward, setup_context=_conv3x3_setup)

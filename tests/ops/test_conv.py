@@ -204,6 +204,141 @@ def test_pool_on_load_forward_and_gradients(shape, dtype):
         assert_close_rule(name, g, ge, gr, dtype)
 
 
+# The Triton backward (kernels/conv.py: data gradient, weight gradient, its group sum) in every input mode:
+# (mode, B, C_in, C_out, H, W) at the conv's output size, with 48x80 and 8x8, batches of 1 and 3, and
+# batches of 8 whose weight gradient splits into groups (``wgrad_split``); 260 -> 136 channels has enough
+# tiles not to split (d weight written directly).
+BWD_CASES = [("plain", 3, 5, 24, 8, 8), ("plain", 8, 8, 16, 16, 16), ("concat", 1, 20, 24, 48, 80),
+             ("concat", 8, 16, 16, 16, 16), ("pool", 3, 8, 24, 8, 8), ("pool", 8, 8, 16, 16, 16),
+             ("norm", 1, 20, 24, 48, 80), ("norm", 3, 40, 136, 8, 8), ("norm", 8, 8, 16, 16, 16),
+             ("plain", 1, 260, 136, 4, 4)]
+
+
+def _bwd_inputs(mode, b, ci, co, h, w, dtype):
+    """float64 leaves holding values representable in dtype: (x, x2 or None, gw, gb, wt, bias), and dy."""
+    g = torch.Generator().manual_seed(b * 1000 + ci * 10 + h)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    c1 = ci // 2 if mode == "concat" else ci
+    if mode == "pool":  # 2x2 windows whose values are 0.3 apart: a routing that rounding cannot flip
+        offs = torch.rand(b, ci, h, w, 4, generator=g).argsort(-1).double() * 0.3
+        offs = offs.view(b, ci, h, w, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(b, ci, 2 * h, 2 * w)
+        x = rnd(b, ci, h, w).repeat_interleave(2, 2).repeat_interleave(2, 3) + offs
+    else:
+        x = rnd(b, c1, h, w) * (2 if mode == "norm" else 1) + 0.5
+    x2 = rnd(b, ci - c1, h, w) if mode == "concat" else None
+    gw, gb = rnd(ci) * 0.5 + 1.0, rnd(ci) * 0.5
+    wt, bias = rnd(co, ci, 3, 3) / (3 * ci ** 0.5), rnd(co) * 0.5
+    q = lambda t: t.to(dtype).double() if t is not None else None  # noqa: E731
+    return [q(t) for t in (x, x2, gw, gb, wt, bias)], rnd(b, co, h, w)
+
+
+def _bwd_fns(mode, partials):
+    from fast_unet import ops
+
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+
+    def fused(x, x2, gw, gb, wt, bias):
+        if mode == "norm":
+            return ops.conv3x3(cl(x), cl(wt), bias, norm=(partials, gw, gb, 1e-5))[0]
+        return ops.conv3x3(cl(x), cl(wt), bias, x2=None if x2 is None else cl(x2), pool=mode == "pool")[0]
+
+    def unfused(x, x2, gw, gb, wt, bias):
+        a = {"plain": lambda: x, "concat": lambda: torch.cat([x, x2], 1), "pool": lambda: F.max_pool2d(x, 2),
+             "norm": lambda: eager.group_norm_relu(x, gw, gb, 1e-5)}[mode]()
+        return F.conv2d(a, wt, bias, padding=1)
+    return fused, unfused
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: c[0] + "-" + _id(c[1:]))
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
+def test_backward_kernels_against_float64(case, dtype):
+    """Every gradient of the Triton backward against eager (cuDNN's / ATen's convolution backward of the
+    materialised input) and float64, under the flash-attention rule; the batch-8 cases run the split weight
+    gradient into several groups and their sum, the others one group (and its sum), except 260 -> 136
+    channels: enough tiles to write d weight directly."""
+    from fast_unet.kernels import conv as K
+
+    mode, b, ci, co, h, w = case
+    leaves, dy = _bwd_inputs(mode, b, ci, co, h, w, dtype)
+    partials = partials_of(leaves[0].to(dtype), 2) if mode == "norm" else None
+    es = torch.tensor([], dtype=dtype).element_size()
+    split, groups, _ = K.wgrad_split(b, h * w, ci, co, es, K.bwd_config(dtype, "wgrad"))
+    assert (split and (groups > 1 or b != 8)) if ci < 256 else not split, (split, groups)
+    names = ["dx", "dx2", "dgn_weight", "dgn_bias", "dweight", "dbias"]
+    keep = [i for i, t in enumerate(leaves) if t is not None and (mode == "norm" or i not in (2, 3))]
+    leaves = [leaves[i] for i in keep]
+    fused, unfused = _bwd_fns(mode, partials)
+
+    def call(fn):
+        def f(*ts):
+            full = [None] * 6
+            for i, t in zip(keep, ts):
+                full[i] = t
+            return fn(*full)
+        return f
+
+    out, grads = _grads_of(call(fused), leaves, dtype, dy)
+    _, grads_e = _grads_of(call(unfused), leaves, dtype, dy)
+    _, grads_r = _grads_of(call(unfused), leaves, torch.float64, dy)
+    for i, g, ge, gr in zip(keep, grads, grads_e, grads_r):
+        assert g.dtype == dtype and g.shape == gr.shape, names[i]
+        assert_close_rule(names[i], g, ge, gr, dtype)
+
+
+@pytest.mark.parametrize("mode", ["plain", "norm"])
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
+def test_backward_float32_bias_and_no_input_gradient(mode):
+    """Under autocast the bias stays float32 with bf16 activations: d bias comes out float32, summed in
+    float32 (not rounded to bf16); without ``input_grad`` the data gradient is not launched and the weight
+    gradient's group sums take a launch of their own, with the same d weight and d bias."""
+    from fast_unet.kernels import conv as K
+    from helpers import launches
+
+    leaves, dy = _bwd_inputs(mode, 8, 8, 16, 16, 16, torch.bfloat16)
+    x, _, gw, gb, wt = (t.to(torch.bfloat16) if t is not None else None for t in leaves[:5])
+    x, wt = x.contiguous(memory_format=torch.channels_last), wt.contiguous(memory_format=torch.channels_last)
+    norm = (partials_of(x, 2), gw, gb, 1e-5) if mode == "norm" else None
+    dyb = dy.to(torch.bfloat16)
+    dx, _, dw, db, _, _ = K.conv3x3_bwd(dyb, x, wt, torch.float32, norm=norm)
+    assert db.dtype == torch.float32 and dw.dtype == torch.bfloat16
+    torch.testing.assert_close(db.double(), dyb.double().sum((0, 2, 3)), atol=1e-4, rtol=1e-5)
+    with launches() as rec:
+        none = K.conv3x3_bwd(dyb, x, wt, torch.float32, norm=norm, input_grad=False)
+    assert none[0] is None and none[4] is None
+    assert [r["name"] for r in rec] == ["_conv3x3_wgrad_kernel", "_conv3x3_wgrad_sum_kernel"]
+    assert torch.equal(none[2], dw) and torch.equal(none[3], db)
+
+
+@pytest.mark.parametrize("mode", ["concat", "pool", "norm"])
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
+def test_backward_rebuilds_no_input(mode):
+    """The backward reads the input as the forward did: no concatenation, max-pool, normalisation pass or
+    ATen convolution gradient, only the Triton launches: the weight gradient (split into groups here), the
+    data gradient (which adds the groups' sums), the GroupNorm backward's apply pass after a normalised
+    input."""
+    from helpers import launches
+
+    leaves, dy = _bwd_inputs(mode, 8, 8, 16, 16, 16, torch.float32)
+    partials = partials_of(leaves[0].float(), 2) if mode == "norm" else None
+    fused = _bwd_fns(mode, partials)[0]
+    ts = [t.float().requires_grad_() if t is not None else None for t in leaves]
+    out = fused(*ts)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with launches() as rec:
+            out.backward(dy.float())
+    names = [r["name"] for r in rec]
+    want = ["_conv3x3_wgrad_kernel", "_conv3x3_dgrad_kernel"] + (["_gn_bwd_dx_kernel"] if mode == "norm" else [])
+    assert names == want, names
+    aten = {e.key for e in prof.key_averages() if e.key.startswith("aten::")}
+    banned = {"aten::convolution_backward", "aten::cat", "aten::max_pool2d_with_indices", "aten::add",
+              "aten::max_pool2d_with_indices_backward", "aten::sum", "aten::native_group_norm"}
+    assert not aten & banned, sorted(aten & banned)
+
+
 @pytest.mark.backends("triton")
 @pytest.mark.usefixtures("backend")
 def test_gn_relu_partials_op_materialises_with_emb_and_its_gradient():
@@ -241,14 +376,25 @@ def test_config_takes_the_wide_n_tile_where_it_compiles_without_spills():
     assert K.config(torch.bfloat16, 3, 4096, c_out=128) == K.CONFIGS[("half", "narrow_k")]
     assert K.config(torch.float32, 128, 1024, c_out=256, norm=True) == K.CONFIGS[("float32", "wide_k")]
     # every (config, input mode) the launcher can pick is a build of the compile report
+    builds = K.aot_builds()
     built = {(b[3], b[4]["BLOCK_M"], b[4]["BLOCK_N"], b[4]["BLOCK_K"], b[4]["NORM_IN"], b[4]["HAS_X2"], b[4]["POOL_IN"])
-             for b in K.aot_builds()}
+             for b in builds if b[0] == "conv3x3_gn"}
     for dt in ("bfloat16", "float16", "float32"):
         for c_in, hw, c_out in [(3, 4096, 64), (64, 1024, 64), (64, 1024, 128), (256, 64, 512), (512, 64, 128)]:
             for norm, concat, pool in [(False, False, False), (True, False, False), (False, True, False),
                                        (False, False, True)]:
                 bm, bn, bk = K.config(dt, c_in, hw, pool, c_out, norm, concat)[:3]
                 assert (dt, bm, bn, bk, norm, concat, pool) in built, (dt, c_in, hw, c_out, norm, concat, pool)
+    # and so is every (config, input mode) of the backward's data and weight gradients
+    for label, kind_of_pass in (("conv3x3_dgrad", "dgrad"), ("conv3x3_wgrad", "wgrad")):
+        bwd = {(b[3], b[4]["BLOCK_M"], b[4]["BLOCK_N"], b[4]["BLOCK_K"], b[4]["NORM_IN"], b[4]["HAS_X2"],
+                b[4]["POOL_IN"]) for b in builds if b[0] == label}
+        for dt in ("bfloat16", "float16", "float32"):
+            for c_in, hw, c_out in [(3, 4096, 64), (64, 1024, 64), (64, 1024, 128), (256, 64, 512), (512, 64, 128)]:
+                for norm, concat, pool in [(False, False, False), (True, False, False), (False, True, False),
+                                           (False, False, True)]:
+                    bm, bn, bk = K.bwd_config(dt, kind_of_pass, hw, c_in, c_out, pool)[:3]
+                    assert (dt, bm, bn, bk, norm, concat, pool) in bwd, (label, dt, c_in, hw, c_out, norm, concat, pool)
 
 
 @pytest.mark.parametrize("variant", ["plain", "concat", "norm", "pool", "gn_relu_partials", "norm_wide_bf16"])
