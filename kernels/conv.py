@@ -206,12 +206,17 @@ def _conv3x3_dgrad_kernel(
             ok = m_mask & (oh >= 0) & (oh < H) & (ow >= 0) & (ow < W)
             row = (oh * W + ow) * C_out
             w_tap = w_ptr + (tap // 3) * stride_wh + (tap % 3) * stride_ww + c * stride_wc
+            # a padded tap's rows load zeros, and 0 * a non-finite weight must not reach the border pixels
+            # (eager's convolution backward never multiplies them): those rows keep the sum before the tap
+            # (one select per accumulator element and tap, outside the K loop)
+            before = acc
             for k0 in range(0, C_out, BLOCK_K):
                 k = k0 + kk
                 k_ok = k < C_out
                 g = tl.load(dy_base + row[:, None] + k[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
                 wt = tl.load(w_tap[None, :] + k[:, None] * stride_wn, mask=k_ok[:, None] & c_mask[None, :], other=0.0)
                 acc += _dot(g, wt, IEEE)
+            acc = tl.where(ok[:, None], acc, before)
         mask = m_mask[:, None] & c_mask[None, :]
         g = _to_dtype(acc, dx_ptr.dtype.element_ty)  # the convolution's input gradient as eager stores it
         b64 = b.to(tl.int64)
@@ -622,6 +627,19 @@ def wgrad_split(B, HW, C_in, C_out, es, config, in_bytes=None):
     s = max(1, min(B, triton.cdiv(WGRAD_TARGET_PROGRAMS, tiles), 2 * read // (8 * e)))
     samples = triton.cdiv(B, s)
     return True, triton.cdiv(B, samples), samples
+
+
+def interpreter_tiles():
+    """{"config": ..., "bwd_config": ...}: tile tables with one large tile per small sample, for runs under
+    Triton's interpreter that check the wiring (tests/interpret, ``scripts/gpu_check.py --dry``): there a
+    launch costs about 1 s per thousand K-steps and per program. Every real config is in ``CONFIGS`` and
+    ``BWD_CONFIGS``, tested in tests/ops/test_conv.py."""
+    def px(hw):
+        return max(16, min(128, triton.next_power_of_2(hw)))
+
+    return {"config": lambda dtype, c_in, hw, *input_mode: (px(hw), 128, 64, 4, 1),
+            "bwd_config": lambda dtype, kind_of_pass, hw=0, c_in=0, c_out=0, pool=False:
+            (px(hw), 128, 64, 4, 1) if kind_of_pass == "dgrad" else (128, 128, px(hw), 4, 1)}
 
 
 def conv3x3_bwd(dy, x, weight, bias_dtype, x2=None, norm=None, pool=False, input_grad=True):

@@ -36,3 +36,14 @@ def triton_backend(monkeypatch):
     monkeypatch.setenv("FAST_UNET_BACKEND", "triton")
     torch.manual_seed(0)
     yield
+
+
+
+@pytest.fixture
+def fast_conv_config(monkeypatch):
+    """One large conv tile per small sample, forward and backward (``conv.interpreter_tiles``): the wiring
+    is what these tests check; every real config is checked in tests/ops/test_conv.py."""
+    from fast_unet.kernels import conv as K
+
+    for name, fn in K.interpreter_tiles().items():
+        monkeypatch.setattr(K, name, fn)

@@ -19,16 +19,6 @@ AUTOCAST = dict(device_type="cpu", dtype=torch.bfloat16)
 
 
 @pytest.fixture
-def fast_conv_config(monkeypatch):
-    """One large conv tile per small sample (as in test_model.py): the wiring is what these tests check."""
-    import triton
-
-    from fast_unet.kernels import conv as K
-
-    monkeypatch.setattr(K, "config", lambda dtype, c_in, hw, *input_mode: (max(16, min(128, triton.next_power_of_2(hw))), 128, 64, 4, 1))
-
-
-@pytest.fixture
 def launches(monkeypatch):
     """Every Triton launch while the test runs: (kernel name, {pointer argument: dtype}, pointers the kernel's
     module declares float32 by design (statistics, partial sums) or (C,) parameters (float32 under

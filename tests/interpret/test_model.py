@@ -7,7 +7,6 @@ conv's tile table with one large tile per small sample (``fast_conv_config``): t
 tests check; every real config of the conv is checked in tests/ops/test_conv.py."""
 import pytest
 import torch
-import triton
 
 import fast_unet
 from fast_unet import dispatch
@@ -16,13 +15,6 @@ from helpers import (ATTENTION_BLOCKS, KINK_MARGIN, assert_block_falls_back, ass
                      conditioned_inputs, float64_oracle, kink_margin, model_pair, reference_copy)
 
 FUSED = {"conv3x3", "gn_relu_maxpool", "upsample2x", "gn_ln_linear"}
-
-
-@pytest.fixture
-def fast_conv_config(monkeypatch):
-    from fast_unet.kernels import conv as K
-
-    monkeypatch.setattr(K, "config", lambda dtype, c_in, hw, *input_mode: (max(16, min(128, triton.next_power_of_2(hw))), 128, 64, 4, 1))
 
 
 @pytest.mark.parametrize("setting", ["triton", "triton,conv3x3=eager", "triton,gn_ln_linear=eager,upsample2x=eager,mlp_residual=eager"])
