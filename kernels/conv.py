@@ -630,16 +630,17 @@ def wgrad_split(B, HW, C_in, C_out, es, config, in_bytes=None):
 
 
 def interpreter_tiles():
-    """{"config": ..., "bwd_config": ...}: tile tables with one large tile per small sample, for runs under
-    Triton's interpreter that check the wiring (tests/interpret, ``scripts/gpu_check.py --dry``): there a
-    launch costs about 1 s per thousand K-steps and per program. Every real config is in ``CONFIGS`` and
-    ``BWD_CONFIGS``, tested in tests/ops/test_conv.py."""
+    """{module attribute: value}: tile tables with one large tile per small sample, and a large block for the
+    weight gradient's group sums, for runs under Triton's interpreter that check the wiring (tests/interpret,
+    ``scripts/gpu_check.py --dry``): there each loop iteration of each program costs a few milliseconds.
+    Every real config is in ``CONFIGS`` and ``BWD_CONFIGS``, tested in tests/ops/test_conv.py."""
     def px(hw):
         return max(16, min(128, triton.next_power_of_2(hw)))
 
     return {"config": lambda dtype, c_in, hw, *input_mode: (px(hw), 128, 64, 4, 1),
             "bwd_config": lambda dtype, kind_of_pass, hw=0, c_in=0, c_out=0, pool=False:
-            (px(hw), 128, 64, 4, 1) if kind_of_pass == "dgrad" else (128, 128, px(hw), 4, 1)}
+            (px(hw), 128, 64, 4, 1) if kind_of_pass == "dgrad" else (128, 128, px(hw), 4, 1),
+            "WGRAD_SUM_BLOCK": 1 << 16}
 
 
 def conv3x3_bwd(dy, x, weight, bias_dtype, x2=None, norm=None, pool=False, input_grad=True):

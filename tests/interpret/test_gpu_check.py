@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_gpu_check_dry_runs_every_step(tmp_path):
     env = dict(os.environ, FAST_UNET_BACKEND="auto")
     proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry", "--out", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
     summary = (tmp_path / "summary.txt").read_text() if (tmp_path / "summary.txt").exists() else ""
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
