@@ -24,6 +24,8 @@ their types in the option ``arg_types``: ``_common.with_fp32_params``); ``builds
 The ``triton.compile`` call form used here is the one that works on Triton 3.6, 3.8 and 3.9; keep
 every use of it in ``compile_one``.
 """
+import collections
+import concurrent.futures
 import importlib
 import os
 import re
@@ -205,10 +207,15 @@ def parse_archs(text):
     return archs
 
 
-def report(archs, kernels=None, progress=None, match=None, configs=None):
+def report(archs, kernels=None, progress=None, match=None, configs=None, jobs=None):
     """One dict per (build, arch): kernel, config, arch, regs, spill_bytes, shared_bytes, tensor_cores and
     the inner-loop columns (``loop_columns``). ``kernels``: exact kernel labels; ``match``: substrings of
-    kernel labels; ``configs``: substrings of config labels (``select``)."""
+    kernel labels; ``configs``: substrings of config labels (``select``).
+
+    The builds compile one after another in this thread (``triton.compile``; Triton's cache makes a repeat
+    cheap); their disassembly and loop analysis (``loop_columns``: a ``cuobjdump`` process per build, as long
+    as a cold compile) runs beside them on ``jobs`` threads (default: one per CPU), at most ``2 x jobs``
+    builds ahead of the rows handed to ``progress``; the rows come back in build order."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the compile report needs TRITON_INTERPRET unset (interpreted kernels cannot be compiled)")
     all_builds = builds()
@@ -219,20 +226,40 @@ def report(archs, kernels=None, progress=None, match=None, configs=None):
     if not chosen:
         raise ValueError(f"no build matches kernels={kernels} match={match} configs={configs}; kernels: "
                          f"{sorted({b[0] for b in all_builds})}")
-    rows = []
-    for name, fn, label, dtype, ce, opts in chosen:
-        for arch in archs:
-            row = {"kernel": name, "config": label, "arch": f"sm_{arch}"}
+    jobs = max(1, int(jobs or os.cpu_count() or 1))
+    rows, pending = [], collections.deque()
+
+    def finish(row, future):  # report, do not stop: one failing build must not hide the others
+        if future is not None:
             try:
-                row.update(analyse(fn, dtype, ce, opts, arch))
-            except Exception as e:  # report, do not stop: one failing build must not hide the others
-                row.update(regs=None, spill_bytes=None, shared_bytes=None, tensor_cores=None,
-                           error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                row.update(dict.fromkeys(LOOP_KEYS))
-            rows.append(row)
-            if progress:
-                progress(row)
+                row.update(future.result())
+            except Exception as e:
+                row.update(_error(e), **dict.fromkeys(LOOP_KEYS))
+        rows.append(row)
+        if progress:
+            progress(row)
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for name, fn, label, dtype, ce, opts in chosen:
+            for arch in archs:
+                row, future = {"kernel": name, "config": label, "arch": f"sm_{arch}"}, None
+                try:
+                    kernel = compile_one(fn, dtype, ce, opts, arch)
+                    row.update(resources(kernel))
+                    future = pool.submit(loop_columns, kernel, fn, ce, opts)
+                except Exception as e:
+                    row.update(regs=None, spill_bytes=None, shared_bytes=None, tensor_cores=None, **_error(e))
+                    row.update(dict.fromkeys(LOOP_KEYS))
+                pending.append((row, future))
+                while len(pending) > 2 * jobs:
+                    finish(*pending.popleft())
+        while pending:
+            finish(*pending.popleft())
     return rows
+
+
+def _error(e):
+    return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
 
 
 TABLE_HEAD = ("kernel", "config", "arch", "regs", "spill_bytes", "shared_bytes", "tensor_cores", "loop_insts",

@@ -23,6 +23,9 @@ a forward branch inside it (Triton's loops predicate rather than branch, so the 
 Instructions are per warp: a program of ``num_warps`` warps issues ``num_warps`` times as many warp
 instructions per iteration (``per_units``).
 """
+import functools
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -190,10 +193,53 @@ def disassemble(cubin):
         return subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
 
 
-def kernel_loop(cubin):
+def kernel_loop(cubin, cache=True):
     """``hot_loop`` of the one kernel in a cubin (the function with the most instructions if there are
-    several), or None."""
+    several), or None.
+
+    With ``cache``, the result is kept as JSON in ``sass/`` of fast_unet's cache folder
+    (``fast_unet.tuning.cache_dir``), named by the SHA-256 of the cubin and of this module's source, so a
+    cubin already analysed by this parser is not disassembled again. An unreadable entry is analysed anew
+    and replaced; the entry is written to a temporary file and renamed, so a killed run leaves none half
+    written."""
+    path = _cache_file(cubin) if cache else None
+    if path:
+        try:
+            with open(path) as f:
+                return _from_json(json.load(f))
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
     functions = parse(disassemble(cubin))
     if not functions:
         raise RuntimeError("cuobjdump -sass printed no instructions")
-    return hot_loop(max(functions.values(), key=len))
+    out = hot_loop(max(functions.values(), key=len))
+    if path:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"loop": out}, f)
+            os.replace(tmp, path)
+        except OSError:  # a read-only or full cache folder: the result stands, uncached
+            pass
+    return out
+
+
+def _from_json(entry):
+    out = entry["loop"]
+    if out is not None and not (isinstance(out, dict) and isinstance(out.get("insts"), int)):
+        raise ValueError("not a loop entry")
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _source_hash():
+    with open(__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def _cache_file(cubin):
+    from fast_unet.tuning import cache_dir
+
+    key = hashlib.sha256(bytes(cubin)).hexdigest()[:32]
+    return os.path.join(cache_dir(), "sass", f"{_source_hash()}-{key}.json")

@@ -100,3 +100,25 @@ def test_hot_loop_is_an_innermost_tensor_core_loop():
         "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24", "FFMA R24, R25, R26, R24")
     hot = sass.hot_loop(sass.parse(plain)[""])
     assert (hot["start"], hot["end"], hot["insts"]) == (0x10, 0x30, 3)  # longest innermost (ties: first)
+
+
+def test_kernel_loop_caches_its_result_by_cubin(tmp_path, monkeypatch):
+    """``kernel_loop`` keeps its result in the cache folder by the cubin's hash: a second call on the same
+    bytes does not disassemble, other bytes do; an unreadable entry is analysed anew and rewritten;
+    ``cache=False`` neither reads nor writes."""
+    monkeypatch.setenv("FAST_UNET_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(sass, "disassemble", lambda cubin: calls.append(bytes(cubin)) or _SASS)
+    first = sass.kernel_loop(b"cubin-a")
+    assert first["tensor_core"] == 1 and calls == [b"cubin-a"]
+    assert sass.kernel_loop(b"cubin-a") == first and calls == [b"cubin-a"]
+    assert sass.kernel_loop(b"cubin-b") == first and calls == [b"cubin-a", b"cubin-b"]
+    entries = sorted((tmp_path / "sass").iterdir())
+    assert len(entries) == 2 and not any(p.suffix == ".tmp" for p in entries)
+    for p in entries:
+        p.write_text('{"loop": "not a loop"')
+    assert sass.kernel_loop(b"cubin-a") == first and len(calls) == 3
+    assert sass.kernel_loop(b"cubin-a") == first and len(calls) == 3
+    assert sass.kernel_loop(b"cubin-a", cache=False) == first and len(calls) == 4
+    monkeypatch.setattr(sass, "disassemble", lambda cubin: _listing(["FADD R1, R1, R2", "EXIT"]))
+    assert sass.kernel_loop(b"no-loop") is None and sass.kernel_loop(b"no-loop") is None
