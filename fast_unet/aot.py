@@ -19,7 +19,8 @@ build's ``BLOCK_*`` constexprs unless the module's ``AOT_LOOP_TILES`` names the 
 The builds come from the kernel modules: each module of ``fast_unet.kernels`` declares ``aot_builds()``
 and the signature hints of its kernels (``AOT_FP32_POINTERS``, ``AOT_FLOAT_ARGS``, ``AOT_ALIGNED_INTS``;
 see kernels/__init__.py; a bf16/fp16 build with its (C,) parameters in float32, as under autocast, sets
-their types in the option ``arg_types``: ``_common.with_fp32_params``); ``builds()`` concatenates them.
+their types in the option ``arg_types``: ``_common.with_fp32_params``; a build whose launches pass some of
+the ``AOT_ALIGNED_INTS`` unaligned names them in the option ``unaligned_ints``); ``builds()`` concatenates them.
 
 The ``triton.compile`` call form used here is the one that works on Triton 3.6, 3.8 and 3.9; keep
 every use of it in ``compile_one``.
@@ -98,7 +99,7 @@ def compile_one(fn, dtype, constexprs, options, arch):
 
     options = dict(options)
     sig = _signature(fn, dtype, constexprs, options.pop("arg_types", {}))
-    aligned_ints = _hints(fn)[2]
+    aligned_ints = _hints(fn)[2] - frozenset(options.pop("unaligned_ints", ()))
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                if sig[n] != "constexpr" and (sig[n].startswith("*") or n in aligned_ints)}
     target = GPUTarget("cuda", arch, 32)

@@ -270,7 +270,7 @@ def _conv3x3_dgrad_kernel(
                      g, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SAMPLES"])  # SAMPLES = 1 made a constant: 16 bytes of stack (float32, sm_90)
 def _conv3x3_wgrad_kernel(
     x_ptr, x2_ptr,  # the forward's inputs, as ``_conv3x3_kernel`` reads them
     dy_ptr,  # (B, H, W, C_out) in memory
@@ -437,6 +437,9 @@ CONFIGS = {
     # float32 with the max-pool read on load: at 1 stage sm_90 capped it at 128 (4 warps) or 80 (8 warps)
     # registers and spilled 8-16 bytes; 2 stages compile to 168 registers, no spill, on both archs
     ("float32", "pool"): (64, 64, 16, 4, 2),
+    # float32 normalising on load: once the weight's strides carry the JIT's multiple-of-16 hint, 4 warps
+    # spilled 16 bytes on sm_90 at 2 stages (128 registers) and 8 on sm_80 at 3; 8 warps: 80-106, no spill
+    ("float32", "norm"): (64, 64, 16, 8, 2),
 }
 # The wide-N config of a variant, and the input modes it takes: the others stay on the variant's own
 # config where the wide one spills (concat: 88 bytes on sm_90 at 128x128x32; plain, strided: 48 bytes
@@ -458,8 +461,8 @@ def config(dtype, c_in, hw, pool=False, c_out=0, norm=False, concat=False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of a launch: x's dtype, the GEMM's C_in (both
     inputs' channels), the output pixels per sample, the input mode and C_out."""
     kind = "float32" if dtype in (torch.float32, "float32") else "half"
-    if kind == "float32" and pool:
-        return CONFIGS[(kind, "pool")]
+    if kind == "float32" and (pool or norm):
+        return CONFIGS[(kind, "pool" if pool else "norm")]
     variant = "small_hw" if hw <= 64 else ("wide_k" if c_in >= 32 else "narrow_k")
     wide = WIDE_N.get((kind, variant))
     if wide and c_out >= WIDE_N_MIN_C_OUT and input_mode(norm, concat, pool) in WIDE_N_MODES[wide]:
@@ -747,7 +750,9 @@ WRITES = {
 
 # Signature hints: float32 pointers (other pointers take the build's dtype), float scalars (other
 # scalars are i32), and integers that are multiples of 16 at the model's shapes (x's strides are those
-# of channels_last activations with C_in >= 64).
+# of channels_last activations with C_in >= 64; the channels_last weight's strides are 9, 3 and 1 x C_in),
+# which the JIT marks so on a GPU. The plain mode's builds leave out C1, C_in and the weight strides
+# (``PLAIN_UNALIGNED``): the model's plain conv is its first, on the 3-channel image.
 AOT_FP32_POINTERS = {"part_ptr", "pin_ptr", "mean_ptr", "rstd_ptr", "sp_ptr", "p_ptr", "pb_ptr"}
 # (C,) parameter pointers (and their gradients'): float32 or the build's dtype; the builds take both
 # (``_common.with_fp32_params``: float32 is autocast's case).
@@ -755,7 +760,9 @@ AOT_PARAM_POINTERS = {"bias_ptr", "gw_ptr", "gb_ptr", "db_ptr"}
 AOT_FLOAT_ARGS = {"eps"}
 AOT_ALIGNED_INTS = {"C1", "C_in", "C_out", "stride_xb", "stride_xh", "stride_xw", "stride_x2b", "stride_x2h",
                     "stride_x2w", "stride_db", "stride_dh", "stride_dw", "stride_d2b", "stride_d2h", "stride_d2w",
-                    "SUM_PER_PROG"}
+                    "SUM_PER_PROG", "stride_wn", "stride_wh", "stride_ww"}
+WEIGHT_STRIDES = ("stride_wn", "stride_wh", "stride_ww")
+PLAIN_UNALIGNED = ("C1", "C_in") + WEIGHT_STRIDES
 # Ints that are 1 at inputs the launchers take (a 1-pixel side, one input channel, one partial): the JIT specialises them to constants.
 AOT_ONE_INTS = {"H", "W", "C1", "C_in", "P_in", "B", "S", "SAMPLES", "S_w"}
 # The work of one iteration of each kernel's inner loop, for the compile report's per-1,024 figures
@@ -773,8 +780,8 @@ def config_modes(kind, name):
     """The input modes ``config`` launches with ``CONFIGS[(kind, name)]``."""
     if name in WIDE_N_MODES:
         return WIDE_N_MODES[name]
-    if kind == "float32":  # float32 pool-on-load has its own config ("pool"), the others share one
-        return ("pool-on-load",) if name == "pool" else INPUT_MODES[:3]
+    if kind == "float32":  # float32 pool- and norm-on-load have their own configs, the others share one
+        return {"pool": ("pool-on-load",), "norm": ("norm-on-load",)}.get(name, ("plain", "concat"))
     return INPUT_MODES
 
 
@@ -799,9 +806,14 @@ def aot_builds():
                             f"{dt} {variant} {bm}x{bn}x{bk} w{warps} s{stages}{tag}", dt,
                             dict(dict(POOL_IN=False), **ce_x, stride_wc=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                  IEEE=ieee, NORM_IN=norm_in, HAS_X2=has_x2, BLOCK_P=NORM_BLOCK_P),
-                            dict(num_warps=warps, num_stages=stages)))
+                            dict(num_warps=warps, num_stages=stages,
+                                 **(dict(unaligned_ints=PLAIN_UNALIGNED) if variant == "plain" else {}))))
     out += _bwd_builds()
-    return with_ones(with_fp32_params(out, AOT_PARAM_POINTERS), AOT_ONE_INTS)
+    out = with_ones(with_fp32_params(out, AOT_PARAM_POINTERS), AOT_ONE_INTS)
+    # at C_in = 1 the weight's strides are 9, 3 and 1: not multiples of 16
+    return [b if b[4].get("C_in") != 1 else
+            b[:5] + (dict(b[5], unaligned_ints=tuple(sorted(set(b[5].get("unaligned_ints", ())) | set(WEIGHT_STRIDES)))),)
+            for b in out]
 
 
 _BWD_MODES = (("plain", False, False, False), ("norm-on-load", True, False, False), ("concat", False, True, False),
@@ -827,6 +839,8 @@ def _bwd_builds():
             if mode != "plain":
                 ce["stride_xc"] = 1
             opts = dict(num_warps=warps, num_stages=stages)
+            if mode == "plain":
+                opts["unaligned_ints"] = PLAIN_UNALIGNED
             label = f"{dt} {mode} {bm}x{bn}x{bk} w{warps} s{stages}{tag}"
             if name == "dgrad":
                 dce = dict(ce, stride_dc=1, BLOCK_S=WGRAD_SUM_BLOCK) if mode != "plain" else dict(ce, BLOCK_S=WGRAD_SUM_BLOCK)

@@ -374,27 +374,28 @@ def test_config_takes_the_wide_n_tile_where_it_compiles_without_spills():
     assert K.config(torch.bfloat16, 512, 256, c_out=128, concat=True) == K.CONFIGS[("half", "wide_k")]
     assert K.config(torch.bfloat16, 64, 1024, c_out=64, norm=True) == K.CONFIGS[("half", "wide_k")]
     assert K.config(torch.bfloat16, 3, 4096, c_out=128) == K.CONFIGS[("half", "narrow_k")]
-    assert K.config(torch.float32, 128, 1024, c_out=256, norm=True) == K.CONFIGS[("float32", "wide_k")]
-    # every (config, input mode) the launcher can pick is a build of the compile report
+    assert K.config(torch.float32, 128, 1024, c_out=256, norm=True) == K.CONFIGS[("float32", "norm")]
+    assert K.config(torch.float32, 128, 1024, c_out=256, concat=True) == K.CONFIGS[("float32", "wide_k")]
+    # every (config, input mode) the launcher can pick is a build of the compile report, warps and stages too
     builds = K.aot_builds()
-    built = {(b[3], b[4]["BLOCK_M"], b[4]["BLOCK_N"], b[4]["BLOCK_K"], b[4]["NORM_IN"], b[4]["HAS_X2"], b[4]["POOL_IN"])
-             for b in builds if b[0] == "conv3x3_gn"}
+    built = {(b[3], b[4]["BLOCK_M"], b[4]["BLOCK_N"], b[4]["BLOCK_K"], b[5]["num_warps"], b[5]["num_stages"],
+              b[4]["NORM_IN"], b[4]["HAS_X2"], b[4]["POOL_IN"]) for b in builds if b[0] == "conv3x3_gn"}
     for dt in ("bfloat16", "float16", "float32"):
         for c_in, hw, c_out in [(3, 4096, 64), (64, 1024, 64), (64, 1024, 128), (256, 64, 512), (512, 64, 128)]:
             for norm, concat, pool in [(False, False, False), (True, False, False), (False, True, False),
                                        (False, False, True)]:
-                bm, bn, bk = K.config(dt, c_in, hw, pool, c_out, norm, concat)[:3]
-                assert (dt, bm, bn, bk, norm, concat, pool) in built, (dt, c_in, hw, c_out, norm, concat, pool)
+                tile = K.config(dt, c_in, hw, pool, c_out, norm, concat)
+                assert (dt, *tile, norm, concat, pool) in built, (dt, c_in, hw, c_out, norm, concat, pool)
     # and so is every (config, input mode) of the backward's data and weight gradients
     for label, kind_of_pass in (("conv3x3_dgrad", "dgrad"), ("conv3x3_wgrad", "wgrad")):
-        bwd = {(b[3], b[4]["BLOCK_M"], b[4]["BLOCK_N"], b[4]["BLOCK_K"], b[4]["NORM_IN"], b[4]["HAS_X2"],
-                b[4]["POOL_IN"]) for b in builds if b[0] == label}
+        bwd = {(b[3], b[4]["BLOCK_M"], b[4]["BLOCK_N"], b[4]["BLOCK_K"], b[5]["num_warps"], b[5]["num_stages"],
+                b[4]["NORM_IN"], b[4]["HAS_X2"], b[4]["POOL_IN"]) for b in builds if b[0] == label}
         for dt in ("bfloat16", "float16", "float32"):
             for c_in, hw, c_out in [(3, 4096, 64), (64, 1024, 64), (64, 1024, 128), (256, 64, 512), (512, 64, 128)]:
                 for norm, concat, pool in [(False, False, False), (True, False, False), (False, True, False),
                                            (False, False, True)]:
-                    bm, bn, bk = K.bwd_config(dt, kind_of_pass, hw, c_in, c_out, pool)[:3]
-                    assert (dt, bm, bn, bk, norm, concat, pool) in bwd, (label, dt, c_in, hw, c_out, norm, concat, pool)
+                    tile = K.bwd_config(dt, kind_of_pass, hw, c_in, c_out, pool)
+                    assert (dt, *tile, norm, concat, pool) in bwd, (label, dt, c_in, hw, c_out, norm, concat, pool)
 
 
 @pytest.mark.parametrize("variant", ["plain", "concat", "norm", "pool", "gn_relu_partials", "norm_wide_bf16"])
