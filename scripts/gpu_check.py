@@ -53,6 +53,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # every step imports this checkout's fast_unet and bench/ (not installed), whatever is installed
 UNFUSED = "triton,conv3x3=eager,gn_relu_maxpool=eager,upsample2x=eager,gn_ln_linear=eager,mlp_residual=eager"
 
 # step -> its time limit in seconds on a GPU (cut to what is left of the budget)
@@ -67,7 +68,6 @@ TOTAL_S = 420  # 7 minutes; --budget changes it
 def _setup(dry):
     import torch
 
-    sys.path.insert(0, ROOT)  # bench/ is not installed
     device = "cpu" if dry else "cuda"
     if not dry and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --dry for the CPU code path")
