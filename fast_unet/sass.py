@@ -200,8 +200,8 @@ def kernel_loop(cubin, cache=True):
     With ``cache``, the result is kept as JSON in ``sass/`` of fast_unet's cache folder
     (``fast_unet.tuning.cache_dir``), named by the SHA-256 of the cubin and of this module's source, so a
     cubin already analysed by this parser is not disassembled again. An unreadable entry is analysed anew
-    and replaced; the entry is written to a temporary file and renamed, so a killed run leaves none half
-    written."""
+    and replaced; entries are written with ``fast_unet.files.atomic_write``, so a killed run leaves none
+    half written."""
     path = _cache_file(cubin) if cache else None
     if path:
         try:
@@ -214,13 +214,13 @@ def kernel_loop(cubin, cache=True):
         raise RuntimeError("cuobjdump -sass printed no instructions")
     out = hot_loop(max(functions.values(), key=len))
     if path:
+        from fast_unet.files import FileError, atomic_write
+
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"loop": out}, f)
-            os.replace(tmp, path)
-        except OSError:  # a read-only or full cache folder: the result stands, uncached
+            # unique: two reports at once each install a whole entry
+            atomic_write(path, lambda f: f.write(json.dumps({"loop": out}).encode()), sync=False, unique=True)
+        except (OSError, FileError):  # a read-only or full cache folder: the result stands, uncached
             pass
     return out
 
