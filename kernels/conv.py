@@ -806,14 +806,21 @@ def aot_builds():
                             f"{dt} {variant} {bm}x{bn}x{bk} w{warps} s{stages}{tag}", dt,
                             dict(dict(POOL_IN=False), **ce_x, stride_wc=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                  IEEE=ieee, NORM_IN=norm_in, HAS_X2=has_x2, BLOCK_P=NORM_BLOCK_P),
-                            dict(num_warps=warps, num_stages=stages,
-                                 **(dict(unaligned_ints=PLAIN_UNALIGNED) if variant == "plain" else {}))))
+                            dict(num_warps=warps, num_stages=stages)))
     out += _bwd_builds()
-    out = with_ones(with_fp32_params(out, AOT_PARAM_POINTERS), AOT_ONE_INTS)
-    # at C_in = 1 the weight's strides are 9, 3 and 1: not multiples of 16
-    return [b if b[4].get("C_in") != 1 else
-            b[:5] + (dict(b[5], unaligned_ints=tuple(sorted(set(b[5].get("unaligned_ints", ())) | set(WEIGHT_STRIDES)))),)
-            for b in out]
+    return [_with_unaligned(b) for b in with_ones(with_fp32_params(out, AOT_PARAM_POINTERS), AOT_ONE_INTS)]
+
+
+def _with_unaligned(build):
+    """``build`` with the option ``unaligned_ints`` naming the ``AOT_ALIGNED_INTS`` its launches pass
+    unaligned: ``PLAIN_UNALIGNED`` in the plain mode (the builds without ``stride_xc == 1``: the model's
+    3-channel input), the weight's strides at C_in = 1 (9, 3 and 1)."""
+    label, _, _, _, ce, opts = build
+    plain = label in ("conv3x3_gn", "conv3x3_dgrad", "conv3x3_wgrad") and "stride_xc" not in ce
+    names = set(PLAIN_UNALIGNED) if plain else set()
+    if ce.get("C_in") == 1:
+        names |= set(WEIGHT_STRIDES)
+    return build[:5] + (dict(opts, unaligned_ints=tuple(sorted(names))),) if names else build
 
 
 _BWD_MODES = (("plain", False, False, False), ("norm-on-load", True, False, False), ("concat", False, True, False),
@@ -839,8 +846,6 @@ def _bwd_builds():
             if mode != "plain":
                 ce["stride_xc"] = 1
             opts = dict(num_warps=warps, num_stages=stages)
-            if mode == "plain":
-                opts["unaligned_ints"] = PLAIN_UNALIGNED
             label = f"{dt} {mode} {bm}x{bn}x{bk} w{warps} s{stages}{tag}"
             if name == "dgrad":
                 dce = dict(ce, stride_dc=1, BLOCK_S=WGRAD_SUM_BLOCK) if mode != "plain" else dict(ce, BLOCK_S=WGRAD_SUM_BLOCK)
