@@ -13,7 +13,12 @@ exponentials. Measures nothing; ``bench/recorder.py`` calls it for every launch 
   8 N^2 d + N^2 exponentials in its dK/dV pass (``_attn_bwd`` without ADD_DQ) and 6 N^2 d + N^2 in its dQ
   kernel).
 - The forward's running-max rescale, alpha = exp2(m_old - m_new): BLOCK_M more exponentials per
-  iteration of its loop (one per query row and key tile), from the launch's constexprs.
+  iteration of its loop (one per query row and key tile), from the launch's constexprs. A forward with
+  ``FAST_SOFTMAX`` (kernels/attention.py) counts 3/4 of the scores' exponentials on the SFU (the other
+  quarter are FMA-unit polynomials, in its loop's warp instructions). Its row sums (P times a tile of
+  ones, 2 N^2 x 16 FLOPs per head beyond the model's math) are in the issue term as their HGMMA
+  instructions, not in the FLOPs: with them the tensor cores take 192 (d = 16) and 320 (d = 32) cycles of
+  an SM sub-partition per iteration against the 446 and 472 it issues (sm_90, bf16).
 - Elementwise and reduction kernels (GroupNorm, pooling, upsampling, the statistics): no FLOP term. At
   most ~16 scalar FLOPs per element on the CUDA cores never bind before memory does (an H200's fp32
   CUDA-core rate over its bandwidth: 67e12 / 4.3e12 = 15.6 FLOP per byte, and every element is >= 2 bytes);
@@ -108,6 +113,8 @@ def _attn_tile_pairs(t, a):
 def _attn_fwd(t, a):  # plus the rescale exp2(m_old - m_new): BLOCK_M per (query tile, key tile)
     bh, n, d = _attn_shape(t)
     rescale = _attn_tile_pairs(t, a) * a["BLOCK_M"] if a and "BLOCK_M" in a and "BLOCK_N" in a else 0
+    if a and a.get("FAST_SOFTMAX"):  # a quarter of the scores' exponentials on the FMA units (issue term)
+        return 4 * bh * n * n * d, bh * n * n * 3 // 4 + rescale, t["qkv_ptr"]
     return 4 * bh * n * n * d, bh * n * n + rescale, t["qkv_ptr"]
 
 

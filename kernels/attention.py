@@ -38,13 +38,44 @@ from ._common import maximum as _maximum
 
 LOG2E = 1.4426950408889634
 
+@triton.jit
+def _exp2_poly(x):
+    """2^x for x <= 0 on the FMA units (no SFU): x clamped to -125 (the result stays a normal float; exp2
+    gives 0 below about -126, this 2^-125), rounded to the nearest integer j by the 1.5 * 2^23 shift, 2^(x - j)
+    by a degree-3 polynomial on [-0.5, 0.5] (relative error under 1.1e-4), and j added to the exponent bits."""
+    x = tl.maximum(x, -125.0)
+    t = x + 12582912.0  # 1.5 * 2^23: j = round(x) sits in t's low mantissa bits
+    f = x - (t - 12582912.0)
+    p = ((0.05500858144333978 * f + 0.24221037434204815) * f + 0.6932829004942704) * f + 1.0
+    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exp2_quarter_poly(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """exp2 of a score tile (BLOCK_M, BLOCK_N), a quarter of it (the odd columns of the upper half) by
+    ``_exp2_poly`` on the FMA units and the rest by the SFU. The two splits are on column bits that a
+    tensor-core accumulator keeps in one thread's registers (the lowest and the highest)."""
+    halves = tl.reshape(x, (BLOCK_M, 2, BLOCK_N // 2)).permute(0, 2, 1)
+    lo, hi = tl.split(halves)
+    even, odd = tl.split(tl.reshape(hi, (BLOCK_M, BLOCK_N // 4, 2)))
+    hi = tl.reshape(tl.join(tl.math.exp2(even), _exp2_poly(odd)), (BLOCK_M, BLOCK_N // 2))
+    return tl.reshape(tl.join(tl.math.exp2(lo), hi).permute(0, 2, 1), (BLOCK_M, BLOCK_N))
+
 
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, start_n, N, qk_scale, stride_n, stride_d,
-              D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr):
+              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, MASKED: tl.constexpr,
+              FAST_SOFTMAX: tl.constexpr):
     """One key tile of the online softmax. Scores stay unscaled: the running max m_i is in the scaled
     base-2 domain (max(s) * qk_scale, qk_scale > 0), so p = exp2(s * qk_scale - m) is one FMA and one
-    exp2 per score. ``MASKED``: the tile reaches past N (columns past N load 0 and score -inf)."""
+    exp2 per score. ``MASKED``: the tile reaches past N (columns past N load 0 and score -inf).
+
+    ``FAST_SOFTMAX`` (``fwd_fast_softmax``): the row sums come from the tensor cores, P (rounded to the
+    dtype of V, as the PV product takes it) times a (BLOCK_N, 16) tile of ones, accumulated in a
+    (BLOCK_M, 16) l_i whose 16 columns are equal; and a quarter of the exponentials run on the FMA units
+    (``_exp2_quarter_poly``). Both move work off the units that bound the loop, the SFU's exp2 and the
+    FADDs of the row sum; the sums are then those of the P that multiplies V."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     kt_ptrs = k_base + offs_n[None, :] * stride_n + offs_d[:, None] * stride_d  # K^T tile (D, BLOCK_N)
@@ -59,10 +90,18 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, start_n, N, qk_scale, stride_n, 
         v = tl.load(v_ptrs)
         s = _dot(q, kt, IEEE)
     m_new = _maximum(m_i, _max_nan(s, 1) * qk_scale)  # NaN propagates, as in SDPA (masked columns are -inf)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    x = s * qk_scale - m_new[:, None]
+    if FAST_SOFTMAX:
+        p = _exp2_quarter_poly(x, BLOCK_M, BLOCK_N)
+    else:
+        p = tl.math.exp2(x)
     alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    pv = p.to(v.dtype)
+    if FAST_SOFTMAX:
+        l_i = l_i * alpha[:, None] + _dot(pv, tl.full((BLOCK_N, 16), 1.0, tl.float32).to(v.dtype), IEEE)
+    else:
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(pv, v, IEEE)
     return acc, m_new, l_i
 
 
@@ -74,8 +113,10 @@ def _attn_fwd(
     qk_scale, N, H,
     stride_b, stride_n, stride_t, stride_h, stride_d,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, EVEN_N: tl.constexpr,
+    FAST_SOFTMAX: tl.constexpr,
 ):
-    """``EVEN_N``: N is a multiple of BLOCK_M and BLOCK_N, and no load or score is masked."""
+    """``EVEN_N``: N is a multiple of BLOCK_M and BLOCK_N, and no load or score is masked.
+    ``FAST_SOFTMAX``: see ``_fwd_tile``."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -92,11 +133,16 @@ def _attn_fwd(
     k_base = base + stride_t
     v_base = base + 2 * stride_t
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if FAST_SOFTMAX:
+        l_i = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    else:
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, start_n, N, qk_scale, stride_n, stride_d,
-                                  D, BLOCK_N, IEEE, not EVEN_N)
+                                  D, BLOCK_M, BLOCK_N, IEEE, not EVEN_N, FAST_SOFTMAX)
+    if FAST_SOFTMAX:
+        l_i = tl.max(l_i, 1)
     acc = acc / l_i[:, None]
     o_offs = (b.to(tl.int64) * N + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :]
     lse_offs = bh.to(tl.int64) * N + offs_m
@@ -185,20 +231,6 @@ def _bwd_tile(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, dq_ptr, start_m
         ds = tl.trans(dst.to(k.dtype))
     if ADD_DQ:
         dq = _dot(ds, k, IEEE)  # (BLOCK_M, D), without the softmax scale
-        dq_ptrs = dq_ptr + offs_m[:, None] * D + offs_d[None, :]
-        if MASKED:
-            tl.atomic_add(dq_ptrs, dq, mask=m_mask[:, None], sem="relaxed")
-        else:
-            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
-    return dk, dv
-    st = _dot(k, qt, IEEE)  # S^T (BLOCK_N, BLOCK_M), unscaled
-    pt = tl.math.exp2(st * qk_scale - lse[None, :])
-    dv += _dot(pt.to(do.dtype), do, IEEE)
-    dpt = _dot(v, tl.trans(do), IEEE)
-    dst = pt * (dpt - delta[None, :])
-    dk += _dot(dst.to(qt.dtype), tl.trans(qt), IEEE)
-    if ADD_DQ:
-        dq = _dot(tl.trans(dst.to(k.dtype)), k, IEEE)  # (BLOCK_M, D), without the softmax scale
         dq_ptrs = dq_ptr + offs_m[:, None] * D + offs_d[None, :]
         if MASKED:
             tl.atomic_add(dq_ptrs, dq, mask=m_mask[:, None], sem="relaxed")
@@ -379,6 +411,19 @@ def config(kernel, D, dtype, ieee=True, even=True):
     raise KeyError(kernel)
 
 
+def fwd_fast_softmax(D, dtype, even=True):
+    """Whether the forward build at head dim D takes ``FAST_SOFTMAX`` (``_fwd_tile``): bf16/fp16 at d = 16
+    and 32 with N a multiple of the tiles. There the loop is bound by the SFU's exponentials (66 MUFU.EX2 per
+    thread and iteration at 64x128, 528 cycles of the SFU against 387 issue slots at d = 16, bf16,
+    sm_90); with the row sums on the tensor cores and a quarter of the exponentials on the FMA units it
+    issues 446 warp instructions and 50 MUFU.EX2 (400 cycles), so the issue rate bounds it (472 against
+    415 and 528 at d = 32). Not float32 (P stays float32 there, the polynomial's 1e-4 would show), not
+    at d = 64 (its loop is near the tensor cores' rate, which the ones tile would add to) and not on
+    masked tiles (masked columns would add 2^-125 each to the sums; the ragged build issues 591 with it)."""
+    fp32 = str(dtype).endswith("float32")
+    return not fp32 and D <= 32 and even
+
+
 def bwd_rows_q(kernel, D, dtype, ieee=True, even=True):
     """Whether ``kernel``'s ``_attn_bwd`` build (``config``'s "bwd" or "dkdv") takes the scores as S
     (queries as rows, ``ROWS_Q``) rather than S^T; see ``_bwd_tile``. S for the half-precision one-pass
@@ -420,7 +465,8 @@ def attention_fwd(qkv):
     sm_scale = 1.0 / math.sqrt(D)
     _attn_fwd[(triton.cdiv(N, bm), B * H)](
         qkv, o, lse, sm_scale * LOG2E, N, H, *qkv.stride(),
-        D=D, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, EVEN_N=even, num_warps=warps, num_stages=stages)
+        D=D, BLOCK_M=bm, BLOCK_N=bn, IEEE=ieee, EVEN_N=even, FAST_SOFTMAX=fwd_fast_softmax(D, qkv.dtype, even),
+        num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -508,8 +554,11 @@ def aot_builds():
                         rows_q = fn is _attn_bwd and bwd_rows_q(key, d, dt, ieee, even)
                         if fn is _attn_bwd:
                             ce["ROWS_Q"] = rows_q
+                        if fn is _attn_fwd:
+                            ce["FAST_SOFTMAX"] = fwd_fast_softmax(d, dt, even)
                         out.append((name, fn, f"{dt} d={d} {bm}x{bn} w{warps} s{stages}{tag}"
-                                    f"{' S' if rows_q else ''}{'' if even else ' ragged'}",
+                                    f"{' S' if rows_q else ''}{' fast' if ce.get('FAST_SOFTMAX') else ''}"
+                                    f"{'' if even else ' ragged'}",
                                     dt, ce, dict(num_warps=warps, num_stages=stages)))
             bm, _, warps, _ = config("preprocess", d, dt)
             for zero in (True, False):

@@ -226,9 +226,15 @@ def test_report_filters():
     assert aot.select(all_builds, match=["no such kernel"]) == []
 
 
-# Bounds at head dim 16, bf16, sm_90: warp instructions per 1,024 scores of the inner loop (the forward
-# issues 193.5, the one-pass backward with queries as rows 241.5).
-ATTENTION_TARGETS = {"attn_fwd": 210, "attn_bwd": 256}
+# Bounds at head dim 16, bf16, sm_90, on the cycles of one SM sub-partition per 1,024 scores of the inner
+# loop: the larger of its warp instructions (one issued per clock) and 8 x its MUFU.EX2 (4 SFU lanes). The
+# forward (FAST_SOFTMAX) issues 223 and 25 MUFU.EX2 (200 cycles), the one-pass backward with queries as
+# rows 241.5 and 32 (256).
+ATTENTION_TARGETS = {"attn_fwd": 230, "attn_bwd": 256}
+
+
+def _loop_cycles(row):
+    return max(row["insts_per_1k"], 8 * row["ex2_per_1k"])
 
 
 @pytest.fixture(scope="module")
@@ -259,13 +265,15 @@ def test_attention_loops_are_counted_without_spills(attention_d16_rows):
     for r in looped:
         assert r["loop_unit"] == "scores" and r["loop_units"] >= 64 * 64, r
         assert r["loop_ex2"] > 0 and r["loop_tc"] > 0 and r["insts_per_1k"] > 0, r
-        assert r["ex2_per_1k"] >= 32, r  # at least one MUFU.EX2 per score: 1,024 / 32 lanes
+        # one MUFU.EX2 per score (1,024 / 32 lanes), or 3 per 4 where a quarter run on the FMA units
+        assert r["ex2_per_1k"] >= (24 if " fast" in r["config"] else 32), r
 
 
 @pytest.mark.parametrize("label", sorted(ATTENTION_TARGETS))
 def test_attention_instruction_targets(label, attention_d16_rows):
-    """At head dim 16, bf16, sm_90 the forward issues at most 210 warp instructions per 1,024 scores and the
-    one-pass backward (``attn_bwd``) at most 256, at the model's shapes, with no spill.
+    """At head dim 16, bf16, sm_90 the forward's loop takes at most 230 cycles of an SM sub-partition per
+    1,024 scores and the one-pass backward's (``attn_bwd``) at most 256 (``_loop_cycles``: issue or the
+    SFU, whichever bounds it), at the model's shapes, with no spill.
     A label without builds is skipped, except ``attn_bwd`` when kernels/attention.py defines ``_attn_bwd``
     (then its build must be declared). Before the trimmed kernels land (no ``_attn_bwd`` in the module),
     a miss is an expected failure that prints the numbers."""
@@ -279,8 +287,8 @@ def test_attention_instruction_targets(label, attention_d16_rows):
     rows = [r for r in attention_d16_rows if r["kernel"] == label and r["config"] in configs]
     assert sorted(r["config"] for r in rows) == sorted(configs), rows
     assert not [r for r in rows if r.get("error") or r["spill_bytes"]], rows
-    over = [(r["config"], r["insts_per_1k"]) for r in rows if r["insts_per_1k"] > ATTENTION_TARGETS[label]]
+    over = [(r["config"], _loop_cycles(r)) for r in rows if _loop_cycles(r) > ATTENTION_TARGETS[label]]
     if over and not hasattr(attention, "_attn_bwd"):
-        pytest.xfail(f"{label}: {over} warp instructions per 1,024 scores, target {ATTENTION_TARGETS[label]} "
+        pytest.xfail(f"{label}: {over} cycles per 1,024 scores, target {ATTENTION_TARGETS[label]} "
                      f"(the kernels before issue 18's trimmed loops)")
-    assert not over, f"{label}: {over} warp instructions per 1,024 scores, target {ATTENTION_TARGETS[label]}"
+    assert not over, f"{label}: {over} cycles per 1,024 scores, target {ATTENTION_TARGETS[label]}"

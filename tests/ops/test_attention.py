@@ -195,6 +195,82 @@ def test_large_logits_are_stable():
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
 
 
+def _exp2_kernels():
+    """Test kernels over the forward's two exp2 helpers (defined here, at test time, so that triton.jit
+    sees the process's TRITON_INTERPRET; a jit function resolves names in its module's globals, hence
+    ``_kernels_attention``)."""
+    import triton
+    import triton.language as tl
+
+    global _kernels_attention
+    from fast_unet.kernels import attention as _kernels_attention
+
+    @triton.jit
+    def poly(x_ptr, y_ptr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, _kernels_attention._exp2_poly(tl.load(x_ptr + offs)))
+
+    @triton.jit
+    def quarter(x_ptr, y_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(y_ptr + offs, _kernels_attention._exp2_quarter_poly(tl.load(x_ptr + offs), BLOCK_M, BLOCK_N))
+
+    return poly, quarter
+
+
+@pytest.mark.backends("triton", "triton-cuda")
+def test_exp2_on_the_fma_units(backend):
+    """``_exp2_poly`` (2^x for x <= 0 without the SFU): within 1.1e-4 of 2^x (relative) down to -125, exactly
+    2^-125 below that and at -inf (never garbage from the exponent bits); and ``_exp2_quarter_poly`` puts
+    each score's exponential back in its own place, with a quarter of them by the polynomial."""
+    poly, quarter = _exp2_kernels()
+    x = torch.cat([-torch.rand(4096, dtype=torch.float64) * 126, torch.linspace(-4, 0, 1023, dtype=torch.float64),
+                   torch.tensor([-125.0, -125.5, -126.0, -300.0, -1e30, float("-inf"), -0.5, 0.5 - 1.0])])
+    x = torch.nn.functional.pad(x, (0, -x.numel() % 256), value=-1.0)
+    xf = x.float().to(backend.device)
+    y = torch.empty_like(xf)
+    poly[(xf.numel() // 256,)](xf, y, BLOCK=256)
+    y, ref = y.double().cpu(), torch.exp2(xf.double().cpu())
+    normal = xf.cpu() >= -125
+    rel = ((y - ref) / ref)[normal].abs().max().item()
+    assert rel < 1.1e-4, rel
+    assert (y[~normal] == 2.0 ** -125).all(), y[~normal]
+    tile = (torch.rand(64, 128) * -40).to(backend.device)
+    out = torch.empty_like(tile)
+    quarter[(1,)](tile, out, BLOCK_M=64, BLOCK_N=128)
+    rel = ((out.double() - torch.exp2(tile.double())) / torch.exp2(tile.double())).abs().cpu()
+    assert rel.max() < 1.1e-4
+    by_poly = (rel > 1e-6).sum().item()  # the SFU's (and numpy's) exp2 are within 1e-6; the polynomial is not, mostly
+    assert 0.15 * tile.numel() < by_poly <= 0.25 * tile.numel(), by_poly
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [16, 32])
+@pytest.mark.parametrize("scale", [1.5, 12.0], ids=["plain", "large-logits"])
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
+def test_fast_softmax_over_many_key_tiles(scale, d, dtype):
+    """The forward's FAST_SOFTMAX builds (half precision, d <= 32, N a multiple of the tiles) over three key
+    tiles: the running max rescales the tensor-core row sums, and with large logits (scores spread over
+    thousands in base 2) most scores fall below the polynomial's clamp (2^-125) or round to 0 in P.
+    Against float64 under the flash-attention rule: the output, and dqkv (whose P comes from the
+    forward's log-sum-exp) at plain logits. At large logits only the output is judged: there the
+    backward's delta = rowsum(dO * O), from the rounded O as in FlashAttention-2, makes the bf16 dQ and dK
+    errors several times those of CPU eager (which keeps the softmax's backward in float32), with or
+    without FAST_SOFTMAX."""
+    from fast_unet.kernels import attention as A
+
+    assert A.fwd_fast_softmax(d, dtype, A.even_n(384, 64, 128))
+    qkv64 = (torch.randn(1, 384, 3, 2, d, dtype=torch.float64) * scale).to(dtype).double()
+    do = torch.randn(1, 384, 2 * d, dtype=torch.float64)
+    out, g = _run(ops.attention, qkv64, dtype, do)
+    out_e, g_e = _run(eager.attention, qkv64, dtype, do)
+    ref, g_r = _run(eager.attention, qkv64, torch.float64, do)
+    assert_close_rule("o", out, out_e, ref, dtype)
+    if scale < 10:
+        assert_close_rule("dqkv", g, g_e, g_r, dtype)
+
+
 @pytest.mark.backends("triton")
 @pytest.mark.usefixtures("backend")
 def test_bad_inputs_name_the_argument(monkeypatch):
