@@ -69,8 +69,11 @@ def match(name, args, dtypes, builds=None):
 
     A build matches when its constexprs and warps/stages equal the launch's and each pointer's type (its
     signature, ``aot._signature``) is the tensor's; where only (C,) parameter pointers differ
-    (``AOT_PARAM_POINTERS``: float32 or not), such a build is taken when no exact one exists. The most
-    specific build wins (an int specialised to 1 where the launch passes 1)."""
+    (``AOT_PARAM_POINTERS``: float32 or not), such a build is taken when no exact one exists. A build that
+    marks an int argument a multiple of 16 (the module's ``AOT_ALIGNED_INTS`` less the build's option
+    ``unaligned_ints``) is compiled as the JIT compiles launches that pass one there. The most specific
+    build wins (an int specialised to 1 where the launch passes 1), then the one whose marks the launch
+    breaks least often (``_misaligned``), then the one that marks the most ints aligned."""
     from fast_unet import aot
 
     builds = _builds() if builds is None else builds
@@ -90,7 +93,14 @@ def match(name, args, dtypes, builds=None):
             continue  # another dtype's build
         (near if differ else exact).append(b)
     pick = exact or near
-    return max(pick, key=lambda b: len(b[4])) if pick else None
+    return max(pick, key=lambda b: (len(b[4]), -_misaligned(b, args), -len(b[5].get("unaligned_ints", ())))) \
+        if pick else None
+
+
+def _misaligned(build, args):
+    """How many of the ints ``build`` marks as multiples of 16 the launch passes as something else."""
+    marked = set(getattr(_module(build[1]), "AOT_ALIGNED_INTS", ())) - set(build[5].get("unaligned_ints", ()))
+    return sum(1 for n in marked if isinstance(args.get(n), int) and args[n] % 16)
 
 
 def fingerprint():

@@ -758,8 +758,9 @@ WRITES = {
 # Signature hints: float32 pointers (other pointers take the build's dtype), float scalars (other
 # scalars are i32), and integers that are multiples of 16 at the model's shapes (x's strides are those
 # of channels_last activations with C_in >= 64; the channels_last weight's strides are 9, 3 and 1 x C_in),
-# which the JIT marks so on a GPU. The plain mode's builds leave out C1, C_in and the weight strides
-# (``PLAIN_UNALIGNED``): the model's plain conv is its first, on the 3-channel image.
+# which the JIT marks so on a GPU. The plain mode's builds come twice (``_alignments``): as marked, and
+# without C1, C_in and the weight strides (``PLAIN_UNALIGNED``) for the model's first conv, on the
+# 3-channel image.
 AOT_FP32_POINTERS = {"part_ptr", "pin_ptr", "mean_ptr", "rstd_ptr", "sp_ptr", "p_ptr", "pb_ptr"}
 # (C,) parameter pointers (and their gradients'): float32 or the build's dtype; the builds take both
 # (``_common.with_fp32_params``: float32 is autocast's case).
@@ -815,19 +816,26 @@ def aot_builds():
                                  IEEE=ieee, NORM_IN=norm_in, HAS_X2=has_x2, BLOCK_P=NORM_BLOCK_P),
                             dict(num_warps=warps, num_stages=stages)))
     out += _bwd_builds()
-    return [_with_unaligned(b) for b in with_ones(with_fp32_params(out, AOT_PARAM_POINTERS), AOT_ONE_INTS)]
+    return [v for b in with_ones(with_fp32_params(out, AOT_PARAM_POINTERS), AOT_ONE_INTS) for v in _alignments(b)]
 
 
-def _with_unaligned(build):
-    """``build`` with the option ``unaligned_ints`` naming the ``AOT_ALIGNED_INTS`` its launches pass
-    unaligned: ``PLAIN_UNALIGNED`` in the plain mode (the builds without ``stride_xc == 1``: the model's
-    3-channel input), the weight's strides at C_in = 1 (9, 3 and 1)."""
-    label, _, _, _, ce, opts = build
+def _alignments(build):
+    """The builds the JIT compiles for ``build``'s launches, by which ``AOT_ALIGNED_INTS`` they pass as
+    multiples of 16 (the option ``unaligned_ints`` names the others). The plain mode (the builds without
+    ``stride_xc == 1``) is launched both ways: with C_in a multiple of 16 (a materialised input, such as the
+    first Down block's pooled one) as built, and on the model's 3-channel image, ``PLAIN_UNALIGNED``, in
+    a twin labelled "unaligned". At C_in = 1 the weight's strides (9, 3 and 1) are unaligned."""
+    label, _, config, _, ce, opts = build
     plain = label in ("conv3x3_gn", "conv3x3_dgrad", "conv3x3_wgrad") and "stride_xc" not in ce
-    names = set(PLAIN_UNALIGNED) if plain else set()
-    if ce.get("C_in") == 1:
-        names |= set(WEIGHT_STRIDES)
-    return build[:5] + (dict(opts, unaligned_ints=tuple(sorted(names))),) if names else build
+    names = set(WEIGHT_STRIDES) if ce.get("C_in") == 1 else set()
+    out = []
+    if plain and 1 not in (ce.get("C_in"), ce.get("C1")):  # plain: C1 = C_in
+        out.append(build[:5] + ((dict(opts, unaligned_ints=tuple(sorted(names))),) if names else (opts,)))
+    if plain:
+        names |= set(PLAIN_UNALIGNED)
+        config += " unaligned"
+    return out + [(label, build[1], config) + build[3:5] + ((dict(opts, unaligned_ints=tuple(sorted(names))),)
+                                                             if names else (opts,))]
 
 
 _BWD_MODES = (("plain", False, False, False), ("norm-on-load", True, False, False), ("concat", False, True, False),
