@@ -7,6 +7,8 @@ Output o: (B, N, heads * D) contiguous, the layout out_proj reads. Scale 1/sqrt(
 Softmax is online, in float32, in base 2: scores are multiplied by ``qk_scale = scale * log2(e)`` and
 exponentiated with exp2. The forward saves only ``lse`` (B, heads, N) float32, the row log-sum-exp in
 that base-2 domain (``lse = m + log2(l)``), so the backward recomputes P = exp2(S * qk_scale - lse).
+At bf16/fp16, head dim 16 and 32 (``fwd_fast_softmax``) the forward takes its row sums from the tensor
+cores and a quarter of its exponentials from a polynomial on the FMA units (``_fwd_tile``).
 
 Backward (FlashAttention-2's structure), by default three launches:
 1. ``_attn_bwd_preprocess``: delta = rowsum(dO * O), (B, heads, N) float32, and a zeroed float32 dQ
@@ -37,6 +39,7 @@ from ._common import max_nan as _max_nan
 from ._common import maximum as _maximum
 
 LOG2E = 1.4426950408889634
+
 
 @triton.jit
 def _exp2_poly(x):
