@@ -57,9 +57,9 @@ def _load_input(x_base, pix, pix_ok, c, c_ok, stride_xc, gw_ptr, gb_ptr, mean, r
         # relu(min(v, bound)) with bound +inf on the image and 0 on padding (NaN-propagating min: v's NaN
         # stays NaN on the image; on padding v is the channel's shift, NaN there only where the whole
         # channel is). Masked channels need nothing: their a, gw and gb load as 0, so v = 0 - mean * 0.
-        # One FMNMX per element in float32; a select (tl.where) was moved past the rounding to x's dtype
-        # by the compiler and unpacked and repacked each pair (sm_90, bf16, 128x64x32 forward: 238 -> 201
-        # warp instructions per K step).
+        # One FMNMX per element in float32. A select (tl.where) here is moved by the compiler past the
+        # rounding to x's dtype, where it unpacks and repacks each pair (sm_90, bf16, 128x64x32 forward:
+        # 238 warp instructions per K step with it, 201 with the bound).
         bound = tl.where(pix_ok, float("inf"), 0.0)
         a = _relu(tl.minimum(v, bound[:, None], propagate_nan=tl.PropagateNan.ALL)).to(a.dtype)
     return a
@@ -825,17 +825,17 @@ def _alignments(build):
     ``stride_xc == 1``) is launched both ways: with C_in a multiple of 16 (a materialised input, such as the
     first Down block's pooled one) as built, and on the model's 3-channel image, ``PLAIN_UNALIGNED``, in
     a twin labelled "unaligned". At C_in = 1 the weight's strides (9, 3 and 1) are unaligned."""
-    label, _, config, _, ce, opts = build
-    plain = label in ("conv3x3_gn", "conv3x3_dgrad", "conv3x3_wgrad") and "stride_xc" not in ce
-    names = set(WEIGHT_STRIDES) if ce.get("C_in") == 1 else set()
-    out = []
-    if plain and 1 not in (ce.get("C_in"), ce.get("C1")):  # plain: C1 = C_in
-        out.append(build[:5] + ((dict(opts, unaligned_ints=tuple(sorted(names))),) if names else (opts,)))
-    if plain:
-        names |= set(PLAIN_UNALIGNED)
-        config += " unaligned"
-    return out + [(label, build[1], config) + build[3:5] + ((dict(opts, unaligned_ints=tuple(sorted(names))),)
-                                                             if names else (opts,))]
+    label, fn, config, dtype, ce, opts = build
+
+    def variant(names, suffix=""):
+        return (label, fn, config + suffix, dtype, ce,
+                dict(opts, unaligned_ints=tuple(sorted(names))) if names else opts)
+
+    weight = set(WEIGHT_STRIDES) if ce.get("C_in") == 1 else set()
+    if label not in ("conv3x3_gn", "conv3x3_dgrad", "conv3x3_wgrad") or "stride_xc" in ce:
+        return [variant(weight)]
+    twin = variant(weight | set(PLAIN_UNALIGNED), " unaligned")
+    return [twin] if 1 in (ce.get("C_in"), ce.get("C1")) else [variant(weight), twin]  # plain: C1 = C_in
 
 
 _BWD_MODES = (("plain", False, False, False), ("norm-on-load", True, False, False), ("concat", False, True, False),
