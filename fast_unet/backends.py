@@ -53,6 +53,15 @@ def kernel_modules():
     return [m for name, m in sorted(_KERNEL_MODULES.items()) if not name.startswith("_")]
 
 
+def interpreter_tiles():
+    """[(module, attribute, value)]: the tile tables that the kernel modules offer (``interpreter_tiles()``)
+    for runs under Triton's interpreter that check the wiring (tests/interpret, ``scripts/gpu_check.py
+    --dry``): one large tile per small sample, since the interpreter's cost is per program and loop
+    iteration. Setting each attribute to its value swaps them in; every real config is tested in tests/ops."""
+    return [(m, name, value) for m in kernel_modules() if hasattr(m, "interpreter_tiles")
+            for name, value in m.interpreter_tiles().items()]
+
+
 def triton_interpreting():
     """True when the Triton kernels run on CPU tensors (TRITON_INTERPRET=1 when they were imported)."""
     return load_error("triton") is None and kernel_module("_common").INTERPRET

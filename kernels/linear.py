@@ -199,6 +199,13 @@ def config(dtype, n_out):
     return CONFIGS[(kind, "narrow_n" if n_out <= 64 else "wide_n")]
 
 
+def interpreter_tiles():
+    """{module attribute: value}: one large tile for runs under Triton's interpreter that check the wiring
+    (``fast_unet.backends.use_interpreter_tiles``), where each loop iteration of each program costs a few
+    milliseconds. Every real config is in ``CONFIGS``, tested in tests/ops/test_linear.py."""
+    return {"config": lambda dtype, n_out: (128, 256, 128, 4, 1)}
+
+
 def _same(name, p, x, shape):
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(p).__name__}")

@@ -71,11 +71,11 @@ def _setup(dry):
     device = "cpu" if dry else "cuda"
     if not dry and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --dry for the CPU code path")
-    if dry:  # the interpreter's cost is per program: one large conv tile per small sample (as tests/interpret)
-        from fast_unet.kernels import conv
+    if dry:  # the interpreter's cost is per program: one large tile per small sample (as tests/interpret)
+        from fast_unet import backends
 
-        for name, fn in conv.interpreter_tiles().items():
-            setattr(conv, name, fn)
+        for module, name, value in backends.interpreter_tiles():
+            setattr(module, name, value)
     return torch, device
 
 

@@ -40,10 +40,10 @@ def triton_backend(monkeypatch):
 
 
 @pytest.fixture
-def fast_conv_config(monkeypatch):
-    """One large conv tile per small sample, forward and backward (``conv.interpreter_tiles``): the wiring
-    is what these tests check; every real config is checked in tests/ops/test_conv.py."""
-    from fast_unet.kernels import conv as K
+def interpreter_tiles(monkeypatch):
+    """One large conv and linear tile per small sample (``fast_unet.backends.interpreter_tiles``): the wiring
+    is what these tests check; every real config is checked in tests/ops/test_conv.py and test_linear.py."""
+    from fast_unet import backends
 
-    for name, fn in K.interpreter_tiles().items():
-        monkeypatch.setattr(K, name, fn)
+    for module, name, value in backends.interpreter_tiles():
+        monkeypatch.setattr(module, name, value)

@@ -76,7 +76,7 @@ class _CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_autocast_model_runs_bf16_kernels_and_passes_the_rule(monkeypatch, fast_conv_config, launches):
+def test_autocast_model_runs_bf16_kernels_and_passes_the_rule(monkeypatch, interpreter_tiles, launches):
     """Under CPU autocast (bf16) a float32 model's forward takes >= 90% of its Triton launches in bf16 (the
     (C,) parameters float32); it casts the weight matrices and its input, never a (C,) parameter that a
     Triton op takes; the output is bf16 as eager autocast's is; output and every parameter gradient
@@ -178,7 +178,7 @@ def test_autocast_on_a_direct_custom_op_call():
     assert sorted(shape for shape, _, _ in counter.casts) == sorted([w.shape, x.shape])  # not b, gw, gb
 
 
-def test_every_triton_op_runs_under_the_device_guard(monkeypatch, fast_conv_config):
+def test_every_triton_op_runs_under_the_device_guard(monkeypatch, interpreter_tiles):
     """Each Triton custom op's implementation enters ``backends.device_guard`` with its tensors' device
     (on a GPU: that device made current, so a model on cuda:1 launches there)."""
     entered = []
@@ -206,7 +206,7 @@ def test_every_triton_op_runs_under_the_device_guard(monkeypatch, fast_conv_conf
     assert set(entered) == {x.device}
 
 
-def test_forward_makes_no_tensor_from_host_data(monkeypatch, fast_conv_config):
+def test_forward_makes_no_tensor_from_host_data(monkeypatch, interpreter_tiles):
     """No ``torch.tensor``/``as_tensor`` in a forward (on a GPU: a host-to-device copy, which a CUDA graph
     cannot capture), a Python-number timestep included."""
     model, _ = model_pair(8, 8)

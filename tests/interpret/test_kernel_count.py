@@ -1,8 +1,10 @@
 """bench.kernels on fast_unet under the Triton interpreter: the launch recorder, dry mode, the write
 declarations (each kernel module's ``WRITES`` / ``UPDATES``).
 
-Small shapes (B=1, 8x8, float32): counts do not depend on them. The eager-model counter's own
-tests (meta against CPU tensors, bytes of single ops) are in tests/test_eager_kernel_count.py.
+Small shapes (B=1, 8x8, float32) and the interpreter's large tiles (``fast_unet.backends.interpreter_tiles``,
+for the whole module: the dry and the real traces compared here both take them): counts do not depend on
+them. The eager-model counter's own tests (meta against CPU tensors, bytes of single ops) are in
+tests/test_eager_kernel_count.py.
 """
 import contextlib
 
@@ -15,6 +17,16 @@ from bench import kernels as bk
 
 F32 = torch.float32
 UNFUSED = {"FAST_UNET_BACKEND": bk.UNFUSED}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_tiles():
+    from fast_unet import backends
+
+    with pytest.MonkeyPatch.context() as mp:
+        for module, name, value in backends.interpreter_tiles():
+            mp.setattr(module, name, value)
+        yield
 
 
 def _sig(trace):

@@ -3,8 +3,8 @@ parameter gradient; per-op overrides that put fused ops on their eager twins; an
 that cannot take an input (head dims and widths the kernels do not take) while the others stay on Triton.
 
 Under the interpreter a conv launch costs ~1 s per thousand K-steps, so the model tests replace the
-conv's tile table with one large tile per small sample (``fast_conv_config``): the wiring is what these
-tests check; every real config of the conv is checked in tests/ops/test_conv.py."""
+conv's and the linear's tile tables with one large tile per small sample (``interpreter_tiles``): the
+wiring is what these tests check; every real config is checked in tests/ops/test_conv.py and test_linear.py."""
 import pytest
 import torch
 
@@ -18,7 +18,7 @@ FUSED = {"conv3x3", "gn_relu_maxpool", "upsample2x", "gn_ln_linear"}
 
 
 @pytest.mark.parametrize("setting", ["triton", "triton,conv3x3=eager", "triton,gn_ln_linear=eager,upsample2x=eager,mlp_residual=eager"])
-def test_unet_matches_reference(monkeypatch, fast_conv_config, choices, setting):
+def test_unet_matches_reference(monkeypatch, interpreter_tiles, choices, setting):
     """Float32, 16x16, batch 2, NCHW input (read in place by the first conv). ``triton``: every op on
     Triton; an override runs that op on its eager twin, whose pieces still run on Triton, and the ops
     downstream of a conv without partial statistics step aside for their eager twins."""
@@ -43,7 +43,7 @@ def test_unet_matches_reference(monkeypatch, fast_conv_config, choices, setting)
     assert_matches_reference(model, ref, y, x, t)
 
 
-def test_unet_non_square_channels_last(monkeypatch, fast_conv_config):
+def test_unet_non_square_channels_last(monkeypatch, interpreter_tiles):
     """8x16 (a 1x2 bottleneck), batch 1, channels_last input: the output keeps the input's format."""
     model, ref = model_pair(8, 16)
     x, t = conditioned_inputs(ref, 1, 8, 16)
@@ -54,7 +54,7 @@ def test_unet_non_square_channels_last(monkeypatch, fast_conv_config):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_unet_half_precision_forward(monkeypatch, fast_conv_config, dtype):
+def test_unet_half_precision_forward(monkeypatch, interpreter_tiles, dtype):
     """bf16/fp16 vs the float64 reference, judged by the eager model's own error in the same dtype (the
     flash-attention rule, on the whole forward)."""
     model, ref = model_pair(8, 8)
@@ -111,7 +111,7 @@ def test_attention_block_falls_back_op_by_op(monkeypatch, choices, channels, hea
 
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("block", ATTENTION_BLOCKS)
-def test_unet_with_an_attention_block_the_kernels_cannot_take(monkeypatch, fast_conv_config, choices, block, batch):
+def test_unet_with_an_attention_block_the_kernels_cannot_take(monkeypatch, interpreter_tiles, choices, block, batch):
     """One attention block at a time with head dim 8 in both models: its attention falls back, everything
     else runs on Triton, and the model matches the float64 reference, forward and every gradient. The
     skip connection of the Up block downstream then comes from a block whose attention ran on eager."""
@@ -157,7 +157,7 @@ def test_custom_op_registration(op):
     torch.library.opcheck(getattr(torch.ops.fast_unet, op).default, args)
 
 
-def test_torch_compile_traces_the_model_in_one_graph(fast_conv_config):
+def test_torch_compile_traces_the_model_in_one_graph(interpreter_tiles):
     """``torch.compile(fullgraph=True)``: dispatch, the Lazy tensors and every custom op trace without a graph
     break; the compiled model matches the eager one, forward and gradients; and under autocast (bf16) its
     output is the uncompiled model's."""
@@ -176,7 +176,7 @@ def test_torch_compile_traces_the_model_in_one_graph(fast_conv_config):
 @pytest.mark.parametrize("where,value", [("x", float("nan")), ("t", float("inf")), ("gn_weight", float("nan")),
                                          ("attention_weight", float("nan"))],
                          ids=["x-nan", "t-inf", "gn_weight-nan", "attention_weight-nan"])  # ~1 min each here
-def test_nonfinite_propagates_as_in_eager(monkeypatch, fast_conv_config, where, value):
+def test_nonfinite_propagates_as_in_eager(monkeypatch, interpreter_tiles, where, value):
     """A NaN or Inf planted in the input x, the timestep t (float timesteps), a GroupNorm weight or an
     attention projection weight: the Triton model's output and every gradient are NaN exactly where the
     eager model's are (Inf: non-finite exactly where eager's are, the forward NaN/Inf exactly), and close
