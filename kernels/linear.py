@@ -201,7 +201,7 @@ def config(dtype, n_out):
 
 def interpreter_tiles():
     """{module attribute: value}: one large tile for runs under Triton's interpreter that check the wiring
-    (``fast_unet.backends.use_interpreter_tiles``), where each loop iteration of each program costs a few
+    (``fast_unet.backends.interpreter_tiles``), where each loop iteration of each program costs a few
     milliseconds. Every real config is in ``CONFIGS``, tested in tests/ops/test_linear.py."""
     return {"config": lambda dtype, n_out: (128, 256, 128, 4, 1)}
 
