@@ -290,7 +290,7 @@ def _conv3x3_wgrad_kernel(
     stride_wn, stride_wc, stride_wh, stride_ww,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
     NORM_IN: tl.constexpr, HAS_X2: tl.constexpr, BLOCK_P: tl.constexpr, POOL_IN: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, TAPS_N: tl.constexpr,
 ):
     """The weight gradient of one tap: dw[n, c, kh, kw] = sum_{b, i, j} dy[b, i, j, n] a[b, i + kh - 1, j + kw - 1, c],
     an implicit GEMM (M = C_out, N = C_in, K = the pixels of SAMPLES samples), with a the conv's input read
@@ -299,7 +299,10 @@ def _conv3x3_wgrad_kernel(
     n_nb programs sum dy's columns (d bias) beside the GEMM tiles; then program_id(0) runs over the
     channel blocks, the taps, the output-channel blocks, so the programs that read the same dy rows run
     side by side (L2); program_id(1) over the S groups of SAMPLES samples. SPLIT: each group's
-    float32 sums go to ``out`` for ``_conv3x3_wgrad_sum_kernel``; else (one group) to d weight and d bias."""
+    float32 sums go to ``out`` for ``_conv3x3_wgrad_sum_kernel``; else (one group) to d weight and d bias.
+    TAPS_N (plain input, few channels: the model's 3-channel image): the GEMM's N runs over all 9 * C_in
+    (tap, channel) pairs, j = tap * C_in + c, in cdiv(9 * C_in, BLOCK_N) blocks, each element of A
+    gathered at its own tap, instead of 9 programs per channel block that each fill C_in of BLOCK_N columns."""
     pid = tl.program_id(0)
     s = tl.program_id(1)
     HW = H * W
@@ -323,16 +326,27 @@ def _conv3x3_wgrad_kernel(
             tl.store(db_ptr + n, _to_dtype(dbacc, db_ptr.dtype.element_ty), mask=n_ok)
     else:
         t = pid - n_nb
-        n_cb = tl.cdiv(C_in, BLOCK_N)
-        cb = t % n_cb
-        tap = (t // n_cb) % 9
-        nb = t // (9 * n_cb)
+        if TAPS_N:
+            tl.static_assert(not (NORM_IN or HAS_X2 or POOL_IN), "TAPS_N reads a plain input")
+            n_cb = tl.cdiv(9 * C_in, BLOCK_N)
+            nb = t // n_cb
+            j = (t % n_cb) * BLOCK_N + tl.arange(0, BLOCK_N)
+            tap = j // C_in  # vectors over the columns
+            c = j % C_in
+            c_ok = j < 9 * C_in
+        else:
+            n_cb = tl.cdiv(C_in, BLOCK_N)
+            cb = t % n_cb
+            tap = (t // n_cb) % 9
+            nb = t // (9 * n_cb)
         kh = tap // 3
         kw = tap % 3
         n = nb * BLOCK_M + tl.arange(0, BLOCK_M)
-        c = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+        if not TAPS_N:
+            c = cb * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < C_out
-        c_ok = c < C_in
+        if not TAPS_N:
+            c_ok = c < C_in
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for i in range(0, tl.minimum(SAMPLES, B - b_first)):
             b = b_first + i
@@ -346,29 +360,44 @@ def _conv3x3_wgrad_kernel(
             for p0 in range(0, HW, BLOCK_K):
                 p = p0 + kk
                 p_ok = p < HW
-                ih = p // W + (kh - 1)
-                iw = p % W + (kw - 1)
-                in_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                g = tl.load(dy_base + p[:, None] * C_out + n[None, :], mask=p_ok[:, None] & n_ok[None, :], other=0.0)
-                if POOL_IN:
-                    pix = ih * (2 * stride_xh) + iw * (2 * stride_xw)
+                if TAPS_N:  # each column at its own tap
+                    ih = (p // W)[:, None] + (kh - 1)[None, :]
+                    iw = (p % W)[:, None] + (kw - 1)[None, :]
+                    a_ok = p_ok[:, None] & c_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                    g = tl.load(dy_base + p[:, None] * C_out + n[None, :], mask=p_ok[:, None] & n_ok[None, :],
+                                other=0.0)
+                    a = tl.load(x_base + ih * stride_xh + iw * stride_xw + c[None, :] * stride_xc, mask=a_ok, other=0.0)
                 else:
-                    pix = ih * stride_xh + iw * stride_xw
-                if HAS_X2:  # one load, each channel's address in x or in x2
-                    src = tl.where((c < C1)[None, :], x_base + pix[:, None] + c[None, :] * stride_xc,
-                                   x2_base + (ih * stride_x2h + iw * stride_x2w)[:, None] + (c - C1)[None, :])
-                    a = tl.load(src, mask=in_ok[:, None] & c_ok[None, :], other=0.0)
-                else:
-                    a = _load_input(x_base, pix, in_ok, c, c_ok, stride_xc, gw_ptr, gb_ptr, mean, rstd, stride_xh,
-                                    stride_xw, NORM_IN, POOL_IN)
+                    ih = p // W + (kh - 1)
+                    iw = p % W + (kw - 1)
+                    in_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                    g = tl.load(dy_base + p[:, None] * C_out + n[None, :], mask=p_ok[:, None] & n_ok[None, :],
+                                other=0.0)
+                    if POOL_IN:
+                        pix = ih * (2 * stride_xh) + iw * (2 * stride_xw)
+                    else:
+                        pix = ih * stride_xh + iw * stride_xw
+                    if HAS_X2:  # one load, each channel's address in x or in x2
+                        src = tl.where((c < C1)[None, :], x_base + pix[:, None] + c[None, :] * stride_xc,
+                                       x2_base + (ih * stride_x2h + iw * stride_x2w)[:, None] + (c - C1)[None, :])
+                        a = tl.load(src, mask=in_ok[:, None] & c_ok[None, :], other=0.0)
+                    else:
+                        a = _load_input(x_base, pix, in_ok, c, c_ok, stride_xc, gw_ptr, gb_ptr, mean, rstd, stride_xh,
+                                        stride_xw, NORM_IN, POOL_IN)
                 acc += _dot(tl.trans(g), a, IEEE)
         mask = n_ok[:, None] & c_ok[None, :]
         if SPLIT:
             K9 = 9 * C_in
-            dst = out_ptr + s.to(tl.int64) * (C_out * K9) + n[:, None] * K9 + tap * C_in + c[None, :]
+            if TAPS_N:
+                dst = out_ptr + s.to(tl.int64) * (C_out * K9) + n[:, None] * K9 + j[None, :]
+            else:
+                dst = out_ptr + s.to(tl.int64) * (C_out * K9) + n[:, None] * K9 + tap * C_in + c[None, :]
             tl.store(dst, acc, mask=mask)
         else:
-            dst = out_ptr + n[:, None] * stride_wn + c[None, :] * stride_wc + kh * stride_wh + kw * stride_ww
+            if TAPS_N:
+                dst = out_ptr + n[:, None] * stride_wn + (c * stride_wc + kh * stride_wh + kw * stride_ww)[None, :]
+            else:
+                dst = out_ptr + n[:, None] * stride_wn + c[None, :] * stride_wc + kh * stride_wh + kw * stride_ww
             tl.store(dst, _to_dtype(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -427,7 +456,9 @@ import torch  # noqa: E402
 # has measured them.
 CONFIGS = {
     ("half", "narrow_k"): (128, 64, 16, 8, 3),
-    ("half", "wide_k"): (128, 64, 32, 8, 3),
+    # BLOCK_K 64 at 2 stages: per 1,024 MACs (bf16, sm_90) norm-on-load 6.3 -> 4.6 and concat 2.15 -> 1.44
+    # warp instructions against 128x64x32 at 3 stages
+    ("half", "wide_k"): (128, 64, 64, 8, 2),
     ("half", "small_hw"): (64, 64, 16, 4, 3),
     # C_out >= 128, for the input modes in WIDE_N_MODES: a 128-wide N tile halves what each MAC costs in
     # the A tile's loads, addresses and normalise-on-load math (warp instructions per 1,024 MACs, bf16,
@@ -574,15 +605,29 @@ BWD_CONFIGS = {
     ("half", "dgrad_wide"): (128, 128, 32, 8, 3),
     ("half", "dgrad_small_hw"): (64, 64, 32, 8, 3),
     ("half", "dgrad_small_hw_wide"): (64, 128, 32, 4, 2),
-    ("half", "dgrad_pool"): (64, 64, 32, 8, 3),
+    # BLOCK_K 64, 4 warps: 4.5 -> 2.0 warp instructions per 1,024 MACs against 64x64x32 with 8 warps
+    ("half", "dgrad_pool"): (64, 64, 64, 4, 3),
     ("float32", "dgrad"): (64, 64, 16, 8, 2),
+    # BLOCK_K 64 would issue less (split norm-on-load 6.9 -> 5.9, concat 7.3 -> 4.3 per 1,024 MACs on sm_90)
+    # but spills on sm_80 at 2 stages (8-40 bytes, 4 warps) and in concat with 8 warps
     ("half", "wgrad"): (64, 64, 32, 4, 2),
     ("half", "wgrad_wide"): (128, 128, 32, 8, 2),
     ("half", "wgrad_wide_pool"): (128, 128, 16, 8, 2),
     ("half", "wgrad_wide_m"): (128, 64, 32, 8, 2),
     ("float32", "wgrad"): (64, 64, 8, 4, 2),
+    # float32 plain: 4 warps spilled 8-16 bytes on sm_90 with a channels_last input (stride 1 specialised),
+    # at 1, 2 and 3 stages and at BLOCK_K 16; 8 warps at BLOCK_K 8 compile without spills in every plain build
+    ("float32", "wgrad_plain"): (64, 64, 8, 8, 2),
+    # TAPS_N: 27 of 32 columns busy for a 3-channel input, against 9 programs per column block with 3 of 64
+    # busy; 64x32x64 spilled 8 bytes on sm_80 (23.2 against 21.4 warp instructions per 1,024 MACs on
+    # sm_90), float32 at 64x32x8 8 bytes on sm_90
+    ("half", "wgrad_taps"): (64, 32, 32, 4, 2),
+    ("float32", "wgrad_taps"): (64, 32, 16, 4, 2),
 }
 BWD_WIDE_MIN_C = 128
+# A plain input with fewer channels than this (the model's 3-channel image) takes the weight gradient's
+# TAPS_N form: its 9 * C_in (tap, channel) pairs fill one column block.
+TAPS_BELOW_C = 8
 WGRAD_SUM_BLOCK = 1024
 # The weight gradient splits the batch into groups (float32 sums, added by a second launch) where its
 # tiles alone would not fill the GPU: fewer than WGRAD_SPLIT_BELOW tiles (one per SM of an H100 / H200).
@@ -592,11 +637,14 @@ WGRAD_SPLIT_BELOW = 132
 WGRAD_TARGET_PROGRAMS = 264
 
 
-def bwd_config_name(dtype, kind_of_pass, hw=0, c_in=0, c_out=0, pool=False):
-    """(dtype kind, name) of a backward launch's entry in ``BWD_CONFIGS``."""
+def bwd_config_name(dtype, kind_of_pass, hw=0, c_in=0, c_out=0, pool=False, plain=False):
+    """(dtype kind, name) of a backward launch's entry in ``BWD_CONFIGS``; ``plain``: the input is read as it is
+    (no normalisation, concatenation or max-pool on load)."""
     kind = "float32" if dtype in (torch.float32, "float32") else "half"
-    if kind == "float32":
+    if kind_of_pass == "wgrad_taps":
         return kind, kind_of_pass
+    if kind == "float32":
+        return kind, "wgrad_plain" if kind_of_pass == "wgrad" and plain else kind_of_pass
     if kind_of_pass == "dgrad":
         if pool:
             return kind, "dgrad_pool"
@@ -609,6 +657,10 @@ def bwd_config_name(dtype, kind_of_pass, hw=0, c_in=0, c_out=0, pool=False):
 
 def bwd_modes(kind, name):
     """The input modes ``bwd_config_name`` launches with ``BWD_CONFIGS[(kind, name)]``."""
+    if name in ("wgrad_taps", "wgrad_plain"):
+        return ("plain",)
+    if (kind, name) == ("float32", "wgrad"):
+        return INPUT_MODES[1:]
     if name.endswith("_pool"):
         return ("pool-on-load",)
     if kind == "half" and (name.startswith("dgrad") or name == "wgrad_wide"):
@@ -616,19 +668,24 @@ def bwd_modes(kind, name):
     return INPUT_MODES
 
 
-def bwd_config(dtype, kind_of_pass, hw=0, c_in=0, c_out=0, pool=False):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of a backward launch: ``kind_of_pass`` "dgrad" or
-    "wgrad", x's dtype, the conv's pixels per sample, channels and input mode."""
-    return BWD_CONFIGS[bwd_config_name(dtype, kind_of_pass, hw, c_in, c_out, pool)]
+def bwd_config(dtype, kind_of_pass, hw=0, c_in=0, c_out=0, pool=False, plain=False):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of a backward launch: ``kind_of_pass`` "dgrad",
+    "wgrad" or "wgrad_taps" (``uses_taps``), x's dtype, the conv's pixels per sample, channels and input mode."""
+    return BWD_CONFIGS[bwd_config_name(dtype, kind_of_pass, hw, c_in, c_out, pool, plain)]
 
 
-def wgrad_split(B, HW, C_in, C_out, es, config, in_bytes=None):
+def uses_taps(C_in, x2=None, norm=None, pool=False):
+    """Whether the weight gradient takes its TAPS_N form: a plain input of fewer than TAPS_BELOW_C channels."""
+    return 0 < C_in < TAPS_BELOW_C and x2 is None and norm is None and not pool
+
+
+def wgrad_split(B, HW, C_in, C_out, es, config, in_bytes=None, taps=False):
     """(split, S, samples per group) of the weight gradient. ``split``: whether it writes float32 group sums
     for a second launch (fewer than WGRAD_SPLIT_BELOW tiles); S groups: enough programs to fill the GPU, with
     the groups' float32 sums (written and read back: 8 bytes per element) at most twice the bytes the
     launch reads (dy and the input: ``in_bytes``, by default as many as dy's)."""
     bm, bn = config[:2]
-    tiles = triton.cdiv(C_out, bm) * 9 * triton.cdiv(C_in, bn)
+    tiles = triton.cdiv(C_out, bm) * (triton.cdiv(9 * C_in, bn) if taps else 9 * triton.cdiv(C_in, bn))
     if tiles >= WGRAD_SPLIT_BELOW:
         return False, 1, max(B, 1)
     dy_bytes = B * HW * C_out * es
@@ -697,10 +754,13 @@ def conv3x3_bwd(dy, x, weight, bias_dtype, x2=None, norm=None, pool=False, input
     wstr = weight.stride()
     # the weight gradient first: where it splits the batch, the data gradient's first row of programs adds
     # its groups' sums (a sum launch of its own only without a data gradient)
-    bm, bn, bk, warps, stages = bwd_config(x.dtype, "wgrad", HW, C_in, C_out, pool)
+    taps = uses_taps(C_in, x2, norm, pool)
+    plain = x2 is None and norm is None and not pool
+    bm, bn, bk, warps, stages = bwd_config(x.dtype, "wgrad_taps" if taps else "wgrad", HW, C_in, C_out, pool, plain)
     in_bytes = (x.numel() + (x2.numel() if x2 is not None else 0)) * x.element_size()
-    split, S, samples = wgrad_split(B, HW, C_in, C_out, x.element_size(), (bm, bn), in_bytes)
-    tiles = triton.cdiv(C_out, bm) * (1 + 9 * triton.cdiv(C_in, bn))  # d bias programs first
+    split, S, samples = wgrad_split(B, HW, C_in, C_out, x.element_size(), (bm, bn), in_bytes, taps)
+    col_blocks = triton.cdiv(9 * C_in, bn) if taps else 9 * triton.cdiv(C_in, bn)
+    tiles = triton.cdiv(C_out, bm) * (1 + col_blocks)  # d bias programs first
     out, outb = dw, db
     if split:
         out = torch.empty((S, C_out * 9 * C_in), device=dev, dtype=torch.float32)
@@ -711,7 +771,7 @@ def conv3x3_bwd(dy, x, weight, bias_dtype, x2=None, norm=None, pool=False, input
         B, H, W, C1, C_in, C_out, pin.shape[1] if norm is not None else 0, float(eps), samples,
         xs[0], xs[2], xs[3], xs[1], x2s[0], x2s[2], x2s[3], *wstr,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee, NORM_IN=norm is not None, HAS_X2=x2 is not None,
-        BLOCK_P=NORM_BLOCK_P, POOL_IN=bool(pool), SPLIT=split, num_warps=warps, num_stages=stages)
+        BLOCK_P=NORM_BLOCK_P, POOL_IN=bool(pool), SPLIT=split, TAPS_N=taps, num_warps=warps, num_stages=stages)
     n_sum = C_out * 9 * C_in + C_out
     if split and not input_grad:
         _conv3x3_wgrad_sum_kernel[(triton.cdiv(n_sum, WGRAD_SUM_BLOCK),)](
@@ -822,20 +882,29 @@ def aot_builds():
 def _alignments(build):
     """The builds the JIT compiles for ``build``'s launches, by which ``AOT_ALIGNED_INTS`` they pass as
     multiples of 16 (the option ``unaligned_ints`` names the others). The plain mode (the builds without
-    ``stride_xc == 1``) is launched both ways: with C_in a multiple of 16 (a materialised input, such as the
-    first Down block's pooled one) as built, and on the model's 3-channel image, ``PLAIN_UNALIGNED``, in
-    a twin labelled "unaligned". At C_in = 1 the weight's strides (9, 3 and 1) are unaligned."""
+    ``stride_xc == 1``) is launched three ways: on an NCHW input with C_in a multiple of 16 as built; on a
+    channels_last one (a materialised activation, such as the first Down block's pooled input), where the
+    JIT specialises ``stride_xc == 1``, in a twin labelled "channels_last"; and on the model's 3-channel
+    image, ``PLAIN_UNALIGNED``, in a twin labelled "unaligned". The weight gradient's TAPS_N builds (fewer
+    than 16 channels) come unaligned only, on an NCHW image (``stride_xw == 1``) and on a channels_last one.
+    At C_in = 1 the weight's strides (9, 3 and 1) are unaligned."""
     label, fn, config, dtype, ce, opts = build
 
-    def variant(names, suffix=""):
-        return (label, fn, config + suffix, dtype, ce,
+    def variant(names, suffix="", **ones):
+        return (label, fn, config + suffix, dtype, dict(ce, **ones),
                 dict(opts, unaligned_ints=tuple(sorted(names))) if names else opts)
 
     weight = set(WEIGHT_STRIDES) if ce.get("C_in") == 1 else set()
     if label not in ("conv3x3_gn", "conv3x3_dgrad", "conv3x3_wgrad") or "stride_xc" in ce:
         return [variant(weight)]
-    twin = variant(weight | set(PLAIN_UNALIGNED), " unaligned")
-    return [twin] if 1 in (ce.get("C_in"), ce.get("C1")) else [variant(weight), twin]  # plain: C1 = C_in
+    unaligned = weight | set(PLAIN_UNALIGNED)
+    if ce.get("TAPS_N"):  # fewer than 16 channels: an NCHW image (stride_xw == 1) or a channels_last one
+        return [variant(unaligned, " unaligned nchw", stride_xw=1),
+                variant(unaligned, " unaligned channels_last", stride_xc=1)]
+    twin = variant(unaligned, " unaligned")
+    if 1 in (ce.get("C_in"), ce.get("C1")):  # plain: C1 = C_in
+        return [twin]
+    return [variant(weight), variant(weight, " channels_last", stride_xc=1), twin]
 
 
 _BWD_MODES = (("plain", False, False, False), ("norm-on-load", True, False, False), ("concat", False, True, False),
@@ -852,9 +921,10 @@ def _bwd_builds():
     out = []
     for dt in DTYPE_NAMES:
         kind = "float32" if dt == "float32" else "half"
-        launched = sorted({(name.split("_")[0], c, m) for (k, name), c in BWD_CONFIGS.items() if k == kind
+        launched = sorted({(name.split("_")[0], name == "wgrad_taps", c, m)
+                           for (k, name), c in BWD_CONFIGS.items() if k == kind
                            for m in _BWD_MODES if m[0] in bwd_modes(k, name)})
-        for (name, (bm, bn, bk, warps, stages), (mode, norm, concat, pool)), (ieee, tag) in itertools.product(
+        for (name, taps, (bm, bn, bk, warps, stages), (mode, norm, concat, pool)), (ieee, tag) in itertools.product(
                 launched, precisions(dt)):
             ce = dict(stride_wc=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee, NORM_IN=norm, HAS_X2=concat,
                       BLOCK_P=NORM_BLOCK_P, POOL_IN=pool)
@@ -867,6 +937,8 @@ def _bwd_builds():
                 out.append(("conv3x3_dgrad", _conv3x3_dgrad_kernel, label, dt, dict(dce, SUM=0), opts))
                 out.append(("conv3x3_dgrad", _conv3x3_dgrad_kernel, label + " sum", dt, dict(dce, SUM=1), opts))
             else:
+                label += " taps" if taps else ""
+                ce["TAPS_N"] = taps
                 out.append(("conv3x3_wgrad", _conv3x3_wgrad_kernel, label, dt, dict(ce, SPLIT=False), opts))
                 out.append(("conv3x3_wgrad", _conv3x3_wgrad_kernel, label + " split", dt, dict(ce, SPLIT=True),
                             dict(opts, arg_types={"out_ptr": "*fp32", "db_ptr": "*fp32"})))

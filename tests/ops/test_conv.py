@@ -207,8 +207,10 @@ def test_pool_on_load_forward_and_gradients(shape, dtype):
 # The Triton backward (kernels/conv.py: data gradient, weight gradient, its group sum) in every input mode:
 # (mode, B, C_in, C_out, H, W) at the conv's output size, with 48x80 and 8x8, batches of 1 and 3, and
 # batches of 8 whose weight gradient splits into groups (``wgrad_split``); 260 -> 136 channels has enough
-# tiles not to split (d weight written directly).
-BWD_CASES = [("plain", 3, 5, 24, 8, 8), ("plain", 8, 8, 16, 16, 16), ("concat", 1, 20, 24, 48, 80),
+# tiles not to split (d weight written directly). Plain inputs of fewer than 8 channels (3, 5, 7) take
+# the weight gradient's TAPS_N form, 8 channels the per-tap one.
+BWD_CASES = [("plain", 3, 5, 24, 8, 8), ("plain", 1, 3, 16, 48, 80), ("plain", 8, 7, 16, 16, 16),
+             ("plain", 8, 8, 16, 16, 16), ("concat", 1, 20, 24, 48, 80),
              ("concat", 8, 16, 16, 16, 16), ("pool", 3, 8, 24, 8, 8), ("pool", 8, 8, 16, 16, 16),
              ("norm", 1, 20, 24, 48, 80), ("norm", 3, 40, 136, 8, 8), ("norm", 8, 8, 16, 16, 16),
              ("plain", 1, 260, 136, 4, 4)]
@@ -285,6 +287,46 @@ def test_backward_kernels_against_float64(case, dtype):
     for i, g, ge, gr in zip(keep, grads, grads_e, grads_r):
         assert g.dtype == dtype and g.shape == gr.shape, names[i]
         assert_close_rule(names[i], g, ge, gr, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("split", [True, False], ids=["split", "direct"])
+@pytest.mark.backends("triton")
+@pytest.mark.usefixtures("backend")
+def test_weight_gradient_taps_form(split, layout, dtype, monkeypatch):
+    """The weight gradient of a plain input with few channels (the model's first conv, on its NCHW image)
+    takes the TAPS_N form, one column block over all 9 * C_in (tap, channel) pairs: d weight and d bias
+    against eager and float64, written directly (split off by a lower WGRAD_SPLIT_BELOW) or as group sums,
+    with 70 output channels (a masked second row block) and C_in = 1, 3 and 7 across the dtypes."""
+    from fast_unet import ops
+    from fast_unet.kernels import conv as K
+    from helpers import launches
+
+    if not split:
+        monkeypatch.setattr(K, "WGRAD_SPLIT_BELOW", 1)
+    ci = {torch.float32: 3, torch.bfloat16: 1, torch.float16: 7}[dtype]
+    (x, _, _, _, wt, bias), dy = _bwd_inputs("plain", 2, ci, 70, 9, 13, dtype)
+    x = x.requires_grad_(False)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def fused(wt, bias):
+        return ops.conv3x3(x.to(wt.dtype), wt.contiguous(memory_format=torch.channels_last), bias)[0]
+
+    def unfused(wt, bias):
+        return F.conv2d(x.to(wt.dtype), wt, bias, padding=1)
+
+    with launches() as rec:
+        _, grads = _grads_of(fused, [wt, bias], dtype, dy)
+    wg = [r for r in rec if r["name"] == "_conv3x3_wgrad_kernel"]
+    assert len(wg) == 1 and wg[0]["kwargs"]["TAPS_N"] and wg[0]["kwargs"]["SPLIT"] == split
+    assert [r["name"] for r in rec].count("_conv3x3_wgrad_sum_kernel") == int(split)
+    _, grads_e = _grads_of(unfused, [wt, bias], dtype, dy)
+    _, grads_r = _grads_of(unfused, [wt, bias], torch.float64, dy)
+    for name, g, ge, gr in zip(("dweight", "dbias"), grads, grads_e, grads_r):
+        assert g.dtype == dtype and g.shape == gr.shape, name
+        assert_close_rule(name, g, ge, gr, dtype)
 
 
 @pytest.mark.parametrize("mode", ["plain", "norm"])
@@ -387,15 +429,20 @@ def test_config_takes_the_wide_n_tile_where_it_compiles_without_spills():
                 tile = K.config(dt, c_in, hw, pool, c_out, norm, concat)
                 assert (dt, *tile, norm, concat, pool) in built, (dt, c_in, hw, c_out, norm, concat, pool)
     # and so is every (config, input mode) of the backward's data and weight gradients
+    # (the weight gradient of a plain input of 3 channels in its TAPS_N form)
     for label, kind_of_pass in (("conv3x3_dgrad", "dgrad"), ("conv3x3_wgrad", "wgrad")):
         bwd = {(b[3], b[4]["BLOCK_M"], b[4]["BLOCK_N"], b[4]["BLOCK_K"], b[5]["num_warps"], b[5]["num_stages"],
-                b[4]["NORM_IN"], b[4]["HAS_X2"], b[4]["POOL_IN"]) for b in builds if b[0] == label}
+                b[4]["NORM_IN"], b[4]["HAS_X2"], b[4]["POOL_IN"], b[4].get("TAPS_N", False))
+               for b in builds if b[0] == label}
         for dt in ("bfloat16", "float16", "float32"):
             for c_in, hw, c_out in [(3, 4096, 64), (64, 1024, 64), (64, 1024, 128), (256, 64, 512), (512, 64, 128)]:
                 for norm, concat, pool in [(False, False, False), (True, False, False), (False, True, False),
                                            (False, False, True)]:
-                    tile = K.bwd_config(dt, kind_of_pass, hw, c_in, c_out, pool)
-                    assert (dt, *tile, norm, concat, pool) in bwd, (label, dt, c_in, hw, c_out, norm, concat, pool)
+                    taps = kind_of_pass == "wgrad" and K.uses_taps(c_in, concat or None, norm or None, pool)
+                    tile = K.bwd_config(dt, "wgrad_taps" if taps else kind_of_pass, hw, c_in, c_out, pool,
+                                        not (norm or concat or pool))
+                    assert (dt, *tile, norm, concat, pool, taps) in bwd, (label, dt, c_in, hw, c_out, norm, concat,
+                                                                         pool)
 
 
 @pytest.mark.parametrize("variant", ["plain", "concat", "norm", "pool", "gn_relu_partials", "norm_wide_bf16"])
