@@ -705,7 +705,7 @@ def interpreter_tiles():
         return max(16, min(128, triton.next_power_of_2(hw)))
 
     return {"config": lambda dtype, c_in, hw, *input_mode: (px(hw), 256, 128, 4, 1),
-            "bwd_config": lambda dtype, kind_of_pass, hw=0, c_in=0, c_out=0, pool=False:
+            "bwd_config": lambda dtype, kind_of_pass, hw=0, c_in=0, c_out=0, pool=False, plain=False:
             (px(hw), 256, 128, 4, 1) if kind_of_pass == "dgrad" else (256, 256, px(hw), 4, 1),
             "WGRAD_SUM_BLOCK": 1 << 16}
 
