@@ -360,6 +360,9 @@ def _conv3x3_wgrad_kernel(
             for p0 in range(0, HW, BLOCK_K):
                 p = p0 + kk
                 p_ok = p < HW
+                # Each branch keeps its own dy load (and below, its own store) on purpose: one shared dy load
+                # ahead of the address math, or one shared store form, moves ptxas's register allocation
+                # and spills 8-16 bytes in builds of both branches on sm_80 and sm_90 (compile report).
                 if TAPS_N:  # each column at its own tap
                     ih = (p // W)[:, None] + (kh - 1)[None, :]
                     iw = (p % W)[:, None] + (kw - 1)[None, :]
@@ -674,9 +677,20 @@ def bwd_config(dtype, kind_of_pass, hw=0, c_in=0, c_out=0, pool=False, plain=Fal
     return BWD_CONFIGS[bwd_config_name(dtype, kind_of_pass, hw, c_in, c_out, pool, plain)]
 
 
-def uses_taps(C_in, x2=None, norm=None, pool=False):
-    """Whether the weight gradient takes its TAPS_N form: a plain input of fewer than TAPS_BELOW_C channels."""
-    return 0 < C_in < TAPS_BELOW_C and x2 is None and norm is None and not pool
+def is_plain(x2=None, norm=None, pool=False):
+    """Whether a conv reads its input as it is: no concatenation, normalisation or max-pool on load."""
+    return x2 is None and norm is None and not pool
+
+
+def uses_taps(C_in, plain):
+    """Whether the weight gradient takes its TAPS_N form: a ``plain`` input of fewer than TAPS_BELOW_C channels."""
+    return plain and 0 < C_in < TAPS_BELOW_C
+
+
+def wgrad_col_blocks(C_in, bn, taps):
+    """The weight gradient's column blocks of ``bn``: the 9 x C_in (tap, channel) pairs in the TAPS_N form,
+    else each tap's C_in channels."""
+    return triton.cdiv(9 * C_in, bn) if taps else 9 * triton.cdiv(C_in, bn)
 
 
 def wgrad_split(B, HW, C_in, C_out, es, config, in_bytes=None, taps=False):
@@ -685,7 +699,7 @@ def wgrad_split(B, HW, C_in, C_out, es, config, in_bytes=None, taps=False):
     the groups' float32 sums (written and read back: 8 bytes per element) at most twice the bytes the
     launch reads (dy and the input: ``in_bytes``, by default as many as dy's)."""
     bm, bn = config[:2]
-    tiles = triton.cdiv(C_out, bm) * (triton.cdiv(9 * C_in, bn) if taps else 9 * triton.cdiv(C_in, bn))
+    tiles = triton.cdiv(C_out, bm) * wgrad_col_blocks(C_in, bn, taps)
     if tiles >= WGRAD_SPLIT_BELOW:
         return False, 1, max(B, 1)
     dy_bytes = B * HW * C_out * es
@@ -754,13 +768,12 @@ def conv3x3_bwd(dy, x, weight, bias_dtype, x2=None, norm=None, pool=False, input
     wstr = weight.stride()
     # the weight gradient first: where it splits the batch, the data gradient's first row of programs adds
     # its groups' sums (a sum launch of its own only without a data gradient)
-    taps = uses_taps(C_in, x2, norm, pool)
-    plain = x2 is None and norm is None and not pool
+    plain = is_plain(x2, norm, pool)
+    taps = uses_taps(C_in, plain)
     bm, bn, bk, warps, stages = bwd_config(x.dtype, "wgrad_taps" if taps else "wgrad", HW, C_in, C_out, pool, plain)
     in_bytes = (x.numel() + (x2.numel() if x2 is not None else 0)) * x.element_size()
     split, S, samples = wgrad_split(B, HW, C_in, C_out, x.element_size(), (bm, bn), in_bytes, taps)
-    col_blocks = triton.cdiv(9 * C_in, bn) if taps else 9 * triton.cdiv(C_in, bn)
-    tiles = triton.cdiv(C_out, bm) * (1 + col_blocks)  # d bias programs first
+    tiles = triton.cdiv(C_out, bm) * (1 + wgrad_col_blocks(C_in, bn, taps))  # d bias programs first
     out, outb = dw, db
     if split:
         out = torch.empty((S, C_out * 9 * C_in), device=dev, dtype=torch.float32)

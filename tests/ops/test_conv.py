@@ -438,7 +438,7 @@ def test_config_takes_the_wide_n_tile_where_it_compiles_without_spills():
             for c_in, hw, c_out in [(3, 4096, 64), (64, 1024, 64), (64, 1024, 128), (256, 64, 512), (512, 64, 128)]:
                 for norm, concat, pool in [(False, False, False), (True, False, False), (False, True, False),
                                            (False, False, True)]:
-                    taps = kind_of_pass == "wgrad" and K.uses_taps(c_in, concat or None, norm or None, pool)
+                    taps = kind_of_pass == "wgrad" and K.uses_taps(c_in, K.is_plain(concat or None, norm or None, pool))
                     tile = K.bwd_config(dt, "wgrad_taps" if taps else kind_of_pass, hw, c_in, c_out, pool,
                                         not (norm or concat or pool))
                     assert (dt, *tile, norm, concat, pool, taps) in bwd, (label, dt, c_in, hw, c_out, norm, concat,
