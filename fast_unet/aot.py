@@ -25,9 +25,10 @@ the ``AOT_ALIGNED_INTS`` unaligned names them in the option ``unaligned_ints``);
 The ``triton.compile`` call form used here is the one that works on Triton 3.6, 3.8 and 3.9; keep
 every use of it in ``compile_one``.
 """
-import collections
 import concurrent.futures
+import hashlib
 import importlib
+import json
 import os
 import re
 import subprocess
@@ -208,15 +209,72 @@ def parse_archs(text):
     return archs
 
 
-def report(archs, kernels=None, progress=None, match=None, configs=None, jobs=None):
-    """One dict per (build, arch): kernel, config, arch, regs, spill_bytes, shared_bytes, tensor_cores and
-    the inner-loop columns (``loop_columns``). ``kernels``: exact kernel labels; ``match``: substrings of
-    kernel labels; ``configs``: substrings of config labels (``select``).
+# The CI set (``ci_builds``): per kernel, dtype kind (float32; bfloat16 and float16 together: the same tiles
+# and code with another element type), tile (the BLOCK_* and D constexprs, num_warps, num_stages) and the
+# constexprs a module names in ``AOT_CI_FLAGS`` (those that select another body: the conv's input modes),
+# one build: of the group's variants (split, tf32, unaligned or channels_last strides, ints at 1, ...) the one
+# with the most of them (the longest config label), the one with the most to keep in registers.
+TILE_CONSTEXPRS = ("D",)
 
-    The builds compile one after another in this thread (``triton.compile``; Triton's cache makes a repeat
-    cheap); their disassembly and loop analysis (``loop_columns``: a ``cuobjdump`` process per build, as long
-    as a cold compile) runs beside them on ``jobs`` threads (default: one per CPU), at most ``2 x jobs``
-    builds ahead of the rows handed to ``progress``; the rows come back in build order."""
+
+def _ci_key(build):
+    name, fn, label, dtype, ce, opts = build
+    module = importlib.import_module(getattr(fn, "fn", fn).__module__)
+    keep = set(getattr(module, "AOT_CI_FLAGS", ())) | set(TILE_CONSTEXPRS)
+    tile = tuple(sorted((k, v) for k, v in ce.items() if k.startswith("BLOCK_") or k in keep))
+    kind = "float32" if dtype == "float32" else "half"
+    return name, kind, tile, opts.get("num_warps", 4), opts.get("num_stages", 3)
+
+
+def ci_builds(all_builds):
+    """The CI set of ``all_builds`` (see ``TILE_CONSTEXPRS``): one build per group, in build order; every kernel,
+    dtype kind, tile and body of the full set is in it."""
+    best = {}
+    for i, b in enumerate(all_builds):
+        key = _ci_key(b)
+        if key not in best or len(b[2].split()) > len(all_builds[best[key]][2].split()):
+            best[key] = i
+    return [all_builds[i] for i in sorted(best.values())]
+
+
+_WORKER_BUILDS = None
+
+
+def _init_worker():
+    global _WORKER_BUILDS
+    _WORKER_BUILDS = {(b[0], b[2]): b for b in builds()}
+
+
+def _build_row(task, index=None):
+    """The report columns of one (kernel label, config label, arch, loops) task; a failing build gives a row
+    with its error (one failing build must not hide the others)."""
+    name, label, arch, loops = task
+    _, fn, _, dtype, ce, opts = (index or _WORKER_BUILDS)[(name, label)]
+    row = {"kernel": name, "config": label, "arch": f"sm_{arch}"}
+    try:
+        kernel = compile_one(fn, dtype, ce, opts, arch)
+        row.update(resources(kernel))
+    except Exception as e:
+        row.update(regs=None, spill_bytes=None, shared_bytes=None, tensor_cores=None, **_error(e))
+        row.update(dict.fromkeys(LOOP_KEYS))
+        return row
+    try:
+        row.update(loop_columns(kernel, fn, ce, opts) if loops else dict.fromkeys(LOOP_KEYS))
+    except Exception as e:
+        row.update(_error(e), **dict.fromkeys(LOOP_KEYS))
+    return row
+
+
+def report(archs, kernels=None, progress=None, match=None, configs=None, jobs=None, ci=False, loops=True):
+    """One dict per (build, arch): kernel, config, arch, regs, spill_bytes, shared_bytes, tensor_cores and
+    the inner-loop columns (``loop_columns``; None without ``loops``). ``kernels``: exact kernel labels;
+    ``match``: substrings of kernel labels; ``configs``: substrings of config labels (``select``); ``ci``: only
+    the CI set of those (``ci_builds``).
+
+    The builds compile on ``jobs`` worker processes (default: one per CPU; ``triton.compile`` holds the
+    GIL, so threads would not overlap them), each with its disassembly and loop analysis (``loop_columns``: a
+    ``cuobjdump`` process per build); Triton's cache makes a repeat cheap. The rows come back in build
+    order, each handed to ``progress`` as it does."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the compile report needs TRITON_INTERPRET unset (interpreted kernels cannot be compiled)")
     all_builds = builds()
@@ -224,38 +282,32 @@ def report(archs, kernels=None, progress=None, match=None, configs=None, jobs=No
     if unknown:
         raise ValueError(f"unknown kernel(s) {sorted(unknown)}; known: {sorted({b[0] for b in all_builds})}")
     chosen = select(all_builds, kernels, match, configs)
+    if ci:
+        chosen = ci_builds(chosen)
     if not chosen:
         raise ValueError(f"no build matches kernels={kernels} match={match} configs={configs}; kernels: "
                          f"{sorted({b[0] for b in all_builds})}")
-    jobs = max(1, int(jobs or os.cpu_count() or 1))
-    rows, pending = [], collections.deque()
+    tasks = [(b[0], b[2], arch, loops) for b in chosen for arch in archs]
+    jobs = max(1, min(len(tasks), int(jobs or os.cpu_count() or 1)))
+    rows = []
+    if jobs == 1:
+        index = {(b[0], b[2]): b for b in all_builds}
+        results = (_build_row(t, index) for t in tasks)
+        pool = None
+    else:
+        import multiprocessing
 
-    def finish(row, future):  # report, do not stop: one failing build must not hide the others
-        if future is not None:
-            try:
-                row.update(future.result())
-            except Exception as e:
-                row.update(_error(e), **dict.fromkeys(LOOP_KEYS))
-        rows.append(row)
-        if progress:
-            progress(row)
-
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        for name, fn, label, dtype, ce, opts in chosen:
-            for arch in archs:
-                row, future = {"kernel": name, "config": label, "arch": f"sm_{arch}"}, None
-                try:
-                    kernel = compile_one(fn, dtype, ce, opts, arch)
-                    row.update(resources(kernel))
-                    future = pool.submit(loop_columns, kernel, fn, ce, opts)
-                except Exception as e:
-                    row.update(regs=None, spill_bytes=None, shared_bytes=None, tensor_cores=None, **_error(e))
-                    row.update(dict.fromkeys(LOOP_KEYS))
-                pending.append((row, future))
-                while len(pending) > 2 * jobs:
-                    finish(*pending.popleft())
-        while pending:
-            finish(*pending.popleft())
+        pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=_init_worker)
+        results = pool.map(_build_row, tasks)
+    try:
+        for row in results:
+            rows.append(row)
+            if progress:
+                progress(row)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return rows
 
 
@@ -300,3 +352,45 @@ def summary_line(rows):
     return (f"compile report: {len(rows)} builds ({len(configs)} kernels-configs x {len(archs)} archs), "
             f"{spills} spills, {errors} errors, max regs {max(regs) if regs else '-'}, "
             f"tensor cores in {tensor_cores}")
+
+
+# The record of a full report (every build, both archs) that CI checks is current: CI compiles only its set
+# (``ci_builds``); ``make compile-report-full`` compiles every build and writes this file.
+RECORD = os.path.join("docs", "compile_report.json")
+
+
+def sources_key():
+    """SHA-256 of what a full report's outcome depends on: Triton's version and every file of the kernel
+    package (``fast_unet.kernels``, the top-level kernels/)."""
+    import triton
+
+    package = importlib.import_module("fast_unet.kernels")
+    h = hashlib.sha256(f"triton {triton.__version__}\n".encode())
+    for folder in package.__path__:
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    h.update(name.encode() + b"\0" + f.read() + b"\0")
+    return h.hexdigest()
+
+
+def record(rows, archs):
+    """The record of a full report: its summary line, counts, and per kernel its builds, most registers and
+    shared memory, keyed by ``sources_key``."""
+    import triton
+
+    kernels = {}
+    for r in rows:
+        k = kernels.setdefault(r["kernel"], {"builds": 0, "max_regs": 0, "max_shared_bytes": 0})
+        k["builds"] += 1
+        k["max_regs"] = max(k["max_regs"], r.get("regs") or 0)
+        k["max_shared_bytes"] = max(k["max_shared_bytes"], r.get("shared_bytes") or 0)
+    return {"sources_key": sources_key(), "triton": triton.__version__, "archs": [f"sm_{a}" for a in archs],
+            "builds": len(rows), "spills": sum(1 for r in rows if r.get("spill_bytes")),
+            "errors": sum(1 for r in rows if r.get("error")), "summary": summary_line(rows), "kernels": kernels}
+
+
+def write_record(rows, archs, path):
+    with open(path, "w") as f:
+        json.dump(record(rows, archs), f, indent=1)
+        f.write("\n")

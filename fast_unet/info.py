@@ -88,13 +88,23 @@ def main(argv=None):
                         "contains one of these comma-separated substrings (e.g. attn or attn_fwd,conv)")
     parser.add_argument("--config", metavar="SUBSTRINGS", help="with --compile: only configs whose label contains "
                         "one of these comma-separated substrings (e.g. 'bfloat16 d=16')")
+    parser.add_argument("--ci", action="store_true", help="with --compile: only CI's set, one build per kernel, "
+                        "dtype kind, tile and body (fast_unet/aot.py, ci_builds)")
+    parser.add_argument("--no-loops", action="store_true", help="with --compile: registers, spills, shared memory "
+                        "and tensor cores only, without the SASS of the inner loops")
+    parser.add_argument("--jobs", type=int, help="with --compile: worker processes (default: one per CPU)")
+    parser.add_argument("--record", metavar="PATH", help="with --compile of every build: write the report's "
+                        "record (summary, per kernel most registers and shared memory, the kernel sources' key) "
+                        "to PATH; CI checks that docs/compile_report.json is current")
     args = parser.parse_args(argv)
+    if args.record and (args.kernel or args.kernels or args.config or args.ci):
+        parser.error("--record takes the full report: no --kernel, --kernels, --config or --ci")
     if args.compile:
         from . import aot
 
         split = (lambda text: [t for t in text.split(",") if t] if text else None)
         rows = aot.report(aot.parse_archs(args.compile), args.kernel, match=split(args.kernels),
-                          configs=split(args.config))
+                          configs=split(args.config), jobs=args.jobs, ci=args.ci, loops=not args.no_loops)
         print(json.dumps(rows, indent=1) if args.json else aot.format_table(rows))
         bad = [r for r in rows if r.get("error") or r.get("spill_bytes")]
         for r in bad:  # CI runs this: a compile error or a spill fails it
@@ -102,6 +112,8 @@ def main(argv=None):
                   f"{r.get('error') or str(r['spill_bytes']) + ' bytes spilled'}", file=sys.stderr)
         if not args.json:  # the JSON stays one document; the table ends with the summary line
             print(aot.summary_line(rows))
+        if args.record and not bad:
+            aot.write_record(rows, aot.parse_archs(args.compile), args.record)
         return 1 if bad else 0
     info = collect()
     if args.json:

@@ -24,7 +24,9 @@ Each kernel module declares, next to its kernels:
   autocast); ``_common.with_fp32_params`` adds the bf16/fp16 builds with them float32. Optionally
   ``AOT_LOOP_TILES``: {kernel function name: ((constexpr names), unit)}, the work one iteration of the
   kernel's inner loop covers, where it is not the product of all its ``BLOCK_*`` constexprs (the compile
-  report's per-1,024 instruction counts: ``fast_unet.aot.loop_tile``).
+  report's per-1,024 instruction counts: ``fast_unet.aot.loop_tile``); ``AOT_CI_FLAGS``: the constexprs
+  that select another body of a kernel (the conv's input modes), each kept in CI's compile set
+  (``fast_unet.aot.ci_builds``: one build per kernel, dtype kind, tile and body).
 
 A new kernel module needs nothing else here: ``fast_unet/aot.py`` finds every module whose name does not
 start with ``_``. The autograd / custom-op glue lives in ``fast_unet/ops/``. Set ``TRITON_INTERPRET=1``

@@ -852,6 +852,9 @@ AOT_LOOP_TILES = {"_conv3x3_kernel": (("BLOCK_M", "BLOCK_N", "BLOCK_K"), "MACs")
                   "_conv3x3_dgrad_kernel": (("BLOCK_M", "BLOCK_N", "BLOCK_K"), "MACs"),
                   "_conv3x3_wgrad_kernel": (("BLOCK_M", "BLOCK_N", "BLOCK_K"), "MACs"),
                   "_conv3x3_wgrad_sum_kernel": (("BLOCK",), "elements")}
+# The constexprs that select another body (the input modes): CI's compile set keeps a build of each
+# (fast_unet/aot.py, ci_builds).
+AOT_CI_FLAGS = ("NORM_IN", "HAS_X2", "POOL_IN", "TAPS_N")
 
 
 INPUT_MODES = ("plain", "norm-on-load", "concat", "pool-on-load")

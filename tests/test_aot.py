@@ -4,6 +4,7 @@ TRITON_INTERPRET removed (interpreted kernels cannot be compiled), so it works i
 What it should hold comes from the kernel modules' declarations (``aot_builds()``, ``WRITES``)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -22,17 +23,20 @@ def _report(*args):
     return proc.stdout
 
 
-def _builds(*kernels):
-    """The (kernel label, config label) pairs the kernel modules declare for these kernel labels."""
+def _builds(*kernels, ci=False):
+    """The (kernel label, config label) pairs the kernel modules declare for these kernel labels (``ci``: of
+    CI's compile set, ``aot.ci_builds``)."""
     from fast_unet import aot
 
-    return sorted((b[0], b[2]) for b in aot.builds() if b[0] in kernels)
+    chosen = [b for b in aot.builds() if b[0] in kernels]
+    return sorted((b[0], b[2]) for b in (aot.ci_builds(chosen) if ci else chosen))
 
 
-def _check_rows(rows, kernels, archs):
-    """rows are exactly the declared builds of ``kernels`` on each of ``archs``; none spills."""
+def _check_rows(rows, kernels, archs, ci=False):
+    """rows are exactly the declared builds of ``kernels`` (``ci``: CI's set of them) on each of ``archs``;
+    none spills."""
     assert sorted((r["kernel"], r["config"], r["arch"]) for r in rows) == sorted(
-        (k, c, a) for k, c in _builds(*kernels) for a in archs), rows
+        (k, c, a) for k, c in _builds(*kernels, ci=ci) for a in archs), rows
     for r in rows:
         assert set(r) >= {"kernel", "config", "arch", "regs", "spill_bytes", "shared_bytes", "tensor_cores"}, r
         assert r["spill_bytes"] == 0, f"spills: {r}"
@@ -99,23 +103,89 @@ def test_summary_line():
                                   "max regs 255, tensor cores in 2")
 
 
+# The compile tests below take CI's set of builds (one per kernel, dtype kind, tile and body: a cold compile
+# costs about a second a build here); `make compile-report-full` compiles every build.
+
 def test_attention_forward_compiles_without_spills_and_uses_wgmma():
-    rows = json.loads(_report("sm_90", "--kernel", "attn_fwd", "--json"))
-    _check_rows(rows, ["attn_fwd"], ["sm_90"])
+    rows = json.loads(_report("sm_90", "--kernel", "attn_fwd", "--ci", "--no-loops", "--json"))
+    _check_rows(rows, ["attn_fwd"], ["sm_90"], ci=True)
     for r in rows:
         if not r["config"].startswith("float32"):
             assert r["tensor_cores"] == "wgmma", f"no wgmma in a half-precision attention build: {r}"
 
 
 def test_group_norm_apply_table():
-    out = _report("sm_80", "--kernel", "gn_apply")
+    out = _report("sm_80", "--kernel", "gn_apply", "--ci")
     lines = out.strip().splitlines()
     assert lines[0].startswith("| kernel") and "spill_bytes" in lines[0]
     body, summary = lines[2:-1], lines[-1]
-    n = len(_builds("gn_apply"))
+    n = len(_builds("gn_apply", ci=True))
     assert n and len(body) == n, out
     assert all(line.split("|")[5].strip() == "0" for line in body), out
     assert summary.startswith(f"compile report: {n} builds ({n} kernels-configs x 1 archs), 0 spills, 0 errors"), out
+
+
+def test_ci_set_keeps_every_kernel_dtype_kind_tile_and_body():
+    """CI's compile set (``aot.ci_builds``) is a subset of the builds with one build per group: every kernel,
+    dtype kind, tile and body (the conv's input modes) of the full set is in it, each exactly once, and of
+    each group it takes the variant with the most options."""
+    from fast_unet import aot
+
+    full = aot.builds()
+    ci = aot.ci_builds(full)
+    labels = [(b[0], b[2]) for b in ci]
+    assert len(labels) == len(set(labels)) and set(labels) <= {(b[0], b[2]) for b in full}
+    assert {aot._ci_key(b) for b in ci} == {aot._ci_key(b) for b in full}
+    assert len({aot._ci_key(b) for b in ci}) == len(ci)
+    assert len(ci) < len(full) / 3
+    assert {b[0] for b in ci} == {b[0] for b in full}
+    conv = {(b[4]["NORM_IN"], b[4]["HAS_X2"], b[4]["POOL_IN"], b[4].get("TAPS_N", False))
+            for b in ci if b[0] == "conv3x3_wgrad"}
+    assert len(conv) == 5, conv  # plain, plain with TAPS_N, norm-on-load, concat, pool-on-load
+    most = {}
+    for b in full:
+        most[aot._ci_key(b)] = max(most.get(aot._ci_key(b), 0), len(b[2].split()))
+    assert all(len(b[2].split()) == most[aot._ci_key(b)] for b in ci)
+
+
+def test_full_compile_report_is_current():
+    """docs/compile_report.json, the record of ``make compile-report-full`` (every build on sm_80 and sm_90),
+    was written from the kernel sources and Triton of this tree, with no spill and no error."""
+    from fast_unet import aot
+
+    with open(os.path.join(ROOT, aot.RECORD)) as f:
+        rec = json.load(f)
+    assert rec["sources_key"] == aot.sources_key(), (
+        "kernels/ (or Triton) changed since docs/compile_report.json was written: run `make compile-report-full`")
+    assert rec["archs"] == ["sm_80", "sm_90"] and rec["builds"] == 2 * len(aot.builds()), rec["summary"]
+    assert rec["spills"] == 0 and rec["errors"] == 0, rec["summary"]
+    assert set(rec["kernels"]) == {b[0] for b in aot.builds()}
+
+
+def test_record_and_sources_key(tmp_path):
+    """The record counts builds, spills and errors and keeps each kernel's most registers; the key changes
+    with a kernel source."""
+    from fast_unet import aot
+
+    rows = [dict(kernel="k", config="x", arch="sm_80", regs=40, spill_bytes=0, shared_bytes=1024, tensor_cores="mma"),
+            dict(kernel="k", config="x", arch="sm_90", regs=96, spill_bytes=8, shared_bytes=0, tensor_cores="no"),
+            dict(kernel="j", config="y", arch="sm_80", regs=None, spill_bytes=None, shared_bytes=None,
+                 tensor_cores=None, error="E")]
+    aot.write_record(rows, [80, 90], str(tmp_path / "r.json"))
+    rec = json.loads((tmp_path / "r.json").read_text())
+    assert (rec["builds"], rec["spills"], rec["errors"]) == (3, 1, 1)
+    assert rec["kernels"]["k"] == {"builds": 2, "max_regs": 96, "max_shared_bytes": 1024}
+    assert rec["sources_key"] == aot.sources_key() and len(rec["sources_key"]) == 64
+
+
+def test_ci_report_in_worker_processes():
+    """``--ci --no-loops`` on two worker processes: the rows come back in build order, without loop columns."""
+    from fast_unet import aot
+
+    out = json.loads(_report("sm_90", "--kernel", "gn_apply", "--ci", "--no-loops", "--jobs", "2", "--json"))
+    ci = [b[2] for b in aot.ci_builds([b for b in aot.builds() if b[0] == "gn_apply"])]
+    assert [r["config"] for r in out] == ci
+    assert all(r["spill_bytes"] == 0 and r["insts_per_1k"] is None for r in out), out
 
 
 def test_parse_archs():
@@ -128,8 +198,8 @@ def test_parse_archs():
 
 
 def test_conv_compiles_without_spills_and_uses_tensor_cores():
-    rows = json.loads(_report("sm_80,sm_90", "--kernel", "conv3x3_gn", "--json"))
-    _check_rows(rows, ["conv3x3_gn"], ["sm_80", "sm_90"])
+    rows = json.loads(_report("sm_80,sm_90", "--kernel", "conv3x3_gn", "--ci", "--no-loops", "--json"))
+    _check_rows(rows, ["conv3x3_gn"], ["sm_80", "sm_90"], ci=True)
     assert {r["config"].split()[1] for r in rows} == {"plain", "norm-on-load", "concat", "pool-on-load"}
     for r in rows:
         if not r["config"].startswith("float32"):
@@ -138,17 +208,18 @@ def test_conv_compiles_without_spills_and_uses_tensor_cores():
 
 def test_fused_path_kernels_compile_without_spills():
     """The normalise + pool pass, the upsample (both variants) and the GroupNorm backward's dx pass (with
-    its batch reduction of d weight and d bias): every dtype, both archs."""
+    its batch reduction of d weight and d bias): every dtype kind, both archs."""
     kernels = ["gn_relu_pool", "upsample2x", "gn_bwd_dx"]
-    rows = json.loads(_report("sm_80,sm_90", *(a for k in kernels for a in ("--kernel", k)), "--json"))
-    _check_rows(rows, kernels, ["sm_80", "sm_90"])
+    rows = json.loads(_report("sm_80,sm_90", *(a for k in kernels for a in ("--kernel", k)), "--ci", "--no-loops",
+                              "--json"))
+    _check_rows(rows, kernels, ["sm_80", "sm_90"], ci=True)
 
 
 def test_layernorm_backward_gemm_compiles_without_spills():
-    """kernels/ln_backward.py: every (dtype, padded K) config on both archs; wgmma on sm_90 where the
+    """kernels/ln_backward.py: every (dtype kind, padded K) config on both archs; wgmma on sm_90 where the
     row block is 64 (half precision, K <= 128)."""
-    rows = json.loads(_report("sm_80,sm_90", "--kernel", "ln_linear_bwd", "--json"))
-    _check_rows(rows, ["ln_linear_bwd"], ["sm_80", "sm_90"])
+    rows = json.loads(_report("sm_80,sm_90", "--kernel", "ln_linear_bwd", "--ci", "--no-loops", "--json"))
+    _check_rows(rows, ["ln_linear_bwd"], ["sm_80", "sm_90"], ci=True)
     for r in rows:
         if not r["config"].startswith("float32"):
             assert r["tensor_cores"] in ("mma", "wgmma"), r
@@ -156,37 +227,33 @@ def test_layernorm_backward_gemm_compiles_without_spills():
                 assert r["tensor_cores"] == "wgmma", r
 
 
+ONES = re.compile(r"\b\w+=1\b")  # "C=1 HW=1" in a config label; not "d=16"
+
+
 def test_int_arguments_equal_to_one_compile():
     """On a GPU the JIT turns an int argument equal to 1 into a constant: each module declares the ints that
     are 1 at inputs its launchers take (``AOT_ONE_INTS``: a batch of one, a 1x1 image, one channel, one
     partial...), and its ``aot_builds()`` holds, per kernel, a build with each of them at 1 and one with all
-    of them at 1 (``_common.with_ones``). They all compile for sm_90, without spills."""
+    of them at 1 (``_common.with_ones``). Per kernel and dtype kind, the build with the most of them at 1
+    compiles for sm_90 without spills (all of them: ``make compile-report-full``)."""
     from fast_unet import aot
 
-    ones = [b for b in aot.builds() if "=1" in b[2]]
+    ones = [b for b in aot.builds() if ONES.search(b[2])]
     for m in aot.kernel_modules():
         declared = getattr(m, "AOT_ONE_INTS", None)
         assert declared, f"{m.__name__} declares no AOT_ONE_INTS"
     kernels = {b[0] for b in aot.builds()}
     assert {b[0] for b in ones} == kernels  # every kernel takes at least one of them
-    script = (
-        "import json; from fast_unet import aot\n"
-        "rows = []\n"
-        "for name, fn, label, dt, ce, opts in aot.builds():\n"
-        "    if '=1' not in label: continue\n"
-        "    row = dict(kernel=name, config=label)\n"
-        "    try: row.update(aot.resources(aot.compile_one(fn, dt, ce, opts, 90)))\n"
-        "    except Exception as e: row['error'] = type(e).__name__ + ': ' + str(e)[-300:]\n"
-        "    rows.append(row)\n"
-        "print(json.dumps(rows))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(rows) == len(ones)
-    bad = [r for r in rows if r.get("error") or r.get("spill_bytes")]
+    most = {}
+    for b in ones:
+        key = (b[0], b[3] == "float32")
+        if key not in most or len(ONES.findall(b[2])) > len(ONES.findall(most[key][2])):
+            most[key] = b
+    rows = json.loads(_report("sm_90", *(a for k in kernels for a in ("--kernel", k)), "--config",
+                              ",".join(sorted({b[2] for b in most.values()})), "--no-loops", "--json"))
+    picked = {(b[0], b[2]) for b in most.values()}
+    assert picked <= {(r["kernel"], r["config"]) for r in rows}
+    bad = [r for r in rows if (r["kernel"], r["config"]) in picked and (r.get("error") or r.get("spill_bytes"))]
     assert not bad, bad
 
 
