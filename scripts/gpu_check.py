@@ -40,7 +40,8 @@ with the reason: nothing is left out silently) and DIR/summary.txt a short summa
 non-zero when a step did not pass.
 
 ``--dry`` runs the same steps on CPU tensors under the Triton interpreter at tiny sizes (B=1, 8x8; one
-timed run; ``aot_eager`` in place of inductor; the graph step calls the functions it would capture), so
+timed run, which the loop step also compares; ``aot_eager`` in place of inductor; the graph step calls the
+functions it would capture), so
 this script cannot rot without a GPU: tests/interpret/test_gpu_check.py runs it.
 """
 import argparse
@@ -348,6 +349,7 @@ def step_loop(dry):
 
     batch, size = (1, 8) if dry else (64, 64)
     warmup, rounds, steps, compared = (0, 1, 1, 1) if dry else (3, 5, 10, 3)
+    assert not dry or warmup + rounds * steps == compared  # the dry run compares its timed steps
     cuda = not dry
     torch.manual_seed(0)
     state = core.build_model("fast_unet", size, size, torch.float32, "cpu").state_dict()
@@ -394,7 +396,8 @@ def step_loop(dry):
             loss.item()  # what a plain loop logs each step
         return run
 
-    cases = {"fast_unet CLI step, graphed": cli(True)[0], "fast_unet CLI step, --no-graph": cli(False)[0],
+    steps_cli = {True: cli(True), False: cli(False)}
+    cases = {"fast_unet CLI step, graphed": steps_cli[True][0], "fast_unet CLI step, --no-graph": steps_cli[False][0],
              "baseline plain loop": plain("baseline"), "baseline compiled plain loop": plain("compiled")}
 
     def sync():
@@ -422,9 +425,12 @@ def step_loop(dry):
     # the graphed step against the eager one: same start, same inputs, three steps (one in the dry run)
     runs = {}
     for graph in (True, False):
-        run, model, log = cli(graph)
-        for _ in range(compared):
-            run()
+        if dry:  # each timed CLI step ran its one step from the same start: those are the compared ones
+            run, model, log = steps_cli[graph]
+        else:
+            run, model, log = cli(graph)
+            for _ in range(compared):
+                run()
         runs[graph] = (log.read()[0], [p.detach().clone() for p in model.parameters()])
     (la, pa), (lb, pb) = runs[True], runs[False]
     loss_diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(la, lb))
