@@ -391,6 +391,8 @@ def record(rows, archs):
 
 
 def write_record(rows, archs, path):
-    with open(path, "w") as f:
-        json.dump(record(rows, archs), f, indent=1)
-        f.write("\n")
+    """``record`` as JSON at ``path``, through ``fast_unet.files.atomic_write`` (a killed run keeps the old one)."""
+    from .files import atomic_write
+
+    text = json.dumps(record(rows, archs), indent=1) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
