@@ -39,10 +39,11 @@ DIR/<step>.log. DIR/gpu_check.json holds every step (status ``ok``, ``failed``, 
 with the reason: nothing is left out silently) and DIR/summary.txt a short summary. The exit status is
 non-zero when a step did not pass.
 
-``--dry`` runs the same steps on CPU tensors under the Triton interpreter at tiny sizes (B=1, 8x8; one
-timed run, which the loop step also compares; ``aot_eager`` in place of inductor; the graph step calls the
-functions it would capture), so
-this script cannot rot without a GPU: tests/interpret/test_gpu_check.py runs it.
+``--dry`` runs the same steps on CPU tensors at tiny sizes (B=1, 8x8; one timed run, which the loop step also
+compares; ``aot_eager`` in place of inductor; the graph step calls the functions it would capture), so this
+script cannot rot without a GPU: tests/interpret/test_gpu_check.py runs it. The steps that check which kernels
+ran or compare them (``DRY_INTERPRETED``: defaults, attention, ops) run Triton under the interpreter; the
+others measure, and take the CPU's ext/eager backends there.
 """
 import argparse
 import contextlib
@@ -62,6 +63,10 @@ STEPS = {"install": 110, "env": 30, "defaults": 60, "attention": 30, "compiled":
          "tune": 60, "sampling": 40,
          "tests": 150, "ops": 60, "sweep": 120}
 TOTAL_S = 420  # 7 minutes; --budget changes it
+# the dry run's steps that run Triton under the interpreter: they check which kernels ran or compare them.
+# The others measure: their dry run takes the CPU's ext/eager backends (the kernels they would call are tested
+# under the interpreter by tests/interpret), and checks their code path and report.
+DRY_INTERPRETED = ("defaults", "attention", "ops")
 
 
 # --- the steps, each run in its own process (``--step NAME``) -------------------------------------------
@@ -72,7 +77,8 @@ def _setup(dry):
     device = "cpu" if dry else "cuda"
     if not dry and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --dry for the CPU code path")
-    if dry:  # the interpreter's cost is per program: one large tile per small sample (as tests/interpret)
+    if dry and os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's cost is per program: one large
+        # tile per small sample (as tests/interpret)
         from fast_unet import backends
 
         for module, name, value in backends.interpreter_tiles():
@@ -477,12 +483,10 @@ def step_tests(dry):
     return result
 
 
-def _bench(cmd, dry):
-    """Run a ``python -m bench...`` command (CPU without the interpreter's kernels only where it says)."""
-    env = dict(os.environ)
-    if not dry:
-        env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m"] + cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+def _bench(cmd):
+    """Run a ``python -m bench...`` command in this step's environment (the interpreter only in the dry run's
+    ``DRY_INTERPRETED`` steps)."""
+    proc = subprocess.run([sys.executable, "-m"] + cmd, cwd=ROOT, capture_output=True, text=True)
     sys.stdout.write(proc.stdout[-20000:])
     sys.stderr.write(proc.stderr[-5000:])
     if proc.returncode:
@@ -512,7 +516,7 @@ def step_ops(dry):
     else:
         cmd = ["bench.ops", "--device", "cuda", "--sizes", "32,64", "--repeats", "10", "--quiet", "--json", path,
                "--out", os.path.join(out, "bench_ops.jsonl"), "--plot", os.path.join(out, "ops.png")]
-    command = _bench(cmd, dry)
+    command = _bench(cmd)
     rows = json.load(open(path))["rows"]
     from fast_unet import dispatch
 
@@ -539,7 +543,7 @@ def step_sweep(dry):
     else:
         cmd = ["bench", "--sweep", "--device", "cuda", "--sizes", "32,64,128,256", "--batches", "64", "--sweep-size", "64",
                "--repeats", "5", "--json", path, "--plots", out]
-    return {"command": _bench(cmd, False), "json": path}
+    return {"command": _bench(cmd), "json": path}
 
 
 
@@ -557,7 +561,7 @@ def step_tune(dry):
         cmd = common + ["--device", "cuda", "--batch", "64", "--size", "64", "--repeats", "10"]
     env_cache = os.environ.pop("FAST_UNET_CACHE_DIR", None)  # bench --tune makes an empty one
     try:
-        command = _bench(cmd, False)
+        command = _bench(cmd)
     finally:
         if env_cache is not None:
             os.environ["FAST_UNET_CACHE_DIR"] = env_cache
@@ -576,7 +580,7 @@ def step_tune(dry):
 def _run_step(name, dry, out_dir, limit):
     """Run one step in a subprocess; (record, seconds)."""
     env = dict(os.environ, GPU_CHECK_OUT=out_dir, PYTHONUNBUFFERED="1")
-    if dry:
+    if dry and name in DRY_INTERPRETED:
         env["TRITON_INTERPRET"] = "1"
     else:
         env.pop("TRITON_INTERPRET", None)
