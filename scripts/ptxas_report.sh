@@ -8,13 +8,20 @@ ARCHS=${1:-"80 90"}
 TORCH_INC=$(python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))" 2>/dev/null)
 NV_INC=$(python -c "import nvidia, glob, os; print(' '.join('-I'+p for b in nvidia.__path__ for p in glob.glob(os.path.join(b, 'cu*', 'include'))))" 2>/dev/null || true)
 status=0
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
 for src in $(find csrc -name '*.cu' | sort); do
+  # one nvcc per arch, side by side (each is mostly the host compiler on torch's headers: one core each)
   for arch in $ARCHS; do
-    log=$(mktemp)
-    nvcc -c "$src" -o /dev/null -std=c++20 -O3 --use_fast_math -Icsrc $TORCH_INC $NV_INC -DFAST_UNET_WITH_CUDA \
-      -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
-      -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
-      -gencode "arch=compute_${arch},code=sm_${arch}" -Xptxas -v >"$log" 2>&1 || { cat "$log"; exit 2; }
+    ( nvcc -c "$src" -o /dev/null -std=c++20 -O3 --use_fast_math -Icsrc $TORCH_INC $NV_INC -DFAST_UNET_WITH_CUDA \
+        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+        -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
+        -gencode "arch=compute_${arch},code=sm_${arch}" -Xptxas -v >"$tmp/$arch.log" 2>&1; echo $? >"$tmp/$arch.rc" ) &
+  done
+  wait
+  for arch in $ARCHS; do
+    log="$tmp/$arch.log"
+    [ "$(cat "$tmp/$arch.rc")" -eq 0 ] || { cat "$log"; exit 2; }
     echo "== $src sm_${arch}"
     python - "$log" <<'PY' || status=1
 import re, subprocess, sys
@@ -32,7 +39,6 @@ for r in sorted(rows):
 print(f"  {len(rows)} kernels, " + ("SPILLS FOUND" if spilled else "no spills"))
 sys.exit(1 if spilled else 0)
 PY
-    rm -f "$log"
   done
 done
 exit $status
