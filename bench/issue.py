@@ -187,13 +187,13 @@ def _compile_here(wanted, arch):
         if b is None:
             out[key(label, config, arch)] = {"error": "no such build"}
             continue
-        try:
-            row = aot.analyse(b[1], b[3], b[4], b[5], arch)
+        row = aot.analyse(b[1], b[3], b[4], b[5], arch)  # a failing build gives its error, not an exception
+        if row.get("error"):
+            out[key(label, config, arch)] = {"error": row["error"]}
+        else:
             out[key(label, config, arch)] = ({k: row[k] for k in _KEEP} if row["loop_insts"] is not None
                                              else {"loop_insts": None, "regs": row["regs"],
                                                    "spill_bytes": row["spill_bytes"]})
-        except Exception as e:  # one build that does not compile must not hide the others
-            out[key(label, config, arch)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     return out
 
 

@@ -174,11 +174,20 @@ def loop_columns(kernel, fn, constexprs, options):
     return out
 
 
-def analyse(fn, dtype, constexprs, options, arch):
-    """Compile one build and return its report columns: ``resources`` and ``loop_columns``."""
-    kernel = compile_one(fn, dtype, constexprs, options, arch)
-    row = resources(kernel)
-    row.update(loop_columns(kernel, fn, constexprs, options))
+def analyse(fn, dtype, constexprs, options, arch, loops=True):
+    """Compile one build and return its report columns: ``resources`` and ``loop_columns`` (all None without
+    ``loops``). It raises nothing: a build that does not compile gives None resources and ``error``; a loop
+    analysis that fails keeps the resources and gives ``error`` (one failing build must not hide the others)."""
+    try:
+        kernel = compile_one(fn, dtype, constexprs, options, arch)
+        row = resources(kernel)
+    except Exception as e:
+        return dict(regs=None, spill_bytes=None, shared_bytes=None, tensor_cores=None, **_error(e),
+                    **dict.fromkeys(LOOP_KEYS))
+    try:
+        row.update(loop_columns(kernel, fn, constexprs, options) if loops else dict.fromkeys(LOOP_KEYS))
+    except Exception as e:
+        row.update(_error(e), **dict.fromkeys(LOOP_KEYS))
     return row
 
 
@@ -246,23 +255,10 @@ def _init_worker():
 
 
 def _build_row(task, index=None):
-    """The report columns of one (kernel label, config label, arch, loops) task; a failing build gives a row
-    with its error (one failing build must not hide the others)."""
+    """The report row of one (kernel label, config label, arch, loops) task (``analyse``)."""
     name, label, arch, loops = task
     _, fn, _, dtype, ce, opts = (index or _WORKER_BUILDS)[(name, label)]
-    row = {"kernel": name, "config": label, "arch": f"sm_{arch}"}
-    try:
-        kernel = compile_one(fn, dtype, ce, opts, arch)
-        row.update(resources(kernel))
-    except Exception as e:
-        row.update(regs=None, spill_bytes=None, shared_bytes=None, tensor_cores=None, **_error(e))
-        row.update(dict.fromkeys(LOOP_KEYS))
-        return row
-    try:
-        row.update(loop_columns(kernel, fn, ce, opts) if loops else dict.fromkeys(LOOP_KEYS))
-    except Exception as e:
-        row.update(_error(e), **dict.fromkeys(LOOP_KEYS))
-    return row
+    return {"kernel": name, "config": label, "arch": f"sm_{arch}", **analyse(fn, dtype, ce, opts, arch, loops)}
 
 
 def report(archs, kernels=None, progress=None, match=None, configs=None, jobs=None, ci=False, loops=True):
@@ -340,18 +336,22 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def summary_line(rows):
-    """One line for the end of a report: builds (kernel-configs x archs), spills, errors, the most
-    registers of any build, and how many builds use tensor cores."""
-    configs = {(r["kernel"], r["config"]) for r in rows}
-    archs = {r["arch"] for r in rows}
-    spills = sum(1 for r in rows if r.get("spill_bytes"))
-    errors = sum(1 for r in rows if r.get("error"))
+def counts(rows):
+    """What a report's rows add up to: builds, kernel-configs, archs, builds that spill, builds with an error,
+    the most registers of any build, builds that use tensor cores."""
     regs = [r["regs"] for r in rows if r.get("regs") is not None]
-    tensor_cores = sum(1 for r in rows if r.get("tensor_cores") not in (None, "no"))
-    return (f"compile report: {len(rows)} builds ({len(configs)} kernels-configs x {len(archs)} archs), "
-            f"{spills} spills, {errors} errors, max regs {max(regs) if regs else '-'}, "
-            f"tensor cores in {tensor_cores}")
+    return {"builds": len(rows), "configs": len({(r["kernel"], r["config"]) for r in rows}),
+            "archs": len({r["arch"] for r in rows}), "spills": sum(1 for r in rows if r.get("spill_bytes")),
+            "errors": sum(1 for r in rows if r.get("error")), "max_regs": max(regs) if regs else None,
+            "tensor_cores": sum(1 for r in rows if r.get("tensor_cores") not in (None, "no"))}
+
+
+def summary_line(rows):
+    """One line for the end of a report (``counts``)."""
+    c = counts(rows)
+    return (f"compile report: {c['builds']} builds ({c['configs']} kernels-configs x {c['archs']} archs), "
+            f"{c['spills']} spills, {c['errors']} errors, max regs {'-' if c['max_regs'] is None else c['max_regs']}, "
+            f"tensor cores in {c['tensor_cores']}")
 
 
 # The record of a full report (every build, both archs) that CI checks is current: CI compiles only its set
@@ -385,9 +385,10 @@ def record(rows, archs):
         k["builds"] += 1
         k["max_regs"] = max(k["max_regs"], r.get("regs") or 0)
         k["max_shared_bytes"] = max(k["max_shared_bytes"], r.get("shared_bytes") or 0)
+    c = counts(rows)
     return {"sources_key": sources_key(), "triton": triton.__version__, "archs": [f"sm_{a}" for a in archs],
-            "builds": len(rows), "spills": sum(1 for r in rows if r.get("spill_bytes")),
-            "errors": sum(1 for r in rows if r.get("error")), "summary": summary_line(rows), "kernels": kernels}
+            "builds": c["builds"], "spills": c["spills"], "errors": c["errors"], "summary": summary_line(rows),
+            "kernels": kernels}
 
 
 def write_record(rows, archs, path):

@@ -103,6 +103,28 @@ def test_summary_line():
                                   "max regs 255, tensor cores in 2")
 
 
+def test_analyse_reports_a_failing_build_instead_of_raising(monkeypatch):
+    """A build that does not compile: None resources and its error; a loop analysis that fails: the resources
+    kept and its error. Both count as errors in the summary, and neither raises (the others still report)."""
+    from fast_unet import aot
+
+    def broken(*a, **k):
+        raise RuntimeError("ptxas fatal: out of registers\nmore")
+
+    monkeypatch.setattr(aot, "compile_one", broken)
+    row = aot.analyse(None, "float32", {}, {}, 90)
+    assert row["regs"] is None and row["loop_insts"] is None and row["error"] == "RuntimeError: ptxas fatal: out of registers"
+    monkeypatch.setattr(aot, "compile_one", lambda *a, **k: "kernel")
+    monkeypatch.setattr(aot, "resources", lambda k: dict(regs=64, spill_bytes=0, shared_bytes=0, tensor_cores="no"))
+    monkeypatch.setattr(aot, "loop_columns", broken)
+    row2 = aot.analyse(None, "float32", {}, {}, 90)
+    assert row2["regs"] == 64 and row2["loop_insts"] is None and row2["error"].startswith("RuntimeError")
+    assert "error" not in aot.analyse(None, "float32", {}, {}, 90, loops=False)
+    rows = [dict(kernel="k", config=c, arch="sm_90", **r) for c, r in (("a", row), ("b", row2))]
+    assert aot.counts(rows) == {"builds": 2, "configs": 2, "archs": 1, "spills": 0, "errors": 2, "max_regs": 64,
+                                "tensor_cores": 0}
+
+
 # The compile tests below take CI's set of builds (one per kernel, dtype kind, tile and body: a cold compile
 # costs about a second a build here); `make compile-report-full` compiles every build.
 
