@@ -2,7 +2,8 @@
 eager baseline, checked against measured times when a GPU is at hand.
 
 Run: ``python -m bench.estimate`` (B=64, 64x64, bfloat16, forward and training step, then the sweep's
-sizes and batches); ``--per-kernel`` adds each kernel's row; ``--json`` where to write it all. No GPU
+sizes and batches); ``--per-kernel`` adds each kernel's row, ``--per-build`` fast_unet's Triton launches by
+the build they compile to (tile, input mode: issue against math); ``--json`` where to write it all. No GPU
 needed: the launches are those ``python -m bench.kernels`` records (fast_unet's Triton launches under the
 interpreter, dry, plus the aten ops outside them; the baseline's aten ops on the meta device), each with
 its compulsory bytes (bench/traffic.py), FLOPs and exponentials (bench/work.py).
@@ -106,6 +107,14 @@ BOUNDS = ("memory", "l2", "mma16", "tf32", "fp32", "exp", "issue")
 def launch_time(ln, c=H200, overhead="launch_s"):
     """(seconds, what bounds it) of one recorded launch at the ceilings ``c``; ``overhead``: the per-launch
     cost added, ``"launch_s"`` (launched one by one) or ``"graph_launch_s"`` (replayed from a CUDA graph)."""
+    parts = launch_parts(ln, c)
+    bound = max(parts, key=parts.get)
+    return parts[bound] + c[overhead], bound
+
+
+def launch_parts(ln, c=H200):
+    """{ceiling: seconds} of one recorded launch: its bytes, L2 re-reads, FLOPs, exponentials and warp
+    instructions each at its ceiling (``launch_time`` takes the largest)."""
     parts = {"memory": (ln["read_bytes"] + ln["write_bytes"]) / c["hbm_bytes_per_s"]}
     if ln.get("l2_bytes"):
         parts["l2"] = ln["l2_bytes"] / c["l2_bytes_per_s"]
@@ -115,8 +124,7 @@ def launch_time(ln, c=H200, overhead="launch_s"):
         parts["exp"] = ln["exps"] / c["sfu_exps_per_s"]
     if ln.get("insts"):
         parts["issue"] = ln["insts"] / c["issue_per_s"]
-    bound = max(parts, key=parts.get)
-    return parts[bound] + c[overhead], bound
+    return parts
 
 
 def _launch_dicts(trace):
@@ -193,6 +201,7 @@ class Issue:
                     warps = int(b[5].get("num_warps", 4))
                     ln["insts"] = cols["loop_insts"] * warps * loop["iterations"]
                     ln["insts_from"] = src
+                    ln["build"] = b[2]
             elif loop.get("sdpa"):
                 per_1k, label = self.best_attention(ln["dtype"], loop["head_dim"])
                 if per_1k:
@@ -210,7 +219,7 @@ def estimate_step(launches, c=H200):
     ``graph_launch_s``: the same kernels at ``graph_launch_s`` each), its parts (``bound_s``: the time of
     the launches each ceiling bounds), the attention kernels'
     share (``attention_s``), and per kernel name: calls, time, and what bounds most of its time."""
-    per = OrderedDict()
+    per, builds = OrderedDict(), OrderedDict()
     tot = dict(launches=0, bytes=0, l2_bytes=0, flops=0, exps=0, insts=0, est_s=0.0, launch_s=0.0,
                graph_est_s=0.0, graph_launch_s=0.0, attention_s=0.0, bound_s=dict.fromkeys(BOUNDS, 0.0),
                unknown=set(), no_issue=set(), insts_from={})
@@ -247,12 +256,23 @@ def estimate_step(launches, c=H200):
         k["est_s"] += t
         k["bound_s"][bound] = k["bound_s"].get(bound, 0.0) + t
         k["insts_from"] = k["insts_from"] or ln.get("insts_from")
+        if ln.get("build"):  # a Triton launch whose loop's instructions are counted: by its build
+            parts = launch_parts(ln, c)
+            b = builds.setdefault((ln["name"], ln["build"]), dict(calls=0, est_s=0.0, issue_s=0.0, math_s=0.0,
+                                                                  memory_s=0.0, exp_s=0.0))
+            b["calls"] += 1
+            b["est_s"] += t
+            b["issue_s"] += parts.get("issue", 0.0)
+            b["math_s"] += sum(v for k2, v in parts.items() if k2 in _RATE)
+            b["memory_s"] += parts["memory"]
+            b["exp_s"] += parts.get("exp", 0.0)
     for k in per.values():
         k["bound"] = max(k["bound_s"], key=k["bound_s"].get)
         del k["bound_s"]
     tot["unknown"] = sorted(tot["unknown"])
     tot["no_issue"] = sorted(tot["no_issue"])
     tot["kernels"] = sorted(per.items(), key=lambda kv: -kv[1]["est_s"])
+    tot["builds"] = [dict(kernel=n, build=b, **v) for (n, b), v in sorted(builds.items(), key=lambda kv: -kv[1]["est_s"])]
     return tot
 
 
@@ -395,6 +415,23 @@ def kernel_table(row, model, step):
     return "\n".join(lines)
 
 
+def build_table(row, model, step):
+    """The launches of ``model``'s ``step`` whose loop instructions are counted, by kernel and build (tile,
+    input mode, dtype): the estimate beside the time of their warp instructions at the issue rate, of their
+    FLOPs at their unit's rate, of their exponentials at the SFUs' and of their bytes at HBM's; issue / math
+    above 1: instruction issue, not the tensor cores, bounds that build."""
+    s = row["models"][model][step]
+    lines = [f"{model}, {step}, B={row['batch']}, {row['height']}x{row['width']}: Triton launches by build",
+             "", "| kernel | build | calls | estimate µs | issue µs | math µs | exp µs | memory µs | issue / math |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for b in s["builds"]:
+        ratio = f"{b['issue_s'] / b['math_s']:.2f}" if b["math_s"] else "-"
+        lines.append(f"| {b['kernel']} | {b['build']} | {b['calls']} | {b['est_s'] * 1e6:,.1f} | "
+                     f"{b['issue_s'] * 1e6:,.1f} | {b['math_s'] * 1e6:,.1f} | {b['exp_s'] * 1e6:,.1f} | "
+                     f"{b['memory_s'] * 1e6:,.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def constants_text():
     return "\n".join(["H200 ceilings used (bench/estimate.py H200):"] +
                      [f"- {k} = {v:.4g}: {SOURCES[k]}" for k, v in H200.items()])
@@ -412,6 +449,8 @@ def main(argv=None):
                    help="the sweep's batches, at --size ('' for none)")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: fast_unet, baseline, reference")
     p.add_argument("--per-kernel", action="store_true", help="each kernel's row at the main point")
+    p.add_argument("--per-build", action="store_true",
+                   help="fast_unet's Triton launches at the main point by build (tile, input mode): issue against math")
     p.add_argument("--no-measure", dest="measure", action="store_false",
                    help="on a GPU: leave out the measured times")
     p.add_argument("--issue", default="auto", choices=("auto", "table", "off"),
@@ -449,6 +488,9 @@ def main(argv=None):
             if "unavailable" not in rows[0]["models"][m]:
                 for step in ("forward", "train"):
                     parts.append(kernel_table(rows[0], m, step))
+    if args.per_build and "unavailable" not in rows[0]["models"].get("fast_unet", {"unavailable": 1}):
+        for step in ("forward", "train"):
+            parts.append(build_table(rows[0], "fast_unet", step))
     text = "\n\n".join(parts)
     print(text)
     if args.json:

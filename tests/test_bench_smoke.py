@@ -157,7 +157,7 @@ def test_gpu_estimate(tmp_path):
     each step, and the ratio."""
     out = tmp_path / "e.json"
     proc = _run(["-m", "bench.estimate", "--batch", "1", "--size", "16", "--sizes", "", "--batches", "",
-                 "--quiet", "--json", str(out)])
+                 "--per-build", "--quiet", "--json", str(out)])
     data = json.loads(out.read_text())
     (row,) = data["rows"]
     fu, base = row["models"]["fast_unet"], row["models"]["baseline"]
@@ -176,6 +176,13 @@ def test_gpu_estimate(tmp_path):
     for step in ("forward", "train"):
         # every fast_unet launch with a loop compiles to a build of the compile report: none goes uncounted
         assert fu[step]["no_issue"] == [], fu[step]["no_issue"]
+        # --per-build: those launches by build, each estimate at least each of its ceilings' times
+        builds = fu[step]["builds"]
+        assert builds and sum(b["calls"] for b in builds) < fu[step]["launches"]
+        assert sum(b["issue_s"] for b in builds) == pytest.approx(fu[step]["insts"] / data["constants"]["issue_per_s"])
+        for b in builds:
+            assert b["est_s"] >= max(b["issue_s"], b["math_s"], b["exp_s"], b["memory_s"]) > 0, b
+        assert f"fast_unet, {step}, B=1, 16x16: Triton launches by build" in proc.stdout
     assert "floor" in base["train"]["insts_from"]
     assert "hbm_bytes_per_s" in proc.stdout and "| 1 | 16x16 | fast_unet | forward |" in proc.stdout
     assert "issue-bound ms" in proc.stdout and "issue_per_s" in proc.stdout
