@@ -32,12 +32,69 @@ def _load_triton():
         for info in pkgutil.iter_modules(package.__path__):  # _common first: it imports triton
             name = info.name
             _KERNEL_MODULES[name] = importlib.import_module(f"fast_unet.kernels.{name}")
+        if _KERNEL_MODULES["_common"].INTERPRET:
+            _skip_nested_language_patches()
     except ImportError as e:
         return f"Triton is not available (cannot import {e.name or 'triton'!r}: {e})"
     except Exception as e:  # a broken install must not break fast_unet: warn once, fall back
         warnings.warn(f"fast_unet: triton backend disabled: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=4)
         return f"Triton failed to load: {type(e).__name__}: {e}"
     return None
+
+
+def _skip_nested_language_patches():
+    """Under Triton's interpreter, a launch patches ``triton.language`` for the host (``_patch_lang``: an
+    ``inspect.getmembers`` scan of tl, tl.tensor and tl.math, about 2 ms) and undoes it when the grid is
+    done; Triton 3.8 runs the same scan again on every call of a ``@triton.jit`` helper inside the kernel,
+    where it changes nothing (the builtins it patches are already patched, the rest is set to equal
+    functions): a quarter of a whole-model run under the interpreter. While a launch's patches are in place,
+    a helper that sees only language modules already patched in that launch (``triton.language``, and
+    ``triton.language.core`` once a helper of Triton's own such as ``tl.sum`` patched it) skips the scan;
+    everything else goes to Triton's own ``_patch_lang``. Returns False (and changes nothing) on a Triton
+    without it."""
+    import sys
+
+    import triton.language as tl
+    try:
+        from triton.runtime import interpreter
+        real = interpreter._patch_lang
+        launch = interpreter.GridExecutor.__call__.__code__
+    except (ImportError, AttributeError):
+        return False
+    if getattr(real, "fast_unet_skips_nested", False):
+        return True
+    patched = []  # per launch in progress: ids of the language modules it patched
+
+    def langs(fn):
+        return frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+
+    class _Nothing:
+        def restore(self):
+            pass
+
+    def patch_lang(fn):
+        if sys._getframe(1).f_code is launch:
+            scope = real(fn)
+            patched.append(langs(fn))
+            undo = scope.restore
+
+            def restore():
+                patched.pop()
+                undo()
+            scope.restore = restore
+            return scope
+        mine = langs(fn)
+        if not patched:
+            return real(fn)
+        if mine <= patched[-1]:
+            return _Nothing()
+        scope = real(fn)  # Triton never undoes a helper's patches: they hold for the rest of the launch
+        patched[-1] = patched[-1] | mine
+        return scope
+
+    patch_lang.fast_unet_skips_nested = True
+    interpreter._patch_lang = patch_lang
+    return True
 
 
 def kernel_module(name):
@@ -57,9 +114,20 @@ def interpreter_tiles():
     """[(module, attribute, value)]: the tile tables that the kernel modules offer (``interpreter_tiles()``)
     for runs under Triton's interpreter that check the wiring (tests/interpret, ``scripts/gpu_check.py
     --dry``): one large tile per small sample, since the interpreter's cost is per program and loop
-    iteration. Setting each attribute to its value swaps them in; every real config is tested in tests/ops."""
-    return [(m, name, value) for m in kernel_modules() if hasattr(m, "interpreter_tiles")
-            for name, value in m.interpreter_tiles().items()]
+    iteration. Setting each attribute to its value swaps them in; every real config is tested in tests/ops.
+
+    Under the interpreter, one more: its check of every int32 add, sub and mul for overflow (redone in int64,
+    about a third of a whole-model run) is turned off. The GPU builds have no such check; tests/ops runs
+    every kernel with it, at shapes larger than the wiring runs' 16x16."""
+    out = [(m, name, value) for m in kernel_modules() if hasattr(m, "interpreter_tiles")
+           for name, value in m.interpreter_tiles().items()]
+    if triton_interpreting():
+        import dataclasses
+
+        from triton.runtime import interpreter
+        builder = interpreter.interpreter_builder
+        out.append((builder, "options", dataclasses.replace(builder.options, sanitize_overflow=False)))
+    return out
 
 
 def triton_interpreting():
