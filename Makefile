@@ -53,7 +53,7 @@ test-cpu-isa:
 	@echo "stage 3/5: the model's parity tests with the CPU kernels of an AVX2 machine and of a machine without vector ISA"
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q $(ISA_TESTS)
 	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 $(PY) -m pytest -q $(ISA_TESTS)
-	TRITON_INTERPRET=1 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -n 2 tests/interpret/test_model.py -k "cannot_take and (sa1-1 or sa6-2)"
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -n 2 tests/interpret/test_model.py -k "cannot_take and (sa1-1 or sa6-2)"
 
 compile-report:
 	@echo "stage 4/5: every Triton kernel compiled ahead of time for sm_80 and sm_90, one build per kernel, dtype kind, tile and body (fails on a compile error or a spill)"
