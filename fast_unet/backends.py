@@ -47,7 +47,7 @@ def _skip_nested_language_patches():
     ``inspect.getmembers`` scan of tl, tl.tensor and tl.math, about 2 ms) and undoes it when the grid is
     done; Triton 3.8 runs the same scan again on every call of a ``@triton.jit`` helper inside the kernel,
     where it changes nothing (the builtins it patches are already patched, the rest is set to equal
-    functions): a quarter of a whole-model run under the interpreter. While a launch's patches are in place,
+    functions): about a fifth of a whole-model run under the interpreter. While a launch's patches are in place,
     a helper that sees only language modules already patched in that launch (``triton.language``, and
     ``triton.language.core`` once a helper of Triton's own such as ``tl.sum`` patched it) skips the scan;
     everything else goes to Triton's own ``_patch_lang``. Returns False (and changes nothing) on a Triton
@@ -117,7 +117,7 @@ def interpreter_tiles():
     iteration. Setting each attribute to its value swaps them in; every real config is tested in tests/ops.
 
     Under the interpreter, one more: its check of every int32 add, sub and mul for overflow (redone in int64,
-    about a third of a whole-model run) is turned off. The GPU builds have no such check; tests/ops runs
+    about a quarter of a whole-model run) is turned off. The GPU builds have no such check; tests/ops runs
     every kernel with it, at shapes larger than the wiring runs' 16x16."""
     out = [(m, name, value) for m in kernel_modules() if hasattr(m, "interpreter_tiles")
            for name, value in m.interpreter_tiles().items()]
