@@ -83,9 +83,9 @@ def _skip_nested_language_patches():
                 undo()
             scope.restore = restore
             return scope
-        mine = langs(fn)
-        if not patched:
+        if not patched:  # a helper called outside any launch
             return real(fn)
+        mine = langs(fn)
         if mine <= patched[-1]:
             return _Nothing()
         scope = real(fn)  # Triton never undoes a helper's patches: they hold for the rest of the launch
